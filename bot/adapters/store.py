@@ -1,0 +1,326 @@
+"""opsbot's own PostgreSQL state: requests, approvals, the audit chain, target locks.
+
+Every state transition is one statement that names the state it leaves, so it happens once no
+matter how many replicas or clicks race (zero rows back: someone else got there first). Votes are
+counted in the same transaction that inserts them, with the request row locked ``FOR UPDATE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId, canonical_json
+from bot.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+_AUDIT_LOCK = 0x0A0D17  # advisory lock key serialising audit appends
+GENESIS = "0" * 64
+
+
+@contextlib.asynccontextmanager
+async def _db_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise BackendUnavailable("the opsbot database", str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    except PoolTimeout as exc:
+        raise BackendUnavailable("the opsbot database", "no connection available (pool timeout)") from exc
+
+
+def audit_hash(prev_hash: str, record: dict[str, Any]) -> str:
+    """sha256 over ``prev_hash`` followed by the canonical JSON of the record (sorted keys, no
+    spaces, UTF-8; ``at`` as ISO-8601 UTC with microseconds)."""
+    return hashlib.sha256((prev_hash + canonical_json(record)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VoteResult:
+    outcome: str  # counted | approved | denied | ineligible | closed | duplicate | expired | missing
+    request: OpsRequest | None
+    message: str = ""
+
+
+def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None) -> OpsRequest:
+    return OpsRequest(
+        id=RequestId(row["id"]),
+        command=row["command"],
+        text=row["command_text"],
+        requester=Actor(UserId(row["requester_id"]), row["requester_name"]),
+        channel_id=ChannelId(row["channel_id"]),
+        plan=row["plan"],
+        reason=row["reason"],
+        state=RequestState(row["state"]),
+        approvals_required=row["approvals_required"],
+        approver_roles=tuple(row["approver_roles"]),
+        rule=row["rule"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        approvals=tuple(
+            Approval(approver=Actor(UserId(a["approver_id"]), a["approver_name"]), decision=a["decision"], at=a["at"])
+            for a in approvals or []
+        ),
+        card_channel=row["card_channel"],
+        card_ts=row["card_ts"],
+        result=row["result"],
+        error=row["error"],
+    )
+
+
+class Store:
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self.pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+                                        kwargs={"autocommit": True, "row_factory": dict_row}, timeout=10)
+
+    async def open(self) -> None:
+        async with _db_errors():
+            await self.pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+        async with _db_errors(), self.pool.connection() as conn:
+            yield conn  # type: ignore[misc]  # the pool is built with row_factory=dict_row
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            await conn.execute("SELECT 1")
+
+    # ------------------------------------------------------------------ migrations
+
+    async def migrate(self) -> list[str]:
+        """Apply bot/migrations/*.sql in order, once each, under an advisory lock."""
+        applied: list[str] = []
+        files = sorted((f for f in resources.files("bot.migrations").iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7171717)")
+            await conn.execute("CREATE TABLE IF NOT EXISTS opsbot_migrations (name text PRIMARY KEY, applied_at timestamptz DEFAULT now())")
+            done = {r["name"] for r in await (await conn.execute("SELECT name FROM opsbot_migrations")).fetchall()}
+            for f in files:
+                if f.name in done:
+                    continue
+                await conn.execute(f.read_text())  # type: ignore[arg-type]
+                await conn.execute("INSERT INTO opsbot_migrations (name) VALUES (%s)", (f.name,))
+                applied.append(f.name)
+        return applied
+
+    # ------------------------------------------------------------------ requests
+
+    async def create_request(self, *, id: str, command: str, text: str, requester: Actor, channel_id: str,
+                             plan: dict[str, Any], reason: str, state: RequestState, approvals_required: int,
+                             approver_roles: tuple[str, ...], rule: str | None, expires_in: int) -> OpsRequest:
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
+                       environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
+                       decided_at)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
+                       CASE WHEN %s = 'approved' THEN now() END)
+                   RETURNING *""",
+                (id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
+                 Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
+                 expires_in, state.value),
+            )).fetchone()
+        assert row is not None
+        return _request(row)
+
+    async def get(self, request_id: str) -> OpsRequest | None:
+        async with self._conn() as conn:
+            row = await (await conn.execute("SELECT * FROM ops_requests WHERE id = %s", (request_id,))).fetchone()
+            if row is None:
+                return None
+            approvals = await (await conn.execute(
+                "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
+        return _request(row, approvals)
+
+    async def set_card(self, request_id: str, channel: str, ts: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
+
+    async def vote(self, request_id: str, approver: Actor, decision: str,
+                   eligible: Callable[[OpsRequest], str | None]) -> VoteResult:
+        """Record an Approve/Deny click. ``eligible(request)`` returns None or why this person may not vote."""
+        async with self._conn() as conn, conn.transaction():
+            row = await (await conn.execute(
+                "SELECT *, expires_at <= now() AS is_expired FROM ops_requests WHERE id = %s FOR UPDATE", (request_id,)
+            )).fetchone()
+            if row is None:
+                return VoteResult("missing", None, "that request does not exist.")
+            approvals = await (await conn.execute(
+                "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
+            request = _request(row, approvals)
+            if request.state is not RequestState.PENDING_APPROVAL:
+                return VoteResult("closed", request, f"this request is already {request.state.value.replace('_', ' ')}; nothing changed.")
+            if row["is_expired"]:
+                await conn.execute("UPDATE ops_requests SET state = 'expired', decided_at = now() WHERE id = %s", (request_id,))
+                return VoteResult("expired", await self._reload(conn, request_id), "this request has expired; nothing changed.")
+            why_not = eligible(request)
+            if why_not:
+                return VoteResult("ineligible", request, why_not)
+            if any(a.approver.user_id == approver.user_id for a in request.approvals):
+                return VoteResult("duplicate", request, "you have already voted on this request.")
+            await conn.execute(
+                "INSERT INTO ops_approvals (request_id, approver_id, approver_name, decision) VALUES (%s, %s, %s, %s)",
+                (request_id, approver.user_id, approver.name, decision),
+            )
+            if decision == "deny":
+                await conn.execute("UPDATE ops_requests SET state = 'denied', decided_at = now() WHERE id = %s", (request_id,))
+                return VoteResult("denied", await self._reload(conn, request_id))
+            count = sum(1 for a in request.approvals if a.decision == "approve") + 1
+            if count >= request.approvals_required:
+                await conn.execute("UPDATE ops_requests SET state = 'approved', decided_at = now() WHERE id = %s", (request_id,))
+                return VoteResult("approved", await self._reload(conn, request_id))
+            return VoteResult("counted", await self._reload(conn, request_id))
+
+    async def _reload(self, conn: psycopg.AsyncConnection[dict[str, Any]], request_id: str) -> OpsRequest:
+        row = await (await conn.execute("SELECT * FROM ops_requests WHERE id = %s", (request_id,))).fetchone()
+        approvals = await (await conn.execute("SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
+        assert row is not None
+        return _request(row, approvals)
+
+    async def transition(self, request_id: str, *, from_state: RequestState, to_state: RequestState,
+                         worker: str | None = None, result: dict[str, Any] | None = None,
+                         error: str | None = None) -> OpsRequest | None:
+        """The one way a request changes state. None when it was not in ``from_state`` (someone else moved it)."""
+        sets = ["state = %(to)s"]
+        if to_state is RequestState.RUNNING:
+            sets += ["claimed_by = %(worker)s", "claimed_at = now()", "heartbeat_at = now()"]
+        if to_state.final:
+            sets += ["finished_at = now()", "result = %(result)s", "error = %(error)s"]
+        if from_state is RequestState.PENDING_APPROVAL:
+            sets += ["decided_at = now()"]
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                f"UPDATE ops_requests SET {', '.join(sets)} WHERE id = %(id)s AND state = %(from)s RETURNING id",
+                {"to": to_state.value, "from": from_state.value, "id": request_id, "worker": worker,
+                 "result": Jsonb(result) if result is not None else None, "error": error},
+            )).fetchone()
+            if row is None:
+                return None
+            return await self._reload(conn, request_id)
+
+    async def heartbeat(self, request_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE ops_requests SET heartbeat_at = now() WHERE id = %s AND state = 'running'", (request_id,))
+
+    async def due_for_expiry(self) -> list[str]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE state = 'pending_approval' AND expires_at <= now() ORDER BY created_at"
+            )).fetchall()
+        return [r["id"] for r in rows]
+
+    async def approved_waiting(self, older_than: timedelta) -> list[str]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE state = 'approved' AND decided_at <= now() - %s ORDER BY decided_at",
+                (older_than,))).fetchall()
+        return [r["id"] for r in rows]
+
+    async def lost_running(self, lease: timedelta) -> list[str]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE state = 'running' AND heartbeat_at <= now() - %s", (lease,))).fetchall()
+        return [r["id"] for r in rows]
+
+    async def open_requests_on(self, target: str) -> list[str]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE target = %s AND state IN ('running') ORDER BY created_at", (target,))).fetchall()
+        return [r["id"] for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def target_lock(self, target: str, *, wait: float) -> AsyncIterator[bool]:
+        """One action per target: a session advisory lock on a dedicated connection, held for the
+        whole action. Yields False if it could not be had within ``wait`` seconds."""
+        async with self._conn() as conn:
+            deadline = asyncio.get_running_loop().time() + wait
+            got = False
+            while True:
+                r = await (await conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS ok", (target,))).fetchone()
+                got = bool(r and r["ok"])
+                if got or asyncio.get_running_loop().time() >= deadline:
+                    break
+                await asyncio.sleep(0.2)
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (target,))
+
+    # ------------------------------------------------------------------ audit
+
+    async def append_audit(self, *, event: str, actor: Actor, channel_id: str, request_id: str | None,
+                           command_text: str, plan: dict[str, Any] | None, result: dict[str, Any] | None) -> dict[str, Any]:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
+            last = await (await conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).fetchone()
+            seq = (last["seq"] + 1) if last else 1
+            prev = last["hash"] if last else GENESIS
+            at = datetime.now(UTC)
+            record = audit_record(seq=seq, at=at, event=event, actor_id=actor.user_id, actor_name=actor.name,
+                                  channel_id=channel_id, request_id=request_id, command_text=command_text,
+                                  plan=plan, result=result)
+            digest = audit_hash(prev, record)
+            await conn.execute(
+                """INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text,
+                       plan, result, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                (seq, at, event, actor.user_id, actor.name, channel_id, request_id, command_text,
+                 Jsonb(plan) if plan is not None else None, Jsonb(result) if result is not None else None, prev, digest),
+            )
+        return {**record, "prev_hash": prev, "hash": digest}
+
+    async def audit_rows(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        async with self._conn() as conn:
+            if request_id:
+                cur = await conn.execute("SELECT * FROM audit_events WHERE request_id = %s ORDER BY seq", (request_id,))
+            else:
+                cur = await conn.execute("SELECT * FROM audit_events ORDER BY seq")
+            return await cur.fetchall()
+
+
+def audit_record(*, seq: int, at: datetime, event: str, actor_id: str, actor_name: str, channel_id: str,
+                 request_id: str | None, command_text: str, plan: dict[str, Any] | None,
+                 result: dict[str, Any] | None) -> dict[str, Any]:
+    """The hashed content of one audit row (everything but the hashes)."""
+    return {
+        "seq": seq,
+        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "event": event,
+        "actor_id": actor_id,
+        "actor_name": actor_name,
+        "channel_id": channel_id,
+        "request_id": request_id,
+        "command_text": command_text,
+        "plan": plan,
+        "result": result,
+    }
+
+
+def verify_chain(rows: list[dict[str, Any]]) -> int | None:
+    """The seq of the first row whose link is broken, or None when the chain holds."""
+    prev = GENESIS
+    expected_seq = rows[0]["seq"] if rows else 1
+    for row in rows:
+        record = audit_record(seq=row["seq"], at=row["at"], event=row["event"], actor_id=row["actor_id"],
+                              actor_name=row["actor_name"], channel_id=row["channel_id"], request_id=row["request_id"],
+                              command_text=row["command_text"], plan=row["plan"], result=row["result"])
+        if row["seq"] != expected_seq or row["prev_hash"] != prev or audit_hash(prev, record) != row["hash"]:
+            return int(row["seq"])
+        prev, expected_seq = row["hash"], row["seq"] + 1
+    return None

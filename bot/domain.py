@@ -1,0 +1,185 @@
+"""Domain values, frozen. Nothing here knows Slack, Kubernetes or SQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, NewType
+
+UserId = NewType("UserId", str)
+ChannelId = NewType("ChannelId", str)
+RequestId = NewType("RequestId", str)
+
+
+@dataclass(frozen=True)
+class Actor:
+    user_id: UserId
+    name: str = ""
+
+    def mention(self) -> str:
+        return f"<@{self.user_id}>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandRequest:
+    """One `/ops …` invocation, as the edge hands it over (Slack's dict never travels further)."""
+
+    actor: Actor
+    channel_id: ChannelId
+    text: str
+    team_id: str = ""
+    response_url: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Flags:
+    reason: str = ""
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Invocation:
+    """The parsed command line: which command, its own parameters, and the common flags."""
+
+    command: str
+    params: dict[str, Any]
+    flags: Flags
+    text: str
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON form hashes are computed over: sorted keys, no spaces, UTF-8, ``str()`` for the rest."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_hex(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What a command will do, computed from a read-only look at the target.
+
+    ``before``/``after`` are what the card shows; ``observed`` is the state the plan was computed
+    from (resourceVersion, revision, row status). ``fingerprint`` covers ``before`` and the
+    ``matters`` subset of ``observed``: the worker re-plans just before executing and refuses when
+    it differs, so an approval covers this plan, not any plan.
+    """
+
+    command: str
+    target: str  # a stable key, e.g. "deployment/nova/nova-worker"; one action per target at a time
+    target_label: str  # what people call it: "worker (nova/nova-worker)"
+    environment: str
+    params: dict[str, Any]
+    summary: str  # one line: "nova-worker: 3 → 6 replicas"
+    details: tuple[str, ...] = ()
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    observed: dict[str, Any] = field(default_factory=dict)
+    mutating: bool = True
+    noop_reason: str = ""  # set when there is nothing to do (already in the wanted state)
+
+    @property
+    def fingerprint(self) -> str:
+        return sha256_hex({"command": self.command, "target": self.target, "before": self.before, "observed": self.observed})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "target": self.target,
+            "target_label": self.target_label,
+            "environment": self.environment,
+            "params": self.params,
+            "summary": self.summary,
+            "details": list(self.details),
+            "before": self.before,
+            "after": self.after,
+            "observed": self.observed,
+            "mutating": self.mutating,
+            "fingerprint": self.fingerprint,
+        }
+
+
+class DecisionKind(StrEnum):
+    ALLOW = "allow"
+    NEEDS_APPROVAL = "needs_approval"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    kind: DecisionKind
+    reason: str
+    rule: str | None = None  # the rule's name, for the audit and `policy explain`
+    approver_roles: tuple[str, ...] = ()
+    approvals_required: int = 0
+    expires_in_seconds: int = 15 * 60
+
+    @property
+    def allowed(self) -> bool:
+        return self.kind is not DecisionKind.DENY
+
+
+class RequestState(StrEnum):
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    STALE = "stale"
+    UNKNOWN = "unknown"
+
+    @property
+    def final(self) -> bool:
+        return self not in (RequestState.PENDING_APPROVAL, RequestState.APPROVED, RequestState.RUNNING)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpsRequest:
+    """A request as stored in PostgreSQL (the source of truth)."""
+
+    id: RequestId
+    command: str
+    text: str
+    requester: Actor
+    channel_id: ChannelId
+    plan: dict[str, Any]
+    reason: str
+    state: RequestState
+    approvals_required: int
+    approver_roles: tuple[str, ...]
+    rule: str | None
+    created_at: datetime
+    expires_at: datetime
+    approvals: tuple[Approval, ...] = ()
+    card_channel: str | None = None
+    card_ts: str | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def summary(self) -> str:
+        return str(self.plan.get("summary", self.text))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Approval:
+    approver: Actor
+    decision: str  # "approve" | "deny"
+    at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    ok: bool
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+SYSTEM = Actor(UserId("opsbot"), "opsbot")  # the actor of events nobody clicked: expiry, worker steps

@@ -1,0 +1,71 @@
+"""Every error opsbot raises, in two families.
+
+*What the user did wrong* (``UserError``): shown to the user as-is, with what to type instead; the
+request never starts. *What the world did wrong* (``ExecutionError`` and ``BackendUnavailable``):
+a backend failed or refused. Adapters wrap vendor exceptions (``ApiException``,
+``psycopg.OperationalError``, ``redis.ConnectionError``) into these so nothing vendor-specific ever
+reaches the Slack edge.
+"""
+
+from __future__ import annotations
+
+
+class OpsbotError(Exception):
+    """Base class; ``str(err)`` is a message fit for a human in chat."""
+
+
+class UserError(OpsbotError):
+    """The request cannot go on because of what was typed or who typed it."""
+
+
+class UsageError(UserError):
+    def __init__(self, message: str, *, usage: str | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"{base}\nUsage: `{self.usage}`" if self.usage else base
+
+
+class NotFound(UserError):
+    """The target named does not exist (unknown alias, deployment, provider, webhook)."""
+
+
+class Refused(UserError):
+    """The target exists but the action does not make sense now (already disabled, not replayable, out of range)."""
+
+
+class PolicyDenied(UserError):
+    def __init__(self, message: str, *, rule: str | None = None) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class ConfigError(OpsbotError):
+    """The configuration file is invalid; the message names the file, the key and the problem."""
+
+
+class BackendUnavailable(OpsbotError):
+    """A backend (database, Redis, cluster) cannot be reached. opsbot fails closed on this."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        super().__init__(f"{backend} is unavailable: {detail}")
+        self.backend = backend
+        self.detail = detail
+
+
+class ExecutionError(OpsbotError):
+    """The action was attempted and failed. ``temporary`` says whether trying again later may work."""
+
+    def __init__(self, message: str, *, temporary: bool = False) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+
+class Conflict(ExecutionError):
+    """The target changed between the read and the write (a Kubernetes 409, a row no longer matching)."""
+
+
+class StalePlan(OpsbotError):
+    """What was approved is no longer what would run: the target changed after approval."""

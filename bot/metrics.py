@@ -1,0 +1,16 @@
+"""Prometheus metrics, on a registry of opsbot's own (so tests can build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("opsbot_requests_total", "Commands received, by command and outcome.",
+                                ["command", "outcome"], registry=self.registry)
+        self.approval_latency = Histogram("opsbot_approval_latency_seconds", "From request to final approval.",
+                                          buckets=(5, 15, 30, 60, 120, 300, 600, 900, 1800), registry=self.registry)
+        self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
+                                            ["command", "outcome"], registry=self.registry)

@@ -1,0 +1,3 @@
+from bot.policy.engine import decide
+
+__all__ = ["decide"]

@@ -1,0 +1,82 @@
+"""The ports: what commands and the request lifecycle need from the world, as Protocols.
+
+``bot/adapters`` implements them with the real clients (kubernetes, psycopg, bullmq, redis);
+``bot/slack`` implements ``Chat``. Commands and the policy import only this module, so they can be
+read, and reasoned about, without knowing any vendor API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from bot.config import Config, Providers, Queue, Webhooks
+    from bot.domain import OpsRequest
+
+Obj = dict[str, Any]
+
+
+class Kube(Protocol):
+    async def read_deployment(self, environment: str, namespace: str, name: str) -> Obj: ...
+
+    async def list_replicasets(self, environment: str, namespace: str, selector: str) -> list[Obj]: ...
+
+    async def scale_deployment(self, environment: str, namespace: str, name: str, *, replicas: int,
+                               resource_version: str) -> Obj: ...
+
+    async def replace_pod_template(self, environment: str, namespace: str, name: str, *, template: Obj,
+                                   resource_version: str) -> Obj: ...
+
+
+class PlatformDatabases(Protocol):
+    """The platforms' own databases (not opsbot's state)."""
+
+    async def provider(self, spec: Providers, name: str) -> Obj | None: ...
+
+    async def provider_names(self, spec: Providers) -> list[str]: ...
+
+    async def set_provider_active(self, spec: Providers, name: str, *, active: bool, expect: bool) -> bool: ...
+
+    async def webhook_event(self, spec: Webhooks, event_id: str) -> Obj | None: ...
+
+    async def replay_webhook(self, spec: Webhooks, event_id: str, enqueue: Callable[[Obj], Awaitable[None]]) -> Obj | None:
+        """In one transaction: reset the row if still replayable, then ``enqueue(row)``; commit
+        only if both worked. Returns the updated row, or None when the row was not replayable."""
+        ...
+
+
+class Queues(Protocol):
+    async def job_state(self, queue: Queue, job_id: str) -> str | None: ...
+
+    async def add_job(self, queue: Queue, *, name: str, data: Obj, job_id: str, replace_finished: bool) -> str:
+        """Add a job with this id; a finished job with the same id is removed first when
+        ``replace_finished``. Returns the job's state after the call."""
+        ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command's plan() and execute() get."""
+
+    config: Config
+    kube: Kube
+    databases: PlatformDatabases
+    queues: Queues
+
+
+class Chat(Protocol):
+    """What the request lifecycle says to people. The Slack edge renders it as Block Kit."""
+
+    async def respond(self, *, response_url: str, channel_id: str, user_id: str, text: str, public: bool = False) -> None: ...
+
+    async def post_card(self, request: OpsRequest) -> tuple[str, str]: ...
+
+    async def update_card(self, request: OpsRequest) -> None: ...
+
+    async def post_in_thread(self, request: OpsRequest, text: str) -> None: ...
+
+    async def post_ephemeral(self, *, channel_id: str, user_id: str, text: str) -> None: ...
+
+    async def post_audit(self, *, channel_id: str, text: str) -> None: ...

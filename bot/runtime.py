@@ -1,0 +1,126 @@
+"""The composition root: settings + config → every part wired together, started and stopped.
+
+Used by ``opsbot serve``/``opsbot worker`` and by the tests (which build exactly what production
+runs, pointed at the fakes through SLACK_API_URL and KUBECONFIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.adapters.kube import KubeAdapter
+from bot.adapters.platform_db import PlatformDbAdapter
+from bot.adapters.queues import ActionQueue, QueueAdapter
+from bot.adapters.store import Store
+from bot.approvals import Approvals
+from bot.audit import Audit
+from bot.config import Config
+from bot.errors import BackendUnavailable
+from bot.metrics import Metrics
+from bot.pipeline import Pipeline
+from bot.ports import Context
+from bot.settings import Settings
+from bot.slack.app import build_app
+from bot.slack.chat import SlackChat
+from bot.worker import ActionWorker, Executor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    config: Config
+    store: Store
+    kube: KubeAdapter
+    queues: QueueAdapter
+    actions: ActionQueue
+    chat: SlackChat
+    audit: Audit
+    approvals: Approvals
+    pipeline: Pipeline
+    executor: Executor
+    worker: ActionWorker
+    bolt: AsyncApp
+    metrics: Metrics
+
+    @classmethod
+    def build(cls, settings: Settings, config: Config) -> Runtime:
+        metrics = Metrics()
+        store = Store(settings.database_url)
+        kube = KubeAdapter(config, kubeconfig=settings.kubeconfig)
+        queues = QueueAdapter()
+        actions = ActionQueue(settings.redis_url, settings.actions_queue, settings.queue_prefix)
+        client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+        chat = SlackChat(client)
+        audit = Audit(store, chat, config.slack.audit_channel)
+        ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)
+        approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics)
+        pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics)
+        executor = Executor(ctx=ctx, store=store, chat=chat, audit=audit, metrics=metrics, worker_id=settings.worker_id)
+        worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
+                              queue_name=settings.actions_queue, prefix=settings.queue_prefix)
+        bolt = build_app(client=client, signing_secret=settings.slack_signing_secret, pipeline=pipeline, approvals=approvals)
+        return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
+                   audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
+                   metrics=metrics)
+
+    async def start(self, *, with_worker: bool = True) -> None:
+        await self.store.open()
+        if with_worker:
+            await self.worker.start()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.worker.stop()
+        await self.actions.close()
+        await self.queues.close()
+        self.kube.close()
+        await self.store.close()
+
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, str] = {"config": "ok"}
+
+        async def check(name: str, probe: Any) -> None:
+            try:
+                await asyncio.wait_for(probe(), timeout=3)
+                checks[name] = "ok"
+            except (BackendUnavailable, TimeoutError) as exc:
+                checks[name] = str(exc) or "timed out"
+
+        await asyncio.gather(check("database", self.store.ping), check("redis", self.actions.ping))
+        return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+
+    def web_app(self) -> web.Application:
+        """HTTP: Slack events (slash commands and interactivity), health, readiness, metrics."""
+        app = web.Application()
+
+        async def slack_events(request: web.Request) -> web.Response:
+            bolt_req = await to_bolt_request(request)
+            return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_req))
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        async def readyz(_: web.Request) -> web.Response:
+            body = await self.readiness()
+            return web.json_response(body, status=200 if body["ready"] else 503)
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_post("/slack/events", slack_events)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        return app

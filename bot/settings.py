@@ -1,0 +1,53 @@
+"""The process environment, read once into a frozen ``Settings``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bot.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    slack_bot_token: str
+    slack_signing_secret: str
+    slack_app_token: str | None
+    slack_api_url: str
+    database_url: str
+    redis_url: str
+    config_path: str
+    kubeconfig: str | None
+    host: str
+    port: int
+    worker_id: str
+    actions_queue: str = "opsbot-actions"
+    queue_prefix: str = "bull"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        missing = [k for k in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "DATABASE_URL", "REDIS_URL") if not env.get(k)]
+        if missing:
+            raise ConfigError(
+                "missing environment variable(s): " + ", ".join(missing) + " (see README.md, 'Configuration')"
+            )
+        port = env.get("PORT", "3000")
+        if not port.isdigit():
+            raise ConfigError(f"PORT must be a number, got {port!r}")
+        api_url = env.get("SLACK_API_URL", "https://slack.com/api/")
+        return cls(
+            slack_bot_token=env["SLACK_BOT_TOKEN"],
+            slack_signing_secret=env["SLACK_SIGNING_SECRET"],
+            slack_app_token=env.get("SLACK_APP_TOKEN") or None,
+            slack_api_url=api_url if api_url.endswith("/") else api_url + "/",
+            database_url=env["DATABASE_URL"],
+            redis_url=env["REDIS_URL"],
+            config_path=env.get("OPSBOT_CONFIG", "policies/default.yaml"),
+            kubeconfig=env.get("KUBECONFIG") or None,
+            host=env.get("HOST", "0.0.0.0"),
+            port=int(port),
+            worker_id=env.get("OPSBOT_WORKER_ID") or env.get("HOSTNAME") or f"pid-{os.getpid()}",
+            actions_queue=env.get("OPSBOT_ACTIONS_QUEUE", "opsbot-actions"),
+        )

@@ -1,0 +1,60 @@
+"""Block Kit for the approval card. Words come from bot/messages.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.domain import OpsRequest, RequestState
+from bot.messages import approvals_line, request_status
+
+APPROVE, DENY = "opsbot_approve", "opsbot_deny"
+
+
+def _text(s: str) -> dict[str, Any]:
+    return {"type": "mrkdwn", "text": s[:2900]}
+
+
+def card_fallback(request: OpsRequest) -> str:
+    return f"opsbot request {request.id}: {request.summary} — {request_status(request)}"
+
+
+def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
+    plan = request.plan
+    lines = [f"*{plan.get('summary', request.text)}*",
+             f"target: `{plan.get('target_label', plan.get('target'))}` · environment: *{plan.get('environment')}*"]
+    lines += [f"• {d}" for d in plan.get("details") or []]
+    context = [f"requested by {request.requester.mention()}: `/ops {request.text}`"]
+    if request.reason:
+        context.append(f"reason: {request.reason}")
+    if request.rule:
+        context.append(f"policy: {request.rule}")
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": _text(f"*opsbot request* `{request.id}` — {request_status(request)}")},
+        {"type": "section", "text": _text("\n".join(lines))},
+        {"type": "context", "elements": [_text(" · ".join(context))]},
+    ]
+    if request.approvals_required:
+        blocks.append({"type": "context", "elements": [_text(approvals_line(request))]})
+    if request.state is RequestState.PENDING_APPROVAL:
+        expires = int(request.expires_at.timestamp())
+        blocks.append({
+            "type": "actions",
+            "block_id": f"opsbot_vote:{request.id}",
+            "elements": [
+                {"type": "button", "action_id": APPROVE, "style": "primary", "value": request.id,
+                 "text": {"type": "plain_text", "text": "Approve"}},
+                {"type": "button", "action_id": DENY, "style": "danger", "value": request.id,
+                 "text": {"type": "plain_text", "text": "Deny"},
+                 "confirm": {"title": {"type": "plain_text", "text": "Deny this request?"},
+                             "text": _text(f"`{request.id}`: {request.summary}"),
+                             "confirm": {"type": "plain_text", "text": "Deny"},
+                             "deny": {"type": "plain_text", "text": "Cancel"}}},
+            ],
+        })
+        blocks.append({"type": "context", "elements": [_text(
+            f"approvals from {', '.join(request.approver_roles)}; the requester's own click does not count · "
+            f"expires <!date^{expires}^{{time}}|{request.expires_at:%H:%M} UTC>")]})
+    elif request.state.final and (request.error or request.result):
+        outcome = request.error or (request.result or {}).get("message", "")
+        blocks.append({"type": "context", "elements": [_text(str(outcome))]})
+    return blocks

@@ -1,0 +1,187 @@
+"""Execution: an approved request, handed over through BullMQ, run at most once.
+
+``Executor.run`` is what a job does:
+
+1. claim: ``approved → running`` in one conditional UPDATE (zero rows: another worker has it, or it
+   was never approved: stop);
+2. take the target's lock (one action per target at a time);
+3. re-plan and compare fingerprints: if the target changed since approval, ``stale``, not run;
+4. execute, with a heartbeat so that a lost worker is noticed;
+5. ``succeeded``/``failed``, audit, result in the card's thread.
+
+A ``running`` request whose heartbeat stopped becomes ``unknown`` (the sweeper), never retried:
+re-running a rollback or a provider toggle blindly is worse than asking a human.
+
+The sweeper also expires requests whose approval window passed and re-enqueues approved requests
+whose job was lost (Redis down at the moment of approval): the job id is the request id, so this
+never makes two executions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+from bullmq import Worker as BullWorker
+
+from bot.adapters.store import Store
+from bot.approvals import Approvals, Enqueue
+from bot.audit import Audit
+from bot.domain import SYSTEM, OpsRequest, Plan, RequestState
+from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, UserError
+from bot.messages import thread_result
+from bot.metrics import Metrics
+from bot.ports import Chat, Context
+from commands.registry import command
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    def __init__(self, *, ctx: Context, store: Store, chat: Chat, audit: Audit, metrics: Metrics, worker_id: str,
+                 lock_wait: float = 60.0, heartbeat_every: float = 5.0) -> None:
+        self.ctx, self.store, self.chat, self.audit, self.metrics = ctx, store, chat, audit, metrics
+        self.worker_id, self.lock_wait, self.heartbeat_every = worker_id, lock_wait, heartbeat_every
+
+    async def run(self, request_id: str) -> str:
+        request = await self.store.transition(request_id, from_state=RequestState.APPROVED, to_state=RequestState.RUNNING,
+                                              worker=self.worker_id)
+        if request is None:
+            current = await self.store.get(request_id)
+            log.info("request %s not claimed (state %s)", request_id, current.state if current else "missing")
+            return current.state.value if current else "missing"
+        await self._record("started", request)
+        await self.chat.update_card(request)
+        target = str(request.plan["target"])
+        async with self.store.target_lock(target, wait=self.lock_wait) as locked:
+            if not locked:
+                busy = ", ".join(await self.store.open_requests_on(target)) or "another request"
+                return await self._finish(request, RequestState.FAILED,
+                                          error=f"another action on {request.plan['target_label']} is running ({busy}); "
+                                                "nothing was done. Try again when it has finished.")
+            return await self._run_locked(request)
+
+    async def _run_locked(self, request: OpsRequest) -> str:
+        cmd = command(request.command)
+        try:
+            fresh = await cmd.plan(dict(request.plan["params"]), self.ctx)
+        except UserError as exc:
+            return await self._finish(request, RequestState.STALE, error=str(exc))
+        except OpsbotError as exc:
+            return await self._finish(request, RequestState.FAILED, error=f"could not re-check the target: {exc}")
+        if fresh.fingerprint != request.plan["fingerprint"]:
+            return await self._finish(request, RequestState.STALE, error=_what_changed(request.plan, fresh))
+        started = time.monotonic()
+        heartbeat = asyncio.create_task(self._heartbeat(request.id))
+        try:
+            outcome = await cmd.execute(fresh, self.ctx)
+        except UserError as exc:  # the target moved between re-plan and write (e.g. a 409 or a row changed)
+            return await self._finish(request, RequestState.STALE, error=str(exc), started=started)
+        except (ExecutionError, BackendUnavailable) as exc:
+            return await self._finish(request, RequestState.FAILED, error=str(exc), started=started)
+        except Exception as exc:
+            log.exception("request %s crashed", request.id)
+            return await self._finish(request, RequestState.FAILED, error=f"internal error ({type(exc).__name__}); see opsbot logs",
+                                      started=started)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        return await self._finish(request, RequestState.SUCCEEDED, result={"message": outcome.message, **outcome.details},
+                                  started=started)
+
+    async def _heartbeat(self, request_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_every)
+            try:
+                await self.store.heartbeat(request_id)
+            except BackendUnavailable:
+                log.warning("heartbeat for %s failed", request_id)
+
+    async def _finish(self, request: OpsRequest, state: RequestState, *, error: str | None = None,
+                      result: dict[str, Any] | None = None, started: float | None = None) -> str:
+        done = await self.store.transition(request.id, from_state=RequestState.RUNNING, to_state=state,
+                                           result=result, error=error)
+        if done is None:  # the sweeper declared it unknown meanwhile; keep that verdict
+            log.error("request %s finished as %s but was no longer running", request.id, state.value)
+            return "lost"
+        if started is not None:
+            self.metrics.execution_duration.labels(request.command, state.value).observe(time.monotonic() - started)
+        self.metrics.requests.labels(request.command, state.value).inc()
+        await self._record(state.value, done, result=result or {"error": error})
+        await self.chat.update_card(done)
+        await self.chat.post_in_thread(done, thread_result(done))
+        return state.value
+
+    async def _record(self, event: str, request: OpsRequest, result: dict[str, Any] | None = None) -> None:
+        await self.audit.record(event, actor=SYSTEM, channel_id=request.channel_id, request_id=request.id,
+                                text=request.text, plan=request.plan, result=result)
+
+    async def mark_lost(self, lease: timedelta) -> int:
+        n = 0
+        for request_id in await self.store.lost_running(lease):
+            request = await self.store.transition(request_id, from_state=RequestState.RUNNING, to_state=RequestState.UNKNOWN,
+                                                  error="worker lost mid-action (heartbeat stopped)")
+            if request is not None:
+                n += 1
+                await self._record("unknown", request, result={"error": request.error})
+                await self.chat.update_card(request)
+                await self.chat.post_in_thread(request, thread_result(request))
+        return n
+
+
+def _what_changed(approved: dict[str, Any], fresh: Plan) -> str:
+    changes = []
+    for key, now in {**fresh.before, **fresh.observed}.items():
+        then = {**approved.get("before", {}), **approved.get("observed", {})}.get(key)
+        if then != now:
+            changes.append(f"{key} was {then}, now {now}")
+    return f"{approved.get('target_label', 'the target')} changed after approval ({'; '.join(changes) or 'plan differs'})."
+
+
+class ActionWorker:
+    """The BullMQ consumer of opsbot's action queue plus the sweeper."""
+
+    def __init__(self, *, executor: Executor, approvals: Approvals, actions: Enqueue, store: Store, redis_url: str,
+                 queue_name: str, prefix: str = "bull", sweep_every: float = 5.0, lease: timedelta = timedelta(minutes=2),
+                 requeue_after: timedelta = timedelta(seconds=30)) -> None:
+        self.executor, self.approvals, self.actions, self.store = executor, approvals, actions, store
+        self.redis_url, self.queue_name, self.prefix = redis_url, queue_name, prefix
+        self.sweep_every, self.lease, self.requeue_after = sweep_every, lease, requeue_after
+        self._worker: Any = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _process(self, job: Any, token: str) -> str:
+        return await self.executor.run(str(job.data["requestId"]))
+
+    async def start(self) -> None:
+        self._worker = BullWorker(self.queue_name, self._process,
+                                  {"connection": self.redis_url, "prefix": self.prefix, "concurrency": 4,
+                                   "lockDuration": 60000, "maxStalledCount": 0})
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def sweep(self) -> None:
+        await self.approvals.expire_due()
+        await self.executor.mark_lost(self.lease)
+        for request_id in await self.store.approved_waiting(self.requeue_after):
+            await self.actions.enqueue(request_id)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweep failed; will try again")
+            await asyncio.sleep(self.sweep_every)
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._worker:
+            await self._worker.close()

@@ -1,0 +1,74 @@
+"""What every command is, and the shared argument grammar."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from bot.config import Config, Deployment
+from bot.domain import Outcome, Plan
+from bot.errors import NotFound, UsageError
+from bot.ports import Context
+
+Params = dict[str, Any]
+
+
+class Command(ABC):
+    name: ClassVar[str]  # the policy name, e.g. "replay-webhook"
+    words: ClassVar[tuple[str, ...]]  # what is typed, e.g. ("replay", "webhook")
+    usage: ClassVar[str]  # "/ops scale <deployment> <replicas>"
+    summary: ClassVar[str]
+    mutating: ClassVar[bool] = True
+    flags: ClassVar[dict[str, type]] = {}  # command-specific flags, e.g. {"--to-revision": int}
+
+    @abstractmethod
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        """Typed parameters from the positional arguments; raise UsageError/NotFound/Refused."""
+
+    @abstractmethod
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        """Read-only: look at the target and say exactly what will change."""
+
+    async def execute(self, plan: Plan, ctx: Context) -> Outcome:
+        raise NotImplementedError(f"{self.name} is read-only")
+
+    def usage_error(self, message: str) -> UsageError:
+        return UsageError(message, usage=self.usage)
+
+    def expect_args(self, args: list[str], names: list[str]) -> None:
+        if len(args) < len(names):
+            missing = names[len(args)]
+            raise self.usage_error(f"`{' '.join(self.words)}` needs a {missing}.")
+        if len(args) > len(names):
+            extra = " ".join(args[len(names):])
+            raise self.usage_error(f"unexpected argument(s) `{extra}`.")
+
+
+def deployment_alias(config: Config, alias: str) -> Deployment:
+    dep = config.deployments.get(alias)
+    if dep is None:
+        known = ", ".join(sorted(config.deployments)) or "none configured"
+        raise NotFound(f"unknown deployment `{alias}`. Known deployments: {known}.")
+    return dep
+
+
+def deployment_target(dep: Deployment) -> str:
+    return f"deployment/{dep.environment}/{dep.namespace}/{dep.name}"
+
+
+def images_of(template: dict[str, Any]) -> list[str]:
+    return [f"{c.get('name')}={c.get('image')}" for c in (template.get("spec") or {}).get("containers") or []]
+
+
+def match_labels_selector(selector: dict[str, Any]) -> str:
+    """A Deployment's label selector as the ``labelSelector`` query string."""
+    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expr in selector.get("matchExpressions") or []:
+        op = expr["operator"]
+        if op in ("In", "NotIn"):
+            terms.append(f"{expr['key']} {op.lower()} ({','.join(expr.get('values') or [])})")
+        elif op == "Exists":
+            terms.append(expr["key"])
+        else:
+            terms.append("!" + expr["key"])
+    return ",".join(terms)

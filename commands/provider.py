@@ -1,0 +1,75 @@
+"""`/ops disable provider <name>` / `/ops enable provider <name>` — seed 000's manual override:
+set ``Provider.isActive`` so traffic routes to the backup providers. The UPDATE names the value it
+expects to change (``WHERE isActive = <before>``), so a concurrent change is noticed, not
+overwritten."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from bot.config import Config, Providers
+from bot.domain import Outcome, Plan
+from bot.errors import NotFound, Refused
+from bot.ports import Context
+from commands.base import Command, Params
+
+
+def _spec(config: Config) -> Providers:
+    if config.providers is None:
+        raise Refused("provider toggles are not configured here (no `providers:` section in the config).")
+    return config.providers
+
+
+class _ProviderToggle(Command):
+    active: ClassVar[bool]
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["provider name"])
+        _spec(config)
+        return {"provider": args[0]}
+
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        spec = _spec(ctx.config)
+        row = await ctx.databases.provider(spec, params["provider"])
+        if row is None:
+            names = await ctx.databases.provider_names(spec)
+            raise NotFound(f"unknown provider `{params['provider']}`. Known providers: {', '.join(names) or 'none'}.")
+        current = bool(row[spec.active_column])
+        if current == self.active:
+            raise Refused(f"provider `{params['provider']}` is already {'enabled' if current else 'disabled'}; nothing to do.")
+        verb = "enable" if self.active else "disable"
+        return Plan(
+            command=self.name,
+            target=f"provider/{spec.database}/{spec.table}/{params['provider']}",
+            target_label=f"provider {params['provider']}",
+            environment=ctx.config.databases[spec.database].environment,
+            params=params,
+            summary=f"{verb} provider {params['provider']}: {spec.active_column} {current} → {self.active}",
+            details=(f'table "{spec.table}" in database `{spec.database}`',),
+            before={spec.active_column: current},
+            after={spec.active_column: self.active},
+        )
+
+    async def execute(self, plan: Plan, ctx: Context) -> Outcome:
+        spec = _spec(ctx.config)
+        changed = await ctx.databases.set_provider_active(spec, plan.params["provider"], active=self.active,
+                                                          expect=not self.active)
+        if not changed:
+            raise Refused(f"provider `{plan.params['provider']}` changed since the plan; nothing was written.")
+        return Outcome(ok=True, message=f"provider {plan.params['provider']} is now {'enabled' if self.active else 'disabled'}.")
+
+
+class DisableProvider(_ProviderToggle):
+    name = "disable-provider"
+    words = ("disable", "provider")
+    usage = "/ops disable provider <name>"
+    summary = "Mark a provider inactive so traffic routes to the backups."
+    active = False
+
+
+class EnableProvider(_ProviderToggle):
+    name = "enable-provider"
+    words = ("enable", "provider")
+    usage = "/ops enable provider <name>"
+    summary = "Mark a provider active again."
+    active = True

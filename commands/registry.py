@@ -1,0 +1,114 @@
+"""What people type → which command, with which parameters.
+
+The grammar (kept exactly; it is part of the product):
+
+    /ops help
+    /ops status <deployment>
+    /ops scale <deployment> <replicas>
+    /ops rollback <deployment> [--to-revision N]
+    /ops replay webhook <id>
+    /ops disable provider <name>
+    /ops enable provider <name>
+
+plus ``--reason "…"`` and ``--dry-run`` on any command. Slack clients turn straight quotes into
+curly ones on many keyboards; they are normalised before splitting so that
+``--reason “db failover”`` means what it says.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from bot.config import Config
+from bot.domain import Flags, Invocation
+from bot.errors import UsageError
+from commands.base import Command
+from commands.provider import DisableProvider, EnableProvider
+from commands.replay import ReplayWebhook
+from commands.rollback import Rollback
+from commands.scale import Scale
+from commands.status import Status
+
+COMMANDS: tuple[Command, ...] = (Status(), Scale(), Rollback(), ReplayWebhook(), DisableProvider(), EnableProvider())
+BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+COMMON_FLAGS = {"--reason": str, "--dry-run": bool}
+_QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})
+HELP_USAGE = "/ops help"
+
+
+def command(name: str) -> Command:
+    return BY_NAME[name]
+
+
+def tokenize(text: str) -> list[str]:
+    try:
+        return shlex.split(text.translate(_QUOTES).replace("—", "--"))
+    except ValueError as exc:
+        raise UsageError(f"could not read the command: {exc} (a quote is not closed?)") from None
+
+
+def _lookup(tokens: list[str]) -> tuple[Command | None, list[str]]:
+    for cmd in sorted(COMMANDS, key=lambda c: -len(c.words)):
+        n = len(cmd.words)
+        if [t.lower() for t in tokens[:n]] == list(cmd.words):
+            return cmd, tokens[n:]
+    return None, tokens
+
+
+def _split_flags(cmd: Command, rest: list[str]) -> tuple[list[str], dict[str, Any]]:
+    known = {**COMMON_FLAGS, **cmd.flags}
+    args: list[str] = []
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or token == "--":
+            args.append(token)
+            i += 1
+            continue
+        name, eq, inline = token.partition("=")
+        kind = known.get(name)
+        if kind is None:
+            allowed = ", ".join(sorted(known))
+            raise UsageError(f"unknown option `{name}` for `{' '.join(cmd.words)}`. Options: {allowed}.", usage=cmd.usage)
+        if kind is bool:
+            flags[name] = True
+            i += 1
+            continue
+        if eq:
+            value = inline
+            i += 1
+        elif i + 1 < len(rest):
+            value = rest[i + 1]
+            i += 2
+        else:
+            raise UsageError(f"`{name}` needs a value, e.g. `{name} {'3' if kind is int else 'text'}`.", usage=cmd.usage)
+        if kind is int:
+            if not value.lstrip("-").isdigit():
+                raise UsageError(f"`{name}` takes a number, got `{value}`.", usage=cmd.usage)
+            flags[name] = int(value)
+        else:
+            flags[name] = value
+    return args, flags
+
+
+def parse(text: str, config: Config) -> Invocation:
+    """Parse ``/ops`` text into an Invocation, or raise a UserError that says what to type instead."""
+    tokens = tokenize(text)
+    if not tokens or tokens[0].lower() in ("help", "-h", "--help"):
+        return Invocation(command="help", params={"topic": " ".join(tokens[1:])}, flags=Flags(), text=text.strip())
+    cmd, rest = _lookup(tokens)
+    if cmd is None:
+        first = tokens[0].lower()
+        near = [c for c in COMMANDS if c.words[0] == first]
+        if near:
+            raise UsageError(f"`{first}` what? Did you mean: " + " or ".join(f"`{c.usage}`" for c in near) + "?")
+        raise UsageError(f"unknown command `{tokens[0]}`. Type `{HELP_USAGE}` for the commands you can run.")
+    args, flags = _split_flags(cmd, rest)
+    reason = str(flags.pop("--reason", "")).strip()
+    if "--reason" in [t.partition("=")[0] for t in rest] and not reason:
+        raise UsageError('`--reason` needs some text, e.g. `--reason "INC-142 queue backlog"`.', usage=cmd.usage)
+    dry_run = bool(flags.pop("--dry-run", False))
+    params = cmd.parse(args, flags, config)
+    return Invocation(command=cmd.name, params=params, flags=Flags(reason=reason, dry_run=dry_run), text=text.strip())

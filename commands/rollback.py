@@ -1,0 +1,115 @@
+"""`/ops rollback <deployment> [--to-revision N]` — what `kubectl rollout undo` does.
+
+Find the deployment's ReplicaSets (selector, then owner reference, as kubectl does), take the
+previous revision (or N), and write its pod template back into the deployment with a JSON patch
+that also carries the resourceVersion read just before: if anyone changed the deployment in
+between, the API server answers 409 and nothing is written. The ``pod-template-hash`` label is
+removed from the copied template, as kubectl does; the deployment controller then re-uses the old
+ReplicaSet and gives it the next revision number.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from bot.config import Config
+from bot.domain import Outcome, Plan
+from bot.errors import NotFound, Refused
+from bot.ports import Context, Obj
+from commands.base import Command, Params, deployment_alias, deployment_target, images_of, match_labels_selector
+
+REVISION = "deployment.kubernetes.io/revision"
+
+
+def _revision(obj: Obj) -> int:
+    try:
+        return int((obj["metadata"].get("annotations") or {}).get(REVISION, "0"))
+    except ValueError:
+        return 0
+
+
+def _without_hash(template: Obj) -> Obj:
+    t = copy.deepcopy(template)
+    (t.get("metadata") or {}).get("labels", {}).pop("pod-template-hash", None)
+    return t
+
+
+class Rollback(Command):
+    name = "rollback"
+    words = ("rollback",)
+    usage = "/ops rollback <deployment> [--to-revision N]"
+    summary = "Roll a deployment back to its previous (or a given) revision, like `kubectl rollout undo`."
+    flags = {"--to-revision": int}
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["deployment"])
+        deployment_alias(config, args[0])
+        to = flags.get("--to-revision")
+        if to is not None and to < 1:
+            raise self.usage_error("--to-revision takes a revision number (1 or more); see `/ops status` for the current one.")
+        return {"deployment": args[0], "to_revision": to}
+
+    async def _history(self, params: Params, ctx: Context) -> tuple[Obj, dict[int, Obj]]:
+        dep = deployment_alias(ctx.config, params["deployment"])
+        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
+        selector = match_labels_selector(d["spec"]["selector"])
+        uid = d["metadata"]["uid"]
+        owned = [
+            rs for rs in await ctx.kube.list_replicasets(dep.environment, dep.namespace, selector)
+            if any(o.get("uid") == uid and o.get("controller") for o in rs["metadata"].get("ownerReferences") or [])
+        ]
+        return d, {_revision(rs): rs for rs in owned}
+
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        dep = deployment_alias(ctx.config, params["deployment"])
+        d, by_revision = await self._history(params, ctx)
+        current = _revision(d)
+        if d["spec"].get("paused"):
+            raise Refused(f"{dep.name} is paused; resume it before rolling back (as `kubectl rollout undo` requires).")
+        wanted = params.get("to_revision")
+        if wanted is None:
+            earlier = sorted(r for r in by_revision if r < current)
+            if not earlier:
+                raise Refused(f"{dep.name} has no revision before {current} to roll back to.")
+            wanted = earlier[-1]
+        if wanted == current:
+            raise Refused(f"{dep.name} is already at revision {current}; nothing to do.")
+        if wanted not in by_revision:
+            known = ", ".join(str(r) for r in sorted(by_revision)) or "none"
+            raise NotFound(f"{dep.name} has no revision {wanted}. Revisions kept: {known}.")
+        target_template = by_revision[wanted]["spec"]["template"]
+        if _without_hash(target_template) == _without_hash(d["spec"]["template"]):
+            raise Refused(f"{dep.name}'s template already matches revision {wanted}; nothing to do.")
+        current_images = images_of(d["spec"]["template"])
+        target_images = images_of(target_template)
+        return Plan(
+            command=self.name,
+            target=deployment_target(dep),
+            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
+            environment=dep.environment,
+            params=params,
+            summary=f"{dep.name}: revision {current} ({', '.join(current_images)}) → {wanted} ({', '.join(target_images)})",
+            details=(f"namespace {dep.namespace}, environment {dep.environment}",
+                     f"revisions kept: {', '.join(str(r) for r in sorted(by_revision))}"),
+            before={"revision": current, "images": current_images},
+            after={"revision": wanted, "images": target_images},
+            observed={"generation": d["metadata"].get("generation"), "uid": d["metadata"]["uid"]},
+        )
+
+    async def execute(self, plan: Plan, ctx: Context) -> Outcome:
+        dep = deployment_alias(ctx.config, plan.params["deployment"])
+        d, by_revision = await self._history(plan.params, ctx)
+        wanted = int(plan.after["revision"])
+        if _revision(d) != plan.before["revision"] or wanted not in by_revision:
+            raise Refused(f"{dep.name} changed since the plan (now at revision {_revision(d)}).")
+        template = _without_hash(by_revision[wanted]["spec"]["template"])
+        result = await ctx.kube.replace_pod_template(
+            dep.environment, dep.namespace, dep.name, template=template, resource_version=d["metadata"]["resourceVersion"],
+        )
+        return Outcome(
+            ok=True,
+            message=f"{dep.name} rolled back to the template of revision {wanted} ({', '.join(plan.after['images'])}); "
+                    "the deployment controller records it as a new revision.",
+            details={"from_revision": wanted, "generation": result["metadata"].get("generation")},
+        )

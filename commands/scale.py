@@ -1,0 +1,65 @@
+"""`/ops scale <deployment> <replicas>` — `kubectl scale deploy/x --replicas=N`, within the range
+the target's config allows, through the ``scale`` subresource guarded by resourceVersion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.config import Config
+from bot.domain import Outcome, Plan
+from bot.errors import Refused
+from bot.ports import Context
+from commands.base import Command, Params, deployment_alias, deployment_target
+
+
+class Scale(Command):
+    name = "scale"
+    words = ("scale",)
+    usage = "/ops scale <deployment> <replicas>"
+    summary = "Set a deployment's replica count (within its configured range)."
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["deployment", "replica count"])
+        dep = deployment_alias(config, args[0])
+        if not args[1].isdigit():
+            raise self.usage_error(f"replicas must be a whole number, got `{args[1]}`.")
+        replicas = int(args[1])
+        if not dep.replicas.min <= replicas <= dep.replicas.max:
+            raise Refused(
+                f"`{args[0]}` may run {dep.replicas.min} to {dep.replicas.max} replicas; {replicas} is outside that range. "
+                f"Try `/ops scale {args[0]} {min(max(replicas, dep.replicas.min), dep.replicas.max)}`."
+            )
+        return {"deployment": args[0], "replicas": replicas}
+
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        dep = deployment_alias(ctx.config, params["deployment"])
+        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
+        current = int((d.get("spec") or {}).get("replicas", 0))
+        wanted = int(params["replicas"])
+        if current == wanted:
+            raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
+        return Plan(
+            command=self.name,
+            target=deployment_target(dep),
+            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
+            environment=dep.environment,
+            params=params,
+            summary=f"{dep.name}: {current} → {wanted} replicas",
+            details=(f"namespace {dep.namespace}, environment {dep.environment}",
+                     f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"),
+            before={"replicas": current},
+            after={"replicas": wanted},
+        )
+
+    async def execute(self, plan: Plan, ctx: Context) -> Outcome:
+        dep = deployment_alias(ctx.config, plan.params["deployment"])
+        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
+        current = int((d.get("spec") or {}).get("replicas", 0))
+        if current != plan.before["replicas"]:
+            raise Refused(f"{dep.name} now has {current} replicas, not {plan.before['replicas']} as approved.")
+        scale = await ctx.kube.scale_deployment(
+            dep.environment, dep.namespace, dep.name,
+            replicas=plan.after["replicas"], resource_version=d["metadata"]["resourceVersion"],
+        )
+        return Outcome(ok=True, message=f"{dep.name} scaled {current} → {scale['spec']['replicas']} replicas.",
+                       details={"replicas": scale["spec"]["replicas"]})

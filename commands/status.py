@@ -1,0 +1,54 @@
+"""`/ops status <deployment>`: replicas, revision, images and rollout condition. Read-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.config import Config
+from bot.domain import Plan
+from bot.ports import Context
+from commands.base import Command, Params, deployment_alias, deployment_target, images_of
+
+
+class Status(Command):
+    name = "status"
+    words = ("status",)
+    usage = "/ops status <deployment>"
+    summary = "Replicas, revision, images and rollout state of a deployment."
+    mutating = False
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["deployment"])
+        deployment_alias(config, args[0])
+        return {"deployment": args[0]}
+
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        dep = deployment_alias(ctx.config, params["deployment"])
+        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
+        spec, status = d.get("spec") or {}, d.get("status") or {}
+        revision = (d["metadata"].get("annotations") or {}).get("deployment.kubernetes.io/revision", "?")
+        conditions = {c["type"]: c for c in status.get("conditions") or []}
+        progressing = conditions.get("Progressing", {})
+        available = conditions.get("Available", {})
+        rollout = progressing.get("reason") or "unknown"
+        if spec.get("paused"):
+            rollout = "paused"
+        details = (
+            f"replicas: {spec.get('replicas', 0)} desired, {status.get('readyReplicas', 0)} ready, "
+            f"{status.get('updatedReplicas', 0)} updated, {status.get('availableReplicas', 0)} available",
+            f"revision: {revision}",
+            "images: " + ", ".join(images_of(spec.get("template") or {})),
+            f"rollout: {rollout} (Available={available.get('status', '?')})"
+            + (f" — {progressing['message']}" if progressing.get("message") else ""),
+        )
+        return Plan(
+            command=self.name,
+            target=deployment_target(dep),
+            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
+            environment=dep.environment,
+            params=params,
+            summary=f"{dep.name} in {dep.namespace} ({dep.environment})",
+            details=details,
+            before={"replicas": spec.get("replicas"), "revision": revision},
+            mutating=False,
+        )

@@ -1,0 +1,155 @@
+"""An in-process opsbot that tests (and people) can talk to like Slack does.
+
+``Harness.slash(user, "/ops scale worker 6")`` sends a correctly signed slash-command request over
+HTTP to the running app; ``harness.click(user, request_id, "approve")`` sends a signed
+``block_actions`` payload, as Slack would when a person clicks the button. What the bot says
+lands in the fake Slack (``harness.slack``); what it does lands in the Kubernetes emulator, the
+platform database and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+from slack_sdk.signature import SignatureVerifier
+
+from bot.config import Config
+from bot.domain import OpsRequest
+from bot.runtime import Runtime
+from bot.settings import Settings
+from tests.fakes.slack_api import FakeSlack
+
+SIGNING_SECRET = "test-signing-secret"
+T = TypeVar("T")
+
+
+class Harness:
+    INCIDENT = "C0INCIDENT"
+
+    def __init__(self, *, runtime: Runtime, slack: FakeSlack) -> None:
+        self.runtime, self.slack = runtime, slack
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.verifier = SignatureVerifier(SIGNING_SECRET)
+
+    @classmethod
+    async def start(cls, *, config: Config, slack: FakeSlack, database_url: str, redis_url: str, kubeconfig: str,
+                    queue_prefix: str, with_worker: bool = True) -> Harness:
+        settings = Settings(
+            slack_bot_token="xoxb-test-token", slack_signing_secret=SIGNING_SECRET, slack_app_token=None,
+            slack_api_url=slack.api_url, database_url=database_url, redis_url=redis_url, config_path="<test>",
+            kubeconfig=kubeconfig, host="127.0.0.1", port=0, worker_id="test-worker", queue_prefix=queue_prefix,
+        )
+        runtime = Runtime.build(settings, config)
+        runtime.worker.sweep_every = 0.3
+        h = cls(runtime=runtime, slack=slack)
+        await runtime.start(with_worker=with_worker)
+        h._runner = web.AppRunner(runtime.web_app())
+        await h._runner.setup()
+        site = web.TCPSite(h._runner, "127.0.0.1", 0)
+        await site.start()
+        h.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        h._http = aiohttp.ClientSession()
+        return h
+
+    async def stop(self) -> None:
+        if self._http:
+            await self._http.close()
+        if self._runner:
+            await self._runner.cleanup()
+        await self.runtime.stop()
+
+    # ------------------------------------------------------------------ talking like Slack
+
+    async def post_signed(self, body: str, content_type: str = "application/x-www-form-urlencoded",
+                          *, signature: str | None = None, timestamp: int | None = None) -> tuple[int, str]:
+        assert self._http is not None
+        ts = str(timestamp or int(time.time()))
+        headers = {
+            "Content-Type": content_type,
+            "X-Slack-Request-Timestamp": ts,
+            "X-Slack-Signature": signature or self.verifier.generate_signature(timestamp=ts, body=body),
+        }
+        async with self._http.post(self.url + "/slack/events", data=body.encode(), headers=headers) as resp:
+            return resp.status, await resp.text()
+
+    async def slash(self, user: str, text: str, *, channel: str = INCIDENT) -> tuple[int, str]:
+        """What Slack sends for ``/ops <text>``. Returns the HTTP status and the ack's body."""
+        if text.startswith("/ops"):
+            text = text[len("/ops"):].strip()
+        key = uuid.uuid4().hex
+        body = urlencode({
+            "token": "legacy", "team_id": "T0FAKE", "team_domain": "fake", "channel_id": channel, "channel_name": "incident",
+            "user_id": user, "user_name": user.lower(), "command": "/ops", "text": text, "api_app_id": "A0OPS",
+            "is_enterprise_install": "false", "response_url": self.slack.response_url(key), "trigger_id": key,
+        })
+        return await self.post_signed(body)
+
+    async def click(self, user: str, request_id: str, decision: str = "approve", *, channel: str = INCIDENT) -> tuple[int, str]:
+        request = await self.runtime.store.get(request_id)
+        ts = request.card_ts if request and request.card_ts else "0"
+        payload = {
+            "type": "block_actions",
+            "team": {"id": "T0FAKE", "domain": "fake"},
+            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"},
+            "api_app_id": "A0OPS",
+            "token": "legacy",
+            "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False},
+            "trigger_id": uuid.uuid4().hex,
+            "channel": {"id": channel, "name": "incident"},
+            "message": {"ts": ts, "text": "card"},
+            "response_url": self.slack.response_url("click-" + uuid.uuid4().hex),
+            "actions": [{
+                "action_id": "opsbot_approve" if decision == "approve" else "opsbot_deny",
+                "block_id": f"opsbot_vote:{request_id}", "value": request_id, "type": "button",
+                "action_ts": str(time.time()),
+            }],
+        }
+        return await self.post_signed(urlencode({"payload": json.dumps(payload)}))
+
+    # ------------------------------------------------------------------ waiting and reading
+
+    async def eventually(self, probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0, what: str = "condition") -> T:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            value = await probe()
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def last_request(self) -> OpsRequest | None:
+        rows = await self.runtime.store.audit_rows()
+        ids = [r["request_id"] for r in rows if r["request_id"] and r["event"] == "requested"]
+        return await self.runtime.store.get(ids[-1]) if ids else None
+
+    async def requested(self, *, timeout: float = 10.0) -> OpsRequest:
+        """The request the last slash command opened (waits for the card to be posted)."""
+        async def probe() -> OpsRequest | None:
+            r = await self.last_request()
+            return r if r is not None and r.card_ts else None
+        return await self.eventually(probe, timeout=timeout, what="a request to be opened")
+
+    async def state_of(self, request_id: str, *states: str, timeout: float = 15.0) -> OpsRequest:
+        async def probe() -> OpsRequest | None:
+            r = await self.runtime.store.get(request_id)
+            return r if r is not None and r.state.value in states else None
+        return await self.eventually(probe, timeout=timeout, what=f"request {request_id} to be {'/'.join(states)}")
+
+    async def response(self, *, containing: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            return next((r for r in reversed(self.slack.responses) if containing in r.get("text", "")), None)
+        return await self.eventually(probe, timeout=timeout, what=f"a response containing {containing!r}")
+
+    async def audit_events(self, request_id: str | None = None) -> list[str]:
+        return [r["event"] for r in await self.runtime.store.audit_rows(request_id)]

@@ -217,7 +217,7 @@ def _error_path(loc: tuple[int | str, ...]) -> str:
             out += f"[{part}]"
         elif part not in ("function-after[_ordered(), ReplicaRange]",):
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
 
 
 def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
@@ -238,7 +238,8 @@ def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] 
         lines = []
         for err in exc.errors():
             msg = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"{source}: {_error_path(tuple(err['loc']))}: {msg}")
+            path = _error_path(tuple(err["loc"]))
+            lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 

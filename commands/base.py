@@ -38,7 +38,8 @@ class Command(ABC):
     def expect_args(self, args: list[str], names: list[str]) -> None:
         if len(args) < len(names):
             missing = names[len(args)]
-            raise self.usage_error(f"`{' '.join(self.words)}` needs a {missing}.")
+            article = "an" if missing[0] in "aeiou" else "a"
+            raise self.usage_error(f"`{' '.join(self.words)}` needs {article} {missing}.")
         if len(args) > len(names):
             extra = " ".join(args[len(names):])
             raise self.usage_error(f"unexpected argument(s) `{extra}`.")

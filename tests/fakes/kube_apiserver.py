@@ -34,7 +34,7 @@ import secrets
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -60,7 +60,7 @@ _MERGE_KEYS = {
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ApiError(Exception):
@@ -453,7 +453,8 @@ class Cluster:
             if rv and rv != current["metadata"]["resourceVersion"]:
                 raise _conflict("apps/deployments", name)
             if meta.get("name", name) != name:
-                raise ApiError(400, "BadRequest", f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+                raise ApiError(400, "BadRequest",
+                               f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
             # Fields the server owns.
             for key in ("uid", "creationTimestamp", "namespace", "generation"):
                 meta[key] = current["metadata"].get(key)
@@ -515,7 +516,8 @@ class Cluster:
             rs_template.setdefault("metadata", {}).setdefault("labels", {})[HASH_LABEL] = h
             selector = copy.deepcopy(d["spec"]["selector"])
             selector.setdefault("matchLabels", {})[HASH_LABEL] = h
-            annotations = {k: v for k, v in d_ann.items() if k not in (REVISION, REVISION_HISTORY, "kubectl.kubernetes.io/last-applied-configuration")}
+            skip = (REVISION, REVISION_HISTORY, "kubectl.kubernetes.io/last-applied-configuration")
+            annotations = {k: v for k, v in d_ann.items() if k not in skip}
             annotations.update({
                 REVISION: str(max_rev + 1),
                 "deployment.kubernetes.io/desired-replicas": str(d["spec"]["replicas"]),
@@ -547,7 +549,7 @@ class Cluster:
             old_rev = int(ann.get(REVISION, "0"))
             if old_rev < max_rev:  # an old template came back: it becomes the newest revision
                 history = [h for h in ann.get(REVISION_HISTORY, "").split(",") if h]
-                ann[REVISION_HISTORY] = ",".join(history + [str(old_rev)])
+                ann[REVISION_HISTORY] = ",".join([*history, str(old_rev)])
                 ann[REVISION] = str(max_rev + 1)
                 # Like the real controller, the annotations of the deployment follow the RS (change-cause).
                 if "kubernetes.io/change-cause" in d_ann:
@@ -588,7 +590,7 @@ class Cluster:
             self._put("apps/deployments", d, "MODIFIED")
 
     def _scale_rs(self, rs: Obj, replicas: int) -> None:
-        ns, rs_name = rs["metadata"]["namespace"], rs["metadata"]["name"]
+        ns, _rs_name = rs["metadata"]["namespace"], rs["metadata"]["name"]
         pods = [p for (res, pns, _), p in list(self.objects.items())
                 if res == "v1/pods" and pns == ns
                 and any(o.get("uid") == rs["metadata"]["uid"] for o in p["metadata"].get("ownerReferences") or [])]

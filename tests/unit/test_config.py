@@ -1,0 +1,72 @@
+"""Config errors name the file, the key and what is wrong; policy check warns about what will bite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.config import config_warnings, load_config, parse_config
+from bot.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.mark.parametrize(("yaml", "message"), [
+    ("deployments: {w: {environment: prod, namespace: n, name: w}}",
+     "x.yaml: deployments.w.environment: environment 'prod' is not defined under environments"),
+    ("environments: {p: {}}\ndeployments: {w: {environment: p, namespace: n, name: w, replicas: {min: 5, max: 2}}}",
+     "x.yaml: deployments.w.replicas: max (2) must be >= min (5)"),
+    ("rules: [{commands: [deploy], allow: []}]", "x.yaml: rules[0].commands: unknown command 'deploy'"),
+    ("rules: [{commands: [scale], allow: [sre]}]", "x.yaml: rules[0]: role 'sre' is not defined under roles"),
+    ("roles: {a: {users: [U1]}}\nrules: [{commands: [scale], allow: [a], approval: {from: [a], expires: soon}}]",
+     "x.yaml: rules[0].approval.expires: 'soon' is not a duration"),
+    ("environments: {p: {}}\ndatabases: {app: {url: '${NOPE_URL}', environment: p}}",
+     "x.yaml: databases.app.url: environment variable NOPE_URL is not set"),
+    ("environments: {p: {}}\ndatabases: {app: {url: x, environment: p}}\nproviders: {database: app, table: 'Provider; DROP'}",
+     "is not a plain SQL identifier"),
+    ("slack: {audit_chanel: C1}", "x.yaml: slack.audit_chanel: Extra inputs are not permitted"),
+    ("- just\n- a list", "x.yaml: the top level must be a mapping"),
+    ("roles: {a: [unclosed", "x.yaml: not valid YAML"),
+])
+def test_errors_name_file_key_and_problem(yaml: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml, source="x.yaml", env={})
+    assert message in str(info.value)
+
+
+def test_shipped_policies_are_valid() -> None:
+    load_config(ROOT / "policies" / "default.yaml", env={})
+    for example in (ROOT / "policies" / "examples").glob("*.yaml"):
+        load_config(example, env={"NOVA_DATABASE_URL": "postgresql://x", "NOVA_REDIS_URL": "redis://x",
+                                  "NEXNUM_DATABASE_URL": "postgresql://x", "NEXUS_DATABASE_URL": "postgresql://x",
+                                  "NEPXY_DATABASE_URL": "postgresql://x", "BAZAAR_REDIS_URL": "redis://x"})
+
+
+def test_warnings_for_colon_queue_names_empty_roles_and_impossible_quorums() -> None:
+    config = parse_config("""
+environments: {p: {}}
+roles: {eng: {users: [U1]}, approver: {users: [U2]}, nobody: {users: []}}
+queues: {billing: {redis_url: redis://x, name: "billing:webhooks", environment: p}}
+rules:
+  - {commands: [scale], allow: [eng], approval: {from: [approver], count: 2}}
+""", env={})
+    warnings = "\n".join(config_warnings(config))
+    assert "queues.billing.name: 'billing:webhooks' contains ':'" in warnings and "'billing-webhooks'" in warnings
+    assert "roles.nobody: has no members" in warnings
+    assert "needs 2 approvals but only 1 user(s) can approve" in warnings
+    assert "command 'rollback': no rule allows anyone to run it" in warnings
+
+
+def test_policy_check_cli(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [{commands: [scale], allow: [sre]}]\n")
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"{bad}: rules[0]: role 'sre' is not defined" in proc.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text("environments: {p: {}}\nqueues: {q: {redis_url: redis://x, name: 'a:b', environment: p}}\n")
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(good)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "contains ':'" in proc.stdout and "OK" in proc.stdout

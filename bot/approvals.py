@@ -15,6 +15,7 @@ from bot.adapters.store import Store, VoteResult
 from bot.audit import Audit
 from bot.config import Config
 from bot.domain import SYSTEM, Actor, CommandRequest, Decision, DecisionKind, Invocation, OpsRequest, Plan, RequestState
+from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
 from bot.policy.engine import may_approve
 from bot.ports import Chat
@@ -52,8 +53,18 @@ class Approvals:
         if not needs_approval:
             await self.audit.record("approved", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan, result={"by": "policy", "rule": decision.rule})
-            await self.actions.enqueue(request.id)
+            await self._enqueue(request)
         return await self._reload(request.id)
+
+    async def _enqueue(self, request: OpsRequest) -> None:
+        """Hand an approved request to the worker. The approval is already committed; if Redis is
+        down now, the sweeper re-enqueues it when Redis is back (same job id, so never twice)."""
+        try:
+            await self.actions.enqueue(request.id)
+        except BackendUnavailable as exc:
+            log.warning("could not enqueue approved request %s: %s", request.id, exc)
+            await self.chat.post_in_thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
+                                                    "queue is reachable again; nothing has run yet.")
 
     async def _reload(self, request_id: str) -> OpsRequest:
         request = await self.store.get(request_id)
@@ -91,7 +102,7 @@ class Approvals:
             self.metrics.approval_latency.observe(max(0.0, (request.approvals[-1].at - request.created_at).total_seconds()))
             await self.audit.record("approved", **common, result={"approvers": [a.approver.user_id for a in request.approvals]})
             await self.chat.update_card(request)
-            await self.actions.enqueue(request.id)
+            await self._enqueue(request)
         else:
             await self.chat.update_card(request)
         return result

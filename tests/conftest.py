@@ -77,7 +77,7 @@ def state_template(pg_admin: str) -> str:
     return name
 
 
-def _fresh_db(pg_admin: str, template: str | None = None) -> str:
+def fresh_db(pg_admin: str, template: str | None = None) -> str:
     name = "t_" + uuid.uuid4().hex[:12]
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template}" if template else ""))
@@ -86,12 +86,12 @@ def _fresh_db(pg_admin: str, template: str | None = None) -> str:
 
 @pytest.fixture
 def state_db(pg_admin: str, state_template: str) -> str:
-    return _fresh_db(pg_admin, state_template)
+    return fresh_db(pg_admin, state_template)
 
 
 @pytest.fixture
 def platform_db(pg_admin: str) -> str:
-    url = _fresh_db(pg_admin)
+    url = fresh_db(pg_admin)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(PLATFORM_SCHEMA)
     return url

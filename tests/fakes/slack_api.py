@@ -52,6 +52,8 @@ class FakeSlack:
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.changed = asyncio.Event()
+        self.sockets: list[web.WebSocketResponse] = []
+        self.socket_acks: list[dict[str, Any]] = []
 
     @property
     def api_url(self) -> str:
@@ -64,6 +66,7 @@ class FakeSlack:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
         app.router.add_post("/response/{key}", self._response)
+        app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -95,9 +98,32 @@ class FakeSlack:
         self._notify()
         return web.Response(text="ok")
 
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        """Socket Mode: say hello, then relay envelopes from ``socket_send`` and record the acks."""
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.sockets.append(ws)
+        await ws.send_json({"type": "hello", "num_connections": 1, "debug_info": {"host": "fake"},
+                            "connection_info": {"app_id": "A0OPS"}})
+        async for msg in ws:
+            if msg.type == 1:  # aiohttp.WSMsgType.TEXT
+                self.socket_acks.append(json.loads(msg.data))
+                self._notify()
+        return ws
+
+    async def socket_send(self, envelope: dict[str, Any]) -> None:
+        for ws in self.sockets:
+            if not ws.closed:
+                await ws.send_json(envelope)
+
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         args = await self._args(request)
+        if method == "apps.connections.open":
+            if request.headers.get("Authorization", "") != "Bearer xapp-test-token":
+                return web.json_response({"ok": False, "error": "invalid_auth"})
+            self.calls.append((method, args))
+            return web.json_response({"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"})
         if request.headers.get("Authorization", "") != "Bearer xoxb-test-token":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         self.calls.append((method, args))

@@ -53,6 +53,7 @@ class Runtime:
     worker: ActionWorker
     bolt: AsyncApp
     metrics: Metrics
+    inflight: set[asyncio.Task[Any]]
 
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
@@ -70,17 +71,22 @@ class Runtime:
         executor = Executor(ctx=ctx, store=store, chat=chat, audit=audit, metrics=metrics, worker_id=settings.worker_id)
         worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
                               queue_name=settings.actions_queue, prefix=settings.queue_prefix)
-        bolt = build_app(client=client, signing_secret=settings.slack_signing_secret, pipeline=pipeline, approvals=approvals)
+        inflight: set[asyncio.Task[Any]] = set()
+        bolt = build_app(client=client, signing_secret=settings.slack_signing_secret, pipeline=pipeline, approvals=approvals,
+                         inflight=inflight)
         return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
                    audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
-                   metrics=metrics)
+                   metrics=metrics, inflight=inflight)
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.store.open()
         if with_worker:
             await self.worker.start()
 
-    async def stop(self) -> None:
+    async def stop(self, *, grace: float = 10.0) -> None:
+        """Let requests already acked finish (bounded), then close everything."""
+        if self.inflight:
+            await asyncio.wait(set(self.inflight), timeout=grace)
         with contextlib.suppress(Exception):
             await self.worker.stop()
         await self.actions.close()

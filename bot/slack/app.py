@@ -8,8 +8,11 @@ listener running once ``ack()`` has answered Slack's HTTP request, in its defaul
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
@@ -25,12 +28,31 @@ from bot.slack.payloads import click_actor, click_channel, command_request
 log = logging.getLogger(__name__)
 
 
-def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline, approvals: Approvals) -> AsyncApp:
+@contextlib.contextmanager
+def _tracked(inflight: set[asyncio.Task[Any]]) -> Iterator[None]:
+    """Listeners keep running after the ack; shutdown waits for them (Runtime.stop) so that no
+    audit row or reply is cut off half-way."""
+    task = asyncio.current_task()
+    if task is not None:
+        inflight.add(task)
+    try:
+        yield
+    finally:
+        if task is not None:
+            inflight.discard(task)
+
+
+def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline, approvals: Approvals,
+              inflight: set[asyncio.Task[Any]]) -> AsyncApp:
     app = AsyncApp(client=client, signing_secret=signing_secret, process_before_response=False,
                    ignoring_self_events_enabled=True)
 
     @app.command("/ops")
     async def ops(ack: Any, body: dict[str, Any]) -> None:
+        with _tracked(inflight):
+            await _ops(ack, body)
+
+    async def _ops(ack: Any, body: dict[str, Any]) -> None:
         req = command_request(body)
         inv: Invocation | None = None
         error: UserError | None = None
@@ -48,6 +70,10 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
 
     @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        with _tracked(inflight):
+            await _vote(ack, body, action)
+
+    async def _vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         actor, channel = click_actor(body), click_channel(body)
         try:

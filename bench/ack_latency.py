@@ -80,7 +80,7 @@ async def fire(url: str, n: int, concurrency: int, response_url: str) -> list[fl
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 async def main() -> None:
@@ -105,7 +105,7 @@ async def main() -> None:
             "opsbot": subprocess.Popen([sys.executable, "-m", "bot", "serve"], env={**env, "PORT": str(ports["opsbot"])}, cwd=ROOT),
         }
         try:
-            for name, port in ports.items():
+            for port in ports.values():
                 await wait_ready(f"http://127.0.0.1:{port}")
             print(f"ack latency of `/ops` slash commands ({args.requests} requests per run; texts: {', '.join(TEXTS)})")
             print(f"{'app':<16} {'conc':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'max ms':>8} {'mean ms':>8} {'RSS MiB':>8}")

@@ -28,6 +28,9 @@ from bot.settings import Settings
 from tests.fakes.slack_api import FakeSlack
 
 SIGNING_SECRET = "test-signing-secret"
+# How each final state's notice in the card's thread begins (bot/messages.py, bot/approvals.py).
+_THREAD_MARK = {"succeeded": ":large_green_circle:", "failed": ":red_circle:", "stale": ":warning:",
+                "unknown": ":grey_question:", "denied": ":no_entry:", "expired": ":alarm_clock:", "cancelled": ":heavy_multiplication_x:"}
 T = TypeVar("T")
 
 
@@ -141,9 +144,20 @@ class Harness:
         return await self.eventually(probe, timeout=timeout, what="a request to be opened")
 
     async def state_of(self, request_id: str, *states: str, timeout: float = 15.0) -> OpsRequest:
+        """Wait for the request to reach one of ``states``. For a final state, also wait until the
+        story is told: the audit row for it is written and its notice is in the card's thread (the
+        last thing opsbot does), so tests can read everything right after."""
         async def probe() -> OpsRequest | None:
             r = await self.runtime.store.get(request_id)
-            return r if r is not None and r.state.value in states else None
+            if r is None or r.state.value not in states:
+                return None
+            if r.state.final:
+                if r.state.value not in await self.audit_events(request_id):
+                    return None
+                mark = _THREAD_MARK[r.state.value]
+                if not any(m.text.startswith(mark) for m in self.slack.thread(r.card_channel or "", r.card_ts or "")):
+                    return None
+            return r
         return await self.eventually(probe, timeout=timeout, what=f"request {request_id} to be {'/'.join(states)}")
 
     async def response(self, *, containing: str = "", timeout: float = 10.0) -> dict[str, Any]:

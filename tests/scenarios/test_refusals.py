@@ -93,9 +93,14 @@ async def test_expired_requests_cannot_be_approved(bot: Harness, kube: KubeApiSe
     await bot.click(CAROL, request.id)
     done = await bot.state_of(request.id, "expired")
     assert replicas(kube) == 3
-    assert await bot.audit_events(request.id) == ["requested", "expired"]
-    card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
+
+    async def updated_card():  # type: ignore[no-untyped-def]
+        card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
+        return card if card.history else None
+
+    card = await bot.eventually(updated_card, what="the card update")
     assert "expired" in card.all_text() and card.buttons() == []
+    assert await bot.audit_events(request.id) == ["requested", "expired"]
 
 
 async def test_the_sweeper_expires_requests_nobody_answered(bot: Harness, state_db: str) -> None:

@@ -32,6 +32,11 @@ class Command(ABC):
     async def execute(self, plan: Plan, ctx: Context) -> Outcome:
         raise NotImplementedError(f"{self.name} is read-only")
 
+    def deployment_plan(self, dep: Deployment, params: Params, **fields: Any) -> Plan:
+        """A Plan on a configured deployment: target key, label and environment filled in."""
+        return Plan(command=self.name, target=deployment_target(dep), target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
+                    environment=dep.environment, params=params, mutating=self.mutating, **fields)
+
     def usage_error(self, message: str) -> UsageError:
         return UsageError(message, usage=self.usage)
 

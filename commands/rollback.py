@@ -17,7 +17,7 @@ from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import NotFound, Refused
 from bot.ports import Context, Obj
-from commands.base import Command, Params, deployment_alias, deployment_target, images_of, match_labels_selector
+from commands.base import Command, Params, deployment_alias, images_of, match_labels_selector
 
 REVISION = "deployment.kubernetes.io/revision"
 
@@ -83,12 +83,8 @@ class Rollback(Command):
             raise Refused(f"{dep.name}'s template already matches revision {wanted}; nothing to do.")
         current_images = images_of(d["spec"]["template"])
         target_images = images_of(target_template)
-        return Plan(
-            command=self.name,
-            target=deployment_target(dep),
-            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
-            environment=dep.environment,
-            params=params,
+        return self.deployment_plan(
+            dep, params,
             summary=f"{dep.name}: revision {current} ({', '.join(current_images)}) → {wanted} ({', '.join(target_images)})",
             details=(f"namespace {dep.namespace}, environment {dep.environment}",
                      f"revisions kept: {', '.join(str(r) for r in sorted(by_revision))}"),

@@ -9,7 +9,7 @@ from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import Refused
 from bot.ports import Context
-from commands.base import Command, Params, deployment_alias, deployment_target
+from commands.base import Command, Params, deployment_alias
 
 
 class Scale(Command):
@@ -38,12 +38,8 @@ class Scale(Command):
         wanted = int(params["replicas"])
         if current == wanted:
             raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
-        return Plan(
-            command=self.name,
-            target=deployment_target(dep),
-            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
-            environment=dep.environment,
-            params=params,
+        return self.deployment_plan(
+            dep, params,
             summary=f"{dep.name}: {current} → {wanted} replicas",
             details=(f"namespace {dep.namespace}, environment {dep.environment}",
                      f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"),

@@ -7,7 +7,7 @@ from typing import Any
 from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context
-from commands.base import Command, Params, deployment_alias, deployment_target, images_of
+from commands.base import Command, Params, deployment_alias, images_of
 
 
 class Status(Command):
@@ -41,14 +41,9 @@ class Status(Command):
             f"rollout: {rollout} (Available={available.get('status', '?')})"
             + (f" — {progressing['message']}" if progressing.get("message") else ""),
         )
-        return Plan(
-            command=self.name,
-            target=deployment_target(dep),
-            target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
-            environment=dep.environment,
-            params=params,
+        return self.deployment_plan(
+            dep, params,
             summary=f"{dep.name} in {dep.namespace} ({dep.environment})",
             details=details,
             before={"replicas": spec.get("replicas"), "revision": revision},
-            mutating=False,
         )

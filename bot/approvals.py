@@ -1,14 +1,18 @@
-"""The request lifecycle up to execution: open a request, count clicks, expire.
+"""The request lifecycle up to execution: open a request, count clicks, expire, cancel, and the
+after-the-fact review of break-glass runs.
 
 State lives in PostgreSQL (``Store``); this module decides what each outcome means for people: the
 card, the thread, the ephemeral refusals, the audit rows, and handing an approved request to the
-action queue.
+action queue. Who may approve is decided by ``bot.policy`` (``may_approve``, ``quorum_met``) with the
+clicker's roles resolved at click time, Slack user groups included: if those cannot be checked the
+click is refused, never counted on a guess.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import replace
 from typing import Any, Protocol
 
 from bot.adapters.store import Store, VoteResult
@@ -17,8 +21,8 @@ from bot.config import Config
 from bot.domain import SYSTEM, Actor, CommandRequest, Decision, DecisionKind, Invocation, OpsRequest, Plan, RequestState
 from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
-from bot.policy.engine import may_approve
-from bot.ports import Chat
+from bot.policy.engine import may_approve, quorum_met
+from bot.ports import Chat, Directory
 
 log = logging.getLogger(__name__)
 _ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -33,28 +37,52 @@ def new_request_id() -> str:
 
 
 class Approvals:
-    def __init__(self, *, config: Config, store: Store, chat: Chat, audit: Audit, actions: Enqueue, metrics: Metrics) -> None:
+    def __init__(self, *, config: Config, store: Store, chat: Chat, audit: Audit, actions: Enqueue, metrics: Metrics,
+                 directory: Directory) -> None:
         self.config, self.store, self.chat, self.audit, self.actions, self.metrics = config, store, chat, audit, actions, metrics
+        self.directory = directory
+
+    async def with_groups(self, actor: Actor) -> Actor:
+        """The actor with their Slack user groups (only when the policy names any)."""
+        if not self.config.usergroups:
+            return actor
+        return replace(actor, groups=await self.directory.groups_of(actor.user_id))
 
     async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision) -> OpsRequest:
         needs_approval = decision.kind is DecisionKind.NEEDS_APPROVAL
+        glass = inv.flags.break_glass if decision.kind is DecisionKind.BREAK_GLASS else ""
         request = await self.store.create_request(
             id=new_request_id(), command=inv.command, text=inv.text, requester=req.actor, channel_id=req.channel_id,
-            plan=plan.to_json(), reason=inv.flags.reason,
+            plan=plan.to_json(), reason=inv.flags.reason or glass,
             state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
             approvals_required=decision.approvals_required, approver_roles=decision.approver_roles,
-            rule=decision.rule, expires_in=decision.expires_in_seconds,
+            approvals_each=decision.approvals_each, rule=decision.rule, expires_in=decision.expires_in_seconds,
+            break_glass=glass,
         )
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
                                 result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason})
         channel, ts = await self.chat.post_card(request)
         await self.store.set_card(request.id, channel, ts)
-        if not needs_approval:
+        request = await self._reload(request.id)
+        if glass:
+            await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
+                                    text=inv.text, plan=request.plan,
+                                    result={"reason": glass, "rule": decision.rule, "reviewers": list(decision.approver_roles)})
+            await self.chat.post_in_thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
+                                                    f"It runs now; {', '.join(decision.approver_roles)} must review it "
+                                                    "(Acknowledge on the card).")
+        elif not needs_approval:
             await self.audit.record("approved", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan, result={"by": "policy", "rule": decision.rule})
+        if not needs_approval:
             await self._enqueue(request)
-        return await self._reload(request.id)
+        return request
+
+    async def _reload(self, request_id: str) -> OpsRequest:
+        request = await self.store.get(request_id)
+        assert request is not None
+        return request
 
     async def _enqueue(self, request: OpsRequest) -> None:
         """Hand an approved request to the worker. The approval is already committed; if Redis is
@@ -66,19 +94,25 @@ class Approvals:
             await self.chat.post_in_thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
                                                     "queue is reachable again; nothing has run yet.")
 
-    async def _reload(self, request_id: str) -> OpsRequest:
-        request = await self.store.get(request_id)
-        assert request is not None
-        return request
-
     async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str) -> VoteResult:
         if decision not in ("approve", "deny"):
             raise ValueError(decision)
+        try:
+            actor = await self.with_groups(actor)
+        except BackendUnavailable as exc:
+            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                           text=f":x: Your click was not counted: {exc}. opsbot does not guess who is in a "
+                                                "user group; try again in a moment.")
+            return VoteResult("unverified", None, str(exc))
+        roles = tuple(sorted(self.config.roles_of(actor.user_id, actor.groups)))
 
         def eligible(request: OpsRequest) -> str | None:
             return may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
 
-        result = await self.store.vote(request_id, actor, decision, eligible)
+        def quorum(request: OpsRequest, approving: list[tuple[str, ...]]) -> bool:
+            return quorum_met(approving, count=request.approvals_required, each_of=request.approvals_each)
+
+        result = await self.store.vote(request_id, actor, decision, roles=roles, eligible=eligible, quorum=quorum)
         request = result.request
         if result.outcome in ("missing", "closed", "ineligible", "duplicate") or request is None:
             await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message)
@@ -90,26 +124,76 @@ class Approvals:
         common: dict[str, Any] = {"actor": actor, "channel_id": channel_id, "request_id": request.id,
                                   "text": request.text, "plan": request.plan}
         if result.outcome == "denied":
-            await self.audit.record("denied", **common)
+            await self.audit.record("denied", **common, result={"roles": list(roles)})
             self.metrics.requests.labels(request.command, "denied").inc()
             await self.chat.update_card(request)
             await self.chat.post_in_thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run.")
             return result
+        approvals = sum(a.decision == "approve" for a in request.approvals)
         await self.audit.record("approval_given", **common,
-                                result={"approvals": sum(a.decision == "approve" for a in request.approvals),
-                                        "required": request.approvals_required})
+                                result={"approvals": approvals, "required": request.approvals_required, "roles": list(roles)})
+        await self.chat.update_card(request)
         if result.outcome == "approved":
             self.metrics.approval_latency.observe(max(0.0, (request.approvals[-1].at - request.created_at).total_seconds()))
             await self.audit.record("approved", **common, result={"approvers": [a.approver.user_id for a in request.approvals]})
-            await self.chat.update_card(request)
             await self._enqueue(request)
-        else:
-            await self.chat.update_card(request)
+        elif approvals >= request.approvals_required and request.approvals_each:
+            await self.chat.post_in_thread(request, f":hourglass: {approvals} approvals, but one from each of "
+                                                    f"{', '.join(request.approvals_each)} is still needed.")
         return result
 
+    async def acknowledge(self, request_id: str, actor: Actor, *, channel_id: str) -> OpsRequest | None:
+        """A reviewer acknowledges a break-glass run after the fact."""
+        request = await self.store.get(request_id)
+        if request is None or request.review_state != "needed":
+            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                           text="there is no open break-glass review for that request.")
+            return None
+        try:
+            actor = await self.with_groups(actor)
+        except BackendUnavailable as exc:
+            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=f":x: Not recorded: {exc}.")
+            return None
+        why_not = may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
+        if why_not:
+            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                           text=why_not.replace("approve", "review"))
+            return None
+        done = await self.store.acknowledge(request_id, actor.user_id)
+        if done is None:
+            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text="someone already reviewed it.")
+            return None
+        await self.audit.record("break_glass_reviewed", actor=actor, channel_id=channel_id, request_id=request_id,
+                                text=done.text, plan=done.plan)
+        await self.chat.update_card(done)
+        await self.chat.post_in_thread(done, f":white_check_mark: Break-glass reviewed by {actor.mention()}.")
+        return done
+
+    async def cancel(self, request_id: str, actor: Actor, *, channel_id: str) -> str:
+        """The requester withdraws a request that has not started. Returns what to tell them."""
+        done = await self.store.cancel(request_id, actor.user_id)
+        if done is None:
+            request = await self.store.get(request_id)
+            if request is None:
+                return f"there is no request `{request_id}`. `/ops pending` lists open ones."
+            if request.requester.user_id != actor.user_id:
+                return f"`{request_id}` is {request.requester.mention()}'s request; only they can cancel it."
+            return f"`{request_id}` is already {request.state.value.replace('_', ' ')}; it can no longer be cancelled."
+        self.metrics.requests.labels(done.command, "cancelled").inc()
+        await self.audit.record("cancelled", actor=actor, channel_id=channel_id, request_id=done.id, text=done.text, plan=done.plan)
+        await self.chat.update_card(done)
+        await self.chat.post_in_thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run.")
+        return f"cancelled `{done.id}` ({done.summary})."
+
+    async def pending_for(self, actor: Actor) -> list[OpsRequest]:
+        """Open requests this person may approve (not their own)."""
+        return [r for r in await self.store.pending()
+                if may_approve(actor, requester=r.requester, approver_roles=r.approver_roles, config=self.config) is None
+                and not any(a.approver.user_id == actor.user_id for a in r.approvals)]
+
     async def _expired(self, request: OpsRequest) -> None:
-        await self.audit.record("expired", actor=SYSTEM,
-                                channel_id=request.channel_id, request_id=request.id, text=request.text, plan=request.plan)
+        await self.audit.record("expired", actor=SYSTEM, channel_id=request.channel_id, request_id=request.id, text=request.text,
+                                plan=request.plan)
         self.metrics.requests.labels(request.command, "expired").inc()
         await self.chat.update_card(request)
         await self.chat.post_in_thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,10 +50,21 @@ def _ident(value: str) -> str:
 
 class SlackConfig(_Model):
     audit_channel: str | None = None
+    # Commands are taken only in these channels (e.g. incident channels); empty: anywhere.
+    # `help` works everywhere, so people can learn where to go.
+    allowed_channels: tuple[str, ...] = ()
+    # How long Slack user-group memberships are cached in Redis.
+    usergroup_cache: int = 60
+
+    @field_validator("usergroup_cache", mode="before")
+    @classmethod
+    def _cache_duration(cls, v: Any) -> int:
+        return parse_duration(v)
 
 
 class Role(_Model):
     users: tuple[str, ...] = ()
+    usergroups: tuple[str, ...] = ()  # Slack user group ids (S…), resolved with usergroups.users.list
 
 
 class Environment(_Model):
@@ -120,9 +132,65 @@ class Providers(_Model):
     _idents = field_validator("table", "key", "active_column")(_ident)
 
 
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class Window(_Model):
+    """A weekly time window in UTC. ``end`` before ``start`` wraps past midnight; ``days`` name
+    the day the window starts on."""
+
+    days: tuple[str, ...] = _DAYS
+    start: str
+    end: str
+
+    @field_validator("days")
+    @classmethod
+    def _days(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for d in v:
+            if d not in _DAYS:
+                raise ValueError(f"{d!r} is not a day; write {', '.join(_DAYS)}")
+        return v
+
+    @field_validator("start", "end")
+    @classmethod
+    def _time(cls, v: str) -> str:
+        if not _HHMM.match(str(v)):
+            raise ValueError(f"{v!r} is not a time; write HH:MM in UTC, e.g. 02:00")
+        return str(v)
+
+    def contains(self, now: datetime) -> bool:
+        now = now.astimezone(UTC)
+        minute = now.hour * 60 + now.minute
+        start = int(self.start[:2]) * 60 + int(self.start[3:])
+        end = int(self.end[:2]) * 60 + int(self.end[3:])
+        today = _DAYS[now.weekday()]
+        yesterday = _DAYS[(now.weekday() - 1) % 7]
+        if start < end:
+            return today in self.days and start <= minute < end
+        # wraps midnight: the part after start on a listed day, or before end on the day after one
+        return (today in self.days and minute >= start) or (yesterday in self.days and minute < end)
+
+    def describe(self) -> str:
+        days = "every day" if set(self.days) == set(_DAYS) else ",".join(self.days)
+        return f"{days} {self.start}–{self.end} UTC"
+
+
+class Conditions(_Model):
+    """``when:`` on a rule: the rule applies only when all of these hold for the plan."""
+
+    replicas_above: int | None = None  # scale: the new replica count is above N
+    scale_factor_above: float | None = None  # scale: new/old (or old/new when scaling down) is above X
+    revisions_back_above: int | None = None  # rollback: the target is more than N revisions back
+    inside_window: Window | None = None
+    outside_window: Window | None = None
+
+
 class Approval(_Model):
     from_: tuple[str, ...] = Field(alias="from")
     count: int = Field(1, ge=1)
+    # At least one approval from a member of each of these roles (distinct people).
+    each_of: tuple[str, ...] = ()
     expires: int = 15 * 60
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -139,6 +207,13 @@ class Rule(_Model):
     allow: tuple[str, ...] = ()
     approval: Approval | None = None
     environments: tuple[str, ...] = ()  # empty: all environments
+    targets: tuple[str, ...] = ()  # deployment aliases / provider names; empty: all targets
+    channels: tuple[str, ...] = ()  # empty: any channel the global allowlist admits
+    when: Conditions | None = None
+    # Roles that may run these commands without waiting for approval, with --break-glass "<reason>";
+    # the approvers then review it after the fact.
+    break_glass: tuple[str, ...] = ()
+    max_open_per_user: int | None = None
 
     @field_validator("commands")
     @classmethod
@@ -147,6 +222,41 @@ class Rule(_Model):
             if c not in KNOWN_COMMANDS:
                 raise ValueError(f"unknown command {c!r}; known: {', '.join(KNOWN_COMMANDS)}")
         return v
+
+    @model_validator(mode="after")
+    def _each_of_within_from(self) -> Rule:
+        if self.approval:
+            outside = [r for r in self.approval.each_of if r not in self.approval.from_]
+            if outside:
+                raise ValueError(f"approval.each_of names {outside} which are not in approval.from")
+            if len(self.approval.each_of) > self.approval.count:
+                raise ValueError(f"approval.each_of needs {len(self.approval.each_of)} distinct approvers but count is "
+                                 f"{self.approval.count}; raise count")
+        return self
+
+
+class RateLimit(_Model):
+    commands: tuple[str, ...] = ()  # empty: every mutating command
+    per_user: int = Field(ge=1)
+    window: int
+
+    @field_validator("commands")
+    @classmethod
+    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for c in v:
+            if c not in KNOWN_COMMANDS:
+                raise ValueError(f"unknown command {c!r}; known: {', '.join(KNOWN_COMMANDS)}")
+        return v
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> int:
+        return parse_duration(v)
+
+
+class Limits(_Model):
+    max_open_requests_per_user: int = 5
+    rate: tuple[RateLimit, ...] = ()
 
 
 class Config(_Model):
@@ -158,7 +268,10 @@ class Config(_Model):
     queues: dict[str, Queue] = {}
     webhooks: Webhooks | None = None
     providers: Providers | None = None
+    # Named sets of targets for rules[].targets, e.g. {payments: ["provider:twilio", "provider:vonage"]}.
+    target_groups: dict[str, tuple[str, ...]] = {}
     rules: tuple[Rule, ...] = ()
+    limits: Limits = Limits()
 
     @model_validator(mode="after")
     def _references(self) -> Config:
@@ -181,19 +294,45 @@ class Config(_Model):
         if self.providers and self.providers.database not in self.databases:
             raise ValueError(f"providers.database: {self.providers.database!r} is not defined under databases")
         for i, rule in enumerate(self.rules):
-            for role in (*rule.allow, *(rule.approval.from_ if rule.approval else ())):
+            for role in (*rule.allow, *(rule.approval.from_ if rule.approval else ()), *rule.break_glass):
                 if role not in self.roles:
                     raise ValueError(f"rules[{i}]: role {role!r} is not defined under roles "
                                      f"(defined: {', '.join(self.roles) or 'none'})")
             for e in rule.environments:
                 env(f"rules[{i}].environments", e)
+            for t in rule.targets:
+                if not self._known_target(t):
+                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment alias, a target group, `deployments`, "
+                                     f"`webhooks`, `providers` or `provider:<name>` (aliases: {', '.join(self.deployments) or 'none'})")
+        for g, members in self.target_groups.items():
+            for t in members:
+                if t in self.target_groups or not self._known_target(t):
+                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment alias, `webhooks` or `provider:<name>`")
         return self
+
+    def _known_target(self, t: str) -> bool:
+        return (t in self.deployments or t in self.target_groups or t in ("deployments", "webhooks", "providers")
+                or (t.startswith("provider:") and len(t) > len("provider:")))
 
     def rule_name(self, index: int) -> str:
         return self.rules[index].name or f"rules[{index}]"
 
-    def roles_of(self, user_id: str) -> frozenset[str]:
-        return frozenset(name for name, role in self.roles.items() if user_id in role.users)
+    def roles_of(self, user_id: str, groups: frozenset[str] = frozenset()) -> frozenset[str]:
+        return frozenset(name for name, role in self.roles.items()
+                         if user_id in role.users or groups.intersection(role.usergroups))
+
+    @property
+    def usergroups(self) -> frozenset[str]:
+        return frozenset(g for role in self.roles.values() for g in role.usergroups)
+
+    def target_names(self) -> frozenset[str]:
+        """What rules[].targets may name: deployment aliases, `webhooks`, and `providers`."""
+        names = set(self.deployments)
+        if self.webhooks:
+            names.add("webhooks")
+        if self.providers:
+            names.add("providers")
+        return frozenset(names)
 
 
 def _substitute(value: Any, path: str, env: Mapping[str, str]) -> Any:

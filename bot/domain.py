@@ -18,6 +18,7 @@ RequestId = NewType("RequestId", str)
 class Actor:
     user_id: UserId
     name: str = ""
+    groups: frozenset[str] = frozenset()  # Slack user group ids, resolved before the policy is asked
 
     def mention(self) -> str:
         return f"<@{self.user_id}>"
@@ -38,6 +39,7 @@ class CommandRequest:
 class Flags:
     reason: str = ""
     dry_run: bool = False
+    break_glass: str = ""  # the reason given with --break-glass; empty when not breaking glass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +75,9 @@ class Plan:
     target: str  # a stable key, e.g. "deployment/nova/nova-worker"; one action per target at a time
     target_label: str  # what people call it: "worker (nova/nova-worker)"
     environment: str
+    target_name: str = ""  # what policy rules name: "worker", "provider:twilio", "webhooks"
+    target_kind: str = ""  # "deployments", "providers", "webhooks"
+    facts: dict[str, Any] = field(default_factory=dict)  # what `when:` conditions read (replicas_after, revisions_back…)
     params: dict[str, Any]
     summary: str  # one line: "nova-worker: 3 → 6 replicas"
     details: tuple[str, ...] = ()
@@ -99,6 +104,9 @@ class Plan:
             "after": self.after,
             "observed": self.observed,
             "mutating": self.mutating,
+            "target_name": self.target_name,
+            "target_kind": self.target_kind,
+            "facts": self.facts,
             "fingerprint": self.fingerprint,
         }
 
@@ -106,6 +114,7 @@ class Plan:
 class DecisionKind(StrEnum):
     ALLOW = "allow"
     NEEDS_APPROVAL = "needs_approval"
+    BREAK_GLASS = "break_glass"  # runs without waiting; approvers review it after the fact
     DENY = "deny"
 
 
@@ -116,7 +125,10 @@ class Decision:
     rule: str | None = None  # the rule's name, for the audit and `policy explain`
     approver_roles: tuple[str, ...] = ()
     approvals_required: int = 0
+    approvals_each: tuple[str, ...] = ()  # at least one approval from each of these roles
     expires_in_seconds: int = 15 * 60
+    max_open_per_user: int | None = None
+    trace: tuple[str, ...] = ()  # how each rule was weighed, for `opsbot policy explain`
 
     @property
     def allowed(self) -> bool:
@@ -158,6 +170,10 @@ class OpsRequest:
     created_at: datetime
     expires_at: datetime
     approvals: tuple[Approval, ...] = ()
+    approvals_each: tuple[str, ...] = ()
+    break_glass: str = ""
+    review_state: str | None = None  # break-glass: "needed" → "acknowledged"
+    reviewed_by: str | None = None
     card_channel: str | None = None
     card_ts: str | None = None
     result: dict[str, Any] | None = None
@@ -173,6 +189,7 @@ class Approval:
     approver: Actor
     decision: str  # "approve" | "deny"
     at: datetime
+    roles: tuple[str, ...] = ()  # the approver's roles when they clicked
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,9 @@ EVENT_LABEL = {
     "stale": "stale",
     "unknown": "unknown outcome",
     "read": "read",
+    "cancelled": "cancelled",
+    "break_glass": ":rotating_light: BREAK-GLASS (ran without approval)",
+    "break_glass_reviewed": "break-glass reviewed",
 }
 
 

@@ -3,29 +3,39 @@
 Runs after the edge has acked. Every way a request can end here is answered to the user (with
 what to type instead) and recorded in the audit trail. Backends that are down make the request
 fail closed: the user is told which backend and why, nothing is created.
+
+Order of the checks, cheapest and least revealing first: who you are (roles, user groups) and
+where you are (channel allowlist) before anything is read from a target; then the plan; then the
+full decision (frozen environments, conditions, approvals, break-glass); then the limits (rate,
+open requests) just before a request is opened, so that refused attempts do not use up a quota.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
 
+from bot.adapters.ratelimit import RateLimiter
 from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config
-from bot.domain import CommandRequest, DecisionKind, Invocation
+from bot.domain import Actor, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, PolicyDenied, UserError
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context
-from commands.help import help_text
+from commands.help import command_help, help_text
 from commands.registry import command, parse
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(self, *, config: Config, ctx: Context, chat: Chat, audit: Audit, approvals: Approvals, metrics: Metrics) -> None:
+    def __init__(self, *, config: Config, ctx: Context, chat: Chat, audit: Audit, approvals: Approvals, metrics: Metrics,
+                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.config, self.ctx, self.chat, self.audit, self.approvals, self.metrics = config, ctx, chat, audit, approvals, metrics
+        self.limiter, self.clock = limiter, clock
 
     def parse(self, req: CommandRequest) -> Invocation:
         """Pure and fast: the edge calls it before the ack to answer usage errors at once."""
@@ -56,24 +66,35 @@ class Pipeline:
             log.exception("unexpected error handling %r", req.text)
             await self._reply(req, ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs.")
 
+    def _decide(self, subject: Plan | str, actor: Actor, req: CommandRequest, inv: Invocation | None = None) -> Decision:
+        return decide(subject, actor, self.config, channel_id=req.channel_id, now=self.clock(),
+                      break_glass=bool(inv and inv.flags.break_glass))
+
     async def _handle(self, req: CommandRequest, inv: Invocation) -> None:
         if inv.command == "help":
-            await self._reply(req, help_text(lambda name: decide(name, req.actor, self.config)))
+            await self._help(req, inv)
+            return
+        if inv.command == "cancel":
+            await self._reply(req, await self.approvals.cancel(str(inv.params["request_id"]), req.actor, channel_id=req.channel_id))
+            return
+        actor = await self.approvals.with_groups(req.actor)  # fails closed when groups cannot be checked
+        if inv.command == "pending":
+            await self._pending(req, actor)
             return
         cmd = command(inv.command)
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
-        pre = decide(inv.command, req.actor, self.config)
+        pre = self._decide(inv.command, actor, req)
         if pre.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None)
             return
         try:
             plan = await cmd.plan(inv.params, self.ctx)
         except UserError as exc:
-            await self._invalid(req, exc, inv=inv)
+            await self._invalid(req, exc, inv)
             return
         except ExecutionError as exc:
             raise BackendUnavailable("the target", str(exc)) from exc
-        decision = decide(plan, req.actor, self.config)
+        decision = self._decide(plan, actor, req, inv)
         if decision.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json())
             return
@@ -84,13 +105,55 @@ class Pipeline:
             return
         if inv.flags.dry_run:
             self.metrics.requests.labels(inv.command, "dry_run").inc()
-            approval = (f"needs {decision.approvals_required} approval(s) from {', '.join(decision.approver_roles)}"
-                        if decision.kind is DecisionKind.NEEDS_APPROVAL else "would run without approval")
             await self._reply(req, f":mag: Dry run — nothing was changed.\n*{plan.summary}*\n"
-                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {approval} ({decision.rule})")
+                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {decision.reason}")
+            return
+        refusal = await self._over_limits(req, inv, decision)
+        if refusal:
+            await self._denied(req, inv, PolicyDenied(refusal[0], rule=refusal[1]), plan=plan.to_json())
             return
         self.metrics.requests.labels(inv.command, "requested").inc()
         await self.approvals.open(req, inv, plan, decision)
+
+    async def _over_limits(self, req: CommandRequest, inv: Invocation, decision: Decision) -> tuple[str, str] | None:
+        limits = self.config.limits
+        cap = min(limits.max_open_requests_per_user, decision.max_open_per_user or limits.max_open_requests_per_user)
+        open_ids = await self.approvals.store.open_requests_of(req.actor.user_id)
+        if len(open_ids) >= cap:
+            return (f"you already have {len(open_ids)} open request(s) ({', '.join(f'`{i}`' for i in open_ids)}); the limit is {cap}. "
+                    "Wait for them, or withdraw one with `/ops cancel <request-id>`."), "limits.max_open_requests_per_user"
+        for i, rate in enumerate(limits.rate):
+            if rate.commands and inv.command not in rate.commands:
+                continue
+            wait = await self.limiter.hit(f"{i}:{inv.command}:{req.actor.user_id}", limit=rate.per_user, window_seconds=rate.window)
+            if wait is not None:
+                return (f"rate limit: at most {rate.per_user} `{inv.command}` request(s) per {rate.window} s per person. "
+                        f"Try again in {max(1, round(wait))} s."), f"limits.rate[{i}]"
+        return None
+
+    async def _help(self, req: CommandRequest, inv: Invocation) -> None:
+        note = ""
+        try:
+            actor = await self.approvals.with_groups(req.actor)
+        except BackendUnavailable as exc:
+            actor, note = req.actor, f"\n_Could not check your Slack user groups ({exc}); roles from them are not shown._"
+        topic = str(inv.params.get("topic") or "")
+        text = (command_help(topic, lambda name: self._decide(name, actor, req)) if topic
+                else help_text(lambda name: self._decide(name, actor, req)))
+        await self._reply(req, text + note)
+
+    async def _pending(self, req: CommandRequest, actor: Actor) -> None:
+        requests = await self.approvals.pending_for(actor)
+        if not requests:
+            await self._reply(req, "No open requests are waiting for you.")
+            return
+        lines = [f"*{len(requests)} request(s) you may approve*"]
+        for r in requests:
+            got = sum(a.decision == "approve" for a in r.approvals)
+            where = f"<#{r.card_channel}>" if r.card_channel else "its channel"
+            lines.append(f"• `{r.id}` {r.summary} — {r.requester.mention()}, {got}/{r.approvals_required} approvals, "
+                         f"expires {r.expires_at:%H:%M} UTC, in {where}")
+        await self._reply(req, "\n".join(lines))
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:
         self.metrics.requests.labels(inv.command, "invalid").inc()

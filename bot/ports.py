@@ -80,3 +80,16 @@ class Chat(Protocol):
     async def post_ephemeral(self, *, channel_id: str, user_id: str, text: str) -> None: ...
 
     async def post_audit(self, *, channel_id: str, text: str) -> None: ...
+
+
+class Directory(Protocol):
+    """Slack user-group membership (for roles granted through user groups)."""
+
+    async def groups_of(self, user_id: str) -> frozenset[str]: ...
+
+
+class NoDirectory:
+    """For a policy that names no user groups: nobody is in any, and nothing is asked."""
+
+    async def groups_of(self, user_id: str) -> frozenset[str]:
+        return frozenset()

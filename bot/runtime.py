@@ -18,9 +18,11 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.adapters.directory import UserGroupDirectory
 from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
 from bot.adapters.queues import ActionQueue, QueueAdapter
+from bot.adapters.ratelimit import RateLimiter
 from bot.adapters.store import Store
 from bot.approvals import Approvals
 from bot.audit import Audit
@@ -28,7 +30,7 @@ from bot.config import Config
 from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
 from bot.pipeline import Pipeline
-from bot.ports import Context
+from bot.ports import Context, Directory, NoDirectory
 from bot.settings import Settings
 from bot.slack.app import build_app
 from bot.slack.chat import SlackChat
@@ -66,8 +68,18 @@ class Runtime:
         chat = SlackChat(client)
         audit = Audit(store, chat, config.slack.audit_channel)
         ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)
-        approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics)
-        pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics)
+        directory: Directory = NoDirectory()
+        if config.usergroups:
+            async def members(group: str) -> list[str]:
+                resp = await client.usergroups_users_list(usergroup=group)
+                return [str(u) for u in resp.get("users") or []]
+
+            directory = UserGroupDirectory(settings.redis_url, members, ttl=config.slack.usergroup_cache, groups=config.usergroups,
+                                           prefix=f"opsbot:{settings.queue_prefix}")
+        limiter = RateLimiter(settings.redis_url, prefix=f"opsbot:{settings.queue_prefix}")
+        approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics,
+                              directory=directory)
+        pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter)
         executor = Executor(ctx=ctx, store=store, chat=chat, audit=audit, metrics=metrics, worker_id=settings.worker_id)
         worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
                               queue_name=settings.actions_queue, prefix=settings.queue_prefix)
@@ -91,6 +103,9 @@ class Runtime:
             await self.worker.stop()
         await self.actions.close()
         await self.queues.close()
+        await self.pipeline.limiter.close()
+        if isinstance(self.approvals.directory, UserGroupDirectory):
+            await self.approvals.directory.close()
         self.kube.close()
         await self.store.close()
 

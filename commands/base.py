@@ -35,7 +35,8 @@ class Command(ABC):
     def deployment_plan(self, dep: Deployment, params: Params, **fields: Any) -> Plan:
         """A Plan on a configured deployment: target key, label and environment filled in."""
         return Plan(command=self.name, target=deployment_target(dep), target_label=f"{params['deployment']} ({dep.namespace}/{dep.name})",
-                    environment=dep.environment, params=params, mutating=self.mutating, **fields)
+                    environment=dep.environment, params=params, mutating=self.mutating, target_name=params["deployment"],
+                    target_kind="deployments", **fields)
 
     def usage_error(self, message: str) -> UsageError:
         return UsageError(message, usage=self.usage)

@@ -1,4 +1,4 @@
-"""`/ops help`: the commands this caller may run, one line each, and whether approval is needed.
+"""`/ops help` and `/ops help <command>`: what this caller may run, and whether approval is needed.
 The policy decides (the same ``decide`` the real path uses); this module only renders."""
 
 from __future__ import annotations
@@ -6,7 +6,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bot.domain import Decision, DecisionKind
-from commands.registry import COMMANDS, HELP_USAGE
+from commands.base import Command
+from commands.registry import COMMANDS, META_USAGE
+
+COMMON = 'Any command takes `--reason "…"` (recorded with the request), `--dry-run` (show the plan, change nothing) ' \
+         'and, where the policy allows you, `--break-glass "<reason>"` (run now, reviewed afterwards).'
+
+
+def _approval_note(decision: Decision) -> str:
+    if decision.kind is not DecisionKind.NEEDS_APPROVAL:
+        return ""
+    each = f", one from each of {', '.join(decision.approvals_each)}" if decision.approvals_each else ""
+    return f" _(needs {decision.approvals_required} approval(s) from {', '.join(decision.approver_roles)}{each})_"
 
 
 def help_text(decide: Callable[[str], Decision]) -> str:
@@ -17,14 +28,39 @@ def help_text(decide: Callable[[str], Decision]) -> str:
         if decision.kind is DecisionKind.DENY:
             hidden += 1
             continue
-        note = ""
-        if decision.kind is DecisionKind.NEEDS_APPROVAL:
-            note = f" _(needs {decision.approvals_required} approval(s) from {', '.join(decision.approver_roles)})_"
-        lines.append(f"• `{cmd.usage}` — {cmd.summary}{note}")
+        lines.append(f"• `{cmd.usage}` — {cmd.summary}{_approval_note(decision)}")
     if len(lines) == 1:
         lines.append("You may not run any command. Ask your platform team to add you to a role in the opsbot policy.")
-    lines.append(f"• `{HELP_USAGE}` — this list.")
-    lines.append('Any command takes `--reason "…"` (recorded with the request) and `--dry-run` (show the plan, change nothing).')
+    lines.append(f"• `{META_USAGE['pending']}` — open requests you may approve.")
+    lines.append(f"• `{META_USAGE['cancel']}` — withdraw your own request before it runs.")
+    lines.append(f"• `{META_USAGE['help']}` — this list, or one command in detail.")
+    lines.append(COMMON)
     if hidden:
         lines.append(f"_{hidden} more command(s) exist that your roles do not allow._")
+    lines.append("_Conditions (size of the change, environment, time window) can ask for more approvals; "
+                 "`--dry-run` shows what a given request needs._")
     return "\n".join(lines)
+
+
+def find(topic: str) -> Command | None:
+    words = topic.split()
+    for cmd in COMMANDS:
+        if words[: len(cmd.words)] == list(cmd.words) or topic == cmd.name:
+            return cmd
+    return None
+
+
+def command_help(topic: str, decide: Callable[[str], Decision]) -> str:
+    cmd = find(topic)
+    if cmd is None:
+        names = ", ".join(" ".join(c.words) for c in COMMANDS)
+        return f"no command `{topic}`. Commands: {names}."
+    decision = decide(cmd.name)
+    if decision.kind is DecisionKind.DENY:
+        you = f":no_entry: You may not run it: {decision.reason}"
+    elif decision.kind is DecisionKind.NEEDS_APPROVAL:
+        you = f"You may run it; {_approval_note(decision).strip(' _()')}."
+    else:
+        you = "You may run it without approval."
+    flags = "".join(f" `{f} …`" for f in cmd.flags)
+    return "\n".join([f"*`{cmd.usage}`*", cmd.summary, you + (f" Options:{flags}." if flags else ""), COMMON])

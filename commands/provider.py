@@ -43,6 +43,8 @@ class _ProviderToggle(Command):
             target=f"provider/{spec.database}/{spec.table}/{params['provider']}",
             target_label=f"provider {params['provider']}",
             environment=ctx.config.databases[spec.database].environment,
+            target_name=f"provider:{params['provider']}",
+            target_kind="providers",
             params=params,
             summary=f"{verb} provider {params['provider']}: {spec.active_column} {current} → {self.active}",
             details=(f'table "{spec.table}" in database `{spec.database}`',),

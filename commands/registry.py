@@ -9,8 +9,11 @@ The grammar (kept exactly; it is part of the product):
     /ops replay webhook <id>
     /ops disable provider <name>
     /ops enable provider <name>
+    /ops pending                      open requests you may approve
+    /ops cancel <request-id>          withdraw your own request before it runs
+    /ops help [<command>]
 
-plus ``--reason "…"`` and ``--dry-run`` on any command. Slack clients turn straight quotes into
+plus ``--reason "…"``, ``--dry-run`` and ``--break-glass "<reason>"`` on any command. Slack clients turn straight quotes into
 curly ones on many keyboards; they are normalised before splitting so that
 ``--reason “db failover”`` means what it says.
 """
@@ -32,9 +35,10 @@ from commands.status import Status
 
 COMMANDS: tuple[Command, ...] = (Status(), Scale(), Rollback(), ReplayWebhook(), DisableProvider(), EnableProvider())
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
-COMMON_FLAGS = {"--reason": str, "--dry-run": bool}
+COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})
 HELP_USAGE = "/ops help"
+META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]"}
 
 
 def command(name: str) -> Command:
@@ -97,7 +101,15 @@ def parse(text: str, config: Config) -> Invocation:
     """Parse ``/ops`` text into an Invocation, or raise a UserError that says what to type instead."""
     tokens = tokenize(text)
     if not tokens or tokens[0].lower() in ("help", "-h", "--help"):
-        return Invocation(command="help", params={"topic": " ".join(tokens[1:])}, flags=Flags(), text=text.strip())
+        return Invocation(command="help", params={"topic": " ".join(tokens[1:]).lower()}, flags=Flags(), text=text.strip())
+    if tokens[0].lower() == "pending":
+        if len(tokens) > 1:
+            raise UsageError(f"`pending` takes no arguments, got `{' '.join(tokens[1:])}`.", usage=META_USAGE["pending"])
+        return Invocation(command="pending", params={}, flags=Flags(), text=text.strip())
+    if tokens[0].lower() == "cancel":
+        if len(tokens) != 2:
+            raise UsageError("`cancel` takes the request id from the card, e.g. `/ops cancel r-7kq2m9xa`.", usage=META_USAGE["cancel"])
+        return Invocation(command="cancel", params={"request_id": tokens[1]}, flags=Flags(), text=text.strip())
     cmd, rest = _lookup(tokens)
     if cmd is None:
         first = tokens[0].lower()
@@ -110,5 +122,10 @@ def parse(text: str, config: Config) -> Invocation:
     if "--reason" in [t.partition("=")[0] for t in rest] and not reason:
         raise UsageError('`--reason` needs some text, e.g. `--reason "INC-142 queue backlog"`.', usage=cmd.usage)
     dry_run = bool(flags.pop("--dry-run", False))
+    glass = flags.pop("--break-glass", None)
+    if glass is not None and not str(glass).strip():
+        raise UsageError('`--break-glass` needs the reason, e.g. `--break-glass "INC-9 checkout down, no approver awake"`.',
+                         usage=cmd.usage)
     params = cmd.parse(args, flags, config)
-    return Invocation(command=cmd.name, params=params, flags=Flags(reason=reason, dry_run=dry_run), text=text.strip())
+    return Invocation(command=cmd.name, params=params, flags=Flags(reason=reason, dry_run=dry_run, break_glass=str(glass or "").strip()),
+                      text=text.strip())

@@ -93,6 +93,8 @@ class ReplayWebhook(Command):
             target=f"webhook/{spec.database}/{spec.table}/{job_id}",
             target_label=f"webhook event {job_id}",
             environment=environment,
+            target_name="webhooks",
+            target_kind="webhooks",
             params=params,
             summary=f"webhook {job_id}: {status} → {spec.reset_to}, queue job on {queue.name}",
             details=tuple(details),

@@ -90,6 +90,8 @@ class Rollback(Command):
                      f"revisions kept: {', '.join(str(r) for r in sorted(by_revision))}"),
             before={"revision": current, "images": current_images},
             after={"revision": wanted, "images": target_images},
+            facts={"revisions_back": sum(1 for r in by_revision if wanted < r <= current), "revision_from": current,
+                   "revision_to": wanted},
             observed={"generation": d["metadata"].get("generation"), "uid": d["metadata"]["uid"]},
         )
 

@@ -45,6 +45,7 @@ class Scale(Command):
                      f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"),
             before={"replicas": current},
             after={"replicas": wanted},
+            facts={"replicas_before": current, "replicas_after": wanted},
         )
 
     async def execute(self, plan: Plan, ctx: Context) -> Outcome:

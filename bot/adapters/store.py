@@ -69,9 +69,14 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
         created_at=row["created_at"],
         expires_at=row["expires_at"],
         approvals=tuple(
-            Approval(approver=Actor(UserId(a["approver_id"]), a["approver_name"]), decision=a["decision"], at=a["at"])
+            Approval(approver=Actor(UserId(a["approver_id"]), a["approver_name"]), decision=a["decision"], at=a["at"],
+                     roles=tuple(a["approver_roles"]))
             for a in approvals or []
         ),
+        approvals_each=tuple(row["approvals_each"]),
+        break_glass=row["break_glass"],
+        review_state=row["review_state"],
+        reviewed_by=row["reviewed_by"],
         card_channel=row["card_channel"],
         card_ts=row["card_ts"],
         result=row["result"],
@@ -123,18 +128,19 @@ class Store:
 
     async def create_request(self, *, id: str, command: str, text: str, requester: Actor, channel_id: str,
                              plan: dict[str, Any], reason: str, state: RequestState, approvals_required: int,
-                             approver_roles: tuple[str, ...], rule: str | None, expires_in: int) -> OpsRequest:
+                             approver_roles: tuple[str, ...], rule: str | None, expires_in: int,
+                             approvals_each: tuple[str, ...] = (), break_glass: str = "") -> OpsRequest:
         async with self._conn() as conn:
             row = await (await conn.execute(
                 """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
                        environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
-                       decided_at)
+                       decided_at, approvals_each, break_glass, review_state)
                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
-                       CASE WHEN %s = 'approved' THEN now() END)
+                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s)
                    RETURNING *""",
                 (id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
                  Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
-                 expires_in, state.value),
+                 expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None),
             )).fetchone()
         assert row is not None
         return _request(row)
@@ -152,9 +158,12 @@ class Store:
         async with self._conn() as conn:
             await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
 
-    async def vote(self, request_id: str, approver: Actor, decision: str,
-                   eligible: Callable[[OpsRequest], str | None]) -> VoteResult:
-        """Record an Approve/Deny click. ``eligible(request)`` returns None or why this person may not vote."""
+    async def vote(self, request_id: str, approver: Actor, decision: str, *, roles: tuple[str, ...],
+                   eligible: Callable[[OpsRequest], str | None],
+                   quorum: Callable[[OpsRequest, list[tuple[str, ...]]], bool]) -> VoteResult:
+        """Record an Approve/Deny click. ``eligible(request)`` returns None or why this person may
+        not vote; ``quorum(request, roles of each approving person)`` says whether it is enough.
+        Both run inside the transaction, with the request row locked."""
         async with self._conn() as conn, conn.transaction():
             row = await (await conn.execute(
                 "SELECT *, expires_at <= now() AS is_expired FROM ops_requests WHERE id = %s FOR UPDATE", (request_id,)
@@ -175,14 +184,14 @@ class Store:
             if any(a.approver.user_id == approver.user_id for a in request.approvals):
                 return VoteResult("duplicate", request, "you have already voted on this request.")
             await conn.execute(
-                "INSERT INTO ops_approvals (request_id, approver_id, approver_name, decision) VALUES (%s, %s, %s, %s)",
-                (request_id, approver.user_id, approver.name, decision),
+                "INSERT INTO ops_approvals (request_id, approver_id, approver_name, decision, approver_roles) VALUES (%s, %s, %s, %s, %s)",
+                (request_id, approver.user_id, approver.name, decision, list(roles)),
             )
             if decision == "deny":
                 await conn.execute("UPDATE ops_requests SET state = 'denied', decided_at = now() WHERE id = %s", (request_id,))
                 return VoteResult("denied", await self._reload(conn, request_id))
-            count = sum(1 for a in request.approvals if a.decision == "approve") + 1
-            if count >= request.approvals_required:
+            approving = [a.roles for a in request.approvals if a.decision == "approve"] + [roles]
+            if quorum(request, approving):
                 await conn.execute("UPDATE ops_requests SET state = 'approved', decided_at = now() WHERE id = %s", (request_id,))
                 return VoteResult("approved", await self._reload(conn, request_id))
             return VoteResult("counted", await self._reload(conn, request_id))
@@ -213,6 +222,39 @@ class Store:
             if row is None:
                 return None
             return await self._reload(conn, request_id)
+
+    async def cancel(self, request_id: str, requester_id: str) -> OpsRequest | None:
+        """The requester withdraws a request that has not started. None if it is not theirs or too late."""
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                """UPDATE ops_requests SET state = 'cancelled', finished_at = now(), decided_at = coalesce(decided_at, now())
+                   WHERE id = %s AND requester_id = %s AND state IN ('pending_approval', 'approved') RETURNING id""",
+                (request_id, requester_id))).fetchone()
+            return await self._reload(conn, request_id) if row else None
+
+    async def open_requests_of(self, user_id: str) -> list[str]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE requester_id = %s AND state IN ('pending_approval', 'approved', 'running') "
+                "ORDER BY created_at", (user_id,))).fetchall()
+        return [r["id"] for r in rows]
+
+    async def pending(self) -> list[OpsRequest]:
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT * FROM ops_requests WHERE state = 'pending_approval' AND expires_at > now() ORDER BY created_at LIMIT 100"
+            )).fetchall()
+            approvals = await (await conn.execute(
+                "SELECT * FROM ops_approvals WHERE request_id = ANY(%s) ORDER BY at", ([r["id"] for r in rows],))).fetchall()
+        return [_request(r, [a for a in approvals if a["request_id"] == r["id"]]) for r in rows]
+
+    async def acknowledge(self, request_id: str, reviewer_id: str) -> OpsRequest | None:
+        """Break-glass review: the first eligible acknowledgement closes it."""
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "UPDATE ops_requests SET review_state = 'acknowledged', reviewed_by = %s, reviewed_at = now() "
+                "WHERE id = %s AND review_state = 'needed' RETURNING id", (reviewer_id, request_id))).fetchone()
+            return await self._reload(conn, request_id) if row else None
 
     async def heartbeat(self, request_id: str) -> None:
         async with self._conn() as conn:

@@ -1,69 +1,218 @@
-"""The policy decision: a pure function of (what, who, policy). No I/O.
+"""The policy decision: a pure function of (what, who, where, when, policy). No I/O.
 
-Deny by default. A rule matches a request when it lists the command and (if it names
-environments) the target's environment. The actor may run the command when at least one matching
-rule's ``allow`` names one of the actor's roles. If any matching rule has an ``approval``, the
-strictest one applies (the highest count): rules add requirements, never remove them, so a rule
-added for a risky case cannot be undone by a broader rule above it.
+``decide(plan, actor, policy, channel_id=…, now=…, break_glass=…)`` answers ALLOW, NEEDS_APPROVAL
+(from which roles, how many, at least one from each of which roles), BREAK_GLASS or DENY, with the
+rule that made it and a trace of every rule weighed (``opsbot policy explain`` prints it).
 
-``help``, ``opsbot policy explain`` and the real request path all call ``decide``; nothing else
-decides.
+The language, in the order it is applied:
+
+1. **Channel allowlist** (``slack.allowed_channels``): commands other than ``help`` are refused
+   outside the listed channels.
+2. **Frozen environments** (``environments.<env>.frozen: "<reason>"``): mutating commands in that
+   environment are refused with the reason; read-only ones still work. Break-glass does not thaw a
+   freeze: a freeze is leadership's decision, not an on-call engineer's.
+3. **Matching rules**: a rule matches when it lists the command and, where it says so, the target's
+   environment, the target (alias, ``provider:<name>``, ``webhooks``, a kind or a target group), the
+   channel, and its ``when:`` conditions hold on the plan (replicas above N, scale factor above X,
+   rollback more than N revisions back, inside/outside a UTC time window).
+4. **Deny by default**: the actor may run the command only if a matching rule's ``allow`` names one
+   of the actor's roles (from Slack user ids and Slack user groups).
+5. **Approvals add up**: among matching rules with an ``approval``, the strictest applies (highest
+   count; ``each_of`` and approver roles are merged over rules of that count; the shortest expiry
+   wins). Rules add requirements, never remove them, so a rule written for a risky case cannot be
+   undone by a broader one.
+6. **Break-glass**: with ``--break-glass "<reason>"``, an actor holding a role listed in a matching
+   rule's ``break_glass`` runs without waiting (the role alone lets them run it, with the flag);
+   anyone else asking for it is refused (not silently sent through the normal path).
+
+The requester never counts as an approver (``may_approve``), whatever roles they hold; ``quorum_met``
+counts distinct people, and ``each_of`` needs a distinct person per role.
 """
 
 from __future__ import annotations
 
-from bot.config import Config, Rule
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from bot.config import Conditions, Config, Rule
 from bot.domain import Actor, Decision, DecisionKind, Plan
 
+READ_ONLY_ALWAYS = ("help",)
 
-def _matches(rule: Rule, command: str, environment: str | None) -> bool:
+
+def _targets(rule: Rule, plan: Plan, config: Config) -> bool:
+    if not rule.targets:
+        return True
+    names = {plan.target_name, plan.target_kind}
+    for t in rule.targets:
+        if t in names or names.intersection(config.target_groups.get(t, ())):
+            return True
+    return False
+
+
+def _conditions(when: Conditions, plan: Plan, now: datetime) -> tuple[bool, str]:
+    """Whether all conditions hold, and a short description for the trace."""
+    facts = plan.facts
+    held: list[str] = []
+    if when.replicas_above is not None:
+        after = facts.get("replicas_after")
+        if after is None or after <= when.replicas_above:
+            return False, f"replicas not above {when.replicas_above}"
+        held.append(f"replicas {after} > {when.replicas_above}")
+    if when.scale_factor_above is not None:
+        before, after = facts.get("replicas_before"), facts.get("replicas_after")
+        if before is None or after is None:
+            return False, "not a scale"
+        low, high = sorted((before, after))
+        factor = float("inf") if low == 0 else high / low
+        if factor <= when.scale_factor_above:
+            return False, f"scale factor {factor:g} not above {when.scale_factor_above:g}"
+        held.append(f"scale factor {factor:g} > {when.scale_factor_above:g}")
+    if when.revisions_back_above is not None:
+        back = facts.get("revisions_back")
+        if back is None or back <= when.revisions_back_above:
+            return False, f"not more than {when.revisions_back_above} revision(s) back"
+        held.append(f"{back} revisions back > {when.revisions_back_above}")
+    if when.inside_window is not None:
+        if not when.inside_window.contains(now):
+            return False, f"outside {when.inside_window.describe()}"
+        held.append(f"inside {when.inside_window.describe()}")
+    if when.outside_window is not None:
+        if when.outside_window.contains(now):
+            return False, f"inside {when.outside_window.describe()}"
+        held.append(f"outside {when.outside_window.describe()}")
+    return True, ", ".join(held)
+
+
+def _matches(rule: Rule, command: str, plan: Plan | None, channel_id: str | None, now: datetime,
+             config: Config) -> tuple[bool, str]:
     if command not in rule.commands:
-        return False
-    return not rule.environments or environment is None or environment in rule.environments
+        return False, "other commands"
+    if rule.channels and channel_id is not None and channel_id not in rule.channels:
+        return False, "other channels"
+    if plan is None:  # help / --no-plan: no target yet; conditions cannot be known
+        return True, "command matches (target not known)"
+    if rule.environments and plan.environment not in rule.environments:
+        return False, f"other environments ({', '.join(rule.environments)})"
+    if not _targets(rule, plan, config):
+        return False, f"other targets ({', '.join(rule.targets)})"
+    if rule.when is not None:
+        ok, why = _conditions(rule.when, plan, now)
+        return ok, ("matches: " + why) if ok else ("conditions do not hold: " + why)
+    return True, "matches"
 
 
-def decide(subject: Plan | str, actor: Actor, config: Config) -> Decision:
-    """``subject`` is a Plan (the real path) or a bare command name (help: no target yet)."""
+def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str | None = None,
+           now: datetime | None = None, break_glass: bool = False) -> Decision:
+    """``subject`` is a Plan (the real path) or a bare command name (help: no target yet).
+    ``now`` defaults to the current time; pass it for a reproducible answer."""
+    now = now or datetime.now(UTC)
+    plan = None if isinstance(subject, str) else subject
     command = subject if isinstance(subject, str) else subject.command
-    environment = None if isinstance(subject, str) else subject.environment
-    roles = config.roles_of(actor.user_id)
-    matching = [(i, r) for i, r in enumerate(config.rules) if _matches(r, command, environment)]
-    allowing = [(i, r) for i, r in matching if roles.intersection(r.allow)]
+    mutating = plan.mutating if plan is not None else command not in ("help", "status")
+    environment = plan.environment if plan else None
     where = f" in {environment}" if environment else ""
+    roles = policy.roles_of(actor.user_id, actor.groups)
+    trace: list[str] = [f"actor {actor.user_id}: roles {', '.join(sorted(roles)) or 'none'}"]
+
+    def deny(reason: str, rule: str | None = None) -> Decision:
+        return Decision(kind=DecisionKind.DENY, reason=reason, rule=rule, trace=(*trace, f"→ deny: {reason}"))
+
+    if command in READ_ONLY_ALWAYS:
+        return Decision(kind=DecisionKind.ALLOW, reason="help is open to everyone", trace=tuple(trace))
+    allowed_channels = policy.slack.allowed_channels
+    if allowed_channels and channel_id is not None and channel_id not in allowed_channels:
+        return deny("opsbot takes commands only in " + ", ".join(f"<#{c}>" for c in allowed_channels)
+                    + "; run it there.", "slack.allowed_channels")
+    if environment is not None and mutating:
+        frozen = (policy.environments.get(environment) or None)
+        if frozen is not None and frozen.frozen:
+            return deny(f"{environment} is frozen: {frozen.frozen}. Mutating commands are refused there; read-only ones work.",
+                        f"environments.{environment}.frozen")
+
+    matching: list[tuple[int, Rule]] = []
+    for i, rule in enumerate(policy.rules):
+        ok, why = _matches(rule, command, plan, channel_id, now, policy)
+        if command in rule.commands:
+            trace.append(f"{policy.rule_name(i)}: {why}")
+        if ok:
+            matching.append((i, rule))
+    # A break-glass role may run what its rule covers (only with --break-glass).
+    allowing = [(i, r) for i, r in matching if roles.intersection(r.allow) or (break_glass and roles.intersection(r.break_glass))]
     if not allowing:
-        your = ", ".join(sorted(roles)) or "none"
         if not matching:
-            return Decision(kind=DecisionKind.DENY, reason=f"no policy rule covers `{command}`{where}; it is denied by default.")
-        return Decision(
-            kind=DecisionKind.DENY,
-            rule=", ".join(config.rule_name(i) for i, _ in matching),
-            reason=f"you may not run `{command}`{where} (your roles: {your}; allowed: "
-                   f"{', '.join(sorted({a for _, r in matching for a in r.allow})) or 'nobody'}).",
-        )
-    allow_index = allowing[0][0]
-    read_only = not isinstance(subject, str) and not subject.mutating
-    approvals = [(i, r) for i, r in matching if r.approval is not None]
-    if not approvals or read_only:
-        return Decision(kind=DecisionKind.ALLOW, rule=config.rule_name(allow_index),
-                        reason=f"allowed by {config.rule_name(allow_index)} without approval.")
-    index, strictest = max(approvals, key=lambda ir: (ir[1].approval.count if ir[1].approval else 0, -ir[0]))
-    assert strictest.approval is not None
+            return deny(f"no policy rule lets anyone run `{command}`{where} here; it is denied by default.")
+        allowed_roles = ", ".join(sorted({a for _, r in matching for a in r.allow})) or "nobody"
+        return deny(f"you may not run `{command}`{where} (your roles: {', '.join(sorted(roles)) or 'none'}; "
+                    f"allowed: {allowed_roles}).", ", ".join(policy.rule_name(i) for i, _ in matching))
+    allow_name = policy.rule_name(allowing[0][0])
+    trace.append(f"allowed by {allow_name}")
+    max_open = min((r.max_open_per_user for _, r in matching if r.max_open_per_user), default=None)
+    # Conditional rules are unknown without a plan (help): only unconditional ones set the approval.
+    approvals = [(i, r) for i, r in matching if r.approval is not None and (plan is not None or r.when is None)]
+    if not approvals or not mutating:
+        if break_glass:
+            trace.append("--break-glass ignored: no approval is needed")
+        return Decision(kind=DecisionKind.ALLOW, rule=allow_name, reason=f"allowed by {allow_name} without approval.",
+                        max_open_per_user=max_open, trace=(*trace, "→ allow"))
+    top = max(r.approval.count for _, r in approvals if r.approval)
+    strictest = [(i, r) for i, r in approvals if r.approval and r.approval.count == top]
+    approver_roles = tuple(dict.fromkeys(role for _, r in strictest if r.approval for role in r.approval.from_))
+    each_of = tuple(dict.fromkeys(role for _, r in strictest if r.approval for role in r.approval.each_of))
+    expires = min(r.approval.expires for _, r in approvals if r.approval)
+    rule_names = ", ".join(policy.rule_name(i) for i, _ in strictest)
+    need = f"{top} approval(s) from {', '.join(approver_roles)}" + (f", at least one from each of {', '.join(each_of)}" if each_of else "")
+    if break_glass:
+        glass = [(i, r) for i, r in matching if roles.intersection(r.break_glass)]
+        if not glass:
+            return deny(f"you may not break glass for `{command}`{where}; ask for approval instead (drop --break-glass).",
+                        rule_names)
+        name = policy.rule_name(glass[0][0])
+        trace.append(f"break-glass allowed by {name}")
+        return Decision(kind=DecisionKind.BREAK_GLASS, rule=name,
+                        reason=f"break-glass allowed by {name}; it runs now and {need} must review it afterwards.",
+                        approver_roles=approver_roles, approvals_required=top, approvals_each=each_of,
+                        expires_in_seconds=expires, max_open_per_user=max_open, trace=(*trace, "→ break glass"))
+    trace.append(f"approval: {need} (from {rule_names})")
     return Decision(
         kind=DecisionKind.NEEDS_APPROVAL,
-        rule=config.rule_name(index),
-        reason=f"allowed by {config.rule_name(allow_index)}; {strictest.approval.count} approval(s) from "
-               f"{', '.join(strictest.approval.from_)} required by {config.rule_name(index)}.",
-        approver_roles=tuple(strictest.approval.from_),
-        approvals_required=strictest.approval.count,
-        expires_in_seconds=strictest.approval.expires,
+        rule=rule_names,
+        reason=f"allowed by {allow_name}; {need} required by {rule_names}.",
+        approver_roles=approver_roles,
+        approvals_required=top,
+        approvals_each=each_of,
+        expires_in_seconds=expires,
+        max_open_per_user=max_open,
+        trace=(*trace, "→ needs approval"),
     )
 
 
-def may_approve(approver: Actor, *, requester: Actor, approver_roles: tuple[str, ...], config: Config) -> str | None:
+def may_approve(approver: Actor, *, requester: Actor, approver_roles: Sequence[str], config: Config) -> str | None:
     """None if ``approver`` may approve; otherwise the reason they may not. The requester's own
     click never counts, whatever roles they hold."""
     if approver.user_id == requester.user_id:
         return "you cannot approve your own request; another approver must."
-    if not config.roles_of(approver.user_id).intersection(approver_roles):
+    if not config.roles_of(approver.user_id, approver.groups).intersection(approver_roles):
         return f"you cannot approve this: approvals must come from {', '.join(approver_roles)}."
     return None
+
+
+def quorum_met(approver_roles: Sequence[Sequence[str]], *, count: int, each_of: Sequence[str]) -> bool:
+    """``approver_roles`` holds, per distinct approving person, the roles they had when they
+    approved. Enough people, and for every role in ``each_of`` a different person holding it (a
+    person with two roles fills one slot, not two)."""
+    if len(approver_roles) < count:
+        return False
+    # Bipartite matching of each_of roles to distinct approvers (augmenting paths; tiny sizes).
+    assigned: dict[int, str] = {}
+
+    def place(role: str, seen: set[int]) -> bool:
+        for person, roles in enumerate(approver_roles):
+            if role in roles and person not in seen:
+                seen.add(person)
+                if person not in assigned or place(assigned[person], seen):
+                    assigned[person] = role
+                    return True
+        return False
+
+    return all(place(role, set()) for role in each_of)

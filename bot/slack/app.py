@@ -22,7 +22,7 @@ from bot.approvals import Approvals
 from bot.domain import Invocation
 from bot.errors import OpsbotError, UserError
 from bot.pipeline import Pipeline
-from bot.slack.blocks import APPROVE, DENY
+from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY
 from bot.slack.payloads import click_actor, click_channel, command_request
 
 log = logging.getLogger(__name__)
@@ -82,5 +82,16 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
         except OpsbotError as exc:
             await approvals.chat.post_ephemeral(channel_id=channel, user_id=actor.user_id,
                                                 text=f":x: Your click was not recorded: {exc}")
+
+    @app.action(ACKNOWLEDGE)
+    async def acknowledge(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        with _tracked(inflight):
+            await ack()
+            actor, channel = click_actor(body), click_channel(body)
+            try:
+                await approvals.acknowledge(str(action.get("value", "")), actor, channel_id=channel)
+            except OpsbotError as exc:
+                await approvals.chat.post_ephemeral(channel_id=channel, user_id=actor.user_id,
+                                                    text=f":x: Your review was not recorded: {exc}")
 
     return app

@@ -7,7 +7,7 @@ from typing import Any
 from bot.domain import OpsRequest, RequestState
 from bot.messages import approvals_line, request_status
 
-APPROVE, DENY = "opsbot_approve", "opsbot_deny"
+APPROVE, DENY, ACKNOWLEDGE = "opsbot_approve", "opsbot_deny", "opsbot_acknowledge"
 
 
 def _text(s: str) -> dict[str, Any]:
@@ -30,6 +30,11 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
         context.append(f"policy: {request.rule}")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": _text(f"*opsbot request* `{request.id}` — {request_status(request)}")},
+    ]
+    if request.break_glass:
+        blocks.append({"type": "section", "text": _text(
+            f":rotating_light: *BREAK-GLASS* by {request.requester.mention()}: {request.break_glass}")})
+    blocks += [
         {"type": "section", "text": _text("\n".join(lines))},
         {"type": "context", "elements": [_text(" · ".join(context))]},
     ]
@@ -57,4 +62,12 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     elif request.state.final and (request.error or request.result):
         outcome = request.error or (request.result or {}).get("message", "")
         blocks.append({"type": "context", "elements": [_text(str(outcome))]})
+    if request.review_state == "needed":
+        blocks.append({"type": "actions", "block_id": f"opsbot_review:{request.id}", "elements": [
+            {"type": "button", "action_id": ACKNOWLEDGE, "value": request.id, "style": "primary",
+             "text": {"type": "plain_text", "text": "Acknowledge (review)"}}]})
+        blocks.append({"type": "context", "elements": [_text(
+            f"ran without approval (break-glass); {', '.join(request.approver_roles)} must review it")]})
+    elif request.review_state == "acknowledged":
+        blocks.append({"type": "context", "elements": [_text(f"break-glass reviewed by <@{request.reviewed_by}>")]})
     return blocks

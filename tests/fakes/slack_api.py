@@ -48,6 +48,8 @@ class FakeSlack:
         self.messages: list[Message] = []
         self.responses: list[dict[str, Any]] = []  # what was sent to response_urls
         self.fail_with: str | None = None
+        self.fail_methods: dict[str, str] = {}  # method → error, e.g. {"usergroups.users.list": "ratelimited"}
+        self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -127,9 +129,9 @@ class FakeSlack:
         if request.headers.get("Authorization", "") != "Bearer xoxb-test-token":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         self.calls.append((method, args))
-        if self.fail_with:
+        if self.fail_with or method in self.fail_methods:
             self._notify()
-            return web.json_response({"ok": False, "error": self.fail_with})
+            return web.json_response({"ok": False, "error": self.fail_with or self.fail_methods[method]})
         result = self._handle(method, args)
         self._notify()
         return web.json_response(result)
@@ -155,6 +157,10 @@ class FakeSlack:
             ts = f"{1700000000 + next(self._ts)}.000200"
             self.messages.append(Message(channel=args["channel"], ts=ts, text=args.get("text", ""), user=args["user"]))
             return {"ok": True, "message_ts": ts}
+        if method == "usergroups.users.list":
+            if args.get("usergroup") not in self.usergroups:
+                return {"ok": False, "error": "no_such_subteam"}
+            return {"ok": True, "users": self.usergroups[args["usergroup"]]}
         if method == "users.info":
             return {"ok": True, "user": {"id": args.get("user"), "name": args.get("user", "").lower()}}
         return {"ok": False, "error": "unknown_method"}

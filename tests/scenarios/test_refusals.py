@@ -116,7 +116,7 @@ async def test_the_sweeper_expires_requests_nobody_answered(bot: Harness, state_
 async def test_dry_run_shows_the_plan_and_changes_nothing(bot: Harness, kube: KubeApiServer) -> None:
     await bot.slash(ALICE, "/ops scale worker 6 --dry-run")
     reply = await bot.response(containing="Dry run")
-    assert "nova-worker: 3 → 6 replicas" in reply["text"] and "needs 1 approval(s) from approver" in reply["text"]
+    assert "nova-worker: 3 → 6 replicas" in reply["text"] and "1 approval(s) from approver required by production-changes" in reply["text"]
     assert await bot.last_request() is None and replicas(kube) == 3
 
 

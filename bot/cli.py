@@ -25,17 +25,86 @@ def _config_path(args: argparse.Namespace) -> str:
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
     path = _config_path(args)
+    missing: list[str] = []
     try:
-        config = load_config(path)
+        config = load_config(path, missing_env=missing)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    warnings = config_warnings(config)
+    warnings = missing + config_warnings(config)
     for w in warnings:
         print(f"warning: {path}: {w}")
     print(f"{path}: OK ({len(config.rules)} rules, {len(config.roles)} roles, {len(config.deployments)} deployments"
           f"{f', {len(warnings)} warning(s)' if warnings else ''})")
     return 0
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from bot.adapters.kube import KubeAdapter
+    from bot.adapters.platform_db import PlatformDbAdapter
+    from bot.adapters.queues import QueueAdapter
+    from bot.domain import Actor, Plan, UserId
+    from bot.errors import UserError
+    from bot.policy.engine import decide
+    from bot.ports import Context
+    from commands.registry import command, parse
+
+    path = _config_path(args)
+    missing: list[str] = []
+    config = load_config(path, missing_env=missing if args.no_plan else None)
+    actor = Actor(UserId(args.as_user), groups=frozenset(args.group or ()))
+    now = datetime.fromisoformat(args.at).astimezone(UTC) if args.at else datetime.now(UTC)
+    try:
+        inv = parse(args.text.removeprefix("/ops").strip(), config)
+    except UserError as exc:
+        print(f"command:  {args.text}\ninvalid:  {exc}")
+        return 2
+    subject: Plan | str = inv.command
+    plan_line = "not computed (--no-plan)"
+    if inv.command in ("help", "pending", "cancel"):
+        plan_line = "none (a meta command)"
+    elif args.no_plan:
+        located = command(inv.command).locate(inv.params, config)
+        if located is not None:
+            subject = located
+            plan_line = (f"not read (--no-plan): {located.target_label} [{located.environment}]; conditions on the change "
+                         "(replicas, revisions back) are taken as not holding")
+    else:
+        queues = QueueAdapter()
+        kube = KubeAdapter(config, kubeconfig=os.environ.get("KUBECONFIG"))
+        try:
+            plan = await command(inv.command).plan(inv.params, Context(config=config, kube=kube, databases=PlatformDbAdapter(config),
+                                                                        queues=queues))
+            subject, plan_line = plan, f"{plan.summary} [{plan.environment}]"
+        except OpsbotError as exc:
+            plan_line = f"cannot be computed: {exc} (deciding on the command alone)"
+        finally:
+            kube.close()
+            await queues.close()
+    d = decide(subject, actor, config, channel_id=args.channel, now=now, break_glass=bool(inv.flags.break_glass))
+    roles = ", ".join(sorted(config.roles_of(actor.user_id, actor.groups))) or "none"
+    need = ""
+    if d.approvals_required:
+        need = f" — {d.approvals_required} approval(s) from {', '.join(d.approver_roles)}"
+        if d.approvals_each:
+            need += f", at least one from each of {', '.join(d.approvals_each)}"
+    print(f"command:  {inv.text}")
+    where = f", channel {args.channel}" if args.channel else ""
+    print(f"actor:    {actor.user_id} (roles: {roles}){where}, at {now:%Y-%m-%d %H:%M} UTC")
+    print(f"plan:     {plan_line}")
+    print(f"decision: {d.kind.value.upper().replace('_', ' ')}{need}")
+    print(f"rule:     {d.rule or '(none matched)'}")
+    print(f"why:      {d.reason}")
+    print("trace:")
+    for line in d.trace:
+        print(f"  {line}")
+    return 3 if not d.allowed else 0
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    return asyncio.run(_explain(args))
 
 
 async def _migrate(settings: Settings) -> list[str]:
@@ -122,6 +191,16 @@ def parser() -> argparse.ArgumentParser:
     check = psub.add_parser("check", help="validate the config and warn about rules that cannot work")
     check.add_argument("--config")
     check.set_defaults(fn=cmd_policy_check)
+    explain = psub.add_parser("explain", help="the decision for one command by one person, and the rule that made it",
+                              description="Exit code: 0 allowed (with or without approval), 3 denied, 2 invalid command.")
+    explain.add_argument("--as", dest="as_user", required=True, metavar="SLACK_USER_ID")
+    explain.add_argument("text", help='the command as typed, e.g. "scale worker 6"')
+    explain.add_argument("--config")
+    explain.add_argument("--no-plan", action="store_true", help="do not read the target (no cluster or database access)")
+    explain.add_argument("--channel", help="the channel it is typed in (for channel allowlists)")
+    explain.add_argument("--group", action="append", metavar="USERGROUP_ID", help="a Slack user group the person is in (repeatable)")
+    explain.add_argument("--at", help="the time to decide at, ISO 8601 (default now), for change windows")
+    explain.set_defaults(fn=cmd_policy_explain)
     return p
 
 

@@ -335,17 +335,20 @@ class Config(_Model):
         return frozenset(names)
 
 
-def _substitute(value: Any, path: str, env: Mapping[str, str]) -> Any:
+def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str] | None) -> Any:
     if isinstance(value, str):
         def repl(m: re.Match[str]) -> str:
             if m.group(1) not in env:
-                raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
+                if missing is None:
+                    raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
+                missing.append(f"{path}: environment variable {m.group(1)} is not set (needed when opsbot runs)")
+                return m.group(0)
             return env[m.group(1)]
         return _ENV_REF.sub(repl, value)
     if isinstance(value, dict):
-        return {k: _substitute(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+        return {k: _substitute(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+        return [_substitute(v, f"{path}[{i}]", env, missing) for i, v in enumerate(value)]
     return value
 
 
@@ -359,7 +362,10 @@ def _error_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
+def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None,
+                 missing_env: list[str] | None = None) -> Config:
+    """``missing_env``: when a list is given, unset ${VARS} are left as they are and reported in it
+    (for `opsbot policy check` on a machine without the secrets) instead of being an error."""
     env = os.environ if env is None else env
     try:
         raw = yaml.safe_load(text) or {}
@@ -368,7 +374,7 @@ def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping (slack:, roles:, rules:, …)")
     try:
-        raw = _substitute(raw, "", env)
+        raw = _substitute(raw, "", env, missing_env)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
     try:
@@ -382,16 +388,62 @@ def parse_config(text: str, *, source: str = "<config>", env: Mapping[str, str] 
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path, env: Mapping[str, str] | None = None, missing_env: list[str] | None = None) -> Config:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config file: {exc.strerror}") from exc
-    return parse_config(text, source=str(p), env=env)
+    return parse_config(text, source=str(p), env=env, missing_env=missing_env)
 
 
 Severity = Literal["error", "warning"]
+
+
+_SCALE_ONLY = ("replicas_above", "scale_factor_above")
+_ROLLBACK_ONLY = ("revisions_back_above",)
+
+
+def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
+    """(names a rule's targets can match, environment) for every target ``command`` can act on."""
+    if command in ("scale", "rollback", "status"):
+        return [({alias, "deployments"}, d.environment) for alias, d in config.deployments.items()]
+    if command == "replay-webhook" and config.webhooks:
+        return [({"webhooks"}, config.databases[config.webhooks.database].environment)]
+    if command in ("disable-provider", "enable-provider") and config.providers:
+        env = config.databases[config.providers.database].environment
+        return [({"providers", "provider:*"}, env)]
+    return []
+
+
+def _rule_can_match(config: Config, rule: Rule, command: str) -> str | None:
+    """None when ``rule`` can match ``command`` on some target; else why it cannot."""
+    if command == "help":
+        return None
+    when = rule.when.model_dump(exclude_none=True) if rule.when else {}
+    if command != "scale" and any(k in when for k in _SCALE_ONLY):
+        return f"`when: {', '.join(k for k in when if k in _SCALE_ONLY)}` applies to scale only"
+    if command != "rollback" and any(k in when for k in _ROLLBACK_ONLY):
+        return "`when: revisions_back_above` applies to rollback only"
+    allowed = config.slack.allowed_channels
+    if rule.channels and allowed and not set(rule.channels) & set(allowed):
+        return "its channels are all outside slack.allowed_channels"
+    candidates = _candidates(config, command)
+    if not candidates:
+        return f"no target for `{command}` is configured"
+    wanted: set[str] = set()
+    for t in rule.targets:
+        wanted |= set(config.target_groups.get(t, (t,)))
+    for names, env in candidates:
+        if rule.environments and env not in rule.environments:
+            continue
+        if rule.targets and not (names & wanted or ("provider:*" in names and any(w.startswith("provider:") for w in wanted))):
+            continue
+        return None
+    return "no configured target is in " + " and ".join(
+        part for part in (f"environments {list(rule.environments)}" if rule.environments else "",
+                          f"targets {list(rule.targets)}" if rule.targets else "") if part) if (rule.environments or rule.targets) \
+        else f"no target for `{command}` is configured"
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -405,19 +457,28 @@ def config_warnings(config: Config) -> list[str]:
                 f"{q.name.replace(':', '-')!r}) in the platform and here."
             )
     for name, role in config.roles.items():
-        if not role.users:
+        if not role.users and not role.usergroups:
             warnings.append(f"roles.{name}: has no members; nobody gets what this role grants")
     for i, rule in enumerate(config.rules):
+        label = f"rules[{i}] ({config.rule_name(i)})"
+        reasons = {c: _rule_can_match(config, rule, c) for c in rule.commands}
+        if all(reasons.values()):
+            warnings.append(f"{label}: can never match: " + "; ".join(f"{c}: {why}" for c, why in reasons.items()))
         if rule.approval:
+            from_groups = any(config.roles[r].usergroups for r in rule.approval.from_)
             approvers = set().union(*(config.roles[r].users for r in rule.approval.from_))
-            if len(approvers) < rule.approval.count:
-                warnings.append(
-                    f"rules[{i}] ({config.rule_name(i)}): needs {rule.approval.count} approvals but only "
-                    f"{len(approvers)} user(s) can approve; such requests can never run"
-                )
+            if not from_groups and len(approvers) < rule.approval.count:
+                warnings.append(f"{label}: needs {rule.approval.count} approvals but only {len(approvers)} user(s) can approve "
+                                "(the requester never counts); such requests can never run")
+            for each in rule.approval.each_of:
+                if not config.roles[each].users and not config.roles[each].usergroups:
+                    warnings.append(f"{label}: needs an approval from {each!r}, which has no members")
+        for glass in rule.break_glass:
+            if not config.roles[glass].users and not config.roles[glass].usergroups:
+                warnings.append(f"{label}: break-glass role {glass!r} has no members")
     allowed = {c for rule in config.rules if rule.allow for c in rule.commands}
     for c in KNOWN_COMMANDS:
-        if c not in allowed:
+        if c != "help" and c not in allowed:
             warnings.append(f"command {c!r}: no rule allows anyone to run it")
     if not config.slack.audit_channel:
         warnings.append("slack.audit_channel: not set; the audit trail is kept in PostgreSQL only")

@@ -66,8 +66,9 @@ class Pipeline:
             log.exception("unexpected error handling %r", req.text)
             await self._reply(req, ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs.")
 
-    def _decide(self, subject: Plan | str, actor: Actor, req: CommandRequest, inv: Invocation | None = None) -> Decision:
-        return decide(subject, actor, self.config, channel_id=req.channel_id, now=self.clock(),
+    def _decide(self, subject: Plan | str, actor: Actor, req: CommandRequest, inv: Invocation | None = None,
+                *, anywhere: bool = False) -> Decision:
+        return decide(subject, actor, self.config, channel_id=None if anywhere else req.channel_id, now=self.clock(),
                       break_glass=bool(inv and inv.flags.break_glass))
 
     async def _handle(self, req: CommandRequest, inv: Invocation) -> None:
@@ -83,7 +84,7 @@ class Pipeline:
             return
         cmd = command(inv.command)
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
-        pre = self._decide(inv.command, actor, req)
+        pre = self._decide(inv.command, actor, req, inv)
         if pre.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None)
             return
@@ -138,8 +139,12 @@ class Pipeline:
         except BackendUnavailable as exc:
             actor, note = req.actor, f"\n_Could not check your Slack user groups ({exc}); roles from them are not shown._"
         topic = str(inv.params.get("topic") or "")
-        text = (command_help(topic, lambda name: self._decide(name, actor, req)) if topic
-                else help_text(lambda name: self._decide(name, actor, req)))
+        # What you may run at all; where you may run it is said below when it is not here.
+        text = (command_help(topic, lambda name: self._decide(name, actor, req, anywhere=True)) if topic
+                else help_text(lambda name: self._decide(name, actor, req, anywhere=True)))
+        allowed = self.config.slack.allowed_channels
+        if allowed and req.channel_id not in allowed:
+            note += "\n:warning: Commands are not taken in this channel; use " + ", ".join(f"<#{c}>" for c in allowed) + "."
         await self._reply(req, text + note)
 
     async def _pending(self, req: CommandRequest, actor: Actor) -> None:

@@ -29,6 +29,14 @@ class Command(ABC):
     async def plan(self, params: Params, ctx: Context) -> Plan:
         """Read-only: look at the target and say exactly what will change."""
 
+    def locate(self, params: Params, config: Config) -> Plan | None:
+        """A plan skeleton from config alone (no I/O): target and environment, no before/after.
+        `opsbot policy explain --no-plan` decides on it."""
+        dep = config.deployments.get(str(params.get("deployment", "")))
+        if dep is None:
+            return None
+        return self.deployment_plan(dep, params, summary=f"{' '.join(self.words)} {params['deployment']} (not read)")
+
     async def execute(self, plan: Plan, ctx: Context) -> Outcome:
         raise NotImplementedError(f"{self.name} is read-only")
 

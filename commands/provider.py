@@ -28,6 +28,13 @@ class _ProviderToggle(Command):
         _spec(config)
         return {"provider": args[0]}
 
+    def locate(self, params: Params, config: Config) -> Plan | None:
+        spec = _spec(config)
+        return Plan(command=self.name, target=f"provider/{spec.database}/{spec.table}/{params['provider']}",
+                    target_label=f"provider {params['provider']}", environment=config.databases[spec.database].environment,
+                    target_name=f"provider:{params['provider']}", target_kind="providers", params=params,
+                    summary=f"{' '.join(self.words)} {params['provider']} (not read)")
+
     async def plan(self, params: Params, ctx: Context) -> Plan:
         spec = _spec(ctx.config)
         row = await ctx.databases.provider(spec, params["provider"])

@@ -64,6 +64,13 @@ class ReplayWebhook(Command):
         _spec(config)
         return {"event_id": event_id}
 
+    def locate(self, params: Params, config: Config) -> Plan | None:
+        spec = _spec(config)
+        return Plan(command=self.name, target=f"webhook/{spec.database}/{spec.table}/{params['event_id']}",
+                    target_label=f"webhook event {params['event_id']}", environment=config.databases[spec.database].environment,
+                    target_name="webhooks", target_kind="webhooks", params=params,
+                    summary=f"replay webhook {params['event_id']} (not read)")
+
     async def plan(self, params: Params, ctx: Context) -> Plan:
         spec = _spec(ctx.config)
         queue = ctx.config.queues[spec.queue]

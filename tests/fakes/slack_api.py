@@ -66,7 +66,7 @@ class FakeSlack:
 
     async def start(self) -> FakeSlack:
         app = web.Application()
-        app.router.add_post("/api/{method}", self._api)
+        app.router.add_route("*", "/api/{method}", self._api)  # most methods POST; some (usergroups.users.list) GET
         app.router.add_post("/response/{key}", self._response)
         app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app)
@@ -82,6 +82,8 @@ class FakeSlack:
 
     async def _args(self, request: web.Request) -> dict[str, Any]:
         raw = await request.text()
+        if request.method == "GET":
+            return dict(request.query)
         if request.content_type == "application/json":
             return json.loads(raw or "{}")
         args: dict[str, Any] = dict(parse_qsl(raw))

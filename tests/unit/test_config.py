@@ -70,3 +70,33 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(good)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "contains ':'" in proc.stdout and "OK" in proc.stdout
+
+
+def test_rules_that_can_never_match_are_reported() -> None:
+    config = parse_config("""
+slack: {allowed_channels: [C1]}
+environments: {production: {}, staging: {}}
+roles: {eng: {users: [U1]}, approver: {users: [U2, U3]}, ic: {users: []}}
+deployments: {worker: {environment: production, namespace: n, name: w}}
+rules:
+  - {name: ok, commands: [scale], allow: [eng]}
+  - {name: staging-only, commands: [scale], environments: [staging], allow: [eng]}
+  - {name: wrong-condition, commands: [rollback], when: {replicas_above: 3}, approval: {from: [approver]}}
+  - {name: elsewhere, commands: [scale], channels: [C9], allow: [eng]}
+  - {name: no-webhooks, commands: [replay-webhook], allow: [eng]}
+  - {name: glass, commands: [rollback], allow: [eng], break_glass: [ic]}
+""", env={})
+    warnings = "\n".join(config_warnings(config))
+    assert "rules[0] (ok)" not in warnings
+    assert "rules[1] (staging-only): can never match: scale: no configured target is in environments ['staging']" in warnings
+    assert "rules[2] (wrong-condition): can never match: rollback: `when: replicas_above` applies to scale only" in warnings
+    assert "rules[3] (elsewhere): can never match: scale: its channels are all outside slack.allowed_channels" in warnings
+    assert "rules[4] (no-webhooks): can never match: replay-webhook: no target for `replay-webhook` is configured" in warnings
+    assert "rules[5] (glass): break-glass role 'ic' has no members" in warnings
+
+
+def test_policy_check_without_the_secrets_warns_instead_of_failing() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(ROOT / "policies/examples/nova-rms.yaml")],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert "databases.app.url: environment variable NOVA_DATABASE_URL is not set (needed when opsbot runs)" in proc.stdout

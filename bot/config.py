@@ -109,6 +109,7 @@ class JobSpec(_Model):
 
 class Webhooks(_Model):
     database: str
+    schema_: str | None = Field(None, alias="schema")  # e.g. NepXy's `app`; default: the search_path
     table: str
     id_column: str = "id"
     status_column: str = "status"
@@ -118,18 +119,23 @@ class Webhooks(_Model):
     queue: str
     job: JobSpec = JobSpec()
 
-    _idents = field_validator("table", "id_column", "status_column", "error_column")(
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    _idents = field_validator("schema_", "table", "id_column", "status_column", "error_column")(
         lambda v: v if v is None else _ident(v)
     )
 
 
 class Providers(_Model):
     database: str
+    schema_: str | None = Field(None, alias="schema")
     table: str = "Provider"
     key: str = "name"
     active_column: str = "isActive"
 
-    _idents = field_validator("table", "key", "active_column")(_ident)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    _idents = field_validator("schema_", "table", "key", "active_column")(lambda v: v if v is None else _ident(v))
 
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -478,7 +484,7 @@ def config_warnings(config: Config) -> list[str]:
                 warnings.append(f"{label}: break-glass role {glass!r} has no members")
     allowed = {c for rule in config.rules if rule.allow for c in rule.commands}
     for c in KNOWN_COMMANDS:
-        if c != "help" and c not in allowed:
+        if c != "help" and c not in allowed and _candidates(config, c):
             warnings.append(f"command {c!r}: no rule allows anyone to run it")
     if not config.slack.audit_channel:
         warnings.append("slack.audit_channel: not set; the audit trail is kept in PostgreSQL only")

@@ -43,6 +43,8 @@ def approvals_line(request: OpsRequest) -> str:
     yes = [a.approver.mention() for a in request.approvals if a.decision == "approve"]
     no = [a.approver.mention() for a in request.approvals if a.decision == "deny"]
     parts = [f"approvals {len(yes)}/{request.approvals_required}" + (f": {', '.join(yes)}" if yes else "")]
+    if request.approvals_each:
+        parts.append(f"at least one from each of {', '.join(request.approvals_each)}")
     if no:
         parts.append(f"denied by {', '.join(no)}")
     return " · ".join(parts)

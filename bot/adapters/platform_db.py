@@ -23,6 +23,10 @@ from bot.errors import BackendUnavailable, ExecutionError
 Obj = dict[str, Any]
 
 
+def _table(spec: Providers | Webhooks) -> sql.Identifier:
+    return sql.Identifier(spec.schema_, spec.table) if spec.schema_ else sql.Identifier(spec.table)
+
+
 class PlatformDbAdapter:
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -43,18 +47,18 @@ class PlatformDbAdapter:
             raise ExecutionError(f"database `{database}`: {exc.diag.message_primary or exc}") from exc
 
     async def provider(self, spec: Providers, name: str) -> Obj | None:
-        q = sql.SQL("SELECT * FROM {t} WHERE {k} = %s").format(t=sql.Identifier(spec.table), k=sql.Identifier(spec.key))
+        q = sql.SQL("SELECT * FROM {t} WHERE {k} = %s").format(t=_table(spec), k=sql.Identifier(spec.key))
         async with self._connect(spec.database) as conn:
             return await (await conn.execute(q, (name,))).fetchone()
 
     async def provider_names(self, spec: Providers) -> list[str]:
-        q = sql.SQL("SELECT {k} AS name FROM {t} ORDER BY {k} LIMIT 50").format(t=sql.Identifier(spec.table), k=sql.Identifier(spec.key))
+        q = sql.SQL("SELECT {k} AS name FROM {t} ORDER BY {k} LIMIT 50").format(t=_table(spec), k=sql.Identifier(spec.key))
         async with self._connect(spec.database) as conn:
             return [str(r["name"]) for r in await (await conn.execute(q)).fetchall()]
 
     async def set_provider_active(self, spec: Providers, name: str, *, active: bool, expect: bool) -> bool:
         q = sql.SQL("UPDATE {t} SET {a} = %s WHERE {k} = %s AND {a} = %s").format(
-            t=sql.Identifier(spec.table), a=sql.Identifier(spec.active_column), k=sql.Identifier(spec.key))
+            t=_table(spec), a=sql.Identifier(spec.active_column), k=sql.Identifier(spec.key))
         async with self._connect(spec.database) as conn, conn.transaction():
             cur = await conn.execute(q, (active, name, expect))
             if cur.rowcount > 1:
@@ -62,7 +66,7 @@ class PlatformDbAdapter:
             return cur.rowcount == 1
 
     async def webhook_event(self, spec: Webhooks, event_id: str) -> Obj | None:
-        q = sql.SQL("SELECT * FROM {t} WHERE {id}::text = %s").format(t=sql.Identifier(spec.table), id=sql.Identifier(spec.id_column))
+        q = sql.SQL("SELECT * FROM {t} WHERE {id}::text = %s").format(t=_table(spec), id=sql.Identifier(spec.id_column))
         async with self._connect(spec.database) as conn:
             return await (await conn.execute(q, (event_id,))).fetchone()
 
@@ -71,7 +75,7 @@ class PlatformDbAdapter:
         if spec.error_column:
             sets.append(sql.SQL("{e} = NULL").format(e=sql.Identifier(spec.error_column)))
         q = sql.SQL("UPDATE {t} SET {sets} WHERE {id}::text = %s AND {s}::text = ANY(%s) RETURNING *").format(
-            t=sql.Identifier(spec.table), sets=sql.SQL(", ").join(sets), id=sql.Identifier(spec.id_column),
+            t=_table(spec), sets=sql.SQL(", ").join(sets), id=sql.Identifier(spec.id_column),
             s=sql.Identifier(spec.status_column))
         async with self._connect(spec.database) as conn, conn.transaction():
             row = await (await conn.execute(q, (spec.reset_to, event_id, list(spec.replayable)))).fetchone()

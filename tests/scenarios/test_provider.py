@@ -59,3 +59,23 @@ async def test_stale_when_the_row_changes_after_approval_was_asked(bot: Harness,
 async def _newer(bot: Harness, old_id: str):  # type: ignore[no-untyped-def]
     r = await bot.last_request()
     return r if r is not None and r.id != old_id and r.card_ts else None
+
+
+async def test_schema_qualified_table(bot: Harness, platform_db: str) -> None:
+    # NepXy keeps its tables in schema `app` (seed 004): `schema:` names it, quoted like any identifier.
+    with psycopg.connect(platform_db, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA app; CREATE TABLE app.payout_providers (code text PRIMARY KEY, enabled boolean NOT NULL);'
+                     "INSERT INTO app.payout_providers VALUES ('tmoney', true), ('flooz', true)")
+    config = bot.runtime.pipeline.ctx.config
+    spec = config.providers.model_copy(update={"schema_": "app", "table": "payout_providers", "key": "code",  # type: ignore[union-attr]
+                                               "active_column": "enabled"})
+    object.__setattr__(config, "providers", spec)
+    await bot.slash(ALICE, "/ops disable provider flooz")
+    request = await bot.requested()
+    assert "enabled True → False" in bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale")
+    assert done.state.value == "succeeded", done.error
+    with psycopg.connect(platform_db) as conn:
+        rows = conn.execute("SELECT code, enabled FROM app.payout_providers ORDER BY code").fetchall()
+    assert rows == [("flooz", False), ("tmoney", True)]

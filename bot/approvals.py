@@ -22,7 +22,7 @@ from bot.domain import SYSTEM, Actor, CommandRequest, Decision, DecisionKind, In
 from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
 from bot.policy.engine import may_approve, quorum_met
-from bot.ports import Chat, Directory
+from bot.ports import Chat, Directory, tell
 
 log = logging.getLogger(__name__)
 _ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -69,9 +69,9 @@ class Approvals:
             await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan,
                                     result={"reason": glass, "rule": decision.rule, "reviewers": list(decision.approver_roles)})
-            await self.chat.post_in_thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
+            await tell(self.chat.post_in_thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
                                                     f"It runs now; {', '.join(decision.approver_roles)} must review it "
-                                                    "(Acknowledge on the card).")
+                                                    "(Acknowledge on the card)."))
         elif not needs_approval:
             await self.audit.record("approved", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan, result={"by": "policy", "rule": decision.rule})
@@ -91,8 +91,8 @@ class Approvals:
             await self.actions.enqueue(request.id)
         except BackendUnavailable as exc:
             log.warning("could not enqueue approved request %s: %s", request.id, exc)
-            await self.chat.post_in_thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
-                                                    "queue is reachable again; nothing has run yet.")
+            await tell(self.chat.post_in_thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
+                                                    "queue is reachable again; nothing has run yet."))
 
     async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str) -> VoteResult:
         if decision not in ("approve", "deny"):
@@ -100,9 +100,9 @@ class Approvals:
         try:
             actor = await self.with_groups(actor)
         except BackendUnavailable as exc:
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
                                            text=f":x: Your click was not counted: {exc}. opsbot does not guess who is in a "
-                                                "user group; try again in a moment.")
+                                                "user group; try again in a moment."))
             return VoteResult("unverified", None, str(exc))
         roles = tuple(sorted(self.config.roles_of(actor.user_id, actor.groups)))
 
@@ -115,58 +115,58 @@ class Approvals:
         result = await self.store.vote(request_id, actor, decision, roles=roles, eligible=eligible, quorum=quorum)
         request = result.request
         if result.outcome in ("missing", "closed", "ineligible", "duplicate") or request is None:
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message)
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message))
             return result
         if result.outcome == "expired":
             await self._expired(request)
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message)
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message))
             return result
         common: dict[str, Any] = {"actor": actor, "channel_id": channel_id, "request_id": request.id,
                                   "text": request.text, "plan": request.plan}
         if result.outcome == "denied":
             await self.audit.record("denied", **common, result={"roles": list(roles)})
             self.metrics.requests.labels(request.command, "denied").inc()
-            await self.chat.update_card(request)
-            await self.chat.post_in_thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run.")
+            await tell(self.chat.update_card(request))
+            await tell(self.chat.post_in_thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run."))
             return result
         approvals = sum(a.decision == "approve" for a in request.approvals)
         await self.audit.record("approval_given", **common,
                                 result={"approvals": approvals, "required": request.approvals_required, "roles": list(roles)})
-        await self.chat.update_card(request)
+        await tell(self.chat.update_card(request))
         if result.outcome == "approved":
             self.metrics.approval_latency.observe(max(0.0, (request.approvals[-1].at - request.created_at).total_seconds()))
             await self.audit.record("approved", **common, result={"approvers": [a.approver.user_id for a in request.approvals]})
             await self._enqueue(request)
         elif approvals >= request.approvals_required and request.approvals_each:
-            await self.chat.post_in_thread(request, f":hourglass: {approvals} approvals, but one from each of "
-                                                    f"{', '.join(request.approvals_each)} is still needed.")
+            await tell(self.chat.post_in_thread(request, f":hourglass: {approvals} approvals, but one from each of "
+                                                    f"{', '.join(request.approvals_each)} is still needed."))
         return result
 
     async def acknowledge(self, request_id: str, actor: Actor, *, channel_id: str) -> OpsRequest | None:
         """A reviewer acknowledges a break-glass run after the fact."""
         request = await self.store.get(request_id)
         if request is None or request.review_state != "needed":
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
-                                           text="there is no open break-glass review for that request.")
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                           text="there is no open break-glass review for that request."))
             return None
         try:
             actor = await self.with_groups(actor)
         except BackendUnavailable as exc:
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=f":x: Not recorded: {exc}.")
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=f":x: Not recorded: {exc}."))
             return None
         why_not = may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
         if why_not:
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
-                                           text=why_not.replace("approve", "review"))
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                           text=why_not.replace("approve", "review")))
             return None
         done = await self.store.acknowledge(request_id, actor.user_id)
         if done is None:
-            await self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text="someone already reviewed it.")
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text="someone already reviewed it."))
             return None
         await self.audit.record("break_glass_reviewed", actor=actor, channel_id=channel_id, request_id=request_id,
                                 text=done.text, plan=done.plan)
-        await self.chat.update_card(done)
-        await self.chat.post_in_thread(done, f":white_check_mark: Break-glass reviewed by {actor.mention()}.")
+        await tell(self.chat.update_card(done))
+        await tell(self.chat.post_in_thread(done, f":white_check_mark: Break-glass reviewed by {actor.mention()}."))
         return done
 
     async def cancel(self, request_id: str, actor: Actor, *, channel_id: str) -> str:
@@ -181,8 +181,8 @@ class Approvals:
             return f"`{request_id}` is already {request.state.value.replace('_', ' ')}; it can no longer be cancelled."
         self.metrics.requests.labels(done.command, "cancelled").inc()
         await self.audit.record("cancelled", actor=actor, channel_id=channel_id, request_id=done.id, text=done.text, plan=done.plan)
-        await self.chat.update_card(done)
-        await self.chat.post_in_thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run.")
+        await tell(self.chat.update_card(done))
+        await tell(self.chat.post_in_thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run."))
         return f"cancelled `{done.id}` ({done.summary})."
 
     async def pending_for(self, actor: Actor) -> list[OpsRequest]:
@@ -195,9 +195,9 @@ class Approvals:
         await self.audit.record("expired", actor=SYSTEM, channel_id=request.channel_id, request_id=request.id, text=request.text,
                                 plan=request.plan)
         self.metrics.requests.labels(request.command, "expired").inc()
-        await self.chat.update_card(request)
-        await self.chat.post_in_thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "
-                                                f"request again if it is still needed: `/ops {request.text}`")
+        await tell(self.chat.update_card(request))
+        await tell(self.chat.post_in_thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "
+                                                f"request again if it is still needed: `/ops {request.text}`"))
 
     async def expire_due(self) -> int:
         n = 0

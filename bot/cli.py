@@ -107,21 +107,147 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return asyncio.run(_explain(args))
 
 
-async def _migrate(settings: Settings) -> list[str]:
+def _database_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        raise ConfigError("DATABASE_URL is not set (opsbot's own database)")
+    return url
+
+
+async def _migrate(url: str, app_role: str | None) -> list[str]:
     from bot.adapters.store import Store
 
-    store = Store(settings.database_url, min_size=1, max_size=1)
+    store = Store(url, min_size=1, max_size=1)
     await store.open()
     try:
-        return await store.migrate()
+        applied = await store.migrate()
+        if app_role:
+            await store.grant_app_role(app_role)
+        return applied
     finally:
         await store.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    applied = asyncio.run(_migrate(Settings.from_env()))
+    applied = asyncio.run(_migrate(_database_url(), args.app_role))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    if args.app_role:
+        print(f"granted {args.app_role}: requests read/write; audit trail SELECT and INSERT only")
     return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from bot.adapters.audit_log import AuditLog, export_line, verify_rows
+    from bot.adapters.store import Store
+    from bot.config import parse_since
+
+    if args.audit_cmd == "verify" and args.file:
+        with open(args.file) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        report = verify_rows(rows, prev_hash=None, start_seq=None)
+        print(f"{args.file}: {report.summary()}")
+        if report.ok and rows:
+            print(f"anchored at prev_hash {rows[0]['prev_hash']} (compare with row {rows[0]['seq'] - 1} in the database or channel)")
+        return 0 if report.ok else 1
+    store = Store(_database_url(), min_size=1, max_size=2)
+    await store.open()
+    log = AuditLog(store)
+    try:
+        if args.audit_cmd == "verify":
+            report = await log.verify()
+            print(f"database: {report.summary()}")
+            ok = report.ok
+            if args.against_channel:
+                ok = await _verify_channel(log) and ok
+            return 0 if ok else 1
+        if args.audit_cmd == "export":
+            since = parse_since(args.since) if args.since else None
+            until = parse_since(args.until) if args.until else None
+            rows = await log.rows(since=since, until=until)
+            out = open(args.output, "w", newline="") if args.output else sys.stdout
+            try:
+                if args.format == "jsonl":
+                    for row in rows:
+                        out.write(export_line(row) + "\n")
+                else:
+                    writer = csv.writer(out)
+                    writer.writerow(["seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text",
+                                     "plan", "result", "prev_hash", "hash"])
+                    for row in rows:
+                        record = json.loads(export_line(row))
+                        writer.writerow([record["seq"], record["at"], record["event"], record["actor_id"], record["actor_name"],
+                                         record["channel_id"], record["request_id"] or "", record["command_text"],
+                                         json.dumps(record["plan"], sort_keys=True), json.dumps(record["result"], sort_keys=True),
+                                         record["prev_hash"], record["hash"]])
+            finally:
+                if args.output:
+                    out.close()
+            print(f"exported {len(rows)} row(s)", file=sys.stderr)
+            return 0
+        if args.audit_cmd == "prune":
+            cp = await log.prune(parse_since(args.before))
+            if cp is None:
+                print("nothing to prune")
+            else:
+                print(f"pruned {cp['rows_pruned']} row(s) up to seq {cp['upto_seq']}; checkpoint {cp['hash']} keeps the chain "
+                      f"verifiable from seq {cp['upto_seq'] + 1}")
+            return 0
+    finally:
+        await store.close()
+    return 2
+
+
+async def _verify_channel(log: object) -> bool:
+    """Compare the hashes posted in the audit channel with the database."""
+    import re
+
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.adapters.audit_log import AuditLog
+
+    assert isinstance(log, AuditLog)
+    settings = Settings.from_env()
+    config = load_config(os.environ.get("OPSBOT_CONFIG", "policies/default.yaml"))
+    channel = config.slack.audit_channel
+    if not channel:
+        print("channel: slack.audit_channel is not set; nothing to compare")
+        return False
+    client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+    posted: dict[int, str] = {}
+    pattern = re.compile(r"`#(\d+)`.*hash `([0-9a-f]{64})`")
+    cursor = None
+    while True:
+        resp = await client.conversations_history(channel=channel, limit=200, cursor=cursor)
+        for message in resp.get("messages") or []:
+            texts = [str(message.get("text", ""))]
+            if message.get("reply_count") or message.get("thread_ts") == message.get("ts") or "last record" in texts[0]:
+                replies = await client.conversations_replies(channel=channel, ts=message["ts"], limit=1000)
+                texts += [str(m.get("text", "")) for m in replies.get("messages") or [] if m.get("ts") != message["ts"]]
+            for text in texts:
+                for line in text.splitlines():
+                    m = pattern.search(line)
+                    if m:
+                        posted[int(m.group(1))] = m.group(2)
+        cursor = (resp.get("response_metadata") or {}).get("next_cursor")
+        if not cursor:
+            break
+    rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
+    bad = sorted(seq for seq, h in posted.items() if seq in rows and rows[seq] != h)
+    gone = sorted(seq for seq in posted if seq not in rows)
+    unposted = len([seq for seq in rows if seq not in posted])
+    if bad:
+        print(f"channel: BROKEN: the database differs from what was posted at seq {', '.join(map(str, bad[:20]))}")
+    if gone:
+        print(f"channel: {len(gone)} posted row(s) are not in the database (pruned or deleted): first seq {gone[0]}")
+    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ; {unposted} row(s) not (yet) posted")
+    return not bad
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    return asyncio.run(_audit(args))
 
 
 async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bool) -> None:
@@ -185,7 +311,23 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--config")
     worker.set_defaults(fn=cmd_worker)
     migrate = sub.add_parser("migrate", help="create or upgrade opsbot's tables in $DATABASE_URL")
+    migrate.add_argument("--app-role", help="grant this database role what the bot needs (no UPDATE/DELETE on the audit trail)")
     migrate.set_defaults(fn=cmd_migrate)
+    audit = sub.add_parser("audit", help="the audit trail: verify, export, prune")
+    asub = audit.add_subparsers(dest="audit_cmd", required=True)
+    verify = asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
+    verify.add_argument("--file", help="verify an export (JSON lines) on its own instead of the database")
+    verify.add_argument("--against-channel", action="store_true", help="also compare with the hashes posted in the audit channel")
+    verify.set_defaults(fn=cmd_audit)
+    export = asub.add_parser("export", help="rows with their hashes, for evidence requests")
+    export.add_argument("--since", help="7d, 12h, or an ISO date/time (UTC)")
+    export.add_argument("--until", help="same forms; exclusive")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--output", "-o", help="file to write (default standard output)")
+    export.set_defaults(fn=cmd_audit)
+    prune = asub.add_parser("prune", help="delete old rows, keeping a chained checkpoint so the rest still verifies")
+    prune.add_argument("--before", required=True, help="e.g. 400d or 2025-01-01")
+    prune.set_defaults(fn=cmd_audit)
     policy = sub.add_parser("policy", help="policy tools")
     psub = policy.add_subparsers(dest="policy_cmd", required=True)
     check = psub.add_parser("check", help="validate the config and warn about rules that cannot work")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,8 @@ _DURATION = re.compile(r"^(\d+)\s*([smhd])$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # Every command opsbot knows, by its policy name (what `rules[].commands` lists).
-KNOWN_COMMANDS = ("help", "status", "scale", "rollback", "replay-webhook", "disable-provider", "enable-provider")
+KNOWN_COMMANDS = ("help", "status", "scale", "rollback", "replay-webhook", "disable-provider", "enable-provider", "audit")
+READ_ONLY_COMMANDS = ("help", "status", "audit")
 
 
 def parse_duration(value: str | int) -> int:
@@ -36,6 +37,20 @@ def parse_duration(value: str | int) -> int:
     if not m:
         raise ValueError(f"{value!r} is not a duration; write e.g. 90s, 15m, 2h or 1d")
     return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """'7d', '12h', '30m' ago, or an ISO date/time (UTC when no zone is given)."""
+    now = now or datetime.now(UTC)
+    text = text.strip()
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (7d, 12h, 30m) nor a date (2026-11-01 or 2026-11-01T12:00)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class _Model(BaseModel):
@@ -412,6 +427,8 @@ _ROLLBACK_ONLY = ("revisions_back_above",)
 
 def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
     """(names a rule's targets can match, environment) for every target ``command`` can act on."""
+    if command == "audit":
+        return [({"audit"}, "")]
     if command in ("scale", "rollback", "status"):
         return [({alias, "deployments"}, d.environment) for alias, d in config.deployments.items()]
     if command == "replay-webhook" and config.webhooks:
@@ -424,7 +441,7 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
 
 def _rule_can_match(config: Config, rule: Rule, command: str) -> str | None:
     """None when ``rule`` can match ``command`` on some target; else why it cannot."""
-    if command == "help":
+    if command in ("help", "audit"):
         return None
     when = rule.when.model_dump(exclude_none=True) if rule.when else {}
     if command != "scale" and any(k in when for k in _SCALE_ONLY):

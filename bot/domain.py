@@ -174,6 +174,7 @@ class OpsRequest:
     break_glass: str = ""
     review_state: str | None = None  # break-glass: "needed" → "acknowledged"
     reviewed_by: str | None = None
+    audit_permalink: str | None = None  # the request's record in the audit channel
     card_channel: str | None = None
     card_ts: str | None = None
     result: dict[str, Any] | None = None

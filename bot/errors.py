@@ -63,6 +63,13 @@ class ExecutionError(OpsbotError):
         self.temporary = temporary
 
 
+class DeliveryUncertain(ExecutionError):
+    """A message may or may not have reached Slack (a timeout after sending): look before re-posting."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=True)
+
+
 class Conflict(ExecutionError):
     """The target changed between the read and the write (a Kubernetes 409, a row no longer matching)."""
 

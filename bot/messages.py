@@ -51,9 +51,12 @@ def approvals_line(request: OpsRequest) -> str:
 
 
 def audit_line(row: dict[str, Any]) -> str:
+    """One audit row as posted: a step in a request's thread, or a compact line of its own for
+    attempts that never became a request (invalid, denied by policy). The full row hash is in it, so
+    a copy of the channel is evidence `opsbot audit verify --against-channel` can check."""
     plan = row.get("plan") or {}
     result = row.get("result") or {}
-    what = plan.get("summary") or row.get("command_text") or ""
+    what = plan.get("summary") or f"`/ops {row.get('command_text') or ''}`"
     where = f" [{plan['environment']}]" if plan.get("environment") else ""
     req = f" · request `{row['request_id']}`" if row.get("request_id") else ""
     extra = ""
@@ -61,8 +64,21 @@ def audit_line(row: dict[str, Any]) -> str:
         extra = f" — {result['message']}"
     elif result.get("error"):
         extra = f" — {result['error']}"
-    return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by <@{row['actor_id']}>: "
-            f"{what}{where}{req}{extra} · `{row['hash'][:12]}`")
+    elif result.get("reason"):
+        extra = f" — reason: {result['reason']}"
+    channel = f" in <#{row['channel_id']}>" if row.get("channel_id") and not row.get("request_id") else ""
+    return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by <@{row['actor_id']}>{channel}: "
+            f"{what}{where}{req}{extra} · hash `{row['hash']}`")
+
+
+def audit_headline(request: OpsRequest, last: dict[str, Any], card_link: str | None) -> str:
+    """The one message per request in the audit channel: who, what, where, state; updated as it moves."""
+    plan = request.plan
+    card = f" · <{card_link}|approval card>" if card_link else ""
+    glass = " :rotating_light: *BREAK-GLASS*" if request.break_glass else ""
+    return (f"*{request.command}* `{request.id}`{glass} — {plan.get('summary', request.text)} [{plan.get('environment')}]\n"
+            f"by {request.requester.mention()} in <#{request.channel_id}> · state: {STATE_LABEL[request.state]}{card}\n"
+            f"last record `#{last['seq']}` hash `{last['hash']}`")
 
 
 def request_status(request: OpsRequest) -> str:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from bot.adapters.ratelimit import RateLimiter
 from bot.approvals import Approvals
 from bot.audit import Audit
-from bot.config import Config
+from bot.config import Config, parse_since
 from bot.domain import Actor, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, PolicyDenied, UserError
 from bot.metrics import Metrics
@@ -81,6 +81,9 @@ class Pipeline:
         actor = await self.approvals.with_groups(req.actor)  # fails closed when groups cannot be checked
         if inv.command == "pending":
             await self._pending(req, actor)
+            return
+        if inv.command == "audit":
+            await self._audit_search(req, inv, actor)
             return
         cmd = command(inv.command)
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
@@ -158,6 +161,36 @@ class Pipeline:
             where = f"<#{r.card_channel}>" if r.card_channel else "its channel"
             lines.append(f"• `{r.id}` {r.summary} — {r.requester.mention()}, {got}/{r.approvals_required} approvals, "
                          f"expires {r.expires_at:%H:%M} UTC, in {where}")
+        await self._reply(req, "\n".join(lines))
+
+    async def _audit_search(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:
+        decision = self._decide("audit", actor, req)
+        if decision.kind is DecisionKind.DENY:
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None)
+            return
+        p = inv.params
+        page, size = int(p.get("page", 1)), 15
+        rows, total = await self.audit.log.search(
+            user=p.get("user"), command=p.get("command"), target=p.get("target"),
+            since=parse_since(p["since"], self.clock()) if p.get("since") else None, outcome=p.get("outcome"),
+            limit=size, offset=(page - 1) * size)
+        # Reading the record is itself recorded (not posted: auditors' searches are not news).
+        await self.audit.record("read", actor=req.actor, channel_id=req.channel_id, text=inv.text,
+                                result={"audit_query": {k: v for k, v in p.items()}, "matches": total}, post=False)
+        pages = max(1, -(-total // size))
+        if not rows:
+            await self._reply(req, f"No audit rows match `/ops {inv.text}`" + (f" (page {page} of {pages})." if total else "."))
+            return
+        lines = [f"*{total} audit row(s) match* — page {page} of {pages}, newest first"]
+        for r in rows:
+            plan = r["plan"] or {}
+            what = plan.get("summary") or f"`/ops {r['command_text']}`"
+            where = f" [{plan['environment']}]" if plan.get("environment") else ""
+            req_id = f" `{r['request_id']}`" if r["request_id"] else ""
+            lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* <@{r['actor_id']}>: {what}{where}{req_id}")
+        if page < pages:
+            base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
+            lines.append(f"Next: `/ops {base} --page {page + 1}`")
         await self._reply(req, "\n".join(lines))
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:

@@ -79,7 +79,16 @@ class Chat(Protocol):
 
     async def post_ephemeral(self, *, channel_id: str, user_id: str, text: str) -> None: ...
 
-    async def post_audit(self, *, channel_id: str, text: str) -> None: ...
+    # The audit channel (bot/audit.py's outbox poster).
+    async def post_message(self, *, channel_id: str, text: str, thread_ts: str | None = None) -> str: ...
+
+    async def update_message(self, *, channel_id: str, ts: str, text: str) -> None: ...
+
+    async def permalink(self, *, channel_id: str, ts: str) -> str | None: ...
+
+    async def find_message(self, *, channel_id: str, needle: str, thread_ts: str | None = None) -> str | None:
+        """The ts of a recent message containing ``needle`` (to avoid posting twice after a timeout)."""
+        ...
 
 
 class Directory(Protocol):
@@ -93,3 +102,16 @@ class NoDirectory:
 
     async def groups_of(self, user_id: str) -> frozenset[str]:
         return frozenset()
+
+
+async def tell(message: Awaitable[object]) -> None:
+    """Say something whose failure must not undo what already happened (a card update, a thread
+    reply after a state change): the state is in PostgreSQL and the audit outbox; Slack catches up."""
+    import logging
+
+    from bot.errors import OpsbotError
+
+    try:
+        await message
+    except OpsbotError as exc:
+        logging.getLogger("bot.chat").warning("could not tell Slack: %s", exc)

@@ -7,7 +7,6 @@ runs, pointed at the fakes through SLACK_API_URL and KUBECONFIG).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.adapters.audit_log import AuditLog
 from bot.adapters.directory import UserGroupDirectory
 from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
@@ -25,7 +25,7 @@ from bot.adapters.queues import ActionQueue, QueueAdapter
 from bot.adapters.ratelimit import RateLimiter
 from bot.adapters.store import Store
 from bot.approvals import Approvals
-from bot.audit import Audit
+from bot.audit import Audit, AuditPoster, secret_values
 from bot.config import Config
 from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
@@ -56,6 +56,7 @@ class Runtime:
     bolt: AsyncApp
     metrics: Metrics
     inflight: set[asyncio.Task[Any]]
+    poster: AuditPoster
 
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
@@ -66,7 +67,11 @@ class Runtime:
         actions = ActionQueue(settings.redis_url, settings.actions_queue, settings.queue_prefix)
         client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
         chat = SlackChat(client)
-        audit = Audit(store, chat, config.slack.audit_channel)
+        secrets = secret_values([settings.slack_bot_token, settings.slack_signing_secret, settings.slack_app_token,
+                                 settings.database_url, settings.redis_url,
+                                 *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values())])
+        audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets)
+        poster = AuditPoster(audit=audit, store=store, chat=chat)
         ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)
         directory: Directory = NoDirectory()
         if config.usergroups:
@@ -88,10 +93,11 @@ class Runtime:
                          inflight=inflight)
         return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
                    audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
-                   metrics=metrics, inflight=inflight)
+                   metrics=metrics, inflight=inflight, poster=poster)
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.store.open()
+        self.poster.start()
         if with_worker:
             await self.worker.start()
 
@@ -99,13 +105,18 @@ class Runtime:
         """Let requests already acked finish (bounded), then close everything."""
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=grace)
-        with contextlib.suppress(Exception):
-            await self.worker.stop()
-        await self.actions.close()
-        await self.queues.close()
-        await self.pipeline.limiter.close()
+        closers: list[tuple[str, Any]] = [
+            ("worker", self.worker.stop), ("audit poster", self.poster.stop), ("action queue", self.actions.close),
+            ("platform queues", self.queues.close), ("rate limiter", self.pipeline.limiter.close),
+        ]
         if isinstance(self.approvals.directory, UserGroupDirectory):
-            await self.approvals.directory.close()
+            closers.append(("user-group cache", self.approvals.directory.close))
+        for name, close in closers:
+            # Each step is bounded: a backend that is down must not keep the process from exiting.
+            try:
+                await asyncio.wait_for(close(), timeout=grace)
+            except Exception as exc:
+                log.warning("stopping %s: %s", name, type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
         self.kube.close()
         await self.store.close()
 

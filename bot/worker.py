@@ -35,7 +35,7 @@ from bot.domain import SYSTEM, OpsRequest, Plan, RequestState
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, UserError
 from bot.messages import thread_result
 from bot.metrics import Metrics
-from bot.ports import Chat, Context
+from bot.ports import Chat, Context, tell
 from commands.registry import command
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Executor:
             log.info("request %s not claimed (state %s)", request_id, current.state if current else "missing")
             return current.state.value if current else "missing"
         await self._record("started", request)
-        await self.chat.update_card(request)
+        await tell(self.chat.update_card(request))
         target = str(request.plan["target"])
         async with self.store.target_lock(target, wait=self.lock_wait) as locked:
             if not locked:
@@ -113,8 +113,8 @@ class Executor:
             self.metrics.execution_duration.labels(request.command, state.value).observe(time.monotonic() - started)
         self.metrics.requests.labels(request.command, state.value).inc()
         await self._record(state.value, done, result=result or {"error": error})
-        await self.chat.update_card(done)
-        await self.chat.post_in_thread(done, thread_result(done))
+        await tell(self.chat.update_card(done))
+        await tell(self.chat.post_in_thread(done, thread_result(done)))
         return state.value
 
     async def _record(self, event: str, request: OpsRequest, result: dict[str, Any] | None = None) -> None:
@@ -129,8 +129,8 @@ class Executor:
             if request is not None:
                 n += 1
                 await self._record("unknown", request, result={"error": request.error})
-                await self.chat.update_card(request)
-                await self.chat.post_in_thread(request, thread_result(request))
+                await tell(self.chat.update_card(request))
+                await tell(self.chat.post_in_thread(request, thread_result(request)))
         return n
 
 

@@ -20,10 +20,11 @@ curly ones on many keyboards; they are normalised before splitting so that
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
-from bot.config import Config
+from bot.config import Config, parse_since
 from bot.domain import Flags, Invocation
 from bot.errors import UsageError
 from commands.base import Command
@@ -38,7 +39,46 @@ BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})
 HELP_USAGE = "/ops help"
-META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]"}
+META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
+              "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]"}
+AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
+_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
+
+
+def _parse_audit(tokens: list[str], text: str) -> Invocation:
+    """`/ops audit` filters. Users may be mentions (<@U123|alice>, as Slack escapes them), ids or @names."""
+    params: dict[str, Any] = {"page": 1}
+    i = 0
+    while i < len(tokens):
+        name, eq, inline = tokens[i].partition("=")
+        if name not in AUDIT_FLAGS:
+            raise UsageError(f"unknown audit filter `{tokens[i]}`.", usage=META_USAGE["audit"])
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(tokens):
+            value, i = tokens[i + 1], i + 2
+        else:
+            raise UsageError(f"`{name}` needs a value.", usage=META_USAGE["audit"])
+        key = name[2:]
+        if AUDIT_FLAGS[name] is int:
+            if not value.isdigit() or int(value) < 1:
+                raise UsageError(f"`{name}` takes a page number (1 or more), got `{value}`.", usage=META_USAGE["audit"])
+            params[key] = int(value)
+            continue
+        if key == "user":
+            m = _MENTION.match(value)
+            params["user"] = m.group(1) if m else value
+        elif key == "since":
+            try:
+                parse_since(value)
+            except ValueError as exc:
+                raise UsageError(str(exc), usage=META_USAGE["audit"]) from None
+            params["since"] = value
+        elif key == "command" and value not in BY_NAME and value not in ("help", "audit", "cancel", "pending"):
+            raise UsageError(f"no command `{value}`; use one of {', '.join(BY_NAME)}.", usage=META_USAGE["audit"])
+        else:
+            params[key] = value
+    return Invocation(command="audit", params=params, flags=Flags(), text=text.strip())
 
 
 def command(name: str) -> Command:
@@ -102,6 +142,8 @@ def parse(text: str, config: Config) -> Invocation:
     tokens = tokenize(text)
     if not tokens or tokens[0].lower() in ("help", "-h", "--help"):
         return Invocation(command="help", params={"topic": " ".join(tokens[1:]).lower()}, flags=Flags(), text=text.strip())
+    if tokens[0].lower() == "audit":
+        return _parse_audit(tokens[1:], text)
     if tokens[0].lower() == "pending":
         if len(tokens) > 1:
             raise UsageError(f"`pending` takes no arguments, got `{' '.join(tokens[1:])}`.", usage=META_USAGE["pending"])

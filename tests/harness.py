@@ -54,6 +54,7 @@ class Harness:
         )
         runtime = Runtime.build(settings, config)
         runtime.worker.sweep_every = 0.3
+        runtime.poster.interval = 0.2
         h = cls(runtime=runtime, slack=slack)
         await runtime.start(with_worker=with_worker)
         h._runner = web.AppRunner(runtime.web_app())
@@ -132,7 +133,7 @@ class Harness:
             await asyncio.sleep(0.05)
 
     async def last_request(self) -> OpsRequest | None:
-        rows = await self.runtime.store.audit_rows()
+        rows = await self.runtime.audit.log.rows()
         ids = [r["request_id"] for r in rows if r["request_id"] and r["event"] == "requested"]
         return await self.runtime.store.get(ids[-1]) if ids else None
 
@@ -166,4 +167,4 @@ class Harness:
         return await self.eventually(probe, timeout=timeout, what=f"a response containing {containing!r}")
 
     async def audit_events(self, request_id: str | None = None) -> list[str]:
-        return [r["event"] for r in await self.runtime.store.audit_rows(request_id)]
+        return [r["event"] for r in await self.runtime.audit.log.rows(request_id)]

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from importlib import resources
 from typing import Any
 
@@ -22,12 +21,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId, canonical_json
+from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
 from bot.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
-_AUDIT_LOCK = 0x0A0D17  # advisory lock key serialising audit appends
-GENESIS = "0" * 64
 
 
 @contextlib.asynccontextmanager
@@ -40,10 +37,8 @@ async def _db_errors() -> AsyncIterator[None]:
         raise BackendUnavailable("the opsbot database", "no connection available (pool timeout)") from exc
 
 
-def audit_hash(prev_hash: str, record: dict[str, Any]) -> str:
-    """sha256 over ``prev_hash`` followed by the canonical JSON of the record (sorted keys, no
-    spaces, UTF-8; ``at`` as ISO-8601 UTC with microseconds)."""
-    return hashlib.sha256((prev_hash + canonical_json(record)).encode()).hexdigest()
+_SELECT_REQUEST = """SELECT r.*, t.permalink AS audit_permalink FROM ops_requests r
+                     LEFT JOIN audit_threads t ON t.request_id = r.id WHERE r.id = %s"""
 
 
 @dataclass(frozen=True)
@@ -77,6 +72,7 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
         break_glass=row["break_glass"],
         review_state=row["review_state"],
         reviewed_by=row["reviewed_by"],
+        audit_permalink=row.get("audit_permalink"),
         card_channel=row["card_channel"],
         card_ts=row["card_ts"],
         result=row["result"],
@@ -98,6 +94,12 @@ class Store:
         await self.pool.close()
 
     @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
+        """A pooled connection (autocommit, dict rows); psycopg errors become BackendUnavailable."""
+        async with self._conn() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
         async with _db_errors(), self.pool.connection() as conn:
             yield conn  # type: ignore[misc]  # the pool is built with row_factory=dict_row
@@ -107,6 +109,23 @@ class Store:
             await conn.execute("SELECT 1")
 
     # ------------------------------------------------------------------ migrations
+
+    async def grant_app_role(self, role: str) -> None:
+        """What the bot's own database role may do: requests and approvals read/write, the audit
+        trail read and append only (no UPDATE, DELETE or TRUNCATE, whatever a bug in the bot tries)."""
+        from psycopg import sql
+
+        r = sql.Identifier(role)
+        async with self._conn() as conn, conn.transaction():
+            for stmt in (
+                "GRANT USAGE ON SCHEMA public TO {r}",
+                "GRANT SELECT, INSERT, UPDATE ON ops_requests, ops_approvals, audit_outbox, audit_threads TO {r}",
+                "GRANT SELECT ON opsbot_migrations TO {r}",
+                "GRANT SELECT, INSERT ON audit_events TO {r}",
+                "GRANT SELECT ON audit_checkpoints TO {r}",
+                "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, audit_checkpoints FROM {r}",
+            ):
+                await conn.execute(sql.SQL(stmt).format(r=r))
 
     async def migrate(self) -> list[str]:
         """Apply bot/migrations/*.sql in order, once each, under an advisory lock."""
@@ -147,7 +166,7 @@ class Store:
 
     async def get(self, request_id: str) -> OpsRequest | None:
         async with self._conn() as conn:
-            row = await (await conn.execute("SELECT * FROM ops_requests WHERE id = %s", (request_id,))).fetchone()
+            row = await (await conn.execute(_SELECT_REQUEST, (request_id,))).fetchone()
             if row is None:
                 return None
             approvals = await (await conn.execute(
@@ -197,7 +216,7 @@ class Store:
             return VoteResult("counted", await self._reload(conn, request_id))
 
     async def _reload(self, conn: psycopg.AsyncConnection[dict[str, Any]], request_id: str) -> OpsRequest:
-        row = await (await conn.execute("SELECT * FROM ops_requests WHERE id = %s", (request_id,))).fetchone()
+        row = await (await conn.execute(_SELECT_REQUEST, (request_id,))).fetchone()
         approvals = await (await conn.execute("SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
         assert row is not None
         return _request(row, approvals)
@@ -304,65 +323,3 @@ class Store:
             finally:
                 if got:
                     await conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (target,))
-
-    # ------------------------------------------------------------------ audit
-
-    async def append_audit(self, *, event: str, actor: Actor, channel_id: str, request_id: str | None,
-                           command_text: str, plan: dict[str, Any] | None, result: dict[str, Any] | None) -> dict[str, Any]:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
-            last = await (await conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).fetchone()
-            seq = (last["seq"] + 1) if last else 1
-            prev = last["hash"] if last else GENESIS
-            at = datetime.now(UTC)
-            record = audit_record(seq=seq, at=at, event=event, actor_id=actor.user_id, actor_name=actor.name,
-                                  channel_id=channel_id, request_id=request_id, command_text=command_text,
-                                  plan=plan, result=result)
-            digest = audit_hash(prev, record)
-            await conn.execute(
-                """INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text,
-                       plan, result, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (seq, at, event, actor.user_id, actor.name, channel_id, request_id, command_text,
-                 Jsonb(plan) if plan is not None else None, Jsonb(result) if result is not None else None, prev, digest),
-            )
-        return {**record, "prev_hash": prev, "hash": digest}
-
-    async def audit_rows(self, request_id: str | None = None) -> list[dict[str, Any]]:
-        async with self._conn() as conn:
-            if request_id:
-                cur = await conn.execute("SELECT * FROM audit_events WHERE request_id = %s ORDER BY seq", (request_id,))
-            else:
-                cur = await conn.execute("SELECT * FROM audit_events ORDER BY seq")
-            return await cur.fetchall()
-
-
-def audit_record(*, seq: int, at: datetime, event: str, actor_id: str, actor_name: str, channel_id: str,
-                 request_id: str | None, command_text: str, plan: dict[str, Any] | None,
-                 result: dict[str, Any] | None) -> dict[str, Any]:
-    """The hashed content of one audit row (everything but the hashes)."""
-    return {
-        "seq": seq,
-        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
-        "event": event,
-        "actor_id": actor_id,
-        "actor_name": actor_name,
-        "channel_id": channel_id,
-        "request_id": request_id,
-        "command_text": command_text,
-        "plan": plan,
-        "result": result,
-    }
-
-
-def verify_chain(rows: list[dict[str, Any]]) -> int | None:
-    """The seq of the first row whose link is broken, or None when the chain holds."""
-    prev = GENESIS
-    expected_seq = rows[0]["seq"] if rows else 1
-    for row in rows:
-        record = audit_record(seq=row["seq"], at=row["at"], event=row["event"], actor_id=row["actor_id"],
-                              actor_name=row["actor_name"], channel_id=row["channel_id"], request_id=row["request_id"],
-                              command_text=row["command_text"], plan=row["plan"], result=row["result"])
-        if row["seq"] != expected_seq or row["prev_hash"] != prev or audit_hash(prev, record) != row["hash"]:
-            return int(row["seq"])
-        prev, expected_seq = row["hash"], row["seq"] + 1
-    return None

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from bot.config import Conditions, Config, Rule
+from bot.config import READ_ONLY_COMMANDS, Conditions, Config, Rule
 from bot.domain import Actor, Decision, DecisionKind, Plan
 
 READ_ONLY_ALWAYS = ("help",)
@@ -109,7 +109,7 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
     now = now or datetime.now(UTC)
     plan = None if isinstance(subject, str) else subject
     command = subject if isinstance(subject, str) else subject.command
-    mutating = plan.mutating if plan is not None else command not in ("help", "status")
+    mutating = plan.mutating if plan is not None else command not in READ_ONLY_COMMANDS
     environment = plan.environment if plan else None
     where = f" in {environment}" if environment else ""
     roles = policy.roles_of(actor.user_id, actor.groups)

@@ -24,6 +24,8 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
              f"target: `{plan.get('target_label', plan.get('target'))}` · environment: *{plan.get('environment')}*"]
     lines += [f"• {d}" for d in plan.get("details") or []]
     context = [f"requested by {request.requester.mention()}: `/ops {request.text}`"]
+    if request.audit_permalink:
+        context.append(f"<{request.audit_permalink}|audit record>")
     if request.reason:
         context.append(f"reason: {request.reason}")
     if request.rule:

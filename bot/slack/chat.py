@@ -1,26 +1,46 @@
-"""``Chat`` through the Slack Web API (slack_sdk's AsyncWebClient; its base_url is SLACK_API_URL)."""
+"""``Chat`` through the Slack Web API (slack_sdk's AsyncWebClient; its base_url is SLACK_API_URL).
+
+Every Slack failure becomes an ``ExecutionError`` that says what could not be done and, for the
+common causes, what to do about it; a timeout after the request was sent is ``DeliveryUncertain``
+(the message may have arrived), so the audit outbox can look before posting again.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.domain import OpsRequest
-from bot.errors import ExecutionError
+from bot.errors import DeliveryUncertain, ExecutionError
 from bot.slack.blocks import card_blocks, card_fallback
+
+T = TypeVar("T")
 
 _HINTS = {
     "not_in_channel": "invite the opsbot app to this channel (`/invite @opsbot`)",
     "channel_not_found": "the channel is unknown to the opsbot app; invite it, or check slack.audit_channel",
     "invalid_auth": "SLACK_BOT_TOKEN is not valid",
+    "missing_scope": "the Slack app lacks a scope; reinstall it from manifests/slack-app.yaml",
 }
 
 
-def _slack_error(what: str, exc: SlackApiError) -> ExecutionError:
-    code = str(exc.response.get("error", "error"))
-    hint = _HINTS.get(code)
-    return ExecutionError(f"Slack refused to {what}: {code}" + (f" ({hint})" if hint else ""), temporary=code == "ratelimited")
+async def _slack(what: str, call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except SlackApiError as exc:
+        code = str(exc.response.get("error", "error")) if isinstance(exc.response.data, dict) else f"HTTP {exc.response.status_code}"
+        hint = _HINTS.get(code)
+        raise ExecutionError(f"Slack refused to {what}: {code}" + (f" ({hint})" if hint else ""),
+                             temporary=code == "ratelimited" or code.startswith("HTTP 5")) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise DeliveryUncertain(f"Slack did not answer in time to {what} ({type(exc).__name__}); it may have arrived") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ExecutionError(f"Slack is unreachable ({what}): {type(exc).__name__}: {exc}", temporary=True) from exc
 
 
 class SlackChat:
@@ -29,47 +49,55 @@ class SlackChat:
 
     async def respond(self, *, response_url: str, channel_id: str, user_id: str, text: str, public: bool = False) -> None:
         if response_url:
-            resp = await AsyncWebhookClient(response_url).send(text=text, response_type="in_channel" if public else "ephemeral")
+            resp = await _slack("reply", AsyncWebhookClient(response_url).send(text=text,
+                                                                                response_type="in_channel" if public else "ephemeral"))
             if resp.status_code < 300:
                 return
-        try:
-            if public:
-                await self.client.chat_postMessage(channel=channel_id, text=text)
-            else:
-                await self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text)
-        except SlackApiError as exc:
-            raise _slack_error("reply", exc) from exc
+        if public:
+            await _slack("reply", self.client.chat_postMessage(channel=channel_id, text=text))
+        else:
+            await _slack("answer you privately", self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
 
     async def post_card(self, request: OpsRequest) -> tuple[str, str]:
-        try:
-            resp = await self.client.chat_postMessage(channel=request.channel_id, text=card_fallback(request), blocks=card_blocks(request))
-        except SlackApiError as exc:
-            raise _slack_error("post the approval card", exc) from exc
+        resp = await _slack("post the approval card", self.client.chat_postMessage(
+            channel=request.channel_id, text=card_fallback(request), blocks=card_blocks(request)))
         return str(resp["channel"]), str(resp["ts"])
 
     async def update_card(self, request: OpsRequest) -> None:
         if not (request.card_channel and request.card_ts):
             return
-        try:
-            await self.client.chat_update(channel=request.card_channel, ts=request.card_ts, text=card_fallback(request),
-                                          blocks=card_blocks(request))
-        except SlackApiError as exc:
-            raise _slack_error("update the approval card", exc) from exc
+        await _slack("update the approval card", self.client.chat_update(
+            channel=request.card_channel, ts=request.card_ts, text=card_fallback(request), blocks=card_blocks(request)))
 
     async def post_in_thread(self, request: OpsRequest, text: str) -> None:
-        try:
-            await self.client.chat_postMessage(channel=request.card_channel or request.channel_id, thread_ts=request.card_ts, text=text)
-        except SlackApiError as exc:
-            raise _slack_error("reply in the request's thread", exc) from exc
+        await _slack("reply in the request's thread", self.client.chat_postMessage(
+            channel=request.card_channel or request.channel_id, thread_ts=request.card_ts, text=text))
 
     async def post_ephemeral(self, *, channel_id: str, user_id: str, text: str) -> None:
-        try:
-            await self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text)
-        except SlackApiError as exc:
-            raise _slack_error("answer you privately", exc) from exc
+        await _slack("answer you privately", self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
 
-    async def post_audit(self, *, channel_id: str, text: str) -> None:
+    async def post_message(self, *, channel_id: str, text: str, thread_ts: str | None = None) -> str:
+        resp = await _slack("post to the audit channel", self.client.chat_postMessage(
+            channel=channel_id, text=text, thread_ts=thread_ts, unfurl_links=False, unfurl_media=False))
+        return str(resp["ts"])
+
+    async def update_message(self, *, channel_id: str, ts: str, text: str) -> None:
+        await _slack("update the audit headline", self.client.chat_update(channel=channel_id, ts=ts, text=text))
+
+    async def permalink(self, *, channel_id: str, ts: str) -> str | None:
         try:
-            await self.client.chat_postMessage(channel=channel_id, text=text, unfurl_links=False, unfurl_media=False)
-        except SlackApiError as exc:
-            raise _slack_error("post to the audit channel", exc) from exc
+            resp = await _slack("link a message", self.client.chat_getPermalink(channel=channel_id, message_ts=ts))
+        except ExecutionError:
+            return None  # a link is a convenience; the record does not depend on it
+        return str(resp.get("permalink") or "") or None
+
+    async def find_message(self, *, channel_id: str, needle: str, thread_ts: str | None = None) -> str | None:
+        resp: Any
+        if thread_ts:
+            resp = await _slack("read the audit thread", self.client.conversations_replies(channel=channel_id, ts=thread_ts, limit=200))
+        else:
+            resp = await _slack("read the audit channel", self.client.conversations_history(channel=channel_id, limit=200))
+        for message in resp.get("messages") or []:
+            if needle in str(message.get("text", "")):
+                return str(message["ts"])
+        return None

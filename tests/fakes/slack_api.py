@@ -49,6 +49,8 @@ class FakeSlack:
         self.responses: list[dict[str, Any]] = []  # what was sent to response_urls
         self.fail_with: str | None = None
         self.fail_methods: dict[str, str] = {}  # method → error, e.g. {"usergroups.users.list": "ratelimited"}
+        self.slow_methods: dict[str, float] = {}  # method → seconds: the call is handled, but the answer comes late
+        self.down = False  # refuse connections' worth: every call gets HTTP 503
         self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -123,6 +125,8 @@ class FakeSlack:
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         args = await self._args(request)
+        if self.down:
+            return web.Response(status=503, text="Slack is down (fake)")
         if method == "apps.connections.open":
             if request.headers.get("Authorization", "") != "Bearer xapp-test-token":
                 return web.json_response({"ok": False, "error": "invalid_auth"})
@@ -136,6 +140,8 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": self.fail_with or self.fail_methods[method]})
         result = self._handle(method, args)
         self._notify()
+        if method in self.slow_methods:
+            await asyncio.sleep(self.slow_methods[method])
         return web.json_response(result)
 
     def _handle(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +165,18 @@ class FakeSlack:
             ts = f"{1700000000 + next(self._ts)}.000200"
             self.messages.append(Message(channel=args["channel"], ts=ts, text=args.get("text", ""), user=args["user"]))
             return {"ok": True, "message_ts": ts}
+        if method == "chat.getPermalink":
+            return {"ok": True, "channel": args["channel"],
+                    "permalink": f"https://fake.slack/archives/{args['channel']}/p{str(args['message_ts']).replace('.', '')}"}
+        if method in ("conversations.history", "conversations.replies"):
+            msgs = [m for m in self.messages if m.channel == args["channel"] and m.user is None]
+            if method == "conversations.history":
+                msgs = [m for m in msgs if m.thread_ts is None]
+            else:
+                msgs = [m for m in msgs if m.ts == args["ts"] or m.thread_ts == args["ts"]]
+            return {"ok": True, "has_more": False, "messages": [
+                {"type": "message", "ts": m.ts, "text": m.text, **({"thread_ts": m.thread_ts} if m.thread_ts else {})}
+                for m in reversed(msgs)]}
         if method == "usergroups.users.list":
             if args.get("usergroup") not in self.usergroups:
                 return {"ok": False, "error": "no_such_subteam"}

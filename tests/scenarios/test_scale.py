@@ -37,11 +37,30 @@ async def test_engineer_scales_worker_after_approval(bot: Harness, kube: KubeApi
     thread = bot.slack.thread(Harness.INCIDENT, done.card_ts or "")
     assert any("scaled 3 → 6" in m.text for m in thread)
 
-    # The whole story, in order, in the audit table and in the audit channel.
+    # The whole story, in order, in the audit table and in the audit channel: one headline message
+    # for the request (updated to its final state) and each step, with its row hash, in its thread.
     assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded"]
-    audit_channel = [m.text for m in bot.slack.in_channel("C0AUDIT")]
-    assert len([t for t in audit_channel if request.id in t]) == 5
-    assert any("succeeded" in t and "nova-worker: 3 → 6 replicas" in t for t in audit_channel)
+    rows = await bot.runtime.audit.log.rows(request.id)
+
+    async def steps_posted():  # type: ignore[no-untyped-def]
+        heads = [m for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text]
+        return heads if heads and len(bot.slack.thread("C0AUDIT", heads[0].ts)) == len(rows) else None
+
+    heads = await bot.eventually(steps_posted, what="the audit thread")
+    assert len(heads) == 1
+    steps = bot.slack.thread("C0AUDIT", heads[0].ts)
+    assert [r["hash"] in m.text for r, m in zip(rows, steps, strict=True)] == [True] * 5
+    assert "*succeeded*" in steps[-1].text and "nova-worker: 3 → 6 replicas" in steps[-1].text
+
+    async def headline_final():  # type: ignore[no-untyped-def]
+        head = next(m for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text)
+        return head if "succeeded" in head.text and rows[-1]["hash"] in head.text else None
+
+    head = await bot.eventually(headline_final, what="the headline update")
+    assert f"<@{ALICE}>" in head.text and "approval card" in head.text
+    # …and the approval card links back to the audit record.
+    card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
+    assert f"https://fake.slack/archives/C0AUDIT/p{heads[0].ts.replace('.', '')}" in card.all_text()
 
 
 async def test_replicas_outside_range_are_refused_with_the_range(bot: Harness, kube: KubeApiServer) -> None:

@@ -1,0 +1,154 @@
+"""The audit channel as auditors read it: the outbox catches up after a Slack outage without posting
+anything twice, attempts that never became requests get one compact line, `/ops audit` answers
+auditors only, and `opsbot audit verify --against-channel` compares the channel with the database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+
+import psycopg
+
+from tests.conftest import ALICE, CAROL, EVE, EXAMPLE, MALLORY
+from tests.harness import Harness
+
+
+def hashes_in_channel(bot: Harness, channel: str = "C0AUDIT") -> list[str]:
+    return [h for m in bot.slack.messages if m.channel == channel for h in re.findall(r"hash `([0-9a-f]{64})`", m.text)
+            if "last record" not in m.text]
+
+
+async def all_posted(bot: Harness) -> bool:
+    return await bot.runtime.audit.log.unposted() == 0
+
+
+async def test_outbox_catches_up_after_an_outage_without_duplicates(bot: Harness, state_db: str) -> None:
+    await bot.slash(ALICE, "/ops scale worker 5")
+    request = await bot.requested()
+    await bot.eventually(lambda: all_posted(bot), what="the first row to be posted")
+    bot.slack.down = True  # the Web API goes away; clicks still arrive (Slack's edge is a different system)
+    await bot.click(CAROL, request.id)
+    done = await bot.eventually(lambda: _final(bot, request.id), what="the request to finish")
+    assert done.state.value == "succeeded"  # the action does not wait for the audit channel
+    await bot.eventually(lambda: _events_at_least(bot, 5), what="audit rows")
+    await asyncio.sleep(0.6)  # a few poster rounds fail meanwhile
+    assert len(hashes_in_channel(bot)) == 1, "only what was posted before the outage"
+    with psycopg.connect(state_db) as conn:
+        attempts = conn.execute("SELECT max(attempts) FROM audit_outbox").fetchone()
+    assert attempts is not None and attempts[0] >= 1
+    bot.slack.down = False
+    with psycopg.connect(state_db, autocommit=True) as conn:  # skip the back-off wait
+        conn.execute("UPDATE audit_outbox SET next_attempt_at = now()")
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    rows = await bot.runtime.audit.log.rows()
+    posted = hashes_in_channel(bot)
+    assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
+    heads = [m for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text]
+    assert len(heads) == 1 and len(bot.slack.thread("C0AUDIT", heads[0].ts)) == len(rows)
+
+
+async def test_a_post_whose_answer_was_lost_is_not_posted_again(bot: Harness) -> None:
+    bot.runtime.chat.client.timeout = 1
+    bot.slack.slow_methods["chat.postMessage"] = 2.0  # Slack posts it, but answers after our timeout
+    await bot.slash(MALLORY, "/ops scale worker 5")
+    await bot.eventually(lambda: _events_at_least(bot, 1), what="the audit row")
+    await bot.eventually(lambda: _uncertain(bot), what="an uncertain attempt", timeout=15)
+    bot.slack.slow_methods.clear()
+    with_id = (await bot.runtime.audit.log.rows())[0]
+    await bot.runtime.poster.run_once()  # finds the earlier post by its hash instead of posting again
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    assert hashes_in_channel(bot).count(with_id["hash"]) == 1
+
+
+async def test_invalid_and_denied_attempts_are_one_line_each(bot: Harness) -> None:
+    await bot.slash(ALICE, "/ops scale wrkr 3")
+    await bot.slash(MALLORY, "/ops rollback api")
+    await bot.eventually(lambda: _events_at_least(bot, 2), what="audit rows")
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    lines = [m.text for m in bot.slack.in_channel("C0AUDIT")]
+    assert len(lines) == 2
+    assert "*invalid command* by <@U0ALICE> in <#C0INCIDENT>: `/ops scale wrkr 3`" in lines[0]
+    assert "unknown deployment `wrkr`" in lines[0]
+    assert "*denied by policy* by <@U0MALLORY>" in lines[1] and "you may not run `rollback`" in lines[1]
+
+
+async def test_ops_audit_is_for_auditors(bot: Harness) -> None:
+    await bot.slash(ALICE, "/ops scale worker 4")
+    request = await bot.requested()
+    await bot.click(CAROL, request.id)
+    await bot.state_of(request.id, "succeeded")
+    await bot.slash(MALLORY, "/ops rollback api")
+    await bot.response(containing="Not allowed")
+
+    await bot.slash(ALICE, "/ops audit")
+    assert "your roles: engineer" in (await bot.response(containing="you may not run `audit`"))["text"]
+    await bot.slash(EVE, "/ops audit --command scale --outcome succeeded --since 1h")
+    reply = await bot.response(containing="audit row(s) match")
+    assert reply["response_type"] == "ephemeral"
+    assert "*1 audit row(s) match*" in reply["text"] and "*succeeded*" in reply["text"] and request.id in reply["text"]
+    await bot.slash(EVE, "/ops audit --user <@U0MALLORY|mallory>")
+    reply = await bot.response(containing="policy_denied")
+    assert "*1 audit row(s) match*" in reply["text"]
+    await bot.slash(EVE, "/ops audit --target worker")
+    reply = await bot.response(containing="audit row(s) match* — page 1 of 1")
+    # requested, approval_given, approved, started, succeeded; the status read and the denied attempt name no plan target
+    assert "*5 audit row(s) match*" in reply["text"]
+    _, ack = await bot.slash(EVE, "/ops audit --since yesterday")
+    assert "neither a duration (7d, 12h, 30m) nor a date" in ack
+
+
+async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_db: str, redis_url: str) -> None:
+    await bot.slash(ALICE, "/ops scale worker 4")
+    request = await bot.requested()
+    await bot.click(CAROL, request.id)
+    await bot.state_of(request.id, "succeeded")
+    await bot.slash(MALLORY, "/ops scale worker 9")
+    await bot.eventually(lambda: _events_at_least(bot, 6), what="audit rows")
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    env = {**os.environ, "DATABASE_URL": state_db, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": "x",
+           "SLACK_API_URL": bot.slack.api_url, "REDIS_URL": redis_url, "OPSBOT_CONFIG": str(EXAMPLE),
+           "NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url}
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--against-channel"], capture_output=True,
+                              text=True, env=env, timeout=60)
+
+    proc = await asyncio.to_thread(verify)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "database: OK: 6 row(s)" in proc.stdout and "channel: 6 posted hash(es) compared, 0 differ" in proc.stdout
+    # Rewrite a row and its hash (and all that follow) so the database chain is valid again: only the
+    # channel, posted at the time, still shows what really happened.
+    from bot.adapters.audit_log import audit_hash, audit_record
+
+    rows = await bot.runtime.audit.log.rows()
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        prev = rows[2]["prev_hash"]
+        for row in rows[2:]:
+            if row["seq"] == 3:
+                row["actor_id"] = "U0SOMEONEELSE"
+            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
+            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
+                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
+            prev = row["hash"]
+    proc = await asyncio.to_thread(verify)
+    assert proc.returncode == 1
+    assert "database: OK" in proc.stdout and "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6" in proc.stdout
+
+
+async def _final(bot: Harness, request_id: str):  # type: ignore[no-untyped-def]
+    r = await bot.runtime.store.get(request_id)
+    return r if r is not None and r.state.final else None
+
+
+async def _events_at_least(bot: Harness, n: int) -> bool:
+    return len(await bot.audit_events()) >= n
+
+
+async def _uncertain(bot: Harness) -> bool:
+    async with bot.runtime.store.connection() as conn:
+        row = await (await conn.execute("SELECT bool_or(uncertain) AS u FROM audit_outbox")).fetchone()
+    return bool(row and row["u"])

@@ -24,6 +24,7 @@ async def test_disable_then_enable_a_provider(bot: Harness, platform_db: str) ->
     assert done.state.value == "succeeded", done.error
     assert active(platform_db, "twilio") is False
     assert active(platform_db, "vonage") is True
+    assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded"]
 
     await bot.slash(ALICE, "/ops enable provider twilio")
     again = await bot.eventually(lambda: _newer(bot, request.id), what="a second request")

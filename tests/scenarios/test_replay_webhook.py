@@ -38,6 +38,7 @@ async def test_replay_resets_the_row_and_queues_exactly_one_job(bot: Harness, co
     assert row(platform_db, FAILED_EVENT) == ("failed", "ECONNRESET talking to ledger")
     assert await replay(bot, FAILED_EVENT) == "succeeded"
     assert row(platform_db, FAILED_EVENT) == ("pending", None)
+    assert await bot.audit_events() == ["requested", "approval_given", "approved", "started", "succeeded"]
 
     queue = Queue("billing-webhooks", {"connection": redis_url, "prefix": queue_prefix})
     try:

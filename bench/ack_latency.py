@@ -27,9 +27,9 @@ from slack_sdk.signature import SignatureVerifier
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fakes.kube_apiserver import KubeApiServer, deployment_manifest  # noqa: E402
-from tests.fakes.slack_api import FakeSlack  # noqa: E402
-from tests.servers import free_port, postgres_server, redis_server  # noqa: E402
+from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest  # noqa: E402
+from bot.sandbox.slack_api import FakeSlack  # noqa: E402
+from bot.sandbox.servers import free_port, postgres_server, redis_server  # noqa: E402
 
 SECRET = "bench-secret"
 TEXTS = ["status worker", "scale worker 6 --dry-run", "scale wrkr 6", "help"]

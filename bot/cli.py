@@ -299,6 +299,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from bot.sandbox import dev
+
+    return dev.main(args.config, args.host, args.port, args.data_dir)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opsbot", description="ChatOps for production: /ops in Slack, with policy, approvals and audit.")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
@@ -307,6 +313,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default $OPSBOT_CONFIG or policies/default.yaml)")
     serve.add_argument("--no-worker", action="store_true", help="do not run the action worker in this process")
     serve.set_defaults(fn=cmd_serve)
+    devp = sub.add_parser("dev", help="the local playground: the real bot with a Slack emulator in your browser, a sandbox "
+                                      "cluster, PostgreSQL and Redis; no Slack workspace or cluster needed")
+    devp.add_argument("--config", help=f"your policy to try against the sandbox (default {'policies/examples/nova-rms.yaml'})")
+    devp.add_argument("--port", type=int, default=int(os.environ.get("OPSBOT_DEV_PORT", "8800")), help="playground port (default 8800)")
+    devp.add_argument("--host", default="127.0.0.1")
+    devp.add_argument("--data-dir", default=".opsbot/dev", help="where the private PostgreSQL and Redis keep their data")
+    devp.set_defaults(fn=cmd_dev)
     worker = sub.add_parser("worker", help="run only the action worker")
     worker.add_argument("--config")
     worker.set_defaults(fn=cmd_worker)

@@ -67,7 +67,8 @@ def audit_line(row: dict[str, Any]) -> str:
     elif result.get("reason"):
         extra = f" — reason: {result['reason']}"
     channel = f" in <#{row['channel_id']}>" if row.get("channel_id") and not row.get("request_id") else ""
-    return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by <@{row['actor_id']}>{channel}: "
+    who = "opsbot" if row["actor_id"] == "opsbot" else f"<@{row['actor_id']}>"
+    return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by {who}{channel}: "
             f"{what}{where}{req}{extra} · hash `{row['hash']}`")
 
 

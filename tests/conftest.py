@@ -16,25 +16,16 @@ import pytest_asyncio
 
 from bot.adapters.store import Store
 from bot.config import Config, load_config
-from tests.fakes.kube_apiserver import KubeApiServer, deployment_manifest
-from tests.fakes.slack_api import FakeSlack
+from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest
+from bot.sandbox.slack_api import FakeSlack
 from tests.harness import Harness
-from tests.servers import postgres_server, redis_server
+from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster
+from bot.sandbox.servers import postgres_server, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "policies" / "examples" / "nova-rms.yaml"
 
-PLATFORM_SCHEMA = """
-CREATE TABLE "Provider" (id serial PRIMARY KEY, name text UNIQUE NOT NULL, "isActive" boolean NOT NULL DEFAULT true);
-INSERT INTO "Provider" (name, "isActive") VALUES ('twilio', true), ('vonage', true), ('plivo', false);
-CREATE TABLE billing_webhook_events (
-    id uuid PRIMARY KEY, event_type text NOT NULL, status text NOT NULL, last_error text,
-    payload jsonb NOT NULL DEFAULT '{}', created_at timestamptz NOT NULL DEFAULT now());
-INSERT INTO billing_webhook_events (id, event_type, status, last_error) VALUES
-    ('8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51', 'invoice.paid', 'failed', 'ECONNRESET talking to ledger'),
-    ('1d6e8f00-aaaa-4bbb-8ccc-000000000002', 'subscription.updated', 'processed', NULL),
-    ('2b7c9d11-bbbb-4ccc-9ddd-000000000003', 'invoice.created', 'pending', NULL);
-"""
+
 
 ALICE, BOTH, CAROL, DAN, EVE, MALLORY = "U0ALICE", "U0BOTH", "U0CAROL", "U0DAN", "U0EVE", "U0MALLORY"
 FAILED_EVENT = "8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51"
@@ -107,13 +98,7 @@ def kube(tmp_path: Path) -> Iterator[KubeApiServer]:
     """The emulator, seeded like Nova's production namespace: nova-worker at 3 replicas, nova-api
     with three revisions of history (1.4.0 → 1.4.1 → 1.4.2)."""
     with KubeApiServer() as api:
-        c = api.cluster
-        c.create_deployment("nova", deployment_manifest("nova-worker", "ghcr.io/nova/worker:2.3.0", replicas=3, namespace="nova"))
-        c.create_deployment("nova", deployment_manifest("nova-api", "ghcr.io/nova/api:1.4.0", replicas=3, namespace="nova"))
-        for tag in ("1.4.1", "1.4.2"):
-            d = c.get("apps/deployments", "nova", "nova-api")
-            d["spec"]["template"]["spec"]["containers"][0]["image"] = f"ghcr.io/nova/api:{tag}"
-            c.update_deployment("nova", "nova-api", d)
+        seed_cluster(api.cluster)
         api.kubeconfig(str(tmp_path / "kubeconfig"), context="nova-prod")
         yield api
 

@@ -25,7 +25,7 @@ from bot.config import Config
 from bot.domain import OpsRequest
 from bot.runtime import Runtime
 from bot.settings import Settings
-from tests.fakes.slack_api import FakeSlack
+from bot.sandbox.slack_api import FakeSlack
 
 SIGNING_SECRET = "test-signing-secret"
 # How each final state's notice in the card's thread begins (bot/messages.py, bot/approvals.py).

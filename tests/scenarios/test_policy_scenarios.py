@@ -12,8 +12,8 @@ import pytest_asyncio
 
 from bot.config import Config, parse_config
 from tests.conftest import ALICE, CAROL, DAN, EVE, MALLORY
-from tests.fakes.kube_apiserver import KubeApiServer
-from tests.fakes.slack_api import FakeSlack
+from bot.sandbox.kube_apiserver import KubeApiServer
+from bot.sandbox.slack_api import FakeSlack
 from tests.harness import Harness
 
 LEAD, IC, GROUPIE = "U0LEAD", "U0IC", "U0GROUPIE"

@@ -8,7 +8,7 @@ import json
 import psycopg
 
 from tests.conftest import ALICE, CAROL, DAN, EVE
-from tests.fakes.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer
 from tests.harness import Harness
 
 

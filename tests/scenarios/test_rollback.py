@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from tests.conftest import ALICE, CAROL
-from tests.fakes.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer
 from tests.harness import Harness
 
 
@@ -34,7 +34,7 @@ async def test_rollback_to_previous_revision_reverts_the_template(bot: Harness, 
     assert image(kube) == "ghcr.io/nova/api:1.4.1"
     # The controller re-used revision 2's ReplicaSet and made it revision 4, as a cluster does.
     assert revision(kube) == "4"
-    rs = kube.cluster.list("apps/replicasets", "nova", "app=nova-api")
+    rs = kube.cluster.list_objects("apps/replicasets", "nova", "app=nova-api")
     assert sorted(r["metadata"]["annotations"]["deployment.kubernetes.io/revision"] for r in rs) == ["1", "3", "4"]
     # The write was a JSON patch carrying the resourceVersion read just before (409 if it moved).
     patches = [r for r in kube.cluster.requests if r[0] == "PATCH" and r[1].endswith("/deployments/nova-api")]

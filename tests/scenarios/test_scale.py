@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import ALICE, BOTH, CAROL, MALLORY
-from tests.fakes.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer
 from tests.harness import Harness
 
 

@@ -9,7 +9,7 @@ import uuid
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
 from tests.conftest import ALICE, CAROL
-from tests.fakes.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer
 from tests.harness import Harness
 
 

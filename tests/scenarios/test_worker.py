@@ -8,7 +8,7 @@ import psycopg
 from bot.domain import RequestState
 from bot.errors import BackendUnavailable
 from tests.conftest import ALICE, CAROL
-from tests.fakes.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer
 from tests.harness import Harness
 
 

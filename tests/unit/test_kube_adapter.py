@@ -11,7 +11,7 @@ import pytest
 from bot.adapters.kube import KubeAdapter
 from bot.config import parse_config
 from bot.errors import BackendUnavailable, Conflict, NotFound
-from tests.fakes.kube_apiserver import KubeApiServer, deployment_manifest
+from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest
 
 CONFIG = parse_config("environments: {prod: {kube_context: emulator}}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes.kube_apiserver import KubeApiServer, deployment_manifest
+from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed on this machine")
 
@@ -67,7 +67,7 @@ def test_rollout_status_restart_and_scale(api: tuple[KubeApiServer, str]) -> Non
     assert d["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
     assert "scaled" in kubectl(kc, "scale", "deployment/web", "--replicas=5")
     assert server.cluster.get("apps/deployments", "shop", "web")["spec"]["replicas"] == 5
-    assert len(server.cluster.list("v1/pods", "shop", "app=web")) == 5
+    assert len(server.cluster.list_objects("v1/pods", "shop", "app=web")) == 5
     # --current-replicas is a precondition kubectl checks against the scale subresource.
     out = kubectl(kc, "scale", "deployment/web", "--current-replicas=3", "--replicas=1", ok=False)
     assert "Expected replicas to be 3, was 5" in out

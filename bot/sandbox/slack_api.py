@@ -1,9 +1,16 @@
-"""A fake Slack Web API served over real HTTP, for the real ``AsyncWebClient`` (via SLACK_API_URL).
+"""A Slack emulator served over real HTTP: the Web API for the real ``AsyncWebClient`` (via
+SLACK_API_URL) and, for `opsbot dev`, the browser playground that plays Slack's client side.
 
 It records every call (method, arguments) and keeps the messages it was asked to post and update
 per channel, like the channel a person would see. ``response_url`` endpoints are served too: a
 slash command's ``response_url`` points here and what the bot answers through it is recorded.
 ``fail_with`` makes every Web API call fail, to test outages.
+
+The playground (``/``) is a Slack-like page: pick a user, type `/ops …` in a channel, click the
+buttons on the cards. The page talks to this emulator, and the emulator talks to the bot exactly as
+Slack does: it signs a slash-command or ``block_actions`` request with the app's signing secret and
+POSTs it to the bot's ``/slack/events``; whatever the bot posts back through the Web API or a
+``response_url`` is what the page shows.
 """
 
 from __future__ import annotations
@@ -11,11 +18,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
+import uuid
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
+import aiohttp
 from aiohttp import web
+from slack_sdk.signature import SignatureVerifier
 
 
 @dataclass
@@ -26,6 +38,7 @@ class Message:
     blocks: list[dict[str, Any]] = field(default_factory=list)
     thread_ts: str | None = None
     user: str | None = None  # set for ephemeral messages: who sees it
+    author: str | None = None  # a person, for what people type in the playground (else the bot)
     history: list[dict[str, Any]] = field(default_factory=list)  # previous versions (chat.update)
 
     def buttons(self) -> list[dict[str, Any]]:
@@ -43,11 +56,17 @@ class Message:
 
 
 class FakeSlack:
-    def __init__(self) -> None:
+    def __init__(self, *, bot_events_url: str | None = None, signing_secret: str | None = None,
+                 users: dict[str, str] | None = None, channels: dict[str, str] | None = None, token: str = "xoxb-test-token") -> None:
+        self.bot_events_url, self.signing_secret, self.token = bot_events_url, signing_secret, token
+        self.users = users or {}  # id → display name (the playground's people)
+        self.channels = channels or {}  # id → name
+        self._response_owner: dict[str, tuple[str, str]] = {}  # response_url key → (user, channel)
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.messages: list[Message] = []
         self.responses: list[dict[str, Any]] = []  # what was sent to response_urls
         self.fail_with: str | None = None
+        self.permalink_base = "https://fake.slack"  # `opsbot dev` points it at the playground
         self.fail_methods: dict[str, str] = {}  # method → error, e.g. {"usergroups.users.list": "ratelimited"}
         self.slow_methods: dict[str, float] = {}  # method → seconds: the call is handled, but the answer comes late
         self.down = False  # refuse connections' worth: every call gets HTTP 503
@@ -66,14 +85,18 @@ class FakeSlack:
     def response_url(self, key: str) -> str:
         return f"http://127.0.0.1:{self.port}/response/{key}"
 
-    async def start(self) -> FakeSlack:
+    async def start(self, *, host: str = "127.0.0.1", port: int = 0) -> FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # most methods POST; some (usergroups.users.list) GET
         app.router.add_post("/response/{key}", self._response)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/", self._page)
+        app.router.add_get("/playground/state", self._state)
+        app.router.add_post("/playground/command", self._command)
+        app.router.add_post("/playground/action", self._action)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -87,7 +110,8 @@ class FakeSlack:
         if request.method == "GET":
             return dict(request.query)
         if request.content_type == "application/json":
-            return json.loads(raw or "{}")
+            parsed: dict[str, Any] = json.loads(raw or "{}")
+            return parsed
         args: dict[str, Any] = dict(parse_qsl(raw))
         for key in ("blocks", "attachments"):
             if isinstance(args.get(key), str):
@@ -100,9 +124,89 @@ class FakeSlack:
 
     async def _response(self, request: web.Request) -> web.Response:
         body = await self._args(request)
-        self.responses.append({"key": request.match_info["key"], **body})
+        key = request.match_info["key"]
+        self.responses.append({"key": key, **body})
+        owner = self._response_owner.get(key)
+        if owner:  # shown in the playground: in the channel, or only to the person who typed the command
+            user, channel = owner
+            ts = f"{1700000000 + next(self._ts)}.000300"
+            self.messages.append(Message(channel=channel, ts=ts, text=body.get("text", ""), blocks=body.get("blocks") or [],
+                                         user=None if body.get("response_type") == "in_channel" else user))
         self._notify()
         return web.Response(text="ok")
+
+    # ------------------------------------------------------------------ the playground
+
+    async def _page(self, request: web.Request) -> web.Response:
+        html = resources.files("bot.sandbox").joinpath("playground.html").read_text()
+        return web.Response(text=html, content_type="text/html")
+
+    async def _state(self, request: web.Request) -> web.Response:
+        user = request.query.get("user", "")
+
+        def view(m: Message) -> dict[str, Any]:
+            return {"ts": m.ts, "text": m.text, "blocks": m.blocks, "thread_ts": m.thread_ts, "ephemeral": m.user is not None,
+                    "edited": bool(m.history), "author": self.users.get(m.author, m.author) if m.author else None}
+
+        shown = [m for m in self.messages if m.user is None or m.user == user]
+        return web.json_response({
+            "users": [{"id": k, "name": v} for k, v in self.users.items()],
+            "channels": [{"id": k, "name": v} for k, v in self.channels.items()],
+            "messages": {c: [view(m) for m in shown if m.channel == c] for c in self.channels},
+        })
+
+    async def _forward(self, body: str) -> tuple[int, str]:
+        """Sign and POST to the bot, as Slack does."""
+        if not self.bot_events_url or not self.signing_secret:
+            return 503, "the playground is not connected to a bot"
+        ts = str(int(time.time()))
+        sig = str(SignatureVerifier(self.signing_secret).generate_signature(timestamp=ts, body=body))
+        headers: dict[str, str] = {"Content-Type": "application/x-www-form-urlencoded", "X-Slack-Request-Timestamp": ts,
+                                   "X-Slack-Signature": sig}
+        async with aiohttp.ClientSession() as http, http.post(self.bot_events_url, data=body.encode(), headers=headers) as r:
+            return r.status, await r.text()
+
+    async def _command(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        user, channel, text = str(data["user"]), str(data["channel"]), str(data["text"]).strip()
+        command, _, rest = text.partition(" ")
+        if command != "/ops":
+            return web.json_response({"error": "only the /ops command is installed here"}, status=400)
+        key = uuid.uuid4().hex
+        self._response_owner[key] = (user, channel)
+        self.messages.append(Message(channel=channel, ts=f"{1700000000 + next(self._ts)}.000400", text=f"`{text}`",
+                                     user=user, author=user))
+        body = urlencode({"token": "legacy", "team_id": "T0PLAY", "team_domain": "playground", "channel_id": channel,
+                          "channel_name": self.channels.get(channel, channel), "user_id": user,
+                          "user_name": self.users.get(user, user).split(" ")[0], "command": "/ops", "text": rest,
+                          "api_app_id": "A0OPS", "response_url": f"http://127.0.0.1:{self.port}/response/{key}", "trigger_id": key})
+        status, ack = await self._forward(body)
+        if ack.strip():  # an ack with text: Slack shows it only to the person who typed the command
+            try:
+                ack_text = json.loads(ack).get("text", ack)
+            except ValueError:
+                ack_text = ack
+            self.messages.append(Message(channel=channel, ts=f"{1700000000 + next(self._ts)}.000500", text=ack_text, user=user))
+        self._notify()
+        return web.json_response({"status": status})
+
+    async def _action(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        user, channel = str(data["user"]), str(data["channel"])
+        payload = {
+            "type": "block_actions", "team": {"id": "T0PLAY", "domain": "playground"},
+            "user": {"id": user, "username": self.users.get(user, user).split(" ")[0], "name": self.users.get(user, user),
+                     "team_id": "T0PLAY"},
+            "api_app_id": "A0OPS", "token": "legacy", "trigger_id": uuid.uuid4().hex,
+            "container": {"type": "message", "message_ts": data["message_ts"], "channel_id": channel, "is_ephemeral": False},
+            "channel": {"id": channel, "name": self.channels.get(channel, channel)},
+            "message": {"ts": data["message_ts"], "text": ""},
+            "response_url": f"http://127.0.0.1:{self.port}/response/{uuid.uuid4().hex}",
+            "actions": [{"action_id": data["action_id"], "block_id": data.get("block_id", ""), "value": data.get("value", ""),
+                         "type": "button", "action_ts": str(time.time())}],
+        }
+        status, _ = await self._forward(urlencode({"payload": json.dumps(payload)}))
+        return web.json_response({"status": status})
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         """Socket Mode: say hello, then relay envelopes from ``socket_send`` and record the acks."""
@@ -132,7 +236,7 @@ class FakeSlack:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
             self.calls.append((method, args))
             return web.json_response({"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket"})
-        if request.headers.get("Authorization", "") != "Bearer xoxb-test-token":
+        if request.headers.get("Authorization", "") != f"Bearer {self.token}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         self.calls.append((method, args))
         if self.fail_with or method in self.fail_methods:
@@ -167,7 +271,7 @@ class FakeSlack:
             return {"ok": True, "message_ts": ts}
         if method == "chat.getPermalink":
             return {"ok": True, "channel": args["channel"],
-                    "permalink": f"https://fake.slack/archives/{args['channel']}/p{str(args['message_ts']).replace('.', '')}"}
+                    "permalink": f"{self.permalink_base}/archives/{args['channel']}/p{str(args['message_ts']).replace('.', '')}"}
         if method in ("conversations.history", "conversations.replies"):
             msgs = [m for m in self.messages if m.channel == args["channel"] and m.user is None]
             if method == "conversations.history":

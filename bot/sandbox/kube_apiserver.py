@@ -181,15 +181,15 @@ def strategic_merge_patch(target: Any, patch: Any, field: str = "") -> Any:
         return result
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    merged: Obj = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if key.startswith("$"):
             continue
         if value is None:
-            result.pop(key, None)
+            merged.pop(key, None)
         else:
-            result[key] = strategic_merge_patch(result.get(key), value, key)
-    return result
+            merged[key] = strategic_merge_patch(merged.get(key), value, key)
+    return merged
 
 
 def _pointer(path: str) -> list[str]:
@@ -391,7 +391,7 @@ class Cluster:
                 raise _not_found(resource, name)
             return copy.deepcopy(obj)
 
-    def list(self, resource: str, namespace: str | None, label_selector: str = "", field_selector: str = "") -> list[Obj]:
+    def list_objects(self, resource: str, namespace: str | None, label_selector: str = "", field_selector: str = "") -> list[Obj]:
         with self.lock:
             items = [
                 copy.deepcopy(o)
@@ -757,7 +757,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._watch(resource, ns, query)
                 return None
             if method == "GET":
-                items = cluster.list(resource, ns, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+                items = cluster.list_objects(resource, ns, query.get("labelSelector", ""), query.get("fieldSelector", ""))
                 kind = {"apps/deployments": "DeploymentList", "apps/replicasets": "ReplicaSetList", "v1/pods": "PodList"}[resource]
                 return {"kind": kind, "apiVersion": prefix.replace("apis/", "").replace("api/", ""),
                         "metadata": {"resourceVersion": str(cluster.rv)}, "items": items}

@@ -39,40 +39,50 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """Yields a superuser URL; the cluster is deleted afterwards."""
-    if os.environ.get("OPSBOT_TEST_DATABASE_URL"):
-        yield os.environ["OPSBOT_TEST_DATABASE_URL"]
+def postgres_server(root: str | None = None, *, env_var: str | None = "OPSBOT_TEST_DATABASE_URL") -> Iterator[str]:
+    """Yields a superuser URL. With ``root``, the cluster lives there and is kept (reused next
+    time); without, it is a temporary one, deleted afterwards. Stopped on exit either way."""
+    if env_var and os.environ.get(env_var):
+        yield os.environ[env_var]
         return
-    root = tempfile.mkdtemp(prefix="opsbot-pg-")
+    keep = root is not None
+    root = root or tempfile.mkdtemp(prefix="opsbot-pg-")
     data, sock = os.path.join(root, "data"), os.path.join(root, "sock")
-    os.makedirs(sock)
+    os.makedirs(sock, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
         shutil.chown(sock, "postgres", "postgres")
     port = free_port()
-    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                                 "--no-sync", "--locale=C"]), check=True, capture_output=True)
+    if not os.path.exists(os.path.join(data, "PG_VERSION")):
+        init = subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                                            "--no-sync", "--locale=C"]), capture_output=True, text=True)
+        if init.returncode != 0:
+            hint = " (as root, PostgreSQL runs as the postgres user, which must be able to reach this folder)" if os.geteuid() == 0 else ""
+            raise RuntimeError(f"initdb failed in {data}{hint}: {init.stderr.strip()[-500:]}")
     opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200"
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", data, "-o", opts, "-l", os.path.join(root, "log"), "-w", "start"]),
                    check=True, capture_output=True)
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        mode = "fast" if keep else "immediate"
+        subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", data, "-m", mode, "-w", "stop"]), capture_output=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    if os.environ.get("OPSBOT_TEST_REDIS_URL"):
-        yield os.environ["OPSBOT_TEST_REDIS_URL"]
+def redis_server(root: str | None = None, *, env_var: str | None = "OPSBOT_TEST_REDIS_URL") -> Iterator[str]:
+    if env_var and os.environ.get(env_var):
+        yield os.environ[env_var]
         return
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(binary):
         raise RuntimeError("redis-server not found: run scripts/bootstrap (it installs Debian's redis-server)")
     port = free_port()
-    root = tempfile.mkdtemp(prefix="opsbot-redis-")
+    keep = root is not None
+    root = root or tempfile.mkdtemp(prefix="opsbot-redis-")
+    os.makedirs(root, exist_ok=True)
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", root, "--protected-mode", "yes"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -85,4 +95,5 @@ def redis_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,31 @@
+"""The demo platform the sandbox plays: Nova RMS (seed 003) — its Kubernetes namespace with revision
+history, its database (providers, billing webhook events, some failed) — used by the tests and by
+`opsbot dev`. Seeding is idempotent, so a reused data directory keeps working."""
+
+from __future__ import annotations
+
+from bot.sandbox.kube_apiserver import Cluster, deployment_manifest
+
+PLATFORM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS "Provider" (id serial PRIMARY KEY, name text UNIQUE NOT NULL, "isActive" boolean NOT NULL DEFAULT true);
+INSERT INTO "Provider" (name, "isActive") VALUES ('twilio', true), ('vonage', true), ('plivo', false)
+    ON CONFLICT (name) DO NOTHING;
+CREATE TABLE IF NOT EXISTS billing_webhook_events (
+    id uuid PRIMARY KEY, event_type text NOT NULL, status text NOT NULL, last_error text,
+    payload jsonb NOT NULL DEFAULT '{}', created_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO billing_webhook_events (id, event_type, status, last_error) VALUES
+    ('8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51', 'invoice.paid', 'failed', 'ECONNRESET talking to ledger'),
+    ('1d6e8f00-aaaa-4bbb-8ccc-000000000002', 'subscription.updated', 'processed', NULL),
+    ('2b7c9d11-bbbb-4ccc-9ddd-000000000003', 'invoice.created', 'pending', NULL)
+    ON CONFLICT (id) DO NOTHING;
+"""
+
+
+def seed_cluster(cluster: Cluster) -> None:
+    """nova-worker at 3 replicas; nova-api with three revisions (1.4.0 → 1.4.1 → 1.4.2) to roll back."""
+    cluster.create_deployment("nova", deployment_manifest("nova-worker", "ghcr.io/nova/worker:2.3.0", replicas=3, namespace="nova"))
+    cluster.create_deployment("nova", deployment_manifest("nova-api", "ghcr.io/nova/api:1.4.0", replicas=3, namespace="nova"))
+    for tag in ("1.4.1", "1.4.2"):
+        d = cluster.get("apps/deployments", "nova", "nova-api")
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = f"ghcr.io/nova/api:{tag}"
+        cluster.update_deployment("nova", "nova-api", d)

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest  # noqa: E402
-from bot.sandbox.slack_api import FakeSlack  # noqa: E402
 from bot.sandbox.servers import free_port, postgres_server, redis_server  # noqa: E402
+from bot.sandbox.slack_api import FakeSlack  # noqa: E402
 
 SECRET = "bench-secret"
 TEXTS = ["status worker", "scale worker 6 --dry-run", "scale wrkr 6", "help"]

@@ -16,11 +16,11 @@ import pytest_asyncio
 
 from bot.adapters.store import Store
 from bot.config import Config, load_config
-from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest
+from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster
+from bot.sandbox.kube_apiserver import KubeApiServer
+from bot.sandbox.servers import postgres_server, redis_server
 from bot.sandbox.slack_api import FakeSlack
 from tests.harness import Harness
-from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster
-from bot.sandbox.servers import postgres_server, redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "policies" / "examples" / "nova-rms.yaml"

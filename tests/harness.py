@@ -24,8 +24,8 @@ from slack_sdk.signature import SignatureVerifier
 from bot.config import Config
 from bot.domain import OpsRequest
 from bot.runtime import Runtime
-from bot.settings import Settings
 from bot.sandbox.slack_api import FakeSlack
+from bot.settings import Settings
 
 SIGNING_SECRET = "test-signing-secret"
 # How each final state's notice in the card's thread begins (bot/messages.py, bot/approvals.py).

@@ -157,8 +157,9 @@ class AuditLog:
         where: list[sql.Composable] = []
         args: list[Any] = []
         if user:
-            where.append(sql.SQL("actor_id = %s"))
-            args.append(user)
+            # a user id, or @name as Slack sends it when mentions are not escaped
+            where.append(sql.SQL("(actor_id = %s OR actor_name = %s)"))
+            args += [user, user.removeprefix("@")]
         if command:
             where.append(sql.SQL("(plan->>'command' = %s OR split_part(command_text, ' ', 1) = %s)"))
             args += [command, command]

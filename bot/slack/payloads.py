@@ -11,7 +11,8 @@ def command_request(body: dict[str, Any]) -> CommandRequest:
     return CommandRequest(
         actor=Actor(UserId(str(body.get("user_id", ""))), str(body.get("user_name", ""))),
         channel_id=ChannelId(str(body.get("channel_id", ""))),
-        text=str(body.get("text", "")),
+        # With should_escape, Slack escapes &, < and > in the text (and turns @mentions into <@U…|name>).
+        text=str(body.get("text", "")).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"),
         team_id=str(body.get("team_id", "")),
         response_url=str(body.get("response_url", "")),
     )

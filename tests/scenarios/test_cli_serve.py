@@ -14,10 +14,10 @@ from urllib.parse import urlencode
 import aiohttp
 from slack_sdk.signature import SignatureVerifier
 
-from tests.conftest import ALICE, EXAMPLE, fresh_db
 from bot.sandbox.kube_apiserver import KubeApiServer
-from bot.sandbox.slack_api import FakeSlack
 from bot.sandbox.servers import free_port
+from bot.sandbox.slack_api import FakeSlack
+from tests.conftest import ALICE, EXAMPLE, fresh_db
 
 
 async def test_serve_process(slack: FakeSlack, pg_admin: str, platform_db: str, redis_url: str, kubeconfig: str,

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 
 from bot.config import Config, parse_config
-from tests.conftest import ALICE, CAROL, DAN, EVE, MALLORY
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.slack_api import FakeSlack
+from tests.conftest import ALICE, CAROL, DAN, EVE, MALLORY
 from tests.harness import Harness
 
 LEAD, IC, GROUPIE = "U0LEAD", "U0IC", "U0GROUPIE"

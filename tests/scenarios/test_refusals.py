@@ -7,8 +7,8 @@ import json
 
 import psycopg
 
-from tests.conftest import ALICE, CAROL, DAN, EVE
 from bot.sandbox.kube_apiserver import KubeApiServer
+from tests.conftest import ALICE, CAROL, DAN, EVE
 from tests.harness import Harness
 
 

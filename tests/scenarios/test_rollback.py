@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import ALICE, CAROL
 from bot.sandbox.kube_apiserver import KubeApiServer
+from tests.conftest import ALICE, CAROL
 from tests.harness import Harness
 
 

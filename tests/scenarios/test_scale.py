@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tests.conftest import ALICE, BOTH, CAROL, MALLORY
 from bot.sandbox.kube_apiserver import KubeApiServer
+from tests.conftest import ALICE, BOTH, CAROL, MALLORY
 from tests.harness import Harness
 
 

@@ -8,8 +8,8 @@ import uuid
 
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
-from tests.conftest import ALICE, CAROL
 from bot.sandbox.kube_apiserver import KubeApiServer
+from tests.conftest import ALICE, CAROL
 from tests.harness import Harness
 
 

@@ -7,8 +7,8 @@ import psycopg
 
 from bot.domain import RequestState
 from bot.errors import BackendUnavailable
-from tests.conftest import ALICE, CAROL
 from bot.sandbox.kube_apiserver import KubeApiServer
+from tests.conftest import ALICE, CAROL
 from tests.harness import Harness
 
 

@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.errors import ConfigError
 
@@ -53,6 +53,16 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _known_command(name: str) -> str:
+    if name not in KNOWN_COMMANDS:
+        raise ValueError(f"unknown command {name!r}; known: {', '.join(KNOWN_COMMANDS)}")
+    return name
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]  # "15m" → 900
+CommandName = Annotated[str, AfterValidator(_known_command)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -69,12 +79,8 @@ class SlackConfig(_Model):
     # `help` works everywhere, so people can learn where to go.
     allowed_channels: tuple[str, ...] = ()
     # How long Slack user-group memberships are cached in Redis.
-    usergroup_cache: int = 60
+    usergroup_cache: Duration = 60
 
-    @field_validator("usergroup_cache", mode="before")
-    @classmethod
-    def _cache_duration(cls, v: Any) -> int:
-        return parse_duration(v)
 
 
 class Role(_Model):
@@ -212,19 +218,15 @@ class Approval(_Model):
     count: int = Field(1, ge=1)
     # At least one approval from a member of each of these roles (distinct people).
     each_of: tuple[str, ...] = ()
-    expires: int = 15 * 60
+    expires: Duration = 15 * 60
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
-    @field_validator("expires", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> int:
-        return parse_duration(v)
 
 
 class Rule(_Model):
     name: str | None = None
-    commands: tuple[str, ...]
+    commands: tuple[CommandName, ...]
     allow: tuple[str, ...] = ()
     approval: Approval | None = None
     environments: tuple[str, ...] = ()  # empty: all environments
@@ -235,14 +237,6 @@ class Rule(_Model):
     # the approvers then review it after the fact.
     break_glass: tuple[str, ...] = ()
     max_open_per_user: int | None = None
-
-    @field_validator("commands")
-    @classmethod
-    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for c in v:
-            if c not in KNOWN_COMMANDS:
-                raise ValueError(f"unknown command {c!r}; known: {', '.join(KNOWN_COMMANDS)}")
-        return v
 
     @model_validator(mode="after")
     def _each_of_within_from(self) -> Rule:
@@ -257,22 +251,10 @@ class Rule(_Model):
 
 
 class RateLimit(_Model):
-    commands: tuple[str, ...] = ()  # empty: every mutating command
+    commands: tuple[CommandName, ...] = ()  # empty: every mutating command
     per_user: int = Field(ge=1)
-    window: int
+    window: Duration
 
-    @field_validator("commands")
-    @classmethod
-    def _known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for c in v:
-            if c not in KNOWN_COMMANDS:
-                raise ValueError(f"unknown command {c!r}; known: {', '.join(KNOWN_COMMANDS)}")
-        return v
-
-    @field_validator("window", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> int:
-        return parse_duration(v)
 
 
 class Limits(_Model):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
      "x.yaml: deployments.w.environment: environment 'prod' is not defined under environments"),
     ("environments: {p: {}}\ndeployments: {w: {environment: p, namespace: n, name: w, replicas: {min: 5, max: 2}}}",
      "x.yaml: deployments.w.replicas: max (2) must be >= min (5)"),
-    ("rules: [{commands: [deploy], allow: []}]", "x.yaml: rules[0].commands: unknown command 'deploy'"),
+    ("rules: [{commands: [deploy], allow: []}]", "x.yaml: rules[0].commands[0]: unknown command 'deploy'"),
     ("rules: [{commands: [scale], allow: [sre]}]", "x.yaml: rules[0]: role 'sre' is not defined under roles"),
     ("roles: {a: {users: [U1]}}\nrules: [{commands: [scale], allow: [a], approval: {from: [a], expires: soon}}]",
      "x.yaml: rules[0].approval.expires: 'soon' is not a duration"),

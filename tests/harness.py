@@ -43,6 +43,7 @@ class Harness:
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self.verifier = SignatureVerifier(SIGNING_SECRET)
+        self._responses_before = 0
 
     @classmethod
     async def start(cls, *, config: Config, slack: FakeSlack, database_url: str, redis_url: str, kubeconfig: str,
@@ -90,6 +91,7 @@ class Harness:
         """What Slack sends for ``/ops <text>``. Returns the HTTP status and the ack's body."""
         if text.startswith("/ops"):
             text = text[len("/ops"):].strip()
+        self._responses_before = len(self.slack.responses)  # response() reads only what answers this command
         key = uuid.uuid4().hex
         body = urlencode({
             "token": "legacy", "team_id": "T0FAKE", "team_domain": "fake", "channel_id": channel, "channel_name": "incident",
@@ -162,8 +164,10 @@ class Harness:
         return await self.eventually(probe, timeout=timeout, what=f"request {request_id} to be {'/'.join(states)}")
 
     async def response(self, *, containing: str = "", timeout: float = 10.0) -> dict[str, Any]:
+        """The answer (through response_url) to the last slash command that contains ``containing``."""
         async def probe() -> dict[str, Any] | None:
-            return next((r for r in reversed(self.slack.responses) if containing in r.get("text", "")), None)
+            fresh = self.slack.responses[self._responses_before:]
+            return next((r for r in reversed(fresh) if containing in r.get("text", "")), None)
         return await self.eventually(probe, timeout=timeout, what=f"a response containing {containing!r}")
 
     async def audit_events(self, request_id: str | None = None) -> list[str]:

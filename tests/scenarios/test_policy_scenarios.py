@@ -170,7 +170,7 @@ async def test_rate_limit_says_when_to_try_again(bot: Harness) -> None:
     previous = ""
     for _ in range(2):
         await bot.slash(ALICE, "/ops rollback api")
-        request = await bot.eventually(lambda: _newer(bot, previous), what="a new request")
+        request = await bot.eventually(lambda old=previous: _newer(bot, old), what="a new request")
         previous = request.id
         await bot.slash(ALICE, f"/ops cancel {request.id}")
         await bot.response(containing=f"cancelled `{request.id}`")

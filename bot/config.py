@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -328,14 +328,6 @@ class Config(_Model):
     def usergroups(self) -> frozenset[str]:
         return frozenset(g for role in self.roles.values() for g in role.usergroups)
 
-    def target_names(self) -> frozenset[str]:
-        """What rules[].targets may name: deployment aliases, `webhooks`, and `providers`."""
-        names = set(self.deployments)
-        if self.webhooks:
-            names.add("webhooks")
-        if self.providers:
-            names.add("providers")
-        return frozenset(names)
 
 
 def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str] | None) -> Any:
@@ -398,9 +390,6 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None, missing_
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read the config file: {exc.strerror}") from exc
     return parse_config(text, source=str(p), env=env, missing_env=missing_env)
-
-
-Severity = Literal["error", "warning"]
 
 
 _SCALE_ONLY = ("replicas_above", "scale_factor_above")

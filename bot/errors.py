@@ -74,5 +74,3 @@ class Conflict(ExecutionError):
     """The target changed between the read and the write (a Kubernetes 409, a row no longer matching)."""
 
 
-class StalePlan(OpsbotError):
-    """What was approved is no longer what would run: the target changed after approval."""

@@ -7,9 +7,12 @@ read, and reasoned about, without knowing any vendor API.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from bot.errors import OpsbotError
 
 if TYPE_CHECKING:
     from bot.config import Config, Providers, Queue, Webhooks
@@ -107,10 +110,6 @@ class NoDirectory:
 async def tell(message: Awaitable[object]) -> None:
     """Say something whose failure must not undo what already happened (a card update, a thread
     reply after a state change): the state is in PostgreSQL and the audit outbox; Slack catches up."""
-    import logging
-
-    from bot.errors import OpsbotError
-
     try:
         await message
     except OpsbotError as exc:

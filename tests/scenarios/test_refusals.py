@@ -137,11 +137,11 @@ async def test_status_is_read_only_and_needs_no_approval(bot: Harness) -> None:
 async def test_help_shows_only_what_the_caller_may_run(bot: Harness) -> None:
     await bot.slash(EVE, "/ops help")
     reply = await bot.response(containing="opsbot commands")
-    assert "/ops status <deployment>" in reply["text"]
+    assert "/ops status <deployment>" in reply["text"] and "/ops audit" in reply["text"]
     assert "/ops scale" not in reply["text"] and "5 more command(s)" in reply["text"]
     await bot.slash(ALICE, "/ops help")
     reply = await bot.response(containing="/ops scale")
-    assert "needs 1 approval(s) from approver" in reply["text"]
+    assert "needs 1 approval(s) from approver" in reply["text"] and "/ops audit" not in reply["text"]
 
 
 async def test_cluster_down_fails_closed(bot: Harness, kube: KubeApiServer) -> None:

@@ -19,7 +19,7 @@ from bot.adapters.store import Store, VoteResult
 from bot.audit import Audit
 from bot.config import Config
 from bot.domain import SYSTEM, Actor, CommandRequest, Decision, DecisionKind, Invocation, OpsRequest, Plan, RequestState
-from bot.errors import BackendUnavailable
+from bot.errors import BackendUnavailable, OpsbotError
 from bot.metrics import Metrics
 from bot.policy.engine import may_approve, quorum_met
 from bot.ports import Chat, Directory, tell
@@ -62,7 +62,16 @@ class Approvals:
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
                                 result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason})
-        channel, ts = await self.chat.post_card(request)
+        try:
+            channel, ts = await self.chat.post_card(request)
+        except OpsbotError as exc:
+            # Without a card nobody can approve it, and a request that runs unseen is worse: end it now.
+            ended = await self.store.transition(request.id, from_state=request.state, to_state=RequestState.FAILED,
+                                                error=f"the approval card could not be posted: {exc}")
+            if ended is not None:
+                await self.audit.record("failed", actor=SYSTEM, channel_id=req.channel_id, request_id=request.id, text=inv.text,
+                                        plan=request.plan, result={"error": ended.error})
+            raise
         await self.store.set_card(request.id, channel, ts)
         request = await self._reload(request.id)
         if glass:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -71,7 +72,11 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
         with psycopg.connect(platform_url, autocommit=True) as conn:
             conn.execute(PLATFORM_SCHEMA)
         kube = stack.enter_context(KubeApiServer())
-        seed_cluster(kube.cluster)
+        cluster_file = data_dir / "cluster.json"
+        if cluster_file.exists():  # the sandbox cluster as the last run left it (revisions, replicas)
+            kube.cluster.restore(json.loads(cluster_file.read_text()))
+        else:
+            seed_cluster(kube.cluster)
         kubeconfig = kube.kubeconfig(str(data_dir / "kubeconfig"), context="nova-prod", namespace="nova")
 
         env = {**os.environ, "NOVA_DATABASE_URL": platform_url, "NOVA_REDIS_URL": redis_url,
@@ -108,6 +113,7 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
             await runtime.stop()
             await runner.cleanup()
             await slack.stop()
+            cluster_file.write_text(json.dumps(kube.cluster.snapshot()))
 
 
 def banner(url: str, config_path: str) -> str:

@@ -360,6 +360,21 @@ class Cluster:
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content-type) for tests
         self.namespaces: set[str] = {"default", "kube-system"}
 
+    # -- persistence (`opsbot dev` keeps the sandbox cluster in its data directory)
+
+    def snapshot(self) -> Obj:
+        with self.lock:
+            return {"rv": self.rv, "namespaces": sorted(self.namespaces),
+                    "objects": [{"resource": r, "object": copy.deepcopy(o)} for (r, _, _), o in sorted(self.objects.items())]}
+
+    def restore(self, state: Obj) -> None:
+        with self.lock:
+            self.rv = int(state["rv"])
+            self.namespaces = set(state["namespaces"])
+            self.objects = {(e["resource"], e["object"]["metadata"]["namespace"], e["object"]["metadata"]["name"]): e["object"]
+                            for e in state["objects"]}
+            self.events.clear()
+
     # -- generic helpers
 
     def _next_rv(self) -> str:

@@ -130,4 +130,5 @@ def test_opsbot_dev_starts_and_stops_cleanly_and_reuses_its_data() -> None:
         assert proc.wait(timeout=60) == 0, f"run {run}"
         assert _processes_using(data_dir) == [], "no process left behind"
         assert (data_dir / "postgres" / "data" / "PG_VERSION").exists()
+        assert (data_dir / "cluster.json").exists(), "the sandbox cluster is kept for the next run"
     shutil.rmtree(root, ignore_errors=True)

@@ -187,3 +187,18 @@ async def _last_ephemeral(bot: Harness, user: str, containing: str) -> str | Non
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_a_card_that_cannot_be_posted_ends_the_request_and_says_why(bot: Harness, kube: KubeApiServer) -> None:
+    bot.slack.fail_methods["chat.postMessage"] = "not_in_channel"
+    await bot.slash(ALICE, "/ops scale worker 5")
+    reply = await bot.response(containing="approval card")
+    assert "Slack refused to post the approval card: not_in_channel (invite the opsbot app to this channel" in reply["text"]
+    request = await bot.eventually(bot.last_request, what="the request row")
+    assert request.state.value == "failed" and replicas(kube) == 3
+    assert await bot.eventually(lambda: _events(bot, request.id, 2), what="audit rows") == ["requested", "failed"]
+
+
+async def _events(bot: Harness, request_id: str, n: int) -> list[str] | None:
+    events = await bot.audit_events(request_id)
+    return events if len(events) >= n else None

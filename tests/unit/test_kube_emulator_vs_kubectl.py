@@ -74,6 +74,19 @@ def test_rollout_status_restart_and_scale(api: tuple[KubeApiServer, str]) -> Non
     assert 'deployment "web" successfully rolled out' in kubectl(kc, "rollout", "status", "deployment/web", "--timeout=20s")
 
 
+def test_a_snapshot_restores_the_same_cluster(api: tuple[KubeApiServer, str]) -> None:
+    server, kc = api
+    kubectl(kc, "set", "image", "deployment/web", "web=nginx:1.26.0")
+    state = server.cluster.snapshot()
+    with KubeApiServer() as other:
+        other.cluster.restore(state)
+        kc2 = other.kubeconfig(kc + ".2")
+        history = kubectl(kc2, "rollout", "history", "deployment/web")
+        assert [line.split()[0] for line in history.splitlines()[2:] if line.strip()] == ["1", "2"]
+        kubectl(kc2, "rollout", "undo", "deployment/web")
+        assert other.cluster.get("apps/deployments", "shop", "web")["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:1.25.0"
+
+
 def test_not_found_and_conflict_are_shaped_like_kubernetes(api: tuple[KubeApiServer, str]) -> None:
     _, kc = api
     assert 'Error from server (NotFound): deployments.apps "nope" not found' in kubectl(kc, "get", "deployment", "nope", ok=False)

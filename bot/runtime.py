@@ -113,10 +113,13 @@ class Runtime:
             closers.append(("user-group cache", self.approvals.directory.close))
         for name, close in closers:
             # Each step is bounded: a backend that is down must not keep the process from exiting.
-            try:
-                await asyncio.wait_for(close(), timeout=grace)
-            except Exception as exc:
-                log.warning("stopping %s: %s", name, type(exc).__name__ if isinstance(exc, TimeoutError) else exc)
+            # (asyncio.wait, not wait_for: wait_for would wait for ever on a task that ignores cancellation.)
+            step = asyncio.ensure_future(close())
+            done, _ = await asyncio.wait({step}, timeout=grace * 2)
+            if not done:
+                log.warning("stopping %s: still not done after %s s; going on", name, grace * 2)
+            elif step.exception() is not None:
+                log.warning("stopping %s: %s", name, step.exception())
         self.kube.close()
         await self.store.close()
 

@@ -178,10 +178,19 @@ class ActionWorker:
                 log.exception("sweep failed; will try again")
             await asyncio.sleep(self.sweep_every)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking jobs and let the running one finish (bounded by ``grace``). bullmq's
+        ``Worker.close`` shields itself against cancellation and waits for its jobs for ever, so it
+        runs as its own task here; past the grace period it is closed with force (a request cut off
+        that way has a stopped heartbeat and becomes ``unknown``, never silently retried)."""
         if self._sweeper:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         if self._worker:
-            await self._worker.close()
+            closing = asyncio.ensure_future(self._worker.close())
+            done, _ = await asyncio.wait({closing}, timeout=grace)
+            if not done:
+                log.warning("the action worker did not stop within %s s; closing it with force", grace)
+                forced = asyncio.ensure_future(self._worker.close(force=True))
+                await asyncio.wait({closing, forced}, timeout=grace)

@@ -133,5 +133,13 @@ async def bot(config: Config, slack: FakeSlack, state_db: str, redis_url: str, k
     h = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
                             queue_prefix=queue_prefix)
     yield h
-    await h.stop()
+    try:
+        await asyncio.wait_for(h.stop(), timeout=60)
+    except TimeoutError:  # say what was stuck rather than hang the whole run
+        import io
+
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=out)
+        raise AssertionError("the bot did not stop within 60 s; tasks:\n" + out.getvalue()) from None
 

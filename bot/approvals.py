@@ -11,6 +11,7 @@ click is refused, never counted on a guess.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from dataclasses import replace
 from typing import Any, Protocol
@@ -18,9 +19,21 @@ from typing import Any, Protocol
 from bot.adapters.store import Store, VoteResult
 from bot.audit import Audit
 from bot.config import Config
-from bot.domain import SYSTEM, Actor, CommandRequest, Decision, DecisionKind, Invocation, OpsRequest, Plan, RequestState
-from bot.errors import BackendUnavailable, OpsbotError
+from bot.domain import (
+    REQUEST_ID_PATTERN,
+    SYSTEM,
+    Actor,
+    CommandRequest,
+    Decision,
+    DecisionKind,
+    Invocation,
+    OpsRequest,
+    Plan,
+    RequestState,
+)
+from bot.errors import BackendUnavailable, CardNotPosted, OpsbotError
 from bot.metrics import Metrics
+from bot.notices import Notices
 from bot.policy.engine import may_approve, quorum_met
 from bot.ports import Chat, Directory, tell
 
@@ -38,9 +51,9 @@ def new_request_id() -> str:
 
 class Approvals:
     def __init__(self, *, config: Config, store: Store, chat: Chat, audit: Audit, actions: Enqueue, metrics: Metrics,
-                 directory: Directory) -> None:
+                 directory: Directory, notices: Notices) -> None:
         self.config, self.store, self.chat, self.audit, self.actions, self.metrics = config, store, chat, audit, actions, metrics
-        self.directory = directory
+        self.directory, self.notices = directory, notices
 
     async def with_groups(self, actor: Actor) -> Actor:
         """The actor with their Slack user groups (only when the policy names any)."""
@@ -71,16 +84,17 @@ class Approvals:
             if ended is not None:
                 await self.audit.record("failed", actor=SYSTEM, channel_id=req.channel_id, request_id=request.id, text=inv.text,
                                         plan=request.plan, result={"error": ended.error})
-            raise
+            raise CardNotPosted(f"request `{request.id}` was not opened: the approval card could not be posted ({exc}). "
+                                "Nothing was changed; try again.") from exc
         await self.store.set_card(request.id, channel, ts)
         request = await self._reload(request.id)
         if glass:
             await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan,
                                     result={"reason": glass, "rule": decision.rule, "reviewers": list(decision.approver_roles)})
-            await tell(self.chat.post_in_thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
-                                                    f"It runs now; {', '.join(decision.approver_roles)} must review it "
-                                                    "(Acknowledge on the card)."))
+            await self.notices.thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
+                                               f"It runs now; {', '.join(decision.approver_roles)} must review it "
+                                               "(Acknowledge on the card).")
         elif not needs_approval:
             await self.audit.record("approved", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan, result={"by": "policy", "rule": decision.rule})
@@ -100,19 +114,24 @@ class Approvals:
             await self.actions.enqueue(request.id)
         except BackendUnavailable as exc:
             log.warning("could not enqueue approved request %s: %s", request.id, exc)
-            await tell(self.chat.post_in_thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
-                                                    "queue is reachable again; nothing has run yet."))
+            await self.notices.thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
+                                               "queue is reachable again; nothing has run yet.")
 
-    async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str) -> VoteResult:
+    async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str, message_ts: str) -> VoteResult:
+        """An Approve/Deny click on the message ``(channel_id, message_ts)``. Every click that does
+        not count is told why (privately) and recorded (``vote_refused``)."""
         if decision not in ("approve", "deny"):
             raise ValueError(decision)
+        if not re.fullmatch(REQUEST_ID_PATTERN, request_id):
+            return await self._refused(VoteResult("forged", None, "this button does not name an opsbot request; nothing was counted."),
+                                       actor, decision, channel_id=channel_id, given=request_id)
         try:
             actor = await self.with_groups(actor)
         except BackendUnavailable as exc:
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
-                                           text=f":x: Your click was not counted: {exc}. opsbot does not guess who is in a "
-                                                "user group; try again in a moment."))
-            return VoteResult("unverified", None, str(exc))
+            return await self._refused(VoteResult("unverified", await self.store.get(request_id),
+                                                  f":x: Your click was not counted: {exc}. opsbot does not guess who is in a "
+                                                  "user group; try again in a moment."),
+                                       actor, decision, channel_id=channel_id, given=request_id)
         roles = tuple(sorted(self.config.roles_of(actor.user_id, actor.groups)))
 
         def eligible(request: OpsRequest) -> str | None:
@@ -121,61 +140,77 @@ class Approvals:
         def quorum(request: OpsRequest, approving: list[tuple[str, ...]]) -> bool:
             return quorum_met(approving, count=request.approvals_required, each_of=request.approvals_each)
 
-        result = await self.store.vote(request_id, actor, decision, roles=roles, eligible=eligible, quorum=quorum)
+        result = await self.store.vote(request_id, actor, decision, roles=roles, card=(channel_id, message_ts),
+                                       eligible=eligible, quorum=quorum)
         request = result.request
-        if result.outcome in ("missing", "closed", "ineligible", "duplicate") or request is None:
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message))
-            return result
-        if result.outcome == "expired":
+        if result.outcome == "expired" and request is not None:
             await self._expired(request)
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=result.message))
-            return result
+        if result.outcome in ("missing", "closed", "ineligible", "duplicate", "forged", "expired") or request is None:
+            return await self._refused(result, actor, decision, channel_id=channel_id, given=request_id, message_ts=message_ts)
         common: dict[str, Any] = {"actor": actor, "channel_id": channel_id, "request_id": request.id,
                                   "text": request.text, "plan": request.plan}
         if result.outcome == "denied":
             await self.audit.record("denied", **common, result={"roles": list(roles)})
             self.metrics.requests.labels(request.command, "denied").inc()
-            await tell(self.chat.update_card(request))
-            await tell(self.chat.post_in_thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run."))
+            self.notices.card_changed()
+            await self.notices.thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run.")
             return result
         approvals = sum(a.decision == "approve" for a in request.approvals)
         await self.audit.record("approval_given", **common,
                                 result={"approvals": approvals, "required": request.approvals_required, "roles": list(roles)})
-        await tell(self.chat.update_card(request))
+        self.notices.card_changed()
         if result.outcome == "approved":
             self.metrics.approval_latency.observe(max(0.0, (request.approvals[-1].at - request.created_at).total_seconds()))
             await self.audit.record("approved", **common, result={"approvers": [a.approver.user_id for a in request.approvals]})
             await self._enqueue(request)
         elif approvals >= request.approvals_required and request.approvals_each:
-            await tell(self.chat.post_in_thread(request, f":hourglass: {approvals} approvals, but one from each of "
-                                                    f"{', '.join(request.approvals_each)} is still needed."))
+            await self.notices.thread(request, f":hourglass: {approvals} approvals, but one from each of "
+                                               f"{', '.join(request.approvals_each)} is still needed.")
         return result
 
-    async def acknowledge(self, request_id: str, actor: Actor, *, channel_id: str) -> OpsRequest | None:
-        """A reviewer acknowledges a break-glass run after the fact."""
-        request = await self.store.get(request_id)
+    async def _refused(self, result: VoteResult, actor: Actor, decision: str, *, channel_id: str, given: str,
+                       message_ts: str = "") -> VoteResult:
+        """A click that did not count: the clicker is told why, the attempt is recorded."""
+        request = result.request
+        known = request is not None and result.outcome != "forged"
+        await self.audit.record(
+            "vote_refused", actor=actor, channel_id=channel_id, request_id=request.id if known and request else None,
+            text=request.text if known and request else "", plan=request.plan if known and request else None,
+            result={"decision": decision, "why": result.outcome, "message": result.message, "request_id_given": given,
+                    "clicked_on": {"channel": channel_id, "ts": message_ts}})
+        self.metrics.requests.labels(request.command if request else "unknown", f"vote_{result.outcome}").inc()
+        await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=f":x: {result.message}"))
+        return result
+
+    async def acknowledge(self, request_id: str, actor: Actor, *, channel_id: str, message_ts: str) -> OpsRequest | None:
+        """A reviewer acknowledges a break-glass run after the fact (on the request's own card)."""
+        request = await self.store.get(request_id) if re.fullmatch(REQUEST_ID_PATTERN, request_id) else None
+        why = ""
         if request is None or request.review_state != "needed":
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
-                                           text="there is no open break-glass review for that request."))
-            return None
-        try:
-            actor = await self.with_groups(actor)
-        except BackendUnavailable as exc:
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text=f":x: Not recorded: {exc}."))
-            return None
-        why_not = may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
-        if why_not:
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
-                                           text=why_not.replace("approve", "review")))
-            return None
-        done = await self.store.acknowledge(request_id, actor.user_id)
+            why = "there is no open break-glass review for that request."
+        elif (request.card_channel, request.card_ts) != (channel_id, message_ts):
+            why = f"this button does not belong to request `{request_id}`'s card; nothing was recorded."
+        if not why:
+            try:
+                actor = await self.with_groups(actor)
+            except BackendUnavailable as exc:
+                why = f"not recorded: {exc}."
+        if not why:
+            assert request is not None
+            why = (may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
+                   or "").replace("approve", "review")
+        done = None if why else await self.store.acknowledge(request_id, actor.user_id)
         if done is None:
-            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id, text="someone already reviewed it."))
+            await self.audit.record("review_refused", actor=actor, channel_id=channel_id,
+                                    request_id=request.id if request else None, text=request.text if request else "",
+                                    result={"why": why or "someone already reviewed it.", "request_id_given": request_id})
+            await tell(self.chat.post_ephemeral(channel_id=channel_id, user_id=actor.user_id,
+                                                text=f":x: {why or 'someone already reviewed it.'}"))
             return None
         await self.audit.record("break_glass_reviewed", actor=actor, channel_id=channel_id, request_id=request_id,
                                 text=done.text, plan=done.plan)
-        await tell(self.chat.update_card(done))
-        await tell(self.chat.post_in_thread(done, f":white_check_mark: Break-glass reviewed by {actor.mention()}."))
+        self.notices.card_changed()
+        await self.notices.thread(done, f":white_check_mark: Break-glass reviewed by {actor.mention()}.")
         return done
 
     async def cancel(self, request_id: str, actor: Actor, *, channel_id: str) -> str:
@@ -184,15 +219,19 @@ class Approvals:
         if done is None:
             request = await self.store.get(request_id)
             if request is None:
-                return f"there is no request `{request_id}`. `/ops pending` lists open ones."
-            if request.requester.user_id != actor.user_id:
-                return f"`{request_id}` is {request.requester.mention()}'s request; only they can cancel it."
-            return f"`{request_id}` is already {request.state.value.replace('_', ' ')}; it can no longer be cancelled."
+                why = f"there is no request `{request_id}`. `/ops pending` lists open ones."
+            elif request.requester.user_id != actor.user_id:
+                why = f"`{request_id}` is {request.requester.mention()}'s request; only they can cancel it."
+            else:
+                why = f"`{request_id}` is already {request.state.value.replace('_', ' ')}; it can no longer be cancelled."
+            await self.audit.record("cancel_refused", actor=actor, channel_id=channel_id, request_id=request.id if request else None,
+                                    text=f"cancel {request_id}", plan=request.plan if request else None, result={"why": why})
+            return f":x: {why}"
         self.metrics.requests.labels(done.command, "cancelled").inc()
         await self.audit.record("cancelled", actor=actor, channel_id=channel_id, request_id=done.id, text=done.text, plan=done.plan)
-        await tell(self.chat.update_card(done))
-        await tell(self.chat.post_in_thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run."))
-        return f"cancelled `{done.id}` ({done.summary})."
+        self.notices.card_changed()
+        await self.notices.thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run.")
+        return f":heavy_multiplication_x: Cancelled `{done.id}` ({done.summary})."
 
     async def pending_for(self, actor: Actor) -> list[OpsRequest]:
         """Open requests this person may approve (not their own)."""
@@ -204,9 +243,9 @@ class Approvals:
         await self.audit.record("expired", actor=SYSTEM, channel_id=request.channel_id, request_id=request.id, text=request.text,
                                 plan=request.plan)
         self.metrics.requests.labels(request.command, "expired").inc()
-        await tell(self.chat.update_card(request))
-        await tell(self.chat.post_in_thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "
-                                                f"request again if it is still needed: `/ops {request.text}`"))
+        self.notices.card_changed()
+        await self.notices.thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "
+                                           f"request again if it is still needed: `/ops {request.text}`")
 
     async def expire_due(self) -> int:
         n = 0

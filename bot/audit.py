@@ -25,11 +25,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bot.adapters.audit_log import AuditLog
+from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
-from bot.domain import Actor
-from bot.errors import DeliveryUncertain, OpsbotError
+from bot.domain import Actor, OpsRequest
+from bot.errors import BackendUnavailable, DeliveryUncertain, OpsbotError
 from bot.messages import audit_headline, audit_line
+from bot.metrics import Metrics
+from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay
 from bot.ports import Chat
+from bot.untrusted import storable
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +66,48 @@ def redact(value: Any, secrets: tuple[str, ...] = ()) -> Any:
 
 
 class Audit:
-    def __init__(self, log: AuditLog, *, audit_channel: str | None, secrets: tuple[str, ...] = ()) -> None:
-        self.log, self.audit_channel, self.secrets = log, audit_channel, secrets
+    def __init__(self, log: AuditLog, *, audit_channel: str | None, secrets: tuple[str, ...] = (),
+                 spool: AuditSpool | None = None) -> None:
+        self.log, self.audit_channel, self.secrets, self.spool = log, audit_channel, secrets, spool
         self.appended = asyncio.Event()  # wakes the poster
 
     async def record(self, event: str, *, actor: Actor, channel_id: str = "", request_id: str | None = None,
                      text: str = "", plan: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
                      post: bool = True) -> dict[str, Any]:
-        row = await self.log.append(event=event, actor=actor, channel_id=channel_id, request_id=request_id,
-                                    command_text=redact(text, self.secrets), plan=redact(plan, self.secrets),
-                                    result=redact(result, self.secrets), post=post and bool(self.audit_channel))
+        """Append one row. When opsbot's database is down, the row is kept in the local spool
+        instead and the returned dict has ``spooled: True`` (callers tell the user); only a full
+        (or absent) spool raises."""
+        entry = {"event": event, "actor_id": actor.user_id, "actor_name": actor.name, "channel_id": channel_id,
+                 "request_id": request_id, "command_text": text, "plan": plan, "result": result,
+                 "post": post and bool(self.audit_channel)}
+        entry = storable(redact(entry, self.secrets))
+        try:
+            row = await self.log.append(**entry)
+        except BackendUnavailable as exc:
+            if self.spool is None:
+                raise
+            kept = await self.spool.put(entry, why=str(exc))
+            log.warning("audit row %s kept in the local spool: %s", event, exc)
+            return {**kept, "spooled": True}
         self.appended.set()
         return row
 
+    async def drain_spool(self) -> int:
+        """Append what the spool kept while the database was down (the poster calls this)."""
+        if self.spool is None:
+            return 0
+        n = await self.spool.drain(lambda entry: self.log.append_once(**entry))
+        if n:
+            self.appended.set()
+        return n
+
 
 class AuditPoster:
-    """Copies the outbox to the audit channel, in order, at most once per row."""
+    """Copies the outbox to the audit channel, in seq order, at most once per row (see bot/notices.py
+    for the delivery rules it shares with the incident channel), and drains the local spool."""
 
-    def __init__(self, *, audit: Audit, store: Store, chat: Chat, interval: float = 2.0) -> None:
-        self.audit, self.store, self.chat, self.interval = audit, store, chat, interval
+    def __init__(self, *, audit: Audit, store: Store, chat: Chat, metrics: Metrics | None = None, interval: float = 2.0) -> None:
+        self.audit, self.store, self.chat, self.metrics, self.interval = audit, store, chat, metrics, interval
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -88,8 +115,10 @@ class AuditPoster:
         return self.audit.audit_channel
 
     async def run_once(self) -> int:
-        """Post what is due; returns how many rows were posted. Stops at the first failure so that
-        a request's steps never appear out of order."""
+        """Post what is due; returns how many rows were posted. Stops at the first row that fails
+        or is not due yet, so that the channel never shows rows out of order."""
+        with contextlib.suppress(BackendUnavailable):
+            await self.audit.drain_spool()
         if not self.channel:
             return 0
         posted = 0
@@ -97,55 +126,85 @@ class AuditPoster:
             if not mine:  # another replica is posting
                 return 0
             for row in await self.audit.log.due_posts():
+                if not row["due"]:
+                    break
                 try:
                     await self._post(self.channel, row)
                 except OpsbotError as exc:
-                    await self.audit.log.mark_failed(row["seq"], str(exc), uncertain=isinstance(exc, DeliveryUncertain))
-                    log.warning("audit row %s not posted yet: %s", row["seq"], exc)
+                    await self._failed(row, exc)
                     break
                 posted += 1
+            await self._headlines(self.channel)
         return posted
+
+    async def _failed(self, row: dict[str, Any], exc: OpsbotError) -> None:
+        attempts = int(row["attempts"]) + 1
+        uncertain = bool(row["uncertain"]) or isinstance(exc, DeliveryUncertain)
+        give_up = permanent(exc) or (uncertain and attempts >= MAX_UNCERTAIN)
+        if give_up:
+            # The row stays in the database (the record); only its copy in the channel is missing,
+            # which `opsbot audit verify --against-channel` reports.
+            log.error("audit row %s will not be posted to the audit channel (after %d attempt(s)): %s", row["seq"], attempts, exc)
+            if self.metrics:
+                self.metrics.given_up.labels("audit").inc()
+        else:
+            log.warning("audit row %s not posted yet: %s", row["seq"], exc)
+        await self.audit.log.mark_failed(row["seq"], str(exc), uncertain=uncertain, delay=retry_delay(attempts, exc),
+                                         give_up=give_up)
 
     async def _post(self, channel: str, row: dict[str, Any]) -> None:
         request_id = row["request_id"]
         if not request_id:
-            ts = await self._once(channel, row, audit_line(row), None)
+            ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=None, needle=row["hash"],
+                               uncertain=row["uncertain"])
             await self.audit.log.mark_posted(row["seq"], ts)
             return
         request = await self.store.get(request_id)
         thread = await self.audit.log.thread(request_id)
-        card_link = None
-        if request and request.card_channel and request.card_ts:
-            card_link = await self.chat.permalink(channel_id=request.card_channel, ts=request.card_ts)
         if thread is None:
-            assert request is not None
+            if request is None:  # a refused click naming a request that does not exist is posted as a line of its own
+                ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=None, needle=row["hash"],
+                                   uncertain=row["uncertain"])
+                await self.audit.log.mark_posted(row["seq"], ts)
+                return
+            card_link = await self._card_link(request)
             headline = audit_headline(request, row, card_link)
-            ts = await self._once(channel, row, headline, None, needle=f"`{request_id}`")
+            ts = await deliver(self.chat, channel=channel, text=headline, thread_ts=None, needle=f"`{request_id}`",
+                               uncertain=row["uncertain"])
             await self.audit.log.save_thread(request_id, channel, ts, await self.chat.permalink(channel_id=channel, ts=ts))
             thread = await self.audit.log.thread(request_id)
             assert thread is not None
-            linked = await self.store.get(request_id)
-            if linked is not None:  # the approval card now links to its audit record
-                with contextlib.suppress(OpsbotError):
-                    await self.chat.update_card(linked)
-        ts = await self._once(channel, row, audit_line(row), thread["ts"])
+            await self.store.touch_card(request_id)  # the approval card now links to its audit record
+        ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=thread["ts"], needle=row["hash"],
+                           uncertain=row["uncertain"])
         await self.audit.log.mark_posted(row["seq"], ts)
-        if request is not None:
-            with contextlib.suppress(OpsbotError):  # the headline follows the state; best effort
-                await self.chat.update_message(channel_id=channel, ts=thread["ts"], text=audit_headline(request, row, card_link))
 
-    async def _once(self, channel: str, row: dict[str, Any], text: str, thread_ts: str | None, *, needle: str | None = None) -> str:
-        """Post unless an earlier, uncertain attempt already got through."""
-        if row.get("uncertain"):
-            found = await self.chat.find_message(channel_id=channel, needle=needle or row["hash"], thread_ts=thread_ts)
-            if found:
-                return found
-        return await self.chat.post_message(channel_id=channel, text=text, thread_ts=thread_ts)
+    async def _card_link(self, request: OpsRequest | None) -> str | None:
+        if request and request.card_channel and request.card_ts:
+            return await self.chat.permalink(channel_id=request.card_channel, ts=request.card_ts)
+        return None
+
+    async def _headlines(self, channel: str) -> None:
+        """Each request's headline follows its last posted row (state, last hash). A failed update
+        is simply tried again next round: the headline is behind, never lost."""
+        for stale in await self.audit.log.stale_headlines():
+            request = await self.store.get(stale["request_id"])
+            last = await self.audit.log.row(stale["seq"])
+            if request is None or last is None:
+                continue
+            try:
+                await self.chat.update_message(channel_id=stale["channel"], ts=stale["ts"],
+                                               text=audit_headline(request, last, await self._card_link(request)))
+            except OpsbotError as exc:
+                log.warning("audit headline of %s not updated yet: %s", stale["request_id"], exc)
+                return
+            await self.audit.log.headline_shown(stale["request_id"], stale["seq"])
 
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_once()
+                while await self.run_once():
+                    pass  # drain continuously while there is a backlog
             except Exception:
                 log.exception("audit poster failed; will try again")
             with contextlib.suppress(TimeoutError):

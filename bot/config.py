@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from bot.errors import ConfigError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DURATION = re.compile(r"^(\d+)\s*([smhd])$")
+_DURATION = re.compile(r"^([0-9]{1,9})\s*([smhd])$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # Every command opsbot knows, by its policy name (what `rules[].commands` lists).
@@ -39,14 +39,24 @@ def parse_duration(value: str | int) -> int:
     return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+_SINCE = re.compile(r"([0-9]{1,7})([mhdw])")
+_SINCE_MAX_SECONDS = 100 * 366 * 86400
+
+
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """'7d', '12h', '30m' ago, or an ISO date/time (UTC when no zone is given)."""
     now = now or datetime.now(UTC)
     text = text.strip()
     units = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    m = _SINCE.fullmatch(text)
+    if m:
+        seconds = int(m.group(1)) * units[m.group(2)]
+        if seconds > _SINCE_MAX_SECONDS:
+            raise ValueError(f"{text!r} reaches back more than 100 years; give a date instead (2026-11-01)")
+        return now - timedelta(seconds=seconds)
     try:
+        if not text.isascii():
+            raise ValueError(text)
         parsed = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{text!r} is neither a duration (7d, 12h, 30m) nor a date (2026-11-01 or 2026-11-01T12:00)") from None

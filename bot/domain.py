@@ -177,6 +177,7 @@ class OpsRequest:
     audit_permalink: str | None = None  # the request's record in the audit channel
     card_channel: str | None = None
     card_ts: str | None = None
+    card_version: int = 0  # bumped by every change the card shows (bot/notices.py)
     result: dict[str, Any] | None = None
     error: str | None = None
 
@@ -199,5 +200,7 @@ class Outcome:
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
+
+REQUEST_ID_PATTERN = r"r-[a-z0-9]{4,32}"  # what new_request_id makes (bot/approvals.py), with room to grow
 
 SYSTEM = Actor(UserId("opsbot"), "opsbot")  # the actor of events nobody clicked: expiry, worker steps

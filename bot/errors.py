@@ -74,3 +74,23 @@ class Conflict(ExecutionError):
     """The target changed between the read and the write (a Kubernetes 409, a row no longer matching)."""
 
 
+
+
+class MalformedPayload(UserError):
+    """A signed Slack payload whose fields are not what Slack sends (forged, or a client bug)."""
+
+
+class ForgedClick(UserError):
+    """A button click that does not belong to the card it came from, or names no real request."""
+
+
+class RateLimited(ExecutionError):
+    """Slack said "not now" (HTTP 429): nothing was done; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, temporary=True)
+        self.retry_after = retry_after
+
+
+class CardNotPosted(ExecutionError):
+    """The approval card could not be posted, so the request was ended (nobody could approve it)."""

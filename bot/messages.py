@@ -36,6 +36,13 @@ EVENT_LABEL = {
     "cancelled": "cancelled",
     "break_glass": ":rotating_light: BREAK-GLASS (ran without approval)",
     "break_glass_reviewed": "break-glass reviewed",
+    "refused": "refused",
+    "error": "internal error",
+    "dry_run": "dry run",
+    "malformed": "malformed request refused",
+    "vote_refused": "click refused",
+    "review_refused": "review refused",
+    "cancel_refused": "cancel refused",
 }
 
 

@@ -12,5 +12,8 @@ class Metrics:
                                 ["command", "outcome"], registry=self.registry)
         self.approval_latency = Histogram("opsbot_approval_latency_seconds", "From request to final approval.",
                                           buckets=(5, 15, 30, 60, 120, 300, 600, 900, 1800), registry=self.registry)
+        self.given_up = Counter("opsbot_messages_given_up_total",
+                                "Slack messages opsbot stopped trying to deliver (permanent error, or a post that kept arriving "
+                                "late); each is in the log at error level.", ["channel_kind"], registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)

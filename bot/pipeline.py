@@ -15,16 +15,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.adapters.ratelimit import RateLimiter
 from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
-from bot.domain import Actor, CommandRequest, Decision, DecisionKind, Invocation, Plan
-from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, PolicyDenied, UserError
+from bot.domain import Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
+from bot.errors import BackendUnavailable, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
 from bot.metrics import Metrics
 from bot.policy.engine import decide
-from bot.ports import Chat, Context
+from bot.ports import Chat, Context, tell
 from commands.help import command_help, help_text
 from commands.registry import command, parse
 
@@ -42,29 +43,58 @@ class Pipeline:
         return parse(req.text, self.config)
 
     async def _reply(self, req: CommandRequest, text: str, *, public: bool = False) -> None:
-        await self.chat.respond(response_url=req.response_url, channel_id=req.channel_id, user_id=req.actor.user_id,
-                                text=text, public=public)
+        """Answer the person who typed the command. If Slack cannot take the answer, it is logged:
+        what happened is in the audit trail and, for requests, on the card once Slack is back."""
+        await tell(self.chat.respond(response_url=req.response_url, channel_id=req.channel_id, user_id=req.actor.user_id,
+                                     text=text, public=public))
+
+    async def _record(self, event: str, req: CommandRequest, *, text: str | None = None, plan: dict[str, Any] | None = None,
+                      result: dict[str, Any] | None = None, post: bool = True) -> str:
+        """Record an attempt that ends here. Returns a note for the person when the row could only
+        be kept in the local spool (the database is down) or not kept at all; never raises."""
+        try:
+            row = await self.audit.record(event, actor=req.actor, channel_id=req.channel_id, text=req.text if text is None else text,
+                                          plan=plan, result=result, post=post)
+        except BackendUnavailable as exc:
+            log.error("attempt not recorded (%s): %s by %s: %r", exc, event, req.actor.user_id, req.text[:200])
+            return f"\n:warning: This attempt could not be recorded in the audit trail ({exc})."
+        if row.get("spooled"):
+            return ("\n_opsbot's database is down, so this attempt is kept in opsbot's local spool; it will be added to the "
+                    "audit trail when the database is back._")
+        return ""
 
     async def record_invalid(self, req: CommandRequest, error: UserError) -> None:
         """A command that did not parse (the user was already told, in the ack): audit only."""
         self.metrics.requests.labels("unknown", "invalid").inc()
-        try:
-            await self.audit.record("invalid", actor=req.actor, channel_id=req.channel_id, text=req.text,
-                                    result={"error": str(error)})
-        except BackendUnavailable:
-            log.exception("could not record an invalid command in the audit trail")
+        await self._record("invalid", req, result={"error": str(error)})
+
+    async def record_refused_payload(self, req: CommandRequest, error: UserError) -> None:
+        """A slash command whose payload is not what Slack sends (the ack said so)."""
+        self.metrics.requests.labels("unknown", "malformed").inc()
+        await self._record("malformed", req, result={"error": str(error)})
+
+    async def record_refused_click(self, actor: Actor, channel_id: str, error: UserError) -> None:
+        """A button click that could not be read as one of opsbot's (its ids are not Slack's)."""
+        self.metrics.requests.labels("unknown", "vote_malformed").inc()
+        await self._record("vote_refused", CommandRequest(actor=actor, channel_id=ChannelId(channel_id), text=""),
+                           result={"why": "malformed", "error": str(error)})
 
     async def handle(self, req: CommandRequest, inv: Invocation) -> None:
         try:
             await self._handle(req, inv)
         except BackendUnavailable as exc:
             self.metrics.requests.labels(inv.command, "backend_unavailable").inc()
-            await self._reply(req, f":x: Refused: {exc}. Nothing was changed; try again when it is back.")
+            note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend})
+            await self._reply(req, f":x: Refused: {exc}. Nothing was changed; try again when it is back.{note}")
         except OpsbotError as exc:
-            await self._reply(req, f":x: {exc}")
-        except Exception:
+            self.metrics.requests.labels(inv.command, "refused").inc()
+            note = await self._record("refused", req, text=inv.text, result={"error": str(exc)})
+            await self._reply(req, f":x: {exc}{note}")
+        except Exception as exc:
             log.exception("unexpected error handling %r", req.text)
-            await self._reply(req, ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs.")
+            self.metrics.requests.labels(inv.command, "error").inc()
+            note = await self._record("error", req, text=inv.text, result={"error": f"internal error ({type(exc).__name__})"})
+            await self._reply(req, ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs." + note)
 
     def _decide(self, subject: Plan | str, actor: Actor, req: CommandRequest, inv: Invocation | None = None,
                 *, anywhere: bool = False) -> Decision:
@@ -74,6 +104,7 @@ class Pipeline:
     async def _handle(self, req: CommandRequest, inv: Invocation) -> None:
         if inv.command == "help":
             await self._help(req, inv)
+            await self._record("read", req, text=inv.text, result={"help": str(inv.params.get("topic") or "")}, post=False)
             return
         if inv.command == "cancel":
             await self._reply(req, await self.approvals.cancel(str(inv.params["request_id"]), req.actor, channel_id=req.channel_id))
@@ -81,6 +112,7 @@ class Pipeline:
         actor = await self.approvals.with_groups(req.actor)  # fails closed when groups cannot be checked
         if inv.command == "pending":
             await self._pending(req, actor)
+            await self._record("read", req, text=inv.text, result={"pending": True}, post=False)
             return
         if inv.command == "audit":
             await self._audit_search(req, inv, actor)
@@ -104,20 +136,25 @@ class Pipeline:
             return
         if not plan.mutating:
             self.metrics.requests.labels(inv.command, "read").inc()
-            await self.audit.record("read", actor=req.actor, channel_id=req.channel_id, text=inv.text, plan=plan.to_json(), post=False)
+            await self._record("read", req, text=inv.text, plan=plan.to_json(), post=False)
             await self._reply(req, f"*{plan.summary}*\n" + "\n".join(f"• {d}" for d in plan.details), public=True)
             return
         if inv.flags.dry_run:
             self.metrics.requests.labels(inv.command, "dry_run").inc()
+            note = await self._record("dry_run", req, text=inv.text, plan=plan.to_json(), post=False,
+                                      result={"decision": decision.kind.value, "reason": decision.reason, "rule": decision.rule})
             await self._reply(req, f":mag: Dry run — nothing was changed.\n*{plan.summary}*\n"
-                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {decision.reason}")
+                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {decision.reason}" + note)
             return
         refusal = await self._over_limits(req, inv, decision)
         if refusal:
             await self._denied(req, inv, PolicyDenied(refusal[0], rule=refusal[1]), plan=plan.to_json())
             return
         self.metrics.requests.labels(inv.command, "requested").inc()
-        await self.approvals.open(req, inv, plan, decision)
+        try:
+            await self.approvals.open(req, inv, plan, decision)
+        except CardNotPosted as exc:  # recorded as a failed request already
+            await self._reply(req, f":x: {exc}")
 
     async def _over_limits(self, req: CommandRequest, inv: Invocation, decision: Decision) -> tuple[str, str] | None:
         limits = self.config.limits
@@ -195,12 +232,10 @@ class Pipeline:
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:
         self.metrics.requests.labels(inv.command, "invalid").inc()
-        await self.audit.record("invalid", actor=req.actor, channel_id=req.channel_id, text=req.text,
-                                result={"error": str(error)})
-        await self._reply(req, f":x: {error}")
+        note = await self._record("invalid", req, result={"error": str(error)})
+        await self._reply(req, f":x: {error}{note}")
 
-    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, object] | None) -> None:
+    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, Any] | None) -> None:
         self.metrics.requests.labels(inv.command, "policy_denied").inc()
-        await self.audit.record("policy_denied", actor=req.actor, channel_id=req.channel_id, text=inv.text, plan=plan,
-                                result={"error": str(error), "rule": error.rule})
-        await self._reply(req, f":no_entry: Not allowed: {error}")
+        note = await self._record("policy_denied", req, text=inv.text, plan=plan, result={"error": str(error), "rule": error.rule})
+        await self._reply(req, f":no_entry: Not allowed: {error}{note}")

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.audit_log import AuditLog
@@ -23,12 +24,14 @@ from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
 from bot.adapters.queues import ActionQueue, QueueAdapter
 from bot.adapters.ratelimit import RateLimiter
+from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.approvals import Approvals
 from bot.audit import Audit, AuditPoster, secret_values
 from bot.config import Config
 from bot.errors import BackendUnavailable
 from bot.metrics import Metrics
+from bot.notices import Notices
 from bot.pipeline import Pipeline
 from bot.ports import Context, Directory, NoDirectory
 from bot.settings import Settings
@@ -37,6 +40,7 @@ from bot.slack.chat import SlackChat
 from bot.worker import ActionWorker, Executor
 
 log = logging.getLogger(__name__)
+MAX_BODY = 256 * 1024  # the largest Slack payloads (block_actions with a full message) are tens of kB
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Runtime:
     metrics: Metrics
     inflight: set[asyncio.Task[Any]]
     poster: AuditPoster
+    notices: Notices
 
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
@@ -70,8 +75,10 @@ class Runtime:
         secrets = secret_values([settings.slack_bot_token, settings.slack_signing_secret, settings.slack_app_token,
                                  settings.database_url, settings.redis_url,
                                  *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values())])
-        audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets)
-        poster = AuditPoster(audit=audit, store=store, chat=chat)
+        audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
+                      spool=AuditSpool(settings.spool_dir))
+        poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)
+        notices = Notices(store=store, chat=chat, metrics=metrics)
         ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)
         directory: Directory = NoDirectory()
         if config.usergroups:
@@ -83,9 +90,9 @@ class Runtime:
                                            prefix=f"opsbot:{settings.queue_prefix}")
         limiter = RateLimiter(settings.redis_url, prefix=f"opsbot:{settings.queue_prefix}")
         approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics,
-                              directory=directory)
+                              directory=directory, notices=notices)
         pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter)
-        executor = Executor(ctx=ctx, store=store, chat=chat, audit=audit, metrics=metrics, worker_id=settings.worker_id)
+        executor = Executor(ctx=ctx, store=store, notices=notices, audit=audit, metrics=metrics, worker_id=settings.worker_id)
         worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
                               queue_name=settings.actions_queue, prefix=settings.queue_prefix)
         inflight: set[asyncio.Task[Any]] = set()
@@ -93,11 +100,12 @@ class Runtime:
                          inflight=inflight)
         return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
                    audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
-                   metrics=metrics, inflight=inflight, poster=poster)
+                   metrics=metrics, inflight=inflight, poster=poster, notices=notices)
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.store.open()
         self.poster.start()
+        self.notices.start()
         if with_worker:
             await self.worker.start()
 
@@ -106,7 +114,8 @@ class Runtime:
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=grace)
         closers: list[tuple[str, Any]] = [
-            ("worker", self.worker.stop), ("audit poster", self.poster.stop), ("action queue", self.actions.close),
+            ("worker", self.worker.stop), ("notices", self.notices.stop), ("audit poster", self.poster.stop),
+            ("action queue", self.actions.close),
             ("platform queues", self.queues.close), ("rate limiter", self.pipeline.limiter.close),
         ]
         if isinstance(self.approvals.directory, UserGroupDirectory):
@@ -122,6 +131,8 @@ class Runtime:
                 log.warning("stopping %s: %s", name, step.exception())
         self.kube.close()
         await self.store.close()
+        if self.audit.spool is not None:
+            self.audit.spool.close()
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, str] = {"config": "ok"}
@@ -137,12 +148,33 @@ class Runtime:
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
     def web_app(self) -> web.Application:
-        """HTTP: Slack events (slash commands and interactivity), health, readiness, metrics."""
-        app = web.Application()
+        """HTTP: Slack events (slash commands and interactivity), health, readiness, metrics.
+
+        Before Bolt sees a request: bodies over ``MAX_BODY`` get 413 (Slack's own payloads are far
+        smaller; a huge body would otherwise be parsed on the event loop), and a body Bolt cannot
+        read gets 401 if its signature is wrong and 400 if it is signed but malformed, logged as a
+        warning without a traceback (a malformed request is the sender's problem, not opsbot's)."""
+        app = web.Application(client_max_size=MAX_BODY)
+        verifier = SignatureVerifier(self.settings.slack_signing_secret)
 
         async def slack_events(request: web.Request) -> web.Response:
-            bolt_req = await to_bolt_request(request)
-            return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_req))
+            try:
+                bolt_req = await to_bolt_request(request)
+            except web.HTTPRequestEntityTooLarge:
+                log.warning("refused a %s-byte request to /slack/events (limit %d)", request.content_length, MAX_BODY)
+                return web.json_response({"error": f"request body over {MAX_BODY} bytes"}, status=413)
+            except Exception as exc:
+                body = (await request.read()).decode("utf-8", "replace")
+                if not verifier.is_valid(body=body, timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
+                                         signature=request.headers.get("X-Slack-Signature", "")):
+                    return web.json_response({"error": "invalid request signature"}, status=401)
+                log.warning("refused a signed but malformed request to /slack/events: %s: %s", type(exc).__name__, exc)
+                return web.json_response({"error": "malformed Slack payload"}, status=400)
+            try:
+                return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_req))
+            except Exception as exc:  # Bolt could not make sense of a (signed) payload
+                log.warning("refused a request Bolt could not dispatch: %s: %s", type(exc).__name__, exc)
+                return web.json_response({"error": "malformed Slack payload"}, status=400)
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"ok": True})

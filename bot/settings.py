@@ -24,6 +24,7 @@ class Settings:
     worker_id: str
     actions_queue: str = "opsbot-actions"
     queue_prefix: str = "bull"
+    spool_dir: str = ".opsbot/spool"  # audit rows kept while the database is down (bot/adapters/spool.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,4 +51,5 @@ class Settings:
             port=int(port),
             worker_id=env.get("OPSBOT_WORKER_ID") or env.get("HOSTNAME") or f"pid-{os.getpid()}",
             actions_queue=env.get("OPSBOT_ACTIONS_QUEUE", "opsbot-actions"),
+            spool_dir=env.get("OPSBOT_SPOOL_DIR", ".opsbot/spool"),
         )

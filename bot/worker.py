@@ -35,16 +35,17 @@ from bot.domain import SYSTEM, OpsRequest, Plan, RequestState
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, UserError
 from bot.messages import thread_result
 from bot.metrics import Metrics
-from bot.ports import Chat, Context, tell
+from bot.notices import Notices
+from bot.ports import Context
 from commands.registry import command
 
 log = logging.getLogger(__name__)
 
 
 class Executor:
-    def __init__(self, *, ctx: Context, store: Store, chat: Chat, audit: Audit, metrics: Metrics, worker_id: str,
+    def __init__(self, *, ctx: Context, store: Store, notices: Notices, audit: Audit, metrics: Metrics, worker_id: str,
                  lock_wait: float = 60.0, heartbeat_every: float = 5.0) -> None:
-        self.ctx, self.store, self.chat, self.audit, self.metrics = ctx, store, chat, audit, metrics
+        self.ctx, self.store, self.notices, self.audit, self.metrics = ctx, store, notices, audit, metrics
         self.worker_id, self.lock_wait, self.heartbeat_every = worker_id, lock_wait, heartbeat_every
 
     async def run(self, request_id: str) -> str:
@@ -55,7 +56,7 @@ class Executor:
             log.info("request %s not claimed (state %s)", request_id, current.state if current else "missing")
             return current.state.value if current else "missing"
         await self._record("started", request)
-        await tell(self.chat.update_card(request))
+        self.notices.card_changed()
         target = str(request.plan["target"])
         async with self.store.target_lock(target, wait=self.lock_wait) as locked:
             if not locked:
@@ -113,8 +114,8 @@ class Executor:
             self.metrics.execution_duration.labels(request.command, state.value).observe(time.monotonic() - started)
         self.metrics.requests.labels(request.command, state.value).inc()
         await self._record(state.value, done, result=result or {"error": error})
-        await tell(self.chat.update_card(done))
-        await tell(self.chat.post_in_thread(done, thread_result(done)))
+        self.notices.card_changed()
+        await self.notices.thread(done, thread_result(done))
         return state.value
 
     async def _record(self, event: str, request: OpsRequest, result: dict[str, Any] | None = None) -> None:
@@ -129,8 +130,8 @@ class Executor:
             if request is not None:
                 n += 1
                 await self._record("unknown", request, result={"error": request.error})
-                await tell(self.chat.update_card(request))
-                await tell(self.chat.post_in_thread(request, thread_result(request)))
+                self.notices.card_changed()
+                await self.notices.thread(request, thread_result(request))
         return n
 
 

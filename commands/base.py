@@ -9,6 +9,7 @@ from bot.config import Config, Deployment
 from bot.domain import Outcome, Plan
 from bot.errors import NotFound, UsageError
 from bot.ports import Context
+from bot.untrusted import non_ascii_hint
 
 Params = dict[str, Any]
 
@@ -63,7 +64,7 @@ def deployment_alias(config: Config, alias: str) -> Deployment:
     dep = config.deployments.get(alias)
     if dep is None:
         known = ", ".join(sorted(config.deployments)) or "none configured"
-        raise NotFound(f"unknown deployment `{alias}`. Known deployments: {known}.")
+        raise NotFound(f"unknown deployment `{alias}`{non_ascii_hint(alias)}. Known deployments: {known}.")
     return dep
 
 

@@ -11,6 +11,7 @@ from bot.config import Config, Providers
 from bot.domain import Outcome, Plan
 from bot.errors import NotFound, Refused
 from bot.ports import Context
+from bot.untrusted import non_ascii_hint
 from commands.base import Command, Params
 
 
@@ -40,7 +41,8 @@ class _ProviderToggle(Command):
         row = await ctx.databases.provider(spec, params["provider"])
         if row is None:
             names = await ctx.databases.provider_names(spec)
-            raise NotFound(f"unknown provider `{params['provider']}`. Known providers: {', '.join(names) or 'none'}.")
+            name = params["provider"]
+            raise NotFound(f"unknown provider `{name}`{non_ascii_hint(name)}. Known providers: {', '.join(names) or 'none'}.")
         current = bool(row[spec.active_column])
         if current == self.active:
             raise Refused(f"provider `{params['provider']}` is already {'enabled' if current else 'disabled'}; nothing to do.")

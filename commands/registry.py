@@ -27,6 +27,7 @@ from typing import Any
 from bot.config import Config, parse_since
 from bot.domain import Flags, Invocation
 from bot.errors import UsageError
+from bot.untrusted import check_command_text, number_problem, whole_number
 from commands.base import Command
 from commands.provider import DisableProvider, EnableProvider
 from commands.replay import ReplayWebhook
@@ -42,17 +43,22 @@ HELP_USAGE = "/ops help"
 META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
               "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]"}
 AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
+MAX_AUDIT_PAGE = 1_000_000
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 
 
 def _parse_audit(tokens: list[str], text: str) -> Invocation:
     """`/ops audit` filters. Users may be mentions (<@U123|alice>, as Slack escapes them), ids or @names."""
     params: dict[str, Any] = {"page": 1}
+    seen: set[str] = set()
     i = 0
     while i < len(tokens):
         name, eq, inline = tokens[i].partition("=")
         if name not in AUDIT_FLAGS:
             raise UsageError(f"unknown audit filter `{tokens[i]}`.", usage=META_USAGE["audit"])
+        if name in seen:
+            raise UsageError(f"`{name}` is given twice; give each filter once.", usage=META_USAGE["audit"])
+        seen.add(name)
         if eq:
             value, i = inline, i + 1
         elif i + 1 < len(tokens):
@@ -61,9 +67,11 @@ def _parse_audit(tokens: list[str], text: str) -> Invocation:
             raise UsageError(f"`{name}` needs a value.", usage=META_USAGE["audit"])
         key = name[2:]
         if AUDIT_FLAGS[name] is int:
-            if not value.isdigit() or int(value) < 1:
-                raise UsageError(f"`{name}` takes a page number (1 or more), got `{value}`.", usage=META_USAGE["audit"])
-            params[key] = int(value)
+            page = whole_number(value)
+            if page is None or page < 1 or page > MAX_AUDIT_PAGE:
+                problem = number_problem(value, f"`{name}`") if page is None else f"`{name}` takes 1 to {MAX_AUDIT_PAGE:,}, got `{value}`."
+                raise UsageError(problem, usage=META_USAGE["audit"])
+            params[key] = page
             continue
         if key == "user":
             m = _MENTION.match(value)
@@ -116,6 +124,8 @@ def _split_flags(cmd: Command, rest: list[str]) -> tuple[list[str], dict[str, An
         if kind is None:
             allowed = ", ".join(sorted(known))
             raise UsageError(f"unknown option `{name}` for `{' '.join(cmd.words)}`. Options: {allowed}.", usage=cmd.usage)
+        if name in flags:  # the last one silently winning would make the card say something else than was typed
+            raise UsageError(f"`{name}` is given twice; give it once.", usage=cmd.usage)
         if kind is bool:
             flags[name] = True
             i += 1
@@ -129,9 +139,10 @@ def _split_flags(cmd: Command, rest: list[str]) -> tuple[list[str], dict[str, An
         else:
             raise UsageError(f"`{name}` needs a value, e.g. `{name} {'3' if kind is int else 'text'}`.", usage=cmd.usage)
         if kind is int:
-            if not value.lstrip("-").isdigit():
-                raise UsageError(f"`{name}` takes a number, got `{value}`.", usage=cmd.usage)
-            flags[name] = int(value)
+            number = whole_number(value)
+            if number is None:
+                raise UsageError(number_problem(value, f"`{name}`"), usage=cmd.usage)
+            flags[name] = number
         else:
             flags[name] = value
     return args, flags
@@ -139,6 +150,9 @@ def _split_flags(cmd: Command, rest: list[str]) -> tuple[list[str], dict[str, An
 
 def parse(text: str, config: Config) -> Invocation:
     """Parse ``/ops`` text into an Invocation, or raise a UserError that says what to type instead."""
+    problem = check_command_text(text)
+    if problem:
+        raise UsageError(problem)
     tokens = tokenize(text)
     if not tokens or tokens[0].lower() in ("help", "-h", "--help"):
         return Invocation(command="help", params={"topic": " ".join(tokens[1:]).lower()}, flags=Flags(), text=text.strip())
@@ -149,7 +163,7 @@ def parse(text: str, config: Config) -> Invocation:
             raise UsageError(f"`pending` takes no arguments, got `{' '.join(tokens[1:])}`.", usage=META_USAGE["pending"])
         return Invocation(command="pending", params={}, flags=Flags(), text=text.strip())
     if tokens[0].lower() == "cancel":
-        if len(tokens) != 2:
+        if len(tokens) != 2 or len(tokens[1]) > 64:
             raise UsageError("`cancel` takes the request id from the card, e.g. `/ops cancel r-7kq2m9xa`.", usage=META_USAGE["cancel"])
         return Invocation(command="cancel", params={"request_id": tokens[1]}, flags=Flags(), text=text.strip())
     cmd, rest = _lookup(tokens)

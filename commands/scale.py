@@ -9,6 +9,7 @@ from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import Refused
 from bot.ports import Context
+from bot.untrusted import number_problem, whole_number
 from commands.base import Command, Params, deployment_alias
 
 
@@ -21,9 +22,9 @@ class Scale(Command):
     def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
         self.expect_args(args, ["deployment", "replica count"])
         dep = deployment_alias(config, args[0])
-        if not args[1].isdigit():
-            raise self.usage_error(f"replicas must be a whole number, got `{args[1]}`.")
-        replicas = int(args[1])
+        replicas = whole_number(args[1])
+        if replicas is None:
+            raise self.usage_error(number_problem(args[1], "replicas"))
         if not dep.replicas.min <= replicas <= dep.replicas.max:
             raise Refused(
                 f"`{args[0]}` may run {dep.replicas.min} to {dep.replicas.max} replicas; {replicas} is outside that range. "

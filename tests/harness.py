@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,15 +48,17 @@ class Harness:
 
     @classmethod
     async def start(cls, *, config: Config, slack: FakeSlack, database_url: str, redis_url: str, kubeconfig: str,
-                    queue_prefix: str, with_worker: bool = True) -> Harness:
+                    queue_prefix: str, with_worker: bool = True, spool_dir: str | None = None) -> Harness:
         settings = Settings(
             slack_bot_token="xoxb-test-token", slack_signing_secret=SIGNING_SECRET, slack_app_token=None,
             slack_api_url=slack.api_url, database_url=database_url, redis_url=redis_url, config_path="<test>",
             kubeconfig=kubeconfig, host="127.0.0.1", port=0, worker_id="test-worker", queue_prefix=queue_prefix,
+            spool_dir=spool_dir or tempfile.mkdtemp(prefix="opsbot-spool-"),
         )
         runtime = Runtime.build(settings, config)
         runtime.worker.sweep_every = 0.3
         runtime.poster.interval = 0.2
+        runtime.notices.interval = 0.2
         h = cls(runtime=runtime, slack=slack)
         await runtime.start(with_worker=with_worker)
         h._runner = web.AppRunner(runtime.web_app())
@@ -100,9 +103,13 @@ class Harness:
         })
         return await self.post_signed(body)
 
-    async def click(self, user: str, request_id: str, decision: str = "approve", *, channel: str = INCIDENT) -> tuple[int, str]:
-        request = await self.runtime.store.get(request_id)
-        ts = request.card_ts if request and request.card_ts else "0"
+    async def click(self, user: str, request_id: str, decision: str = "approve", *, channel: str = INCIDENT,
+                    on_card_of: str | None = None, value: str | None = None) -> tuple[int, str]:
+        """A click on a request's card: ``decision`` is approve, deny or acknowledge. ``on_card_of``
+        clicks on another request's card (a forged button); ``value`` overrides the button's value."""
+        request = await self.runtime.store.get(on_card_of or request_id)
+        ts = request.card_ts if request and request.card_ts else "1700000000.000001"
+        action_id = {"approve": "opsbot_approve", "deny": "opsbot_deny", "acknowledge": "opsbot_acknowledge"}[decision]
         payload = {
             "type": "block_actions",
             "team": {"id": "T0FAKE", "domain": "fake"},
@@ -115,8 +122,8 @@ class Harness:
             "message": {"ts": ts, "text": "card"},
             "response_url": self.slack.response_url("click-" + uuid.uuid4().hex),
             "actions": [{
-                "action_id": "opsbot_approve" if decision == "approve" else "opsbot_deny",
-                "block_id": f"opsbot_vote:{request_id}", "value": request_id, "type": "button",
+                "action_id": action_id,
+                "block_id": f"opsbot_vote:{request_id}", "value": request_id if value is None else value, "type": "button",
                 "action_ts": str(time.time()),
             }],
         }

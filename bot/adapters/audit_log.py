@@ -31,7 +31,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from bot.adapters.store import Store
-from bot.domain import Actor, canonical_json
+from bot.domain import canonical_json
 
 GENESIS = "0" * 64
 _AUDIT_LOCK = 0x0A0D17  # advisory lock: audit appends
@@ -108,11 +108,18 @@ class AuditLog:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def append(self, *, event: str, actor: Actor, channel_id: str, request_id: str | None, command_text: str,
-                     plan: dict[str, Any] | None, result: dict[str, Any] | None, post: bool = True) -> dict[str, Any]:
-        """Append one row (and, when ``post``, its outbox entry) in one transaction."""
+    async def append(self, *, event: str, actor_id: str, actor_name: str, channel_id: str, request_id: str | None,
+                     command_text: str, plan: dict[str, Any] | None, result: dict[str, Any] | None, post: bool = True,
+                     unless_spooled_id: str | None = None) -> dict[str, Any]:
+        """Append one row (and, when ``post``, its outbox entry) in one transaction. With
+        ``unless_spooled_id``, nothing is appended (and ``{}`` returned) if a row with that spool id
+        is already in the trail."""
         async with self.store.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
+            if unless_spooled_id and await (await conn.execute(
+                    "SELECT 1 FROM audit_events WHERE result ? 'spooled' AND result->'spooled'->>'id' = %s",
+                    (unless_spooled_id,))).fetchone():
+                return {}
             last = await (await conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).fetchone()
             if last is None:
                 cp = await (await conn.execute("SELECT upto_seq, last_hash FROM audit_checkpoints ORDER BY upto_seq DESC LIMIT 1"))\
@@ -120,18 +127,23 @@ class AuditLog:
                 seq, prev = ((cp["upto_seq"] + 1, cp["last_hash"]) if cp else (1, GENESIS))
             else:
                 seq, prev = last["seq"] + 1, last["hash"]
-            row = {"seq": seq, "at": datetime.now(UTC), "event": event, "actor_id": actor.user_id, "actor_name": actor.name,
+            row = {"seq": seq, "at": datetime.now(UTC), "event": event, "actor_id": actor_id, "actor_name": actor_name,
                    "channel_id": channel_id, "request_id": request_id, "command_text": command_text, "plan": plan, "result": result}
             digest = audit_hash(prev, audit_record(row))
             await conn.execute(
                 """INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text,
                        plan, result, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (seq, row["at"], event, actor.user_id, actor.name, channel_id, request_id, command_text,
+                (seq, row["at"], event, actor_id, actor_name, channel_id, request_id, command_text,
                  Jsonb(plan) if plan is not None else None, Jsonb(result) if result is not None else None, prev, digest),
             )
             if post:
                 await conn.execute("INSERT INTO audit_outbox (seq, request_id) VALUES (%s, %s)", (seq, request_id))
         return {**row, "prev_hash": prev, "hash": digest}
+
+    async def append_once(self, **entry: Any) -> bool:
+        """Append a spooled entry unless it is already in the trail; True if it was appended."""
+        spooled = (entry.get("result") or {}).get("spooled") or {}
+        return bool(await self.append(**entry, unless_spooled_id=str(spooled.get("id") or "") or None))
 
     async def rows(self, request_id: str | None = None, *, since: datetime | None = None,
                    until: datetime | None = None) -> list[dict[str, Any]]:
@@ -194,14 +206,17 @@ class AuditLog:
     # -------------------------------------------------------------- the outbox
 
     async def due_posts(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The oldest unposted rows, in seq order, each with ``due`` (its retry time has come). The
+        poster stops at the first row that is not due, so the channel never shows rows out of order."""
         async with self.store.connection() as conn:
             return await (await conn.execute(
-                """SELECT e.*, o.uncertain, o.attempts FROM audit_outbox o JOIN audit_events e USING (seq)
-                   WHERE o.posted_ts IS NULL AND o.next_attempt_at <= now() ORDER BY o.seq LIMIT %s""", (limit,))).fetchall()
+                """SELECT e.*, o.uncertain, o.attempts, o.next_attempt_at <= now() AS due FROM audit_outbox o
+                   JOIN audit_events e USING (seq)
+                   WHERE o.posted_ts IS NULL AND NOT o.gave_up ORDER BY o.seq LIMIT %s""", (limit,))).fetchall()
 
     async def unposted(self) -> int:
         async with self.store.connection() as conn:
-            row = await (await conn.execute("SELECT count(*) AS n FROM audit_outbox WHERE posted_ts IS NULL")).fetchone()
+            row = await (await conn.execute("SELECT count(*) AS n FROM audit_outbox WHERE posted_ts IS NULL AND NOT gave_up")).fetchone()
         return int(row["n"]) if row else 0
 
     async def mark_posted(self, seq: int, ts: str) -> None:
@@ -209,12 +224,30 @@ class AuditLog:
             await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = %s",
                                (ts, seq))
 
-    async def mark_failed(self, seq: int, error: str, *, uncertain: bool) -> None:
+    async def mark_failed(self, seq: int, error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
         async with self.store.connection() as conn:
             await conn.execute(
-                """UPDATE audit_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s,
-                       next_attempt_at = now() + least(interval '5 minutes', interval '1 second' * power(2, attempts))
-                   WHERE seq = %s""", (error[:500], uncertain, seq))
+                """UPDATE audit_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s, gave_up = %s,
+                       next_attempt_at = now() + make_interval(secs => %s) WHERE seq = %s""",
+                (error[:500], uncertain, give_up, delay, seq))
+
+    async def stale_headlines(self) -> list[dict[str, Any]]:
+        """Request threads whose headline does not show their last posted row yet."""
+        async with self.store.connection() as conn:
+            return await (await conn.execute(
+                """SELECT t.request_id, t.channel, t.ts, last.seq FROM audit_threads t
+                   CROSS JOIN LATERAL (SELECT max(o.seq) AS seq FROM audit_outbox o
+                                       WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL) last
+                   WHERE last.seq > t.headline_seq LIMIT 50""")).fetchall()
+
+    async def headline_shown(self, request_id: str, seq: int) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute("UPDATE audit_threads SET headline_seq = greatest(headline_seq, %s) WHERE request_id = %s",
+                               (seq, request_id))
+
+    async def row(self, seq: int) -> dict[str, Any] | None:
+        async with self.store.connection() as conn:
+            return await (await conn.execute("SELECT * FROM audit_events WHERE seq = %s", (seq,))).fetchone()
 
     async def poster_lock(self) -> Any:
         """Session advisory lock held while one replica posts (keeps a request's thread in order)."""

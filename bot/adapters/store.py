@@ -43,7 +43,7 @@ _SELECT_REQUEST = """SELECT r.*, t.permalink AS audit_permalink FROM ops_request
 
 @dataclass(frozen=True)
 class VoteResult:
-    outcome: str  # counted | approved | denied | ineligible | closed | duplicate | expired | missing
+    outcome: str  # counted | approved | denied | ineligible | closed | duplicate | expired | missing | forged
     request: OpsRequest | None
     message: str = ""
 
@@ -75,6 +75,7 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
         audit_permalink=row.get("audit_permalink"),
         card_channel=row["card_channel"],
         card_ts=row["card_ts"],
+        card_version=row.get("card_version", 0),
         result=row["result"],
         error=row["error"],
     )
@@ -119,7 +120,8 @@ class Store:
         async with self._conn() as conn, conn.transaction():
             for stmt in (
                 "GRANT USAGE ON SCHEMA public TO {r}",
-                "GRANT SELECT, INSERT, UPDATE ON ops_requests, ops_approvals, audit_outbox, audit_threads TO {r}",
+                "GRANT SELECT, INSERT, UPDATE ON ops_requests, ops_approvals, audit_outbox, audit_threads, chat_outbox TO {r}",
+                "GRANT USAGE ON SEQUENCE chat_outbox_id_seq TO {r}",
                 "GRANT SELECT ON opsbot_migrations TO {r}",
                 "GRANT SELECT, INSERT ON audit_events TO {r}",
                 "GRANT SELECT ON audit_checkpoints TO {r}",
@@ -178,11 +180,13 @@ class Store:
             await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
 
     async def vote(self, request_id: str, approver: Actor, decision: str, *, roles: tuple[str, ...],
-                   eligible: Callable[[OpsRequest], str | None],
+                   card: tuple[str, str], eligible: Callable[[OpsRequest], str | None],
                    quorum: Callable[[OpsRequest, list[tuple[str, ...]]], bool]) -> VoteResult:
-        """Record an Approve/Deny click. ``eligible(request)`` returns None or why this person may
-        not vote; ``quorum(request, roles of each approving person)`` says whether it is enough.
-        Both run inside the transaction, with the request row locked."""
+        """Record an Approve/Deny click made on ``card`` (channel, message ts). ``eligible(request)``
+        returns None or why this person may not vote; ``quorum(request, roles of each approving
+        person)`` says whether it is enough. Both run inside the transaction, with the request row
+        locked. A click whose card is not this request's card is ``forged``: a button's value is
+        whatever the client sent, the message it was clicked on is what Slack saw."""
         async with self._conn() as conn, conn.transaction():
             row = await (await conn.execute(
                 "SELECT *, expires_at <= now() AS is_expired FROM ops_requests WHERE id = %s FOR UPDATE", (request_id,)
@@ -192,6 +196,9 @@ class Store:
             approvals = await (await conn.execute(
                 "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
             request = _request(row, approvals)
+            if (request.card_channel, request.card_ts) != card:
+                return VoteResult("forged", request, f"this button does not belong to request `{request_id}`'s approval card; "
+                                                     "nothing was counted. Click Approve or Deny on the request's own card.")
             if request.state is not RequestState.PENDING_APPROVAL:
                 return VoteResult("closed", request, f"this request is already {request.state.value.replace('_', ' ')}; nothing changed.")
             if row["is_expired"]:
@@ -213,6 +220,7 @@ class Store:
             if quorum(request, approving):
                 await conn.execute("UPDATE ops_requests SET state = 'approved', decided_at = now() WHERE id = %s", (request_id,))
                 return VoteResult("approved", await self._reload(conn, request_id))
+            await conn.execute("UPDATE ops_requests SET card_version = card_version + 1 WHERE id = %s", (request_id,))
             return VoteResult("counted", await self._reload(conn, request_id))
 
     async def _reload(self, conn: psycopg.AsyncConnection[dict[str, Any]], request_id: str) -> OpsRequest:
@@ -304,6 +312,64 @@ class Store:
             rows = await (await conn.execute(
                 "SELECT id FROM ops_requests WHERE target = %s AND state IN ('running') ORDER BY created_at", (target,))).fetchall()
         return [r["id"] for r in rows]
+
+    # ------------------------------------------------------------------ what the incident channel is told
+
+    async def add_thread_notice(self, request_id: str, text: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("INSERT INTO chat_outbox (request_id, text) VALUES (%s, %s)", (request_id, text))
+
+    async def due_thread_notices(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Unposted thread replies, oldest first, with where they go (the card's thread) and
+        whether each is due yet (the poster keeps each channel's order: a channel whose oldest
+        reply is not due waits)."""
+        async with self._conn() as conn:
+            return await (await conn.execute(
+                """SELECT o.id, o.request_id, o.text, o.attempts, o.uncertain, o.next_attempt_at <= now() AS due,
+                          coalesce(r.card_channel, r.channel_id) AS channel, r.card_ts AS thread_ts
+                   FROM chat_outbox o JOIN ops_requests r ON r.id = o.request_id
+                   WHERE o.posted_ts IS NULL AND NOT o.gave_up ORDER BY o.id LIMIT %s""", (limit,))).fetchall()
+
+    async def thread_notice_posted(self, notice_id: int, ts: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE chat_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE id = %s",
+                               (ts, notice_id))
+
+    async def thread_notice_failed(self, notice_id: int, error: str, *, uncertain: bool, delay: float, give_up: bool) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                """UPDATE chat_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s, gave_up = %s,
+                       next_attempt_at = now() + make_interval(secs => %s) WHERE id = %s""",
+                (error[:500], uncertain, give_up, delay, notice_id))
+
+    async def cards_behind(self, limit: int = 50) -> list[str]:
+        """Requests whose card shows an older state than the row (latest state wins: the card is
+        re-rendered from the row when it is updated)."""
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                """SELECT id FROM ops_requests WHERE card_version > card_shown AND card_ts IS NOT NULL
+                       AND card_next_attempt_at <= now() ORDER BY card_next_attempt_at LIMIT %s""", (limit,))).fetchall()
+        return [r["id"] for r in rows]
+
+    async def card_shown(self, request_id: str, version: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute("UPDATE ops_requests SET card_shown = greatest(card_shown, %s), card_attempts = 0, card_error = NULL "
+                               "WHERE id = %s", (version, request_id))
+
+    async def card_failed(self, request_id: str, error: str, *, delay: float, give_up_version: int | None) -> None:
+        """A card update failed: try again after ``delay``, or (a permanent error) stop trying for
+        this version."""
+        async with self._conn() as conn:
+            await conn.execute(
+                """UPDATE ops_requests SET card_attempts = card_attempts + 1, card_error = %s,
+                       card_next_attempt_at = now() + make_interval(secs => %s),
+                       card_shown = CASE WHEN %s::int IS NULL THEN card_shown ELSE greatest(card_shown, %s::int) END
+                   WHERE id = %s""", (error[:500], delay, give_up_version, give_up_version, request_id))
+
+    async def touch_card(self, request_id: str) -> None:
+        """The card must be drawn again though the request did not change (e.g. its audit link appeared)."""
+        async with self._conn() as conn:
+            await conn.execute("UPDATE ops_requests SET card_version = card_version + 1 WHERE id = %s", (request_id,))
 
     @contextlib.asynccontextmanager
     async def target_lock(self, target: str, *, wait: float) -> AsyncIterator[bool]:

@@ -93,7 +93,8 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
         slack.permalink_base = f"http://{host}:{slack.port}"
         settings = Settings(slack_bot_token=token, slack_signing_secret=signing_secret, slack_app_token=None,
                             slack_api_url=slack.api_url, database_url=state_url, redis_url=redis_url, config_path=config_path,
-                            kubeconfig=kubeconfig, host="127.0.0.1", port=0, worker_id="dev", queue_prefix="bull")
+                            kubeconfig=kubeconfig, host="127.0.0.1", port=0, worker_id="dev", queue_prefix="bull",
+                            spool_dir=str(data_dir / "spool"))
         runtime = Runtime.build(settings, config)
         await runtime.store.open()
         await runtime.store.migrate()

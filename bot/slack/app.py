@@ -1,9 +1,14 @@
-"""The Slack edge: a slack-bolt AsyncApp with the `/ops` command and the Approve/Deny buttons.
+"""The Slack edge: a slack-bolt AsyncApp with the `/ops` command and the card's buttons.
 
 The ack never waits on Kubernetes, the databases or the queue. Parsing is pure (config lookups
 only), so a usage error is the ack itself; everything else runs after the ack (Bolt keeps the
 listener running once ``ack()`` has answered Slack's HTTP request, in its default
 ``process_before_response=False`` mode).
+
+Every signed request gets an answer: the listeners ack first and guard everything after, so no
+input (a malformed id, a NUL, a forged button, a bug) leaves Slack without a response or the
+attempt without an audit row. Requests that are not signed, or are not Slack payloads at all, are
+refused before Bolt sees them (``bot/runtime.py``, ``slack_events``).
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.approvals import Approvals
-from bot.domain import Invocation
-from bot.errors import OpsbotError, UserError
+from bot.domain import Actor, Invocation, UserId
+from bot.errors import MalformedPayload, UserError
 from bot.pipeline import Pipeline
+from bot.ports import tell
 from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY
-from bot.slack.payloads import click_actor, click_channel, command_request
+from bot.slack.payloads import click, click_user, command_request, unchecked_request
 
 log = logging.getLogger(__name__)
+INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
 
 
 @contextlib.contextmanager
@@ -53,45 +60,72 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
             await _ops(ack, body)
 
     async def _ops(ack: Any, body: dict[str, Any]) -> None:
-        req = command_request(body)
+        try:
+            req = command_request(body)
+        except MalformedPayload as exc:
+            await ack(text=f":x: {exc}")
+            await pipeline.record_refused_payload(unchecked_request(body), exc)
+            return
         inv: Invocation | None = None
-        error: UserError | None = None
         try:
             inv = pipeline.parse(req)
         except UserError as exc:
-            error = exc
-        if error is not None:
-            await ack(text=f":x: {error}")
-            await pipeline.record_invalid(req, error)
+            await ack(text=f":x: {exc}")
+            await pipeline.record_invalid(req, exc)
             return
-        assert inv is not None
+        except Exception:
+            log.exception("parsing %r failed", req.text[:200])
+            await ack(text=INTERNAL)
+            await pipeline.record_invalid(req, UserError("internal error while reading the command"))
+            return
         await ack()
         await pipeline.handle(req, inv)
 
     @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
-            await _vote(ack, body, action)
-
-    async def _vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
-        await ack()
-        actor, channel = click_actor(body), click_channel(body)
-        try:
-            await approvals.click(str(action.get("value", "")), actor, "approve" if action["action_id"] == APPROVE else "deny",
-                                  channel_id=channel)
-        except OpsbotError as exc:
-            await approvals.chat.post_ephemeral(channel_id=channel, user_id=actor.user_id,
-                                                text=f":x: Your click was not recorded: {exc}")
+            await ack()
+            try:
+                c = click(body, action)
+            except MalformedPayload as exc:
+                await _malformed_click(body, exc)
+                return
+            try:
+                await approvals.click(c.value, c.actor, "approve" if action.get("action_id") == APPROVE else "deny",
+                                      channel_id=c.channel_id, message_ts=c.message_ts)
+            except Exception:
+                log.exception("a click on %r failed", c.value[:80])
+                await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,
+                                                         text=f"{INTERNAL} Your click was not counted."))
 
     @app.action(ACKNOWLEDGE)
     async def acknowledge(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
             await ack()
-            actor, channel = click_actor(body), click_channel(body)
             try:
-                await approvals.acknowledge(str(action.get("value", "")), actor, channel_id=channel)
-            except OpsbotError as exc:
-                await approvals.chat.post_ephemeral(channel_id=channel, user_id=actor.user_id,
-                                                    text=f":x: Your review was not recorded: {exc}")
+                c = click(body, action)
+            except MalformedPayload as exc:
+                await _malformed_click(body, exc)
+                return
+            try:
+                await approvals.acknowledge(c.value, c.actor, channel_id=c.channel_id, message_ts=c.message_ts)
+            except Exception:
+                log.exception("a review click on %r failed", c.value[:80])
+                await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,
+                                                         text=f"{INTERNAL} Your review was not recorded."))
+
+    @app.action(re.compile(".*"))
+    async def other_button(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """A button opsbot never made (an old app version's, or a forged one): say so, record it."""
+        with _tracked(inflight):
+            await ack()
+            await _malformed_click(body, MalformedPayload(f"opsbot has no button `{str(action.get('action_id'))[:60]}`; "
+                                                          "nothing was done."))
+
+    async def _malformed_click(body: dict[str, Any], exc: MalformedPayload) -> None:
+        user, channel = click_user(body)
+        await pipeline.record_refused_click(Actor(UserId(user or "unknown")), channel, exc)
+        if user and channel:
+            await tell(approvals.chat.post_ephemeral(channel_id=channel, user_id=user, text=f":x: {exc}"))
 
     return app

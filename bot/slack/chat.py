@@ -2,12 +2,18 @@
 
 Every Slack failure becomes an ``ExecutionError`` that says what could not be done and, for the
 common causes, what to do about it; a timeout after the request was sent is ``DeliveryUncertain``
-(the message may have arrived), so the audit outbox can look before posting again.
+(the message may have arrived), so the outboxes can look before posting again.
+
+Rate limits: when Slack answers 429, its ``Retry-After`` is honoured per Web API method: until it
+has passed, calls to that method fail at once with ``RateLimited`` (carrying the seconds left)
+without reaching Slack, and the outboxes schedule their next attempt after it. slack_sdk's own
+rate-limit retry handler is not installed, so nothing sleeps inside a listener.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -16,7 +22,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.domain import OpsRequest
-from bot.errors import DeliveryUncertain, ExecutionError
+from bot.errors import DeliveryUncertain, ExecutionError, RateLimited
 from bot.slack.blocks import card_blocks, card_fallback
 
 T = TypeVar("T")
@@ -29,10 +35,22 @@ _HINTS = {
 }
 
 
+def _retry_after(headers: Any) -> float:
+    for key, value in dict(headers or {}).items():
+        if str(key).lower() == "retry-after":
+            try:
+                return max(1.0, min(float(value if not isinstance(value, list) else value[0]), 3600.0))
+            except (TypeError, ValueError):
+                break
+    return 30.0  # Slack always sends it; if it did not, do not hammer it
+
+
 async def _slack(what: str, call: Awaitable[T]) -> T:
     try:
         return await call
     except SlackApiError as exc:
+        if exc.response.status_code == 429:
+            raise RateLimited(f"Slack is rate-limiting opsbot ({what})", retry_after=_retry_after(exc.response.headers)) from exc
         code = str(exc.response.get("error", "error")) if isinstance(exc.response.data, dict) else f"HTTP {exc.response.status_code}"
         hint = _HINTS.get(code)
         raise ExecutionError(f"Slack refused to {what}: {code}" + (f" ({hint})" if hint else ""),
@@ -44,49 +62,65 @@ async def _slack(what: str, call: Awaitable[T]) -> T:
 
 
 class SlackChat:
-    def __init__(self, client: AsyncWebClient) -> None:
+    def __init__(self, client: AsyncWebClient, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
+        self._clock = clock
+        self._blocked_until: dict[str, float] = {}  # Web API method → when its Retry-After has passed
+
+    async def _call(self, method: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        left = self._blocked_until.get(method, 0.0) - self._clock()
+        if left > 0:
+            raise RateLimited(f"Slack is rate-limiting opsbot ({what}); waiting {left:.0f} s as it asked", retry_after=left)
+        try:
+            return await _slack(what, call())
+        except RateLimited as exc:
+            self._blocked_until[method] = self._clock() + exc.retry_after
+            raise
 
     async def respond(self, *, response_url: str, channel_id: str, user_id: str, text: str, public: bool = False) -> None:
         if response_url:
-            resp = await _slack("reply", AsyncWebhookClient(response_url).send(text=text,
-                                                                                response_type="in_channel" if public else "ephemeral"))
+            resp = await self._call("response_url", "reply", lambda: AsyncWebhookClient(response_url).send(
+                text=text, response_type="in_channel" if public else "ephemeral"))
             if resp.status_code < 300:
                 return
         if public:
-            await _slack("reply", self.client.chat_postMessage(channel=channel_id, text=text))
+            await self._call("chat.postMessage", "reply", lambda: self.client.chat_postMessage(channel=channel_id, text=text))
         else:
-            await _slack("answer you privately", self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
+            await self._call("chat.postEphemeral", "answer you privately",
+                             lambda: self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
 
     async def post_card(self, request: OpsRequest) -> tuple[str, str]:
-        resp = await _slack("post the approval card", self.client.chat_postMessage(
+        resp = await self._call("chat.postMessage", "post the approval card", lambda: self.client.chat_postMessage(
             channel=request.channel_id, text=card_fallback(request), blocks=card_blocks(request)))
         return str(resp["channel"]), str(resp["ts"])
 
     async def update_card(self, request: OpsRequest) -> None:
         if not (request.card_channel and request.card_ts):
             return
-        await _slack("update the approval card", self.client.chat_update(
-            channel=request.card_channel, ts=request.card_ts, text=card_fallback(request), blocks=card_blocks(request)))
+        channel, ts = request.card_channel, request.card_ts
+        await self._call("chat.update", "update the approval card", lambda: self.client.chat_update(
+            channel=channel, ts=ts, text=card_fallback(request), blocks=card_blocks(request)))
 
     async def post_in_thread(self, request: OpsRequest, text: str) -> None:
-        await _slack("reply in the request's thread", self.client.chat_postMessage(
+        await self._call("chat.postMessage", "reply in the request's thread", lambda: self.client.chat_postMessage(
             channel=request.card_channel or request.channel_id, thread_ts=request.card_ts, text=text))
 
     async def post_ephemeral(self, *, channel_id: str, user_id: str, text: str) -> None:
-        await _slack("answer you privately", self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
+        await self._call("chat.postEphemeral", "answer you privately",
+                         lambda: self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
 
     async def post_message(self, *, channel_id: str, text: str, thread_ts: str | None = None) -> str:
-        resp = await _slack("post to the audit channel", self.client.chat_postMessage(
+        resp = await self._call("chat.postMessage", "post a message", lambda: self.client.chat_postMessage(
             channel=channel_id, text=text, thread_ts=thread_ts, unfurl_links=False, unfurl_media=False))
         return str(resp["ts"])
 
     async def update_message(self, *, channel_id: str, ts: str, text: str) -> None:
-        await _slack("update the audit headline", self.client.chat_update(channel=channel_id, ts=ts, text=text))
+        await self._call("chat.update", "update the audit headline", lambda: self.client.chat_update(channel=channel_id, ts=ts, text=text))
 
     async def permalink(self, *, channel_id: str, ts: str) -> str | None:
         try:
-            resp = await _slack("link a message", self.client.chat_getPermalink(channel=channel_id, message_ts=ts))
+            resp = await self._call("chat.getPermalink", "link a message",
+                                    lambda: self.client.chat_getPermalink(channel=channel_id, message_ts=ts))
         except ExecutionError:
             return None  # a link is a convenience; the record does not depend on it
         return str(resp.get("permalink") or "") or None
@@ -94,9 +128,11 @@ class SlackChat:
     async def find_message(self, *, channel_id: str, needle: str, thread_ts: str | None = None) -> str | None:
         resp: Any
         if thread_ts:
-            resp = await _slack("read the audit thread", self.client.conversations_replies(channel=channel_id, ts=thread_ts, limit=200))
+            resp = await self._call("conversations.replies", "read a thread",
+                                    lambda: self.client.conversations_replies(channel=channel_id, ts=thread_ts, limit=200))
         else:
-            resp = await _slack("read the audit channel", self.client.conversations_history(channel=channel_id, limit=200))
+            resp = await self._call("conversations.history", "read the audit channel",
+                                    lambda: self.client.conversations_history(channel=channel_id, limit=200))
         for message in resp.get("messages") or []:
             if needle in str(message.get("text", "")):
                 return str(message["ts"])

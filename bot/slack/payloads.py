@@ -1,27 +1,84 @@
-"""Slack payload dicts → opsbot's own frozen types. The only place that knows their shape."""
+"""Slack payload dicts → opsbot's own frozen types. The only place that knows their shape.
+
+A payload passed Slack's signature check, but its fields are still checked here before anything
+uses them: ids must look like Slack ids (a user id with a NUL or a quote in it goes nowhere near
+SQL, the audit trail or a mention), names are made storable, and a button's value must look like
+an opsbot request id. A payload that fails these checks is refused with ``MalformedPayload``, whose
+message says what was wrong; the edge answers it and records the attempt.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from bot.domain import Actor, ChannelId, CommandRequest, UserId
+from bot.errors import MalformedPayload
+from bot.untrusted import storable
+
+_USER_ID = re.compile(r"[UWB][A-Z0-9]{1,20}")
+_CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{1,20}")
+_MESSAGE_TS = re.compile(r"[0-9]{1,12}\.[0-9]{1,9}")
+
+
+def _field(value: Any, pattern: re.Pattern[str], what: str) -> str:
+    text = value if isinstance(value, str) else ""
+    if not pattern.fullmatch(text):
+        shown = storable(str(value) if value is not None else "", 40)
+        raise MalformedPayload(f"this request's {what} (`{shown}`) is not a Slack {what}; it was refused.")
+    return text
+
+
+def _name(value: Any) -> str:
+    return str(storable(value if isinstance(value, str) else "", 80))
 
 
 def command_request(body: dict[str, Any]) -> CommandRequest:
+    text = body.get("text", "")
     return CommandRequest(
-        actor=Actor(UserId(str(body.get("user_id", ""))), str(body.get("user_name", ""))),
-        channel_id=ChannelId(str(body.get("channel_id", ""))),
+        actor=Actor(UserId(_field(body.get("user_id"), _USER_ID, "user id")), _name(body.get("user_name"))),
+        channel_id=ChannelId(_field(body.get("channel_id"), _CHANNEL_ID, "channel id")),
         # With should_escape, Slack escapes &, < and > in the text (and turns @mentions into <@U…|name>).
-        text=str(body.get("text", "")).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"),
-        team_id=str(body.get("team_id", "")),
-        response_url=str(body.get("response_url", "")),
+        text=(text if isinstance(text, str) else "").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"),
+        team_id=_name(body.get("team_id")),
+        response_url=body["response_url"] if isinstance(body.get("response_url"), str) else "",
     )
 
 
-def click_actor(body: dict[str, Any]) -> Actor:
-    user = body.get("user") or {}
-    return Actor(UserId(str(user.get("id", ""))), str(user.get("username") or user.get("name") or ""))
+def unchecked_request(body: dict[str, Any]) -> CommandRequest:
+    """What a refused slash command said, made storable, for the audit row of the refusal."""
+    return CommandRequest(actor=Actor(UserId(_name(body.get("user_id"))), _name(body.get("user_name"))),
+                          channel_id=ChannelId(_name(body.get("channel_id"))),
+                          text=str(storable(body.get("text") if isinstance(body.get("text"), str) else "")),
+                          response_url=body["response_url"] if isinstance(body.get("response_url"), str) else "")
 
 
-def click_channel(body: dict[str, Any]) -> str:
-    return str((body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id") or "")
+@dataclass(frozen=True, kw_only=True)
+class Click:
+    """A button click: who, on which message (the card), and the value the button carried."""
+
+    actor: Actor
+    channel_id: str
+    message_ts: str
+    value: str  # not yet checked: see ``request_id``
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def click(body: dict[str, Any], action: dict[str, Any]) -> Click:
+    user, channel, container, message = (_obj(body.get(k)) for k in ("user", "channel", "container", "message"))
+    actor = Actor(UserId(_field(user.get("id"), _USER_ID, "user id")), _name(user.get("username") or user.get("name")))
+    channel_id = _field(channel.get("id") or container.get("channel_id"), _CHANNEL_ID, "channel id")
+    ts = _field(container.get("message_ts") or message.get("ts"), _MESSAGE_TS, "message ts")
+    value = action.get("value")
+    return Click(actor=actor, channel_id=channel_id, message_ts=ts, value=value if isinstance(value, str) else "")
+
+
+def click_user(body: dict[str, Any]) -> tuple[str, str]:
+    """Best effort (user id, channel id) of a click that failed the checks, to answer it privately when possible."""
+    uid, cid = _obj(body.get("user")).get("id"), _obj(body.get("channel")).get("id")
+    return (uid if isinstance(uid, str) and _USER_ID.fullmatch(uid) else "",
+            cid if isinstance(cid, str) and _CHANNEL_ID.fullmatch(cid) else "")

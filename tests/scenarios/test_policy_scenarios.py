@@ -118,9 +118,9 @@ async def test_break_glass_runs_now_and_is_reviewed_after(bot: Harness, kube: Ku
     card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
     assert [b["text"]["text"] for b in card.buttons()] == ["Acknowledge (review)"]
     # The break-glass user cannot review their own run; an approver can.
-    await bot.runtime.approvals.acknowledge(request.id, _actor(IC), channel_id=Harness.INCIDENT)
-    assert "cannot review your own request" in bot.slack.ephemeral_to(IC)[-1].text
-    await bot.post_signed(_ack_payload(request.id, CAROL))
+    await bot.click(IC, request.id, "acknowledge")
+    await bot.eventually(lambda: _ephemeral(bot, IC, "cannot review your own request"), what="the refusal")
+    await bot.click(CAROL, request.id, "acknowledge")
 
     async def reviewed():  # type: ignore[no-untyped-def]
         r = await bot.runtime.store.get(request.id)
@@ -134,7 +134,7 @@ async def test_break_glass_runs_now_and_is_reviewed_after(bot: Harness, kube: Ku
         return events if events[-1:] == ["break_glass_reviewed"] else None
 
     assert await bot.eventually(story, what="the review's audit row") == [
-        "requested", "break_glass", "started", "succeeded", "break_glass_reviewed"]
+        "requested", "break_glass", "started", "succeeded", "review_refused", "break_glass_reviewed"]
 
 
 async def test_roles_from_user_groups(groups_bot: Harness, kube: KubeApiServer) -> None:
@@ -173,7 +173,7 @@ async def test_rate_limit_says_when_to_try_again(bot: Harness) -> None:
         request = await bot.eventually(lambda old=previous: _newer(bot, old), what="a new request")
         previous = request.id
         await bot.slash(ALICE, f"/ops cancel {request.id}")
-        await bot.response(containing=f"cancelled `{request.id}`")
+        await bot.response(containing=f"Cancelled `{request.id}`")
     await bot.slash(ALICE, "/ops rollback api")
     reply = await bot.response(containing="rate limit")
     assert "at most 2 `rollback` request(s) per 3600 s per person. Try again in" in reply["text"]
@@ -192,7 +192,7 @@ async def test_open_request_limit_and_cancel(bot: Harness) -> None:
     await bot.slash(CAROL, f"/ops cancel {first.id}")
     assert "only they can cancel it" in (await bot.response(containing="only they"))["text"]
     await bot.slash(ALICE, f"/ops cancel {first.id}")
-    await bot.response(containing=f"cancelled `{first.id}`")
+    await bot.response(containing=f"Cancelled `{first.id}`")
     done = await bot.state_of(first.id, "cancelled")
     assert done.state.value == "cancelled"
     await bot.click(CAROL, first.id)
@@ -226,16 +226,8 @@ def _actor(user: str):  # type: ignore[no-untyped-def]
     return Actor(UserId(user))
 
 
-def _ack_payload(request_id: str, user: str) -> str:
-    import json
-    from urllib.parse import urlencode
-
-    payload = {"type": "block_actions", "team": {"id": "T0FAKE"}, "user": {"id": user, "username": user.lower()},
-               "api_app_id": "A0OPS", "token": "legacy", "trigger_id": "t", "channel": {"id": Harness.INCIDENT},
-               "container": {"type": "message", "channel_id": Harness.INCIDENT, "message_ts": "1"},
-               "actions": [{"action_id": "opsbot_acknowledge", "block_id": f"opsbot_review:{request_id}", "value": request_id,
-                            "type": "button", "action_ts": "1"}]}
-    return urlencode({"payload": json.dumps(payload)})
+async def _ephemeral(bot: Harness, user: str, text: str) -> str | None:
+    return next((m.text for m in bot.slack.ephemeral_to(user) if text in m.text), None)
 
 
 async def _thread_with(bot: Harness, ts: str | None, text: str) -> list[str] | None:

@@ -37,8 +37,8 @@ async def log(state_db: str) -> AsyncIterator[AuditLog]:
 
 async def fill(log: AuditLog, n: int, writer: str = "w") -> None:
     for i in range(n):
-        await log.append(event="requested", actor=CAROL, channel_id="C", request_id=f"{writer}-{i}", command_text="scale w 2",
-                         plan=PLAN, result={"i": i})
+        await log.append(event="requested", actor_id=CAROL.user_id, actor_name=CAROL.name, channel_id="C",
+                         request_id=f"{writer}-{i}", command_text="scale w 2", plan=PLAN, result={"i": i})
 
 
 def tamper(url: str, *statements: str) -> None:
@@ -61,9 +61,9 @@ async def test_two_concurrent_writers_make_one_valid_chain(log: AuditLog) -> Non
 async def test_two_processes_appending_at_once_make_one_valid_chain(state_db: str, log: AuditLog) -> None:
     # Two bot replicas are two processes with their own pools.
     code = ("import asyncio,sys; from bot.adapters.store import Store; from bot.adapters.audit_log import AuditLog;"
-            "from bot.domain import Actor, UserId\n"
+            "\n"
             "async def m():\n s=Store(sys.argv[1]); await s.open(); l=AuditLog(s)\n"
-            " for i in range(200): await l.append(event='requested', actor=Actor(UserId(sys.argv[2])), channel_id='C',"
+            " for i in range(200): await l.append(event='requested', actor_id=sys.argv[2], actor_name='', channel_id='C',"
             " request_id=None, command_text='x', plan=None, result=None)\n await s.close()\nasyncio.run(m())")
     procs = [subprocess.Popen([sys.executable, "-c", code, state_db, f"U{n}"]) for n in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]

@@ -43,7 +43,7 @@ def test_reason_and_dry_run_with_curly_quotes(cfg: Config) -> None:
 @pytest.mark.parametrize(("text", "error", "message"), [
     ("scale worker 0", Refused, "may run 1 to 20 replicas"),
     ("scale worker 21", Refused, "Try `/ops scale worker 20`"),
-    ("scale worker -1", UsageError, "replicas must be a whole number, got `-1`"),
+    ("scale worker -1", UsageError, "replicas must be a whole number written with the digits 0-9, got `-1`"),
     ("scale api 1", Refused, "may run 2 to 12 replicas"),
     ("scale nope 3", NotFound, "Known deployments: api, worker"),
     ("rollback api --to-revision 0", UsageError, "--to-revision takes a revision number"),

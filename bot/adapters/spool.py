@@ -1,0 +1,145 @@
+"""The audit spool: attempts recorded while opsbot's database is down, kept on local disk until
+they can be appended to the audit trail.
+
+Every attempt gets an audit row, including the ones refused *because* PostgreSQL is unreachable.
+Those rows cannot be written where they belong, so ``Audit.record`` puts them here instead: one
+JSON line per entry, in a file owned by this process (``spool-<pid>-<random>.jsonl`` in the spool
+directory), flushed and fsynced before the user is told it is kept. When the database is back,
+``drain`` appends them in order. Each entry carries an id that goes into its audit row
+(``result.spooled.id``); the append skips an id already in the trail, so a crash between the
+append and the file rewrite, or two processes draining the same file, never makes two rows.
+
+Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes per process; past that ``put``
+raises ``SpoolFull`` and the caller says the attempt could not be recorded (the attempt itself is
+refused anyway: nothing runs while the database is down).
+
+Files left by a process that died are drained by the next process that uses the same directory:
+each writer holds an exclusive ``flock`` on its own file for its lifetime, so a file whose lock
+can be taken has no writer left. In Kubernetes the directory is an ``emptyDir`` (manifests): it
+survives a container restart, not the loss of the pod; SECURITY.md lists that residual risk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from bot.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+Entry = dict[str, Any]
+
+
+class SpoolFull(BackendUnavailable):
+    def __init__(self, detail: str) -> None:
+        super().__init__("the local audit spool", detail)
+
+
+class AuditSpool:
+    def __init__(self, directory: str | Path, *, max_entries: int = 10_000, max_bytes: int = 10 * 1024 * 1024) -> None:
+        self.directory = Path(directory)
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._path = self.directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        self._file: IO[str] | None = None
+        self._entries = 0
+        self._lock = asyncio.Lock()
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            f = open(self._path, "a+", encoding="utf-8")  # held for the process's lifetime
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._file = f
+        return self._file
+
+    @property
+    def pending(self) -> int:
+        """Entries of this process not yet in the audit trail."""
+        return self._entries
+
+    async def put(self, entry: Entry, *, why: str) -> Entry:
+        """Keep ``entry`` (the keyword arguments of an audit append); returns it with its spool
+        marker (``result.spooled``: id, when, why), which the audit row will carry."""
+        async with self._lock:
+            f = self._open()
+            size = f.seek(0, os.SEEK_END)
+            if self._entries >= self.max_entries or size >= self.max_bytes:
+                raise SpoolFull(f"it already holds {self._entries} attempt(s) ({size:,} bytes), its limit")
+            marker = {"id": uuid.uuid4().hex, "at": datetime.now(UTC).isoformat(timespec="microseconds"), "why": why}
+            kept = {**entry, "result": {**(entry.get("result") or {}), "spooled": marker}}
+            f.write(json.dumps(kept, ensure_ascii=False, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            self._entries += 1
+            return kept
+
+    async def drain(self, append: Callable[[Entry], Awaitable[bool]]) -> int:
+        """Append what is kept, oldest first; returns how many rows were appended. ``append``
+        returns False when the entry's id is already in the trail. Stops at the first failure
+        (the database went away again) and keeps the rest."""
+        done = 0
+        async with self._lock:
+            if self._file is not None and self._entries:
+                appended, self._entries = await self._drain_file(self._file, append)
+                done += appended
+        for other in sorted(self.directory.glob("spool-*.jsonl")) if self.directory.is_dir() else []:
+            if other == self._path:
+                continue
+            with contextlib.suppress(OSError), open(other, "r+", encoding="utf-8") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its process is alive and drains it itself
+                appended, remaining = await self._drain_file(f, append)
+                done += appended
+                if not remaining:
+                    other.unlink()
+        return done
+
+    async def _drain_file(self, f: IO[str], append: Callable[[Entry], Awaitable[bool]]) -> tuple[int, int]:
+        """(rows appended, entries still kept) for one spool file."""
+        f.seek(0)
+        lines = [line for line in f.read().splitlines() if line.strip()]
+        done, stop = 0, len(lines)
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                log.error("audit spool %s: unreadable line %d dropped: %r", f.name, i + 1, line[:200])
+                continue
+            try:
+                if await append(entry):
+                    done += 1
+            except BackendUnavailable as exc:
+                log.warning("audit spool: the database is not back yet (%s); %d attempt(s) still kept", exc, len(lines) - i)
+                stop = i
+                break
+        rest = lines[stop:]
+        f.seek(0)
+        f.truncate()
+        if rest:
+            f.write("\n".join(rest) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(0, os.SEEK_END)
+        if done:
+            log.info("audit spool: %d attempt(s) appended to the audit trail", done)
+        return done, len(rest)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            with contextlib.suppress(OSError):
+                if self._path.stat().st_size == 0:
+                    self._path.unlink()

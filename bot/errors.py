@@ -74,3 +74,9 @@ class Conflict(ExecutionError):
     """The target changed between the read and the write (a Kubernetes 409, a row no longer matching)."""
 
 
+class OutcomeUnknown(ExecutionError):
+    """A write was sent but no clear answer came back (a 5xx, a reset connection, a timeout): it may
+    or may not have been applied. Never retried automatically; a human looks at the target first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=True)

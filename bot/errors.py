@@ -76,12 +76,9 @@ class Conflict(ExecutionError):
 
 
 
+
 class MalformedPayload(UserError):
     """A signed Slack payload whose fields are not what Slack sends (forged, or a client bug)."""
-
-
-class ForgedClick(UserError):
-    """A button click that does not belong to the card it came from, or names no real request."""
 
 
 class RateLimited(ExecutionError):
@@ -94,3 +91,11 @@ class RateLimited(ExecutionError):
 
 class CardNotPosted(ExecutionError):
     """The approval card could not be posted, so the request was ended (nobody could approve it)."""
+
+
+class OutcomeUnknown(ExecutionError):
+    """A write was sent but no clear answer came back (a 5xx, a reset connection, a timeout): it may
+    or may not have been applied. Never retried automatically; a human looks at the target first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=True)

@@ -5,6 +5,27 @@ in-cluster service account when there is no kubeconfig). The client is synchrono
 every call runs in a thread; responses are read raw (``_preload_content=False``) so that no field
 is lost to model classes older or newer than the cluster, which matters when a pod template is
 copied back during a rollback.
+
+Why the calls look the way they do:
+
+* **Their own threads.** The calls run in a small ``ThreadPoolExecutor`` of their own (threads
+  named ``kube_…``), not in asyncio's default executor: that one also runs aiohttp's DNS lookups
+  and every ``asyncio.to_thread``, so a hung API server used to starve unrelated replies (``/ops
+  help`` took 12 s while ``status`` calls hung). A hung cluster can now occupy at most these
+  threads.
+* **A deadline per call**, slightly above the connect+read timeouts urllib3 already enforces.
+  urllib3's timeouts do not cover everything (a name lookup, a server that trickles bytes), and a
+  call queued behind hung threads has not even started: the deadline bounds the wait in every case.
+  A queued call that reaches its deadline is cancelled before it sends anything.
+* **Reads are retried, writes never are.** A GET/list that meets 500/502/503/504 or a connection
+  error is tried again a couple of times within the same deadline. A PATCH is sent once: after a
+  5xx, a reset connection or a timeout the write may well have been applied, and only a human who
+  looks at the deployment can tell, so the error says the outcome is unknown (``OutcomeUnknown``).
+  Only a write that provably never left (connection refused, still queued) is reported as the
+  cluster being unavailable.
+* **Refusals name what is missing.** Each call carries the RBAC verb, resource and namespace it
+  needs, so a 403 says exactly which rule to add to ``manifests/base/rbac.yaml``; nothing is
+  parsed out of the server's message.
 """
 
 from __future__ import annotations
@@ -12,6 +33,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import urllib3
@@ -20,10 +46,38 @@ from kubernetes import config as kube_config
 from kubernetes.client.exceptions import ApiException
 
 from bot.config import Config
-from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound
+from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound, OpsbotError, OutcomeUnknown
 from bot.ports import Obj
 
-_TIMEOUT = (3.05, 15)  # connect, read: a dead cluster must fail fast, never hang a request
+CLUSTER = "the Kubernetes API"
+RBAC_FILE = "manifests/base/rbac.yaml"
+_RETRYABLE = frozenset({500, 502, 503, 504})
+# An attempt is not started with less time than this left before the deadline: it could not get
+# an answer, and a write sent that late would turn "nothing was sent" into "outcome unknown".
+_LEAST_TIME = 0.1
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One API call, in the words RBAC uses (verb, resource, namespace) and in plain words (``what``)."""
+
+    what: str  # "scale deployment nova/nova-worker"
+    environment: str
+    verb: str  # get, list, patch
+    resource: str  # deployments, deployments/scale, replicasets, /version
+    namespace: str | None
+
+    @property
+    def write(self) -> bool:
+        return self.verb not in ("get", "list", "watch")
+
+    @property
+    def where(self) -> str:
+        return f" in namespace {self.namespace}" if self.namespace else ""
+
+
+class _Expired(Exception):
+    """The deadline passed before the request was sent (the call waited for a free thread)."""
 
 
 def _status_message(exc: ApiException) -> str:
@@ -33,14 +87,35 @@ def _status_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Errors that happen before a byte of the request reaches the server (no connection, no name).
+    urllib3's ``NewConnectionError`` and ``NameResolutionError`` are ``ConnectTimeoutError``s."""
+    return isinstance(exc, urllib3.exceptions.ConnectTimeoutError | ConnectionRefusedError)
+
+
 class KubeAdapter:
-    def __init__(self, config: Config, *, kubeconfig: str | None) -> None:
+    def __init__(self, config: Config, *, kubeconfig: str | None, connect_timeout: float = 3.05, read_timeout: float = 15.0,
+                 deadline: float = 20.0, threads: int = 8, read_retries: int = 2, retry_backoff: float = 0.2) -> None:
+        """``connect_timeout``/``read_timeout`` are urllib3's, per attempt; ``deadline`` bounds a
+        whole call (waiting for a thread, every attempt and the pauses between them); a hung cluster
+        holds at most ``threads`` threads. Tests shorten these; production keeps the defaults."""
         self._config = config
         self._kubeconfig = kubeconfig
         self._clients: dict[str, client.ApiClient] = {}
         self._lock = threading.Lock()
+        self._connect_timeout, self._read_timeout, self._deadline = connect_timeout, read_timeout, deadline
+        self._read_retries, self._retry_backoff = read_retries, retry_backoff
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
 
-    def _api(self, environment: str) -> client.AppsV1Api:
+    def _api_client(self, environment: str) -> client.ApiClient:
         with self._lock:
             api = self._clients.get(environment)
             if api is None:
@@ -54,52 +129,136 @@ class KubeAdapter:
                         kube_config.load_incluster_config(client_configuration=cfg)
                 except (kube_config.ConfigException, OSError) as exc:
                     raise BackendUnavailable(f"the Kubernetes cluster for {environment}", f"no usable kubeconfig: {exc}") from exc
-                cfg.retries = False
+                cfg.retries = False  # retries are decided here, per verb, not by urllib3
                 api = client.ApiClient(cfg)
                 self._clients[environment] = api
-        return client.AppsV1Api(api)
+        return api
 
-    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Obj:
+    def _apps(self, environment: str) -> client.AppsV1Api:
+        return client.AppsV1Api(self._api_client(environment))
+
+    async def _call(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
+        start = time.monotonic()
+        deadline = start + self._deadline
+        attempts = 1 + (0 if call.write else self._read_retries)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(call, start, fn, *args, **kwargs)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                # A read that timed out is not tried again: the server is hung, not flapping, and
+                # another attempt would only spend the rest of the deadline the same way.
+                retry = exc.status in _RETRYABLE if isinstance(exc, ApiException) else (
+                    not isinstance(exc, urllib3.exceptions.ReadTimeoutError))
+                pause = self._retry_backoff * 2 ** (attempt - 1)
+                if not retry or attempt >= attempts or time.monotonic() + pause + _LEAST_TIME >= deadline:
+                    raise self._error(call, exc, attempts=attempt, waited=min(time.monotonic() - start, self._deadline)) from exc
+            await asyncio.sleep(pause)
+
+    async def _attempt(self, call: _Call, start: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
+        deadline = start + self._deadline
+
         def run() -> Obj:
-            resp = fn(*args, _preload_content=False, _request_timeout=_TIMEOUT, **kwargs)
+            left = deadline - time.monotonic()
+            if left < _LEAST_TIME:
+                raise _Expired
+            timeout = (min(self._connect_timeout, left), min(self._read_timeout, left))
+            resp = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
             body: Obj = json.loads(resp.data)
             return body
 
         try:
-            return await asyncio.to_thread(run)
-        except ApiException as exc:
-            message = _status_message(exc)
-            if exc.status == 404:
-                raise NotFound(f"Kubernetes: {message}") from exc
-            if exc.status == 409:
-                raise Conflict(f"Kubernetes refused the write: {message}") from exc
-            if exc.status in (401, 403):
-                raise ExecutionError(f"Kubernetes denied opsbot's service account ({exc.status}): {message}") from exc
-            raise ExecutionError(f"Kubernetes answered {exc.status} to {what}: {message}", temporary=exc.status >= 500) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BackendUnavailable("the Kubernetes API", f"{what}: {type(exc).__name__}: {exc}") from exc
+            work = self._executor.submit(run)
+        except RuntimeError as exc:  # the executor was shut down: opsbot is stopping
+            raise BackendUnavailable(CLUSTER, f"{call.what}: opsbot is shutting down") from exc
+        waiting = asyncio.wrap_future(work)
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            work.cancel()  # a call still queued never runs; one already sent finishes in its thread
+            waiting.cancel()
+            raise
+        if done:
+            if waiting.cancelled():  # close() dropped it from the queue
+                raise BackendUnavailable(CLUSTER, f"{call.what}: opsbot is shutting down (nothing was sent)")
+            try:
+                return waiting.result()
+            except _Expired:
+                raise self._timeout(call, started=False, waited=self._deadline) from None
+        started = not work.cancel()  # False: it was still queued, and now never runs
+        waiting.cancel()  # whatever the thread ends with later is dropped, not logged as "never retrieved"
+        raise self._timeout(call, started=started, waited=self._deadline)
+
+    def _timeout(self, call: _Call, *, started: bool, waited: float) -> OpsbotError:
+        within = f"did not answer within {round(waited, 1):g} s"
+        if not started:
+            return BackendUnavailable(CLUSTER, f"{call.what} {within}: all {self._threads} Kubernetes client threads were busy "
+                                               "with earlier calls, so nothing was sent")
+        if call.write:
+            return OutcomeUnknown(f"Kubernetes {within} to {call.what}. The write may or may not have been applied, "
+                                  "so opsbot did not retry it: look at the deployment before trying again.")
+        return BackendUnavailable(CLUSTER, f"{call.what} {within}")
+
+    def _error(self, call: _Call, exc: BaseException, *, attempts: int, waited: float) -> OpsbotError:
+        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        if isinstance(exc, ApiException):
+            status, message = int(exc.status or 0), _status_message(exc)
+            if status == 0:  # the client's own failures, e.g. TLS
+                return BackendUnavailable(CLUSTER, f"{call.what}: {message}")
+            if status == 404:
+                return NotFound(f"Kubernetes: {message}")
+            if status == 409:
+                return Conflict(f"Kubernetes refused the write: {message}")
+            if status == 401:
+                return ExecutionError(f"Kubernetes rejected opsbot's credentials for {call.environment} ({_status_line(401)}): "
+                                      "the token or client certificate in the kubeconfig (or the in-cluster service account "
+                                      "token) is wrong or expired.")
+            if status == 403:
+                return ExecutionError(f"Kubernetes denied opsbot's service account: it may not {call.verb} {call.resource}"
+                                      f"{call.where} ({_status_line(403)}). Grant it in {RBAC_FILE}")
+            if call.write and status >= 500:
+                return OutcomeUnknown(f"Kubernetes answered {_status_line(status)} to {call.what}: {message}. The write may or "
+                                      "may not have been applied, so opsbot did not retry it: look at the deployment before "
+                                      "trying again.")
+            return ExecutionError(f"Kubernetes answered {_status_line(status)} to {call.what}{tries}: {message}",
+                                  temporary=status >= 500 or status == 429)
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            return self._timeout(call, started=True, waited=waited)
+        if call.write and not _never_sent(exc):
+            return OutcomeUnknown(f"the connection to Kubernetes failed during {call.what} ({type(exc).__name__}: {exc}). The "
+                                  "write may or may not have been applied, so opsbot did not retry it: look at the deployment "
+                                  "before trying again.")
+        return BackendUnavailable(CLUSTER, f"{call.what}{tries}: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
+        """Stop taking calls; queued ones are cancelled. Threads stuck on a hung server are not
+        waited for (urllib3's timeouts end them)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
         for api in self._clients.values():
             api.close()
 
     async def ping(self, environment: str) -> None:
-        await self._call("list namespaces", lambda **kw: client.CoreV1Api(self._api(environment).api_client).list_namespace(limit=1, **kw))
+        # GET /version: every authenticated identity may read it (system:public-info-viewer), so a
+        # ping needs no RBAC beyond what manifests/base/rbac.yaml grants.
+        version = client.VersionApi(self._api_client(environment))
+        await self._call(_Call("read the API server's version", environment, "get", "/version", None), version.get_code)
 
     async def read_deployment(self, environment: str, namespace: str, name: str) -> Obj:
-        return await self._call(f"read deployment {namespace}/{name}", self._api(environment).read_namespaced_deployment, name, namespace)
+        call = _Call(f"read deployment {namespace}/{name}", environment, "get", "deployments", namespace)
+        return await self._call(call, self._apps(environment).read_namespaced_deployment, name, namespace)
 
     async def list_replicasets(self, environment: str, namespace: str, selector: str) -> list[Obj]:
-        body = await self._call(f"list replicasets in {namespace}", self._api(environment).list_namespaced_replica_set,
-                                namespace, label_selector=selector)
+        call = _Call(f"list replicasets in {namespace}", environment, "list", "replicasets", namespace)
+        body = await self._call(call, self._apps(environment).list_namespaced_replica_set, namespace, label_selector=selector)
         return list(body.get("items") or [])
 
     async def scale_deployment(self, environment: str, namespace: str, name: str, *, replicas: int, resource_version: str) -> Obj:
         # A merge patch of the scale subresource, as `kubectl scale` sends; the resourceVersion in the
         # body is a precondition (409 if the deployment changed since we read it).
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
-        api = self._api(environment)
-        return await self._call(f"scale deployment {namespace}/{name}", api.patch_namespaced_deployment_scale, name, namespace, body,
+        call = _Call(f"scale deployment {namespace}/{name}", environment, "patch", "deployments/scale", namespace)
+        return await self._call(call, self._apps(environment).patch_namespaced_deployment_scale, name, namespace, body,
                                 _content_type="application/merge-patch+json")
 
     async def replace_pod_template(self, environment: str, namespace: str, name: str, *, template: Obj, resource_version: str) -> Obj:
@@ -110,6 +269,7 @@ class KubeAdapter:
             {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
             {"op": "replace", "path": "/spec/template", "value": template},
         ]
-        api = self._api(environment)
-        return await self._call(f"roll back deployment {namespace}/{name}", api.patch_namespaced_deployment, name, namespace, ops,
+        call = _Call(f"roll back deployment {namespace}/{name}", environment, "patch", "deployments", namespace)
+        return await self._call(call, self._apps(environment).patch_namespaced_deployment, name, namespace, ops,
                                 _content_type="application/json-patch+json")
+

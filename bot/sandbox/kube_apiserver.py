@@ -22,6 +22,19 @@ because the real clients (the ``kubernetes`` Python package and the ``kubectl`` 
 
 The controller is instantaneous: every rollout completes at once (all replicas updated, ready and
 available), which is what a test of the bot wants to observe.
+
+Faults, for tests of what opsbot does when the cluster misbehaves (``api.faults``, a ``Faults``)::
+
+    api.faults.add(method="PATCH", path_re=r"/scale$", status=503, times=1)  # the next scale PATCH gets a 503
+    api.faults.add(path_re=r"/deployments/", hang=30)   # every matching request waits 30 s, then is answered
+    api.faults.add(status=403, message="…")              # a Status body with this message (default: a generic one)
+    api.faults.clear()                                   # no more faults; requests hanging now are answered at once
+
+The first fault whose ``method`` (any when omitted) and ``path_re`` (``re.search`` on the URL path)
+match a request is used, ``times`` times (for ever when omitted). It sleeps ``hang`` seconds, then
+answers ``status`` with a ``Status`` body instead of doing the request; with no ``status`` the
+request is then served normally. A request that gets a fault is still recorded in
+``cluster.requests``, so a test can count what reached the server.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ import secrets
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -653,6 +668,70 @@ class Cluster:
         }
 
 
+# --------------------------------------------------------------------------- faults
+
+# The `reason` a real API server puts in its Status for these codes.
+_REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict", 422: "Invalid",
+            429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
+
+
+@dataclass
+class Fault:
+    method: str | None
+    path_re: re.Pattern[str]
+    status: int | None
+    hang: float
+    times: int | None
+    message: str | None
+
+    def error(self) -> ApiError:
+        assert self.status is not None
+        phrase = HTTPStatus(self.status).phrase
+        reason = _REASONS.get(self.status, phrase.replace(" ", ""))
+        return ApiError(self.status, reason, self.message or f"{phrase} (a fault injected by the emulator)")
+
+
+class Faults:
+    """Failures to inject (see the module docstring). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._release = threading.Event()
+
+    def add(self, *, method: str | None = None, path_re: str = "", status: int | None = None, hang: float = 0.0,
+            times: int | None = None, message: str | None = None) -> Fault:
+        if status is None and not hang:
+            raise ValueError("a fault needs a status, a hang, or both")
+        fault = Fault(method.upper() if method else None, re.compile(path_re), status, hang, times, message)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+            release, self._release = self._release, threading.Event()
+        release.set()
+
+    def take(self, method: str, path: str) -> Fault | None:
+        """The fault for this request, counted as used; None when there is none."""
+        with self._lock:
+            for fault in self._faults:
+                if (fault.method is None or fault.method == method) and fault.path_re.search(path):
+                    if fault.times is not None:
+                        fault.times -= 1
+                        if fault.times <= 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
+    def hang(self, seconds: float) -> None:
+        with self._lock:
+            release = self._release
+        release.wait(seconds)
+
+
 # --------------------------------------------------------------------------- HTTP
 
 _APPS_RESOURCES = [
@@ -684,6 +763,7 @@ _PATH = re.compile(
 class _Handler(BaseHTTPRequestHandler):
     server: KubeApiServer
     protocol_version = "HTTP/1.1"
+    _raw: bytes | None = None
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -696,9 +776,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _raw_body(self) -> bytes:
+        # Read once per request: an error answered before the body was parsed must still consume
+        # it, or its bytes would be taken for the next request on this keep-alive connection.
+        if self._raw is None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self._raw = self.rfile.read(length) if length else b""
+        return self._raw
+
     def _body(self) -> Any:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self._raw_body()
         try:
             return json.loads(raw or b"null")
         except ValueError as exc:
@@ -720,11 +807,26 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        try:
+            self._serve(method)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. while a fault hung)
+            self.close_connection = True
+
+    def _serve(self, method: str) -> None:
         cluster = self.server.cluster
         url = urlparse(self.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        self._raw = None  # one handler serves every request on a keep-alive connection
+        self._raw_body()
         with cluster.lock:
             cluster.requests.append((method, url.path, self.headers.get("Content-Type", "")))
+        fault = self.server.faults.take(method, url.path)
+        if fault is not None:
+            if fault.hang:
+                self.server.faults.hang(fault.hang)
+            if fault.status is not None:
+                self._send(fault.status, fault.error().status())
+                return
         if self.server.require_token and self.headers.get("Authorization") != f"Bearer {self.server.token}":
             self._send(401, ApiError(401, "Unauthorized", "Unauthorized").status())
             return
@@ -738,7 +840,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, query: dict[str, str]) -> Obj | None:
         cluster = self.server.cluster
-        if path == "/version":
+        if path in ("/version", "/version/"):  # the Python client asks for the latter
             return {"major": "1", "minor": "32", "gitVersion": "v1.32.0-opsbot-emulator", "platform": "linux/amd64"}
         if path == "/api":
             return {"kind": "APIVersions", "versions": ["v1"],
@@ -891,6 +993,7 @@ class KubeApiServer(ThreadingHTTPServer):
     def __init__(self, port: int = 0, *, token: str = "emulator-token", require_token: bool = False) -> None:
         super().__init__(("127.0.0.1", port), _Handler)
         self.cluster = Cluster()
+        self.faults = Faults()
         self.token, self.require_token = token, require_token
         self.stopping = False
         self._thread: threading.Thread | None = None
@@ -910,6 +1013,7 @@ class KubeApiServer(ThreadingHTTPServer):
 
     def stop(self) -> None:
         self.stopping = True
+        self.faults.clear()
         self.shutdown()
         self.server_close()
 

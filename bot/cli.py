@@ -45,6 +45,7 @@ async def _explain(args: argparse.Namespace) -> int:
     from bot.adapters.kube import KubeAdapter
     from bot.adapters.platform_db import PlatformDbAdapter
     from bot.adapters.queues import QueueAdapter
+    from bot.adapters.redis_pools import RedisPools
     from bot.domain import Actor, Plan, UserId
     from bot.errors import UserError
     from bot.policy.engine import decide
@@ -72,7 +73,8 @@ async def _explain(args: argparse.Namespace) -> int:
             plan_line = (f"not read (--no-plan): {located.target_label} [{located.environment}]; conditions on the change "
                          "(replicas, revisions back) are taken as not holding")
     else:
-        queues = QueueAdapter()
+        pools = RedisPools()
+        queues = QueueAdapter(pools)
         kube = KubeAdapter(config, kubeconfig=os.environ.get("KUBECONFIG"))
         try:
             plan = await command(inv.command).plan(inv.params, Context(config=config, kube=kube, databases=PlatformDbAdapter(config),
@@ -83,6 +85,7 @@ async def _explain(args: argparse.Namespace) -> int:
         finally:
             kube.close()
             await queues.close()
+            await pools.close()
     d = decide(subject, actor, config, channel_id=args.channel, now=now, break_glass=bool(inv.flags.break_glass))
     roles = ", ".join(sorted(config.roles_of(actor.user_id, actor.groups))) or "none"
     need = ""

@@ -55,6 +55,17 @@ class BackendUnavailable(OpsbotError):
         self.detail = detail
 
 
+class Busy(BackendUnavailable):
+    """The backend is up, but every connection opsbot may open to it stayed in use for the whole
+    bounded wait (a burst beyond what the pool was sized for). Not an outage, and not said to be one;
+    it still fails closed."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        OpsbotError.__init__(self, f"opsbot is busy: {detail}")
+        self.backend = backend
+        self.detail = detail
+
+
 class ExecutionError(OpsbotError):
     """The action was attempted and failed. ``temporary`` says whether trying again later may work."""
 

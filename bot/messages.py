@@ -102,6 +102,6 @@ def thread_result(request: OpsRequest) -> str:
         return (f":warning: Not run: {request.error} What was approved no longer matches the target. "
                 f"Check it and request again: `/ops {request.text}`")
     if request.state is RequestState.UNKNOWN:
-        return (":grey_question: The worker running this was lost mid-action. It was not retried: "
-                "check the target's state by hand before doing anything else.")
+        return (f":grey_question: Outcome unknown: {request.error or 'the worker running this was lost mid-action'}. "
+                "It was not retried: check the target's state by hand before doing anything else.")
     return request_status(request)

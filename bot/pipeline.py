@@ -22,7 +22,7 @@ from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
-from bot.errors import BackendUnavailable, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
+from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -82,6 +82,10 @@ class Pipeline:
     async def handle(self, req: CommandRequest, inv: Invocation) -> None:
         try:
             await self._handle(req, inv)
+        except Busy as exc:
+            self.metrics.requests.labels(inv.command, "busy").inc()
+            note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend, "busy": True})
+            await self._reply(req, f":hourglass: {exc}. Nothing was changed; try again in a moment.{note}")
         except BackendUnavailable as exc:
             self.metrics.requests.labels(inv.command, "backend_unavailable").inc()
             note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend})

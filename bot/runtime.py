@@ -24,6 +24,7 @@ from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
 from bot.adapters.queues import ActionQueue, QueueAdapter
 from bot.adapters.ratelimit import RateLimiter
+from bot.adapters.redis_pools import RedisPools
 from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.approvals import Approvals
@@ -62,14 +63,16 @@ class Runtime:
     inflight: set[asyncio.Task[Any]]
     poster: AuditPoster
     notices: Notices
+    redis: RedisPools  # every Redis connection of opsbot's own (not bullmq's Worker's); closed last
 
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
         metrics = Metrics()
         store = Store(settings.database_url)
         kube = KubeAdapter(config, kubeconfig=settings.kubeconfig)
-        queues = QueueAdapter()
-        actions = ActionQueue(settings.redis_url, settings.actions_queue, settings.queue_prefix)
+        redis = RedisPools()
+        queues = QueueAdapter(redis)
+        actions = ActionQueue(redis.client(settings.redis_url), settings.actions_queue, settings.queue_prefix)
         client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
         chat = SlackChat(client)
         secrets = secret_values([settings.slack_bot_token, settings.slack_signing_secret, settings.slack_app_token,
@@ -86,9 +89,9 @@ class Runtime:
                 resp = await client.usergroups_users_list(usergroup=group)
                 return [str(u) for u in resp.get("users") or []]
 
-            directory = UserGroupDirectory(settings.redis_url, members, ttl=config.slack.usergroup_cache, groups=config.usergroups,
-                                           prefix=f"opsbot:{settings.queue_prefix}")
-        limiter = RateLimiter(settings.redis_url, prefix=f"opsbot:{settings.queue_prefix}")
+            directory = UserGroupDirectory(redis.client(settings.redis_url), members, ttl=config.slack.usergroup_cache,
+                                           groups=config.usergroups, prefix=f"opsbot:{settings.queue_prefix}")
+        limiter = RateLimiter(redis.client(settings.redis_url), prefix=f"opsbot:{settings.queue_prefix}")
         approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics,
                               directory=directory, notices=notices)
         pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter)
@@ -100,7 +103,7 @@ class Runtime:
                          inflight=inflight)
         return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
                    audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
-                   metrics=metrics, inflight=inflight, poster=poster, notices=notices)
+                   metrics=metrics, inflight=inflight, poster=poster, notices=notices, redis=redis)
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.store.open()
@@ -115,11 +118,8 @@ class Runtime:
             await asyncio.wait(set(self.inflight), timeout=grace)
         closers: list[tuple[str, Any]] = [
             ("worker", self.worker.stop), ("notices", self.notices.stop), ("audit poster", self.poster.stop),
-            ("action queue", self.actions.close),
-            ("platform queues", self.queues.close), ("rate limiter", self.pipeline.limiter.close),
+            ("action queue", self.actions.close), ("platform queues", self.queues.close), ("redis connections", self.redis.close),
         ]
-        if isinstance(self.approvals.directory, UserGroupDirectory):
-            closers.append(("user-group cache", self.approvals.directory.close))
         for name, close in closers:
             # Each step is bounded: a backend that is down must not keep the process from exiting.
             # (asyncio.wait, not wait_for: wait_for would wait for ever on a task that ignores cancellation.)

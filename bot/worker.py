@@ -32,7 +32,7 @@ from bot.adapters.store import Store
 from bot.approvals import Approvals, Enqueue
 from bot.audit import Audit
 from bot.domain import SYSTEM, OpsRequest, Plan, RequestState
-from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, UserError
+from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, OutcomeUnknown, UserError
 from bot.messages import thread_result
 from bot.metrics import Metrics
 from bot.notices import Notices
@@ -82,6 +82,8 @@ class Executor:
             outcome = await cmd.execute(fresh, self.ctx)
         except UserError as exc:  # the target moved between re-plan and write (e.g. a 409 or a row changed)
             return await self._finish(request, RequestState.STALE, error=str(exc), started=started)
+        except OutcomeUnknown as exc:  # a write was sent and no clear answer came back: a human looks first
+            return await self._finish(request, RequestState.UNKNOWN, error=str(exc), started=started)
         except (ExecutionError, BackendUnavailable) as exc:
             return await self._finish(request, RequestState.FAILED, error=str(exc), started=started)
         except Exception as exc:

@@ -173,7 +173,7 @@ async def test_readiness_fails_when_redis_is_down(bot: Harness) -> None:
     import aiohttp
 
     await bot.runtime.actions.close()
-    bot.runtime.actions.__init__("redis://127.0.0.1:1/0", "opsbot-actions")  # type: ignore[misc]
+    bot.runtime.actions.__init__(bot.runtime.redis.client("redis://127.0.0.1:1/0"), "opsbot-actions")  # type: ignore[misc]
     async with aiohttp.ClientSession() as http, http.get(bot.url + "/readyz") as r:
         body = json.loads(await r.text())
     assert r.status == 503 and body["ready"] is False and body["checks"]["database"] == "ok"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +71,15 @@ class Audit:
                  spool: AuditSpool | None = None) -> None:
         self.log, self.audit_channel, self.secrets, self.spool = log, audit_channel, secrets, spool
         self.appended = asyncio.Event()  # wakes the poster
+        # While the database is known to be down, rows go straight to the spool instead of each
+        # waiting for the pool's timeout first (the person is waiting for an answer). Known down:
+        # an append failed, or a request was just refused because of it, in the last few seconds.
+        self._down_until = 0.0
+        self._down_reason = ""
+
+    def database_down(self, reason: str, *, for_seconds: float = 5.0) -> None:
+        self._down_until = time.monotonic() + for_seconds
+        self._down_reason = reason
 
     async def record(self, event: str, *, actor: Actor, channel_id: str = "", request_id: str | None = None,
                      text: str = "", plan: dict[str, Any] | None = None, result: dict[str, Any] | None = None,
@@ -81,16 +91,23 @@ class Audit:
                  "request_id": request_id, "command_text": text, "plan": plan, "result": result,
                  "post": post and bool(self.audit_channel)}
         entry = storable(redact(entry, self.secrets))
+        if self.spool is not None and time.monotonic() < self._down_until:
+            return await self._spool(entry, self._down_reason)
         try:
             row = await self.log.append(**entry)
         except BackendUnavailable as exc:
             if self.spool is None:
                 raise
-            kept = await self.spool.put(entry, why=str(exc))
-            log.warning("audit row %s kept in the local spool: %s", event, exc)
-            return {**kept, "spooled": True}
+            self.database_down(str(exc))
+            return await self._spool(entry, str(exc))
         self.appended.set()
         return row
+
+    async def _spool(self, entry: dict[str, Any], why: str) -> dict[str, Any]:
+        assert self.spool is not None
+        kept = await self.spool.put(entry, why=why)
+        log.warning("audit row %s kept in the local spool: %s", entry["event"], why)
+        return {**kept, "spooled": True}
 
     async def drain_spool(self) -> int:
         """Append what the spool kept while the database was down (the poster calls this)."""
@@ -98,6 +115,7 @@ class Audit:
             return 0
         n = await self.spool.drain(lambda entry: self.log.append_once(**entry))
         if n:
+            self._down_until = 0.0
             self.appended.set()
         return n
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.adapters.ratelimit import RateLimiter
+from bot.adapters.store import STATE_DATABASE
 from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
@@ -88,6 +89,8 @@ class Pipeline:
             await self._reply(req, f":hourglass: {exc}. Nothing was changed; try again in a moment.{note}")
         except BackendUnavailable as exc:
             self.metrics.requests.labels(inv.command, "backend_unavailable").inc()
+            if exc.backend == STATE_DATABASE:
+                self.audit.database_down(str(exc))
             note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend})
             await self._reply(req, f":x: Refused: {exc}. Nothing was changed; try again when it is back.{note}")
         except OpsbotError as exc:

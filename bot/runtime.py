@@ -38,6 +38,7 @@ from bot.ports import Context, Directory, NoDirectory
 from bot.settings import Settings
 from bot.slack.app import build_app
 from bot.slack.chat import SlackChat
+from bot.slack.payloads import shape_problem
 from bot.worker import ActionWorker, Executor
 
 log = logging.getLogger(__name__)
@@ -159,17 +160,21 @@ class Runtime:
 
         async def slack_events(request: web.Request) -> web.Response:
             try:
-                bolt_req = await to_bolt_request(request)
+                raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 log.warning("refused a %s-byte request to /slack/events (limit %d)", request.content_length, MAX_BODY)
                 return web.json_response({"error": f"request body over {MAX_BODY} bytes"}, status=413)
+            if not verifier.is_valid(body=raw.decode("utf-8", "replace"), timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
+                                     signature=request.headers.get("X-Slack-Signature", "")):
+                return web.json_response({"error": "invalid request signature"}, status=401)
+            try:
+                bolt_req = await to_bolt_request(request)
+                problem = shape_problem(bolt_req.body)
             except Exception as exc:
-                body = (await request.read()).decode("utf-8", "replace")
-                if not verifier.is_valid(body=body, timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
-                                         signature=request.headers.get("X-Slack-Signature", "")):
-                    return web.json_response({"error": "invalid request signature"}, status=401)
-                log.warning("refused a signed but malformed request to /slack/events: %s: %s", type(exc).__name__, exc)
-                return web.json_response({"error": "malformed Slack payload"}, status=400)
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                log.warning("refused a signed but malformed request to /slack/events: %s", problem)
+                return web.json_response({"error": f"malformed Slack payload: {problem}"}, status=400)
             try:
                 return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_req))
             except Exception as exc:  # Bolt could not make sense of a (signed) payload

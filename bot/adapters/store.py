@@ -27,14 +27,17 @@ from bot.errors import BackendUnavailable
 log = logging.getLogger(__name__)
 
 
+STATE_DATABASE = "the opsbot database"
+
+
 @contextlib.asynccontextmanager
 async def _db_errors() -> AsyncIterator[None]:
     try:
         yield
     except psycopg.OperationalError as exc:
-        raise BackendUnavailable("the opsbot database", str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        raise BackendUnavailable(STATE_DATABASE, str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__) from exc
     except PoolTimeout as exc:
-        raise BackendUnavailable("the opsbot database", "no connection available (pool timeout)") from exc
+        raise BackendUnavailable(STATE_DATABASE, "no connection available (pool timeout)") from exc
 
 
 _SELECT_REQUEST = """SELECT r.*, t.permalink AS audit_permalink FROM ops_requests r
@@ -89,8 +92,11 @@ class Store:
     # checkouts waited, ~0.1 s on average, none near the 10 s timeout; 1000 → 161 waited, ~0.2 s.
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
         self.url = url
+        # check: a connection is tested when it is taken from the pool (one round trip), so that after
+        # the database restarted or the network dropped, no request gets a dead connection.
         self.pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                                        kwargs={"autocommit": True, "row_factory": dict_row}, timeout=10)
+                                        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5}, timeout=10,
+                                        check=AsyncConnectionPool.check_connection)
 
     async def open(self) -> None:
         async with _db_errors():

@@ -70,6 +70,7 @@ class FakeSlack:
         self.fail_methods: dict[str, str] = {}  # method → error, e.g. {"usergroups.users.list": "ratelimited"}
         self.slow_methods: dict[str, float] = {}  # method → seconds: the call is handled, but the answer comes late
         self.down = False  # refuse connections' worth: every call gets HTTP 503
+        self.rate_limited: dict[str, int] = {}  # method → Retry-After seconds: the call gets HTTP 429, as Slack answers
         self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -239,6 +240,10 @@ class FakeSlack:
         if request.headers.get("Authorization", "") != f"Bearer {self.token}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         self.calls.append((method, args))
+        if method in self.rate_limited:
+            self._notify()
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
+                                     headers={"Retry-After": str(self.rate_limited[method])})
         if self.fail_with or method in self.fail_methods:
             self._notify()
             return web.json_response({"ok": False, "error": self.fail_with or self.fail_methods[method]})

@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.approvals import Approvals
 from bot.domain import Actor, Invocation, UserId
@@ -49,10 +51,32 @@ def _tracked(inflight: set[asyncio.Task[Any]]) -> Iterator[None]:
             inflight.discard(task)
 
 
+def single_workspace(client: AsyncWebClient) -> Callable[..., Awaitable[AuthorizeResult]]:
+    """Bolt's default single-workspace authorization calls ``auth.test`` on the first request and,
+    when Slack's Web API is down at that moment, refuses every request ("Please install this app
+    into the workspace") until it answers. Slash commands and clicks come through Slack's edge even
+    while the Web API is failing, and opsbot must still record them and answer through their
+    ``response_url``. So: ``auth.test`` is asked until it answers once, and meanwhile the request
+    goes on with the bot token alone."""
+    known: list[AsyncSlackResponse] = []
+
+    async def authorize(enterprise_id: str | None, team_id: str | None, user_id: str | None) -> AuthorizeResult:
+        if not known:
+            try:
+                known.append(await client.auth_test())
+            except Exception as exc:  # any failure: go on without the bot's own ids
+                log.warning("auth.test failed (%s); handling the request with the bot token alone", exc)
+                return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id, bot_token=client.token, user_id=user_id)
+        return AuthorizeResult.from_auth_test_response(bot_token=client.token, auth_test_response=known[0])
+
+    return authorize
+
+
 def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline, approvals: Approvals,
               inflight: set[asyncio.Task[Any]]) -> AsyncApp:
     app = AsyncApp(client=client, signing_secret=signing_secret, process_before_response=False,
-                   ignoring_self_events_enabled=True)
+                   ignoring_self_events_enabled=True, authorize=single_workspace(client),
+                   logger=logging.getLogger("slack_bolt.AsyncApp"))
 
     @app.command("/ops")
     async def ops(ack: Any, body: dict[str, Any]) -> None:

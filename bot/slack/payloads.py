@@ -82,3 +82,25 @@ def click_user(body: dict[str, Any]) -> tuple[str, str]:
     uid, cid = _obj(body.get("user")).get("id"), _obj(body.get("channel")).get("id")
     return (uid if isinstance(uid, str) and _USER_ID.fullmatch(uid) else "",
             cid if isinstance(cid, str) and _CHANNEL_ID.fullmatch(cid) else "")
+
+
+def shape_problem(body: Any) -> str | None:
+    """None if ``body`` (a parsed request body) has the shape of a Slack slash command or
+    interactivity payload opsbot handles; else what is wrong. Checked before Bolt dispatches, so a
+    signed but malformed payload is a 400, not an exception inside Bolt's middleware."""
+    if not isinstance(body, dict):
+        return "the body is not a JSON object or form"
+    if "command" in body:
+        return None if all(isinstance(body.get(k, ""), str) for k in ("command", "text", "user_id", "channel_id")) \
+            else "a slash command's fields must be strings"
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        return "neither a slash command nor an interactivity payload"
+    if kind == "block_actions":
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not actions or not all(isinstance(a, dict) and isinstance(a.get("action_id"), str)
+                                                                    for a in actions):
+            return "block_actions without a list of actions"
+        if not isinstance(body.get("user"), dict):
+            return "block_actions without a user"
+    return None

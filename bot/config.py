@@ -25,8 +25,12 @@ _DURATION = re.compile(r"^([0-9]{1,9})\s*([smhd])$")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # Every command opsbot knows, by its policy name (what `rules[].commands` lists).
-KNOWN_COMMANDS = ("help", "status", "scale", "rollback", "replay-webhook", "disable-provider", "enable-provider", "audit")
-READ_ONLY_COMMANDS = ("help", "status", "audit")
+KNOWN_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa", "backup",
+                  "replay-webhook", "disable-provider", "enable-provider", "audit")
+READ_ONLY_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "audit")
+# Commands whose target is a configured deployment alias / cronjob alias.
+DEPLOYMENT_COMMANDS = ("status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa")
+CRONJOB_COMMANDS = ("backup",)
 
 
 def parse_duration(value: str | int) -> int:
@@ -119,6 +123,12 @@ class Deployment(_Model):
     namespace: str
     name: str
     replicas: ReplicaRange = ReplicaRange(min=0, max=50)
+
+
+class CronJob(_Model):
+    environment: str
+    namespace: str
+    name: str
 
 
 class Database(_Model):
@@ -277,6 +287,7 @@ class Config(_Model):
     roles: dict[str, Role] = {}
     environments: dict[str, Environment] = {}
     deployments: dict[str, Deployment] = {}
+    cronjobs: dict[str, CronJob] = {}  # aliases for `/ops backup <alias>`
     databases: dict[str, Database] = {}
     queues: dict[str, Queue] = {}
     webhooks: Webhooks | None = None
@@ -295,6 +306,10 @@ class Config(_Model):
 
         for alias, d in self.deployments.items():
             env(f"deployments.{alias}.environment", d.environment)
+        for alias, cj in self.cronjobs.items():
+            env(f"cronjobs.{alias}.environment", cj.environment)
+            if alias in self.deployments:
+                raise ValueError(f"cronjobs.{alias}: the alias is also a deployment; rules' targets could not tell them apart")
         for name, db in self.databases.items():
             env(f"databases.{name}.environment", db.environment)
         for name, q in self.queues.items():
@@ -315,16 +330,18 @@ class Config(_Model):
                 env(f"rules[{i}].environments", e)
             for t in rule.targets:
                 if not self._known_target(t):
-                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment alias, a target group, `deployments`, "
-                                     f"`webhooks`, `providers` or `provider:<name>` (aliases: {', '.join(self.deployments) or 'none'})")
+                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment or cronjob alias, a target group, "
+                                     f"`deployments`, `cronjobs`, `webhooks`, `providers` or `provider:<name>` "
+                                     f"(aliases: {', '.join([*self.deployments, *self.cronjobs]) or 'none'})")
         for g, members in self.target_groups.items():
             for t in members:
                 if t in self.target_groups or not self._known_target(t):
-                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment alias, `webhooks` or `provider:<name>`")
+                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment or cronjob alias, `webhooks` or `provider:<name>`")
         return self
 
     def _known_target(self, t: str) -> bool:
-        return (t in self.deployments or t in self.target_groups or t in ("deployments", "webhooks", "providers")
+        return (t in self.deployments or t in self.cronjobs or t in self.target_groups
+                or t in ("deployments", "cronjobs", "webhooks", "providers")
                 or (t.startswith("provider:") and len(t) > len("provider:")))
 
     def rule_name(self, index: int) -> str:
@@ -410,8 +427,10 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
     """(names a rule's targets can match, environment) for every target ``command`` can act on."""
     if command == "audit":
         return [({"audit"}, "")]
-    if command in ("scale", "rollback", "status"):
+    if command in DEPLOYMENT_COMMANDS:
         return [({alias, "deployments"}, d.environment) for alias, d in config.deployments.items()]
+    if command in CRONJOB_COMMANDS:
+        return [({alias, "cronjobs"}, c.environment) for alias, c in config.cronjobs.items()]
     if command == "replay-webhook" and config.webhooks:
         return [({"webhooks"}, config.databases[config.webhooks.database].environment)]
     if command in ("disable-provider", "enable-provider") and config.providers:
@@ -425,8 +444,8 @@ def _rule_can_match(config: Config, rule: Rule, command: str) -> str | None:
     if command in ("help", "audit"):
         return None
     when = rule.when.model_dump(exclude_none=True) if rule.when else {}
-    if command != "scale" and any(k in when for k in _SCALE_ONLY):
-        return f"`when: {', '.join(k for k in when if k in _SCALE_ONLY)}` applies to scale only"
+    if command != "scale" and any(k in when for k in _SCALE_ONLY) and not (command == "hpa" and "scale_factor_above" not in when):
+        return f"`when: {', '.join(k for k in when if k in _SCALE_ONLY)}` applies to scale only (replicas_above: scale and hpa)"
     if command != "rollback" and any(k in when for k in _ROLLBACK_ONLY):
         return "`when: revisions_back_above` applies to rollback only"
     allowed = config.slack.allowed_channels

@@ -86,6 +86,10 @@ class Plan:
     observed: dict[str, Any] = field(default_factory=dict)
     mutating: bool = True
     noop_reason: str = ""  # set when there is nothing to do (already in the wanted state)
+    # A read-only command's long output (log lines): posted in a thread under the answer, scrubbed
+    # of secrets, and never stored in the audit trail (logs can hold personal data; the audit row
+    # keeps the parameters and ``facts`` such as the line count).
+    attachment: str = ""
 
     @property
     def fingerprint(self) -> str:
@@ -199,6 +203,16 @@ class Outcome:
     ok: bool
     message: str
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """One observation of what an executed change is doing now (a rollout, a job), for its thread.
+    The last one a command's ``follow`` yields has ``done`` set; ``failed`` says it went wrong."""
+
+    text: str
+    done: bool = False
+    failed: bool = False
 
 
 REQUEST_ID_PATTERN = r"r-[a-z0-9]{4,32}"  # what new_request_id makes (bot/approvals.py), with room to grow

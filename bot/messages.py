@@ -43,6 +43,8 @@ EVENT_LABEL = {
     "vote_refused": "click refused",
     "review_refused": "review refused",
     "cancel_refused": "cancel refused",
+    "followed": "change complete (rollout/job followed to its end)",
+    "follow_failed": ":rotating_light: CHANGE DID NOT COMPLETE (rollout or job failed after it was applied)",
 }
 
 
@@ -85,7 +87,8 @@ def audit_headline(request: OpsRequest, last: dict[str, Any], card_link: str | N
     card = f" · <{card_link}|approval card>" if card_link else ""
     glass = " :rotating_light: *BREAK-GLASS*" if request.break_glass else ""
     return (f"*{request.command}* `{request.id}`{glass} — {plan.get('summary', request.text)} [{plan.get('environment')}]\n"
-            f"by {request.requester.mention()} in <#{request.channel_id}> · state: {STATE_LABEL[request.state]}{card}\n"
+            f"by {request.requester.mention()} in <#{request.channel_id}> · state: {STATE_LABEL[request.state]}"
+            f"{' · :rotating_light: *its rollout/job failed*' if last.get('event') == 'follow_failed' else ''}{card}\n"
             f"last record `#{last['seq']}` hash `{last['hash']}`")
 
 

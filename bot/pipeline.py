@@ -12,6 +12,7 @@ open requests) just before a request is opened, so that refused attempts do not 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,10 +28,36 @@ from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, 
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
+from bot.redaction import scrub_text
 from commands.help import command_help, help_text
 from commands.registry import command, parse
 
 log = logging.getLogger(__name__)
+
+READ_DEADLINE = 2.0  # seconds a read-only command may take before the person is told its backend is slow
+ATTACHMENT_CHUNK = 3500
+ATTACHMENT_MESSAGES = 8
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """``text`` cut at line ends into pieces of at most ``size`` characters (a longer line is cut)."""
+    out: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        while len(line) > size:
+            if current:
+                out.append(current)
+                current = ""
+            out.append(line[:size])
+            line = line[size:]
+        if current and len(current) + 1 + len(line) > size:
+            out.append(current)
+            current = line
+        else:
+            current = f"{current}\n{line}" if current else line
+    if current:
+        out.append(current)
+    return out
 
 
 class Pipeline:
@@ -131,7 +158,12 @@ class Pipeline:
             await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None)
             return
         try:
-            plan = await cmd.plan(inv.params, self.ctx)
+            if cmd.mutating:
+                plan = await cmd.plan(inv.params, self.ctx)
+            else:  # a look must answer quickly, or say that it cannot
+                plan = await asyncio.wait_for(cmd.plan(inv.params, self.ctx), READ_DEADLINE)
+        except TimeoutError:
+            raise BackendUnavailable(cmd.backend, f"no answer within {READ_DEADLINE:g} s (slow or hung)") from None
         except UserError as exc:
             await self._invalid(req, exc, inv)
             return
@@ -144,7 +176,11 @@ class Pipeline:
         if not plan.mutating:
             self.metrics.requests.labels(inv.command, "read").inc()
             await self._record("read", req, text=inv.text, plan=plan.to_json(), post=False)
-            await self._reply(req, f"*{plan.summary}*\n" + "\n".join(f"• {d}" for d in plan.details), public=True)
+            answer = scrub_text(f"*{plan.summary}*\n" + "\n".join(f"• {d}" for d in plan.details), self.audit.secrets)
+            if plan.attachment:
+                await self._reply_with_attachment(req, answer, scrub_text(plan.attachment, self.audit.secrets))
+            else:
+                await self._reply(req, answer, public=True)
             return
         if inv.flags.dry_run:
             self.metrics.requests.labels(inv.command, "dry_run").inc()
@@ -162,6 +198,24 @@ class Pipeline:
             await self.approvals.open(req, inv, plan, decision)
         except CardNotPosted as exc:  # recorded as a failed request already
             await self._reply(req, f":x: {exc}")
+
+    async def _reply_with_attachment(self, req: CommandRequest, answer: str, attachment: str) -> None:
+        """A read whose output is long (log lines): the answer in the channel, the output in its
+        thread in code blocks of at most ``ATTACHMENT_CHUNK`` characters (Slack's limits on a
+        message), ``ATTACHMENT_MESSAGES`` at most. If the bot cannot post in the channel, the person
+        gets the answer privately with the end of the output."""
+        try:
+            ts = await self.chat.post_message(channel_id=req.channel_id,
+                                              text=f"{req.actor.mention()} asked `/ops {req.text}`\n{answer}")
+            chunks = _chunks(attachment, ATTACHMENT_CHUNK)
+            if len(chunks) > ATTACHMENT_MESSAGES:
+                first = "…(earlier lines cut; narrow it with --since, --tail or --grep)\n" + chunks[-ATTACHMENT_MESSAGES]
+                chunks = [first[:ATTACHMENT_CHUNK], *chunks[-ATTACHMENT_MESSAGES + 1:]]
+            for chunk in chunks:
+                await self.chat.post_message(channel_id=req.channel_id, text=f"```\n{chunk}\n```", thread_ts=ts)
+        except OpsbotError as exc:
+            tail = attachment[-ATTACHMENT_CHUNK:]
+            await self._reply(req, f"{answer}\n_Could not post the output in the channel ({exc}); its end:_\n```\n{tail}\n```")
 
     async def _over_limits(self, req: CommandRequest, inv: Invocation, decision: Decision) -> tuple[str, str] | None:
         limits = self.config.limits

@@ -7,7 +7,12 @@
 2. take the target's lock (one action per target at a time);
 3. re-plan and compare fingerprints: if the target changed since approval, ``stale``, not run;
 4. execute, with a heartbeat so that a lost worker is noticed;
-5. ``succeeded``/``failed``, audit, result in the card's thread.
+5. ``succeeded``/``failed``, audit, result in the card's thread;
+6. follow what the change set going (a rollout, a job) when the command can: each step in the
+   thread, the end in the audit trail (``followed``/``follow_failed``, the latter posted to the audit
+   channel as loudly as a failure). This runs as a task of its own after the job has ended, so a
+   rollout of many minutes holds neither a worker slot nor the target's lock; a replica that stops
+   meanwhile stops following (the request itself is already recorded as succeeded).
 
 A ``running`` request whose heartbeat stopped becomes ``unknown`` (the sweeper), never retried:
 re-running a rollback or a provider toggle blindly is worse than asking a human.
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -31,7 +37,7 @@ from bullmq import Worker as BullWorker
 from bot.adapters.store import Store
 from bot.approvals import Approvals, Enqueue
 from bot.audit import Audit
-from bot.domain import SYSTEM, OpsRequest, Plan, RequestState
+from bot.domain import SYSTEM, OpsRequest, Plan, Progress, RequestState
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, OutcomeUnknown, UserError
 from bot.messages import thread_result
 from bot.metrics import Metrics
@@ -47,6 +53,7 @@ class Executor:
                  lock_wait: float = 60.0, heartbeat_every: float = 5.0) -> None:
         self.ctx, self.store, self.notices, self.audit, self.metrics = ctx, store, notices, audit, metrics
         self.worker_id, self.lock_wait, self.heartbeat_every = worker_id, lock_wait, heartbeat_every
+        self.following: set[asyncio.Task[None]] = set()
 
     async def run(self, request_id: str) -> str:
         request = await self.store.transition(request_id, from_state=RequestState.APPROVED, to_state=RequestState.RUNNING,
@@ -94,8 +101,37 @@ class Executor:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        return await self._finish(request, RequestState.SUCCEEDED, result={"message": outcome.message, **outcome.details},
-                                  started=started)
+        final = await self._finish(request, RequestState.SUCCEEDED, result={"message": outcome.message, **outcome.details},
+                                   started=started)
+        steps = cmd.follow(fresh, outcome, self.ctx) if final == RequestState.SUCCEEDED.value else None
+        if steps is not None:
+            task = asyncio.create_task(self._follow(request, steps))
+            self.following.add(task)
+            task.add_done_callback(self.following.discard)
+        return final
+
+    async def _follow(self, request: OpsRequest, steps: AsyncIterator[Progress]) -> None:
+        last: Progress | None = None
+        try:
+            async for step in steps:
+                last = step
+                await self.notices.thread(request, step.text)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("following request %s failed", request.id)
+            last = Progress(text="opsbot stopped following this change (internal error; see its logs)", done=True, failed=True)
+            await self.notices.thread(request, last.text)
+        if last is not None and last.done:
+            event = "follow_failed" if last.failed else "followed"
+            await self._record(event, request, result={"message": last.text})
+            self.notices.card_changed()
+
+    async def stop_following(self) -> None:
+        for task in list(self.following):
+            task.cancel()
+        if self.following:
+            await asyncio.wait(set(self.following), timeout=5)
 
     async def _heartbeat(self, request_id: str) -> None:
         while True:
@@ -186,6 +222,7 @@ class ActionWorker:
         ``Worker.close`` shields itself against cancellation and waits for its jobs for ever, so it
         runs as its own task here; past the grace period it is closed with force (a request cut off
         that way has a stopped heartbeat and becomes ``unknown``, never silently retried)."""
+        await self.executor.stop_following()
         if self._sweeper:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

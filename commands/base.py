@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from bot.config import Config, Deployment
-from bot.domain import Outcome, Plan
+from bot.domain import Outcome, Plan, Progress
 from bot.errors import NotFound, UsageError
 from bot.ports import Context
 from bot.untrusted import non_ascii_hint
@@ -20,6 +22,7 @@ class Command(ABC):
     usage: ClassVar[str]  # "/ops scale <deployment> <replicas>"
     summary: ClassVar[str]
     mutating: ClassVar[bool] = True
+    backend: ClassVar[str] = "the Kubernetes API"  # what it reads, for "… is slow or down" answers
     flags: ClassVar[dict[str, type]] = {}  # command-specific flags, e.g. {"--to-revision": int}
 
     @abstractmethod
@@ -40,6 +43,11 @@ class Command(ABC):
 
     async def execute(self, plan: Plan, ctx: Context) -> Outcome:
         raise NotImplementedError(f"{self.name} is read-only")
+
+    def follow(self, plan: Plan, outcome: Outcome, ctx: Context) -> AsyncIterator[Progress] | None:
+        """After a successful execute: what the change does next (a rollout, a job), observed
+        until it is over; the worker posts each step in the request's thread. None: nothing to follow."""
+        return None
 
     def deployment_plan(self, dep: Deployment, params: Params, **fields: Any) -> Plan:
         """A Plan on a configured deployment: target key, label and environment filled in."""
@@ -88,3 +96,18 @@ def match_labels_selector(selector: dict[str, Any]) -> str:
         else:
             terms.append("!" + expr["key"])
     return ",".join(terms)
+
+
+def age(timestamp: str | None, now: datetime | None = None) -> str:
+    """``2026-11-30T10:00:00Z`` → ``3h``, as kubectl prints ages."""
+    if not timestamp:
+        return "?"
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "?"
+    seconds = max(0, int(((now or datetime.now(UTC)) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size or (unit == "m" and seconds >= size):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

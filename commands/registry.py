@@ -4,8 +4,15 @@ The grammar (kept exactly; it is part of the product):
 
     /ops help
     /ops status <deployment>
+    /ops history <deployment>
+    /ops pods <deployment>
+    /ops events <deployment>
+    /ops logs <deployment> [--since 10m] [--tail 200] [--previous] [--grep TEXT] [--container NAME]
     /ops scale <deployment> <replicas>
     /ops rollback <deployment> [--to-revision N]
+    /ops restart <deployment>
+    /ops hpa <deployment> [--min N] [--max M]
+    /ops backup <cronjob>
     /ops replay webhook <id>
     /ops disable provider <name>
     /ops enable provider <name>
@@ -29,13 +36,24 @@ from bot.domain import Flags, Invocation
 from bot.errors import UsageError
 from bot.untrusted import check_command_text, number_problem, whole_number
 from commands.base import Command
-from commands.provider import DisableProvider, EnableProvider
-from commands.replay import ReplayWebhook
-from commands.rollback import Rollback
-from commands.scale import Scale
-from commands.status import Status
+from commands.k8s.backup import Backup
+from commands.k8s.events import Events
+from commands.k8s.history import History
+from commands.k8s.hpa import Hpa
+from commands.k8s.logs import Logs
+from commands.k8s.pods import Pods
+from commands.k8s.restart import Restart
+from commands.k8s.rollback import Rollback
+from commands.k8s.scale import Scale
+from commands.k8s.status import Status
+from commands.platform.provider import DisableProvider, EnableProvider
+from commands.platform.replay import ReplayWebhook
 
-COMMANDS: tuple[Command, ...] = (Status(), Scale(), Rollback(), ReplayWebhook(), DisableProvider(), EnableProvider())
+COMMANDS: tuple[Command, ...] = (
+    Status(), History(), Pods(), Events(), Logs(),  # read-only looks at a deployment
+    Scale(), Rollback(), Restart(), Hpa(), Backup(),  # Kubernetes changes
+    ReplayWebhook(), DisableProvider(), EnableProvider(),  # the platform's own data
+)
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})

@@ -27,6 +27,17 @@ def cfg() -> Config:
     ("replay webhook 8f2c1b9e", "replay-webhook", {"event_id": "8f2c1b9e"}),
     ("disable provider twilio", "disable-provider", {"provider": "twilio"}),
     ("enable provider twilio", "enable-provider", {"provider": "twilio"}),
+    ("restart worker", "restart", {"deployment": "worker"}),
+    ("history api", "history", {"deployment": "api"}),
+    ("pods worker", "pods", {"deployment": "worker"}),
+    ("events worker", "events", {"deployment": "worker"}),
+    ("logs worker", "logs", {"deployment": "worker", "since_seconds": None, "tail": 200, "previous": False, "grep": "",
+                             "container": None}),
+    ('logs worker --since 15m --tail 50 --previous --grep "ledger timeout" --container worker', "logs",
+     {"deployment": "worker", "since_seconds": 900, "tail": 50, "previous": True, "grep": "ledger timeout", "container": "worker"}),
+    ("hpa worker --max 12", "hpa", {"deployment": "worker", "min": None, "max": 12}),
+    ("hpa worker --min 2 --max 12", "hpa", {"deployment": "worker", "min": 2, "max": 12}),
+    ("backup db-backup", "backup", {"cronjob": "db-backup"}),
 ])
 def test_commands(cfg: Config, text: str, command: str, params: dict[str, object]) -> None:
     inv = parse(text, cfg)
@@ -54,6 +65,19 @@ def test_reason_and_dry_run_with_curly_quotes(cfg: Config) -> None:
     ("disable provider", UsageError, "needs a provider name"),
     ("enable", UsageError, "Did you mean: `/ops enable provider <name>`"),
     ("frobnicate", UsageError, "Type `/ops help`"),
+    ("restart", UsageError, "needs a deployment"),
+    ("restart worker api", UsageError, "unexpected argument(s) `api`"),
+    ("logs worker --tail 0", UsageError, "1 to 1000 lines"),
+    ("logs worker --since 10", UsageError, "duration such as 10m"),
+    ("logs worker --grep ''", UsageError, "needs the text"),
+    ("logs worker --grep " + "x" * 201, UsageError, "at most 200 characters"),
+    ("logs worker --container Worker_1", UsageError, "container name"),
+    ("hpa worker --min 0", Refused, "must be 1 to 20"),
+    ("hpa worker --max 3 --min 4", UsageError, "above `--max`"),
+    ("hpa worker --max ٦", UsageError, "digits 0-9"),
+    ("backup nope", NotFound, "Known cronjobs: db-backup"),
+    ("backup worker", NotFound, "unknown cronjob `worker`"),
+    ("backup ԁb-backup", NotFound, "CYRILLIC SMALL LETTER KOMI DE: type it with plain ASCII letters"),
 ])
 def test_errors_say_what_to_type(cfg: Config, text: str, error: type[Exception], message: str) -> None:
     with pytest.raises(error) as info:

@@ -11,22 +11,16 @@ ReplicaSet and gives it the next revision number.
 from __future__ import annotations
 
 import copy
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bot.config import Config
-from bot.domain import Outcome, Plan
+from bot.domain import Outcome, Plan, Progress
 from bot.errors import NotFound, Refused
 from bot.ports import Context, Obj
-from commands.base import Command, Params, deployment_alias, images_of, match_labels_selector
-
-REVISION = "deployment.kubernetes.io/revision"
-
-
-def _revision(obj: Obj) -> int:
-    try:
-        return int((obj["metadata"].get("annotations") or {}).get(REVISION, "0"))
-    except ValueError:
-        return 0
+from commands.base import Command, Params, deployment_alias, images_of
+from commands.k8s.workload import follow_rollout, read_workload
+from commands.k8s.workload import revision as _revision
 
 
 def _without_hash(template: Obj) -> Obj:
@@ -51,15 +45,8 @@ class Rollback(Command):
         return {"deployment": args[0], "to_revision": to}
 
     async def _history(self, params: Params, ctx: Context) -> tuple[Obj, dict[int, Obj]]:
-        dep = deployment_alias(ctx.config, params["deployment"])
-        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
-        selector = match_labels_selector(d["spec"]["selector"])
-        uid = d["metadata"]["uid"]
-        owned = [
-            rs for rs in await ctx.kube.list_replicasets(dep.environment, dep.namespace, selector)
-            if any(o.get("uid") == uid and o.get("controller") for o in rs["metadata"].get("ownerReferences") or [])
-        ]
-        return d, {_revision(rs): rs for rs in owned}
+        w = await read_workload(deployment_alias(ctx.config, params["deployment"]), ctx)
+        return w.deployment, w.replicasets
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])
@@ -111,3 +98,6 @@ class Rollback(Command):
                     "the deployment controller records it as a new revision.",
             details={"from_revision": wanted, "generation": result["metadata"].get("generation")},
         )
+
+    def follow(self, plan: Plan, outcome: Outcome, ctx: Context) -> AsyncIterator[Progress] | None:
+        return follow_rollout(deployment_alias(ctx.config, plan.params["deployment"]), ctx)

@@ -8,13 +8,14 @@ from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context
 from commands.base import Command, Params, deployment_alias, images_of
+from commands.k8s.workload import find_hpa, hpa_line
 
 
 class Status(Command):
     name = "status"
     words = ("status",)
     usage = "/ops status <deployment>"
-    summary = "Replicas, revision, images and rollout state of a deployment."
+    summary = "Replicas, revision, images, rollout state and autoscaler of a deployment."
     mutating = False
 
     def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
@@ -33,7 +34,7 @@ class Status(Command):
         rollout = progressing.get("reason") or "unknown"
         if spec.get("paused"):
             rollout = "paused"
-        details = (
+        details: tuple[str, ...] = (
             f"replicas: {spec.get('replicas', 0)} desired, {status.get('readyReplicas', 0)} ready, "
             f"{status.get('updatedReplicas', 0)} updated, {status.get('availableReplicas', 0)} available",
             f"revision: {revision}",
@@ -41,6 +42,10 @@ class Status(Command):
             f"rollout: {rollout} (Available={available.get('status', '?')})"
             + (f" — {progressing['message']}" if progressing.get("message") else ""),
         )
+        hpa, problem = await find_hpa(dep, ctx)
+        line = hpa_line(hpa) or problem
+        if line:
+            details += (line,)
         return self.deployment_plan(
             dep, params,
             summary=f"{dep.name} in {dep.namespace} ({dep.environment})",

@@ -75,6 +75,7 @@ class DisableProvider(_ProviderToggle):
     words = ("disable", "provider")
     usage = "/ops disable provider <name>"
     summary = "Mark a provider inactive so traffic routes to the backups."
+    backend = "the platform database"
     active = False
 
 
@@ -83,4 +84,5 @@ class EnableProvider(_ProviderToggle):
     words = ("enable", "provider")
     usage = "/ops enable provider <name>"
     summary = "Mark a provider active again."
+    backend = "the platform database"
     active = True

@@ -55,6 +55,7 @@ class ReplayWebhook(Command):
     words = ("replay", "webhook")
     usage = "/ops replay webhook <event-id>"
     summary = "Reset a failed webhook event to pending and queue it again (one job per event)."
+    backend = "the platform database"
 
     def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
         self.expect_args(args, ["event id"])

@@ -3,14 +3,16 @@ the target's config allows, through the ``scale`` subresource guarded by resourc
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bot.config import Config
-from bot.domain import Outcome, Plan
+from bot.domain import Outcome, Plan, Progress
 from bot.errors import Refused
 from bot.ports import Context
 from bot.untrusted import number_problem, whole_number
 from commands.base import Command, Params, deployment_alias
+from commands.k8s.workload import find_hpa, follow_rollout, hpa_line
 
 
 class Scale(Command):
@@ -39,11 +41,21 @@ class Scale(Command):
         wanted = int(params["replicas"])
         if current == wanted:
             raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
+        details = [f"namespace {dep.namespace}, environment {dep.environment}",
+                   f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"]
+        hpa, problem = await find_hpa(dep, ctx)
+        if problem:
+            details.append(problem)
+        if hpa is not None:
+            low, high = int((hpa.get("spec") or {}).get("minReplicas", 1)), int(hpa["spec"]["maxReplicas"])
+            details.append(f":warning: {hpa_line(hpa)}. The autoscaler owns the replica count and will "
+                           + (f"put it back within {low}–{high} at once" if not low <= wanted <= high else "change it again as load moves")
+                           + f". To change what it may do: "
+                           f"`/ops hpa {params['deployment']} --min {min(wanted, low)} --max {max(wanted, high)}`.")
         return self.deployment_plan(
             dep, params,
             summary=f"{dep.name}: {current} → {wanted} replicas",
-            details=(f"namespace {dep.namespace}, environment {dep.environment}",
-                     f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"),
+            details=tuple(details),
             before={"replicas": current},
             after={"replicas": wanted},
             facts={"replicas_before": current, "replicas_after": wanted},
@@ -61,3 +73,6 @@ class Scale(Command):
         )
         return Outcome(ok=True, message=f"{dep.name} scaled {current} → {scale['spec']['replicas']} replicas.",
                        details={"replicas": scale["spec"]["replicas"]})
+
+    def follow(self, plan: Plan, outcome: Outcome, ctx: Context) -> AsyncIterator[Progress] | None:
+        return follow_rollout(deployment_alias(ctx.config, plan.params["deployment"]), ctx)

@@ -1,0 +1,2 @@
+"""Commands on Kubernetes workloads: deployments (status, scale, rollback, restart, history, pods,
+events, logs), their HorizontalPodAutoscalers (hpa) and CronJobs (backup)."""

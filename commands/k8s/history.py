@@ -1,0 +1,49 @@
+"""`/ops history <deployment>` — the revisions `kubectl rollout history` lists, with what
+`rollout history` leaves out: each revision's images and age, and which one is current. Read-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bot.config import Config
+from bot.domain import Plan
+from bot.ports import Context
+from commands.base import Command, Params, age, deployment_alias, images_of
+from commands.k8s.workload import CHANGE_CAUSE, read_workload, revision
+
+MAX_SHOWN = 15
+
+
+class History(Command):
+    name = "history"
+    words = ("history",)
+    usage = "/ops history <deployment>"
+    summary = "A deployment's revisions: images, change-cause and age, the current one marked."
+    mutating = False
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["deployment"])
+        deployment_alias(config, args[0])
+        return {"deployment": args[0]}
+
+    async def plan(self, params: Params, ctx: Context) -> Plan:
+        dep = deployment_alias(ctx.config, params["deployment"])
+        w = await read_workload(dep, ctx)
+        current = revision(w.deployment)
+        lines = []
+        for rev in sorted(w.replicasets, reverse=True)[:MAX_SHOWN]:
+            rs = w.replicasets[rev]
+            cause = (rs["metadata"].get("annotations") or {}).get(CHANGE_CAUSE) or "<none>"
+            mark = " ← current" if rev == current else ""
+            lines.append(f"`{rev}` {', '.join(images_of(rs['spec']['template']))} — {cause} — "
+                         f"{age(rs['metadata'].get('creationTimestamp'))} old{mark}")
+        if len(w.replicasets) > MAX_SHOWN:
+            lines.append(f"…and {len(w.replicasets) - MAX_SHOWN} older revision(s)")
+        if not lines:
+            lines.append("no ReplicaSets found for it (revisionHistoryLimit 0, or it never rolled out)")
+        older = [r for r in w.replicasets if r < current]
+        if older:
+            lines.append(f"Roll back with `/ops rollback {params['deployment']}` (to {max(older)}) or "
+                         f"`/ops rollback {params['deployment']} --to-revision N`.")
+        return self.deployment_plan(dep, params, summary=f"{dep.name}: {len(w.replicasets)} revision(s), current {current}",
+                                    details=tuple(lines), before={"revision": current})

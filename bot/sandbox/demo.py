@@ -4,7 +4,7 @@ history, its database (providers, billing webhook events, some failed) — used 
 
 from __future__ import annotations
 
-from bot.sandbox.kube_apiserver import Cluster, deployment_manifest
+from bot.sandbox.kube_apiserver import Cluster, cronjob_manifest, deployment_manifest, hpa_manifest
 
 PLATFORM_SCHEMA = """
 CREATE TABLE IF NOT EXISTS "Provider" (id serial PRIMARY KEY, name text UNIQUE NOT NULL, "isActive" boolean NOT NULL DEFAULT true);
@@ -22,10 +22,32 @@ INSERT INTO billing_webhook_events (id, event_type, status, last_error) VALUES
 
 
 def seed_cluster(cluster: Cluster) -> None:
-    """nova-worker at 3 replicas; nova-api with three revisions (1.4.0 → 1.4.1 → 1.4.2) to roll back."""
+    """nova-worker at 3 replicas; nova-api with three revisions (1.4.0 → 1.4.1 → 1.4.2) to roll back;
+    the nightly database backup CronJob (`/ops backup db-backup`)."""
     cluster.create_deployment("nova", deployment_manifest("nova-worker", "ghcr.io/nova/worker:2.3.0", replicas=3, namespace="nova"))
     cluster.create_deployment("nova", deployment_manifest("nova-api", "ghcr.io/nova/api:1.4.0", replicas=3, namespace="nova"))
     for tag in ("1.4.1", "1.4.2"):
         d = cluster.get("apps/deployments", "nova", "nova-api")
         d["spec"]["template"]["spec"]["containers"][0]["image"] = f"ghcr.io/nova/api:{tag}"
         cluster.update_deployment("nova", "nova-api", d)
+    cluster.create_cronjob("nova", cronjob_manifest("nova-db-backup", "ghcr.io/nova/pg-backup:15", schedule="0 2 * * *",
+                                                    namespace="nova", command=["/bin/sh", "-c", "pg_dump | gzip | upload"]))
+
+
+def seed_incident(cluster: Cluster) -> None:
+    """What the playground adds to make the look-around commands worth typing: an autoscaler on
+    nova-api, a worker pod that was OOM-killed, and log lines (one with a secret to scrub)."""
+    cluster.create_hpa("nova", hpa_manifest("nova-api", "nova-api", min_replicas=2, max_replicas=12, cpu_percent=70,
+                                            namespace="nova"))
+    pods = cluster.pods_of("nova", "nova-worker")
+    if not pods:
+        return
+    cluster.crash_pod("nova", pods[0]["metadata"]["name"], reason="OOMKilled", exit_code=137)
+    for pod in pods:
+        cluster.append_log("nova", pod["metadata"]["name"], [
+            "worker started, concurrency 8",
+            "processing billing-webhooks job 8f2c1b9e (invoice.paid)",
+            "ERROR ledger timeout after 30000ms (ECONNRESET) url=postgres://nova:hunter2@ledger-db:5432/ledger",
+            "retrying job 8f2c1b9e in 5000ms (attempt 2 of 3)",
+            "processed job 2b7c9d11 (invoice.created) in 84ms",
+        ])

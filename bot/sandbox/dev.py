@@ -25,7 +25,7 @@ from aiohttp import web
 
 from bot.config import Config, load_config
 from bot.runtime import Runtime
-from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster
+from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster, seed_incident
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.servers import postgres_server, redis_server
 from bot.sandbox.slack_api import FakeSlack
@@ -77,6 +77,7 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
             kube.cluster.restore(json.loads(cluster_file.read_text()))
         else:
             seed_cluster(kube.cluster)
+            seed_incident(kube.cluster)
         kubeconfig = kube.kubeconfig(str(data_dir / "kubeconfig"), context="nova-prod", namespace="nova")
 
         env = {**os.environ, "NOVA_DATABASE_URL": platform_url, "NOVA_REDIS_URL": redis_url,

@@ -93,7 +93,8 @@ class QueueAdapter:
     async def oldest_waiting(self, queue: Queue) -> Obj | None:
         # Jobs are pushed at the head of the wait list and taken from its tail, so ascending order
         # starts with the next job a worker takes. A queue paused by this bullmq keeps its jobs
-        # there; one paused by an older Node BullMQ moved them to the `paused` list: both are read.
+        # there; one paused by Node BullMQ (5.x renames the wait list) has them in the `paused`
+        # list: both are read.
         q = self._queue(queue)
         async with redis_errors(f"Redis for queue {queue.name}"):
             tails = [*await q.getJobs(["waiting"], 0, 0, True), *await q.getJobs(["paused"], 0, 0, True)]

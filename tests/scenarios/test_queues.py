@@ -26,6 +26,7 @@ from bullmq import Queue, Worker
 from bot.config import Config
 from bot.domain import OpsRequest
 from tests.conftest import ALICE, CAROL, DAN, EVE, EXAMPLE, MALLORY
+from tests.faults.proxy import TcpProxy
 from tests.harness import Harness
 from tests.scenarios.test_replay_webhook import NODE_DIR
 
@@ -507,6 +508,34 @@ async def test_redis_down_between_approval_and_execution_fails_and_retries_nothi
         assert "could not re-check the target: Redis for queue billing-webhooks is unavailable" in (done.error or "")
         assert await states(q, ids) == {"evt-1": "failed", "evt-2": "failed"}
         assert [await retried_from_failed(q, i) for i in ids] == [0, 0]
+
+
+async def test_redis_lost_in_the_middle_of_a_batch_says_exactly_what_was_retried(
+        bot: Harness, config: Config, redis_url: str, queue_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = ["evt-1", "evt-2", "evt-3"]
+    proxy, proxied_url = await TcpProxy.for_url(redis_url)
+    try:
+        bot.runtime.pipeline.ctx.config.queues[QUEUE] = config.queues[QUEUE].model_copy(  # type: ignore[index]
+            update={"redis_url": proxied_url})
+        adapter = bot.runtime.queues
+        retry_job = adapter.retry_job
+
+        async def then_redis_goes(queue: Any, job_id: str) -> str:  # the first job is retried, then Redis is gone
+            result = await retry_job(queue, job_id)
+            proxy.down()
+            return result
+
+        monkeypatch.setattr(adapter, "retry_job", then_redis_goes)
+        async with platform_queue(redis_url, queue_prefix) as q:
+            await fail(q, redis_url, queue_prefix, ids)
+            done = await approved(bot, await request(bot, f"/ops queue retry-failed {QUEUE}"))
+            assert done.state.value == "unknown"
+            assert ("Retried: `evt-1`; `evt-2`: unknown (Redis failed during the call); not tried: `evt-3`. "
+                    f"Check `/ops queue failed {QUEUE}` before retrying again.") in (done.error or "")
+            assert "It was not retried: check the target's state by hand" in thread_text(bot, done)
+            assert await states(q, ids) == {"evt-1": "waiting", "evt-2": "failed", "evt-3": "failed"}
+    finally:
+        await proxy.stop()
 
 
 async def test_who_may_do_what_on_a_queue(bot: Harness, redis_url: str, queue_prefix: str) -> None:

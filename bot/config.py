@@ -26,11 +26,14 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 # Every command opsbot knows, by its policy name (what `rules[].commands` lists).
 KNOWN_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa", "backup",
-                  "replay-webhook", "disable-provider", "enable-provider", "audit")
-READ_ONLY_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "audit")
+                  "replay-webhook", "disable-provider", "enable-provider", "audit",
+                  "queue-stats", "queue-failed", "queue-retry", "queue-retry-failed", "queue-pause", "queue-resume", "queue-clean")
+READ_ONLY_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "audit", "queue-stats", "queue-failed")
 # Commands whose target is a configured deployment alias / cronjob alias.
 DEPLOYMENT_COMMANDS = ("status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa")
 CRONJOB_COMMANDS = ("backup",)
+# Commands whose target is a configured queue (its key under `queues:`).
+QUEUE_COMMANDS = ("queue-stats", "queue-failed", "queue-retry", "queue-retry-failed", "queue-pause", "queue-resume", "queue-clean")
 
 
 def parse_duration(value: str | int) -> int:
@@ -310,6 +313,10 @@ class Config(_Model):
             env(f"cronjobs.{alias}.environment", cj.environment)
             if alias in self.deployments:
                 raise ValueError(f"cronjobs.{alias}: the alias is also a deployment; rules' targets could not tell them apart")
+        for alias in self.queues:
+            if alias in self.deployments or alias in self.cronjobs:
+                raise ValueError(f"queues.{alias}: the key is also a deployment or cronjob alias; rules' targets could not tell "
+                                 "them apart")
         for name, db in self.databases.items():
             env(f"databases.{name}.environment", db.environment)
         for name, q in self.queues.items():
@@ -330,18 +337,19 @@ class Config(_Model):
                 env(f"rules[{i}].environments", e)
             for t in rule.targets:
                 if not self._known_target(t):
-                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment or cronjob alias, a target group, "
-                                     f"`deployments`, `cronjobs`, `webhooks`, `providers` or `provider:<name>` "
-                                     f"(aliases: {', '.join([*self.deployments, *self.cronjobs]) or 'none'})")
+                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment, cronjob or queue alias, a target group, "
+                                     f"`deployments`, `cronjobs`, `queues`, `webhooks`, `providers` or `provider:<name>` "
+                                     f"(aliases: {', '.join([*self.deployments, *self.cronjobs, *self.queues]) or 'none'})")
         for g, members in self.target_groups.items():
             for t in members:
                 if t in self.target_groups or not self._known_target(t):
-                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment or cronjob alias, `webhooks` or `provider:<name>`")
+                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment, cronjob or queue alias, `webhooks` "
+                                     "or `provider:<name>`")
         return self
 
     def _known_target(self, t: str) -> bool:
-        return (t in self.deployments or t in self.cronjobs or t in self.target_groups
-                or t in ("deployments", "cronjobs", "webhooks", "providers")
+        return (t in self.deployments or t in self.cronjobs or t in self.queues or t in self.target_groups
+                or t in ("deployments", "cronjobs", "queues", "webhooks", "providers")
                 or (t.startswith("provider:") and len(t) > len("provider:")))
 
     def rule_name(self, index: int) -> str:
@@ -431,6 +439,8 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
         return [({alias, "deployments"}, d.environment) for alias, d in config.deployments.items()]
     if command in CRONJOB_COMMANDS:
         return [({alias, "cronjobs"}, c.environment) for alias, c in config.cronjobs.items()]
+    if command in QUEUE_COMMANDS:
+        return [({alias, "queues"}, q.environment) for alias, q in config.queues.items()]
     if command == "replay-webhook" and config.webhooks:
         return [({"webhooks"}, config.databases[config.webhooks.database].environment)]
     if command in ("disable-provider", "enable-provider") and config.providers:

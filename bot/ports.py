@@ -58,6 +58,45 @@ class Queues(Protocol):
         ``replace_finished``. Returns the job's state after the call."""
         ...
 
+    # What bull-board shows and does, for `/ops queue …` (commands/queues/). A job is described as
+    # a plain dict: {"id", "name", "attemptsMade", "failedReason", "timestamp", "processedOn",
+    # "finishedOn"} (times in ms since the epoch, None when not set).
+
+    async def job_counts(self, queue: Queue) -> dict[str, int]:
+        """How many jobs are in each state: waiting, paused, prioritized, active, delayed, failed,
+        completed, waiting-children (``paused``: jobs an older BullMQ moved aside when pausing)."""
+        ...
+
+    async def is_paused(self, queue: Queue) -> bool: ...
+
+    async def set_paused(self, queue: Queue, paused: bool) -> None:
+        """Pause (workers take no new job; the running ones finish) or resume the queue."""
+        ...
+
+    async def oldest_waiting(self, queue: Queue) -> Obj | None:
+        """The job that has waited longest (the next one a worker takes), or None."""
+        ...
+
+    async def jobs(self, queue: Queue, state: str, *, count: int, oldest_first: bool) -> list[Obj]:
+        """Up to ``count`` jobs in ``state`` (``failed``/``completed``: by finishing time)."""
+        ...
+
+    async def job(self, queue: Queue, job_id: str) -> Obj | None: ...
+
+    async def retry_job(self, queue: Queue, job_id: str) -> str:
+        """Move a failed job back to waiting, as bull-board's Retry does. Returns ``retried``, or
+        the job's state when it was not failed (``missing`` when there is no such job)."""
+        ...
+
+    async def count_finished(self, queue: Queue, state: str, *, finished_before_ms: int) -> int:
+        """How many ``completed``/``failed`` jobs finished at or before that time."""
+        ...
+
+    async def clean(self, queue: Queue, state: str, *, finished_before_ms: int, limit: int) -> list[str]:
+        """Remove up to ``limit`` ``completed``/``failed`` jobs that finished at or before that
+        time, oldest first. Returns the removed jobs' ids."""
+        ...
+
 
 @dataclass(frozen=True)
 class Context:

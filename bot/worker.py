@@ -177,7 +177,14 @@ def _what_changed(approved: dict[str, Any], fresh: Plan) -> str:
     changes = []
     for key, now in {**fresh.before, **fresh.observed}.items():
         then = {**approved.get("before", {}), **approved.get("observed", {})}.get(key)
-        if then != now:
+        if then == now:
+            continue
+        if isinstance(then, list) and isinstance(now, list):  # e.g. the ids of a batch: say which ones moved
+            gone, new = [v for v in then if v not in now], [v for v in now if v not in then]
+            parts = [f"{what} {', '.join(map(str, items[:10]))}" + (f" and {len(items) - 10} more" if len(items) > 10 else "")
+                     for what, items in (("no longer there:", gone), ("new:", new)) if items]
+            changes.append(f"{key}: {'; '.join(parts) or 'the same, in another order'}")
+        else:
             changes.append(f"{key} was {then}, now {now}")
     return f"{approved.get('target_label', 'the target')} changed after approval ({'; '.join(changes) or 'plan differs'})."
 

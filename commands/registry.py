@@ -16,6 +16,13 @@ The grammar (kept exactly; it is part of the product):
     /ops replay webhook <id>
     /ops disable provider <name>
     /ops enable provider <name>
+    /ops queue stats <queue>
+    /ops queue failed <queue> [--limit 10]
+    /ops queue retry <queue> <job-id>
+    /ops queue retry-failed <queue> [--limit 10]
+    /ops queue pause <queue>
+    /ops queue resume <queue>
+    /ops queue clean <queue> --failed|--completed --older-than 7d [--limit 1000]
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
     /ops help [<command>]
@@ -48,11 +55,18 @@ from commands.k8s.scale import Scale
 from commands.k8s.status import Status
 from commands.platform.provider import DisableProvider, EnableProvider
 from commands.platform.replay import ReplayWebhook
+from commands.queues.clean import QueueClean
+from commands.queues.failed import QueueFailed
+from commands.queues.pause import QueuePause, QueueResume
+from commands.queues.retry import QueueRetry, QueueRetryFailed
+from commands.queues.stats import QueueStats
 
 COMMANDS: tuple[Command, ...] = (
     Status(), History(), Pods(), Events(), Logs(),  # read-only looks at a deployment
     Scale(), Rollback(), Restart(), Hpa(), Backup(),  # Kubernetes changes
     ReplayWebhook(), DisableProvider(), EnableProvider(),  # the platform's own data
+    QueueStats(), QueueFailed(),  # read-only looks at a BullMQ queue
+    QueueRetry(), QueueRetryFailed(), QueuePause(), QueueResume(), QueueClean(),  # BullMQ changes
 )
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}

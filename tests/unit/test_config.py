@@ -100,3 +100,26 @@ def test_policy_check_without_the_secrets_warns_instead_of_failing() -> None:
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "databases.app.url: environment variable NOVA_DATABASE_URL is not set (needed when opsbot runs)" in proc.stdout
+
+
+def test_queues_are_rule_targets_by_key_or_kind() -> None:
+    base = """
+environments: {p: {}}
+roles: {eng: {users: [U1]}, approver: {users: [U2]}}
+deployments: {worker: {environment: p, namespace: n, name: w}}
+queues: {email: {redis_url: redis://x, name: email, environment: p}}
+"""
+    config = parse_config(base + "rules:\n  - {commands: [queue-stats, queue-failed], targets: [email], allow: [eng]}\n"
+                          "  - {commands: [queue-retry, queue-retry-failed, queue-pause, queue-resume, queue-clean], targets: [queues],"
+                          " allow: [eng], approval: {from: [approver]}}\n", env={})
+    assert not [w for w in config_warnings(config) if "queue" in w]
+    with pytest.raises(ConfigError) as info:
+        parse_config(base + "rules: [{commands: [queue-pause], targets: [sms], allow: [eng]}]\n", source="x.yaml", env={})
+    assert "rules[0].targets: 'sms' is not a deployment, cronjob or queue alias" in str(info.value)
+    assert "(aliases: worker, email)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse_config(base.replace("queues: {email:", "queues: {worker:"), source="x.yaml", env={})
+    assert "queues.worker: the key is also a deployment or cronjob alias" in str(info.value)
+    warnings = "\n".join(config_warnings(parse_config(base, env={})))
+    assert "command 'queue-stats': no rule allows anyone to run it" in warnings
+    assert "command 'queue-clean': no rule allows anyone to run it" in warnings

@@ -23,7 +23,9 @@ CFG: Config = example_config("postgresql://x@127.0.0.1/x", "redis://127.0.0.1:1/
 WORDS = ["help", "status", "scale", "rollback", "replay", "webhook", "disable", "enable", "provider", "pending", "cancel",
          "audit", "worker", "api", "twilio", "--reason", "--dry-run", "--break-glass", "--to-revision", "--page", "--since",
          "--user", "--command", "--target", "--outcome", "6", "-1", "--1", "0", "20", "99999999999999999999", "６", "٦", "²",
-         '"', "'", "“", "”", "—", "=", "wоrker", "r-7kq2m9xa", "<@U0ALICE|alice>", "7d", "2026-11-01"]
+         '"', "'", "“", "”", "—", "=", "wоrker", "r-7kq2m9xa", "<@U0ALICE|alice>", "7d", "2026-11-01",
+         "queue", "stats", "failed", "retry", "retry-failed", "pause", "resume", "clean", "billing-webhooks", "--limit",
+         "--older-than", "--failed", "--completed", "99y", "100000"]
 TRICKY = st.sampled_from(["\x00", "\x1b", "\r", "\u202e", "\u200b", "\ufeff", "\n", "\t", " ", "\ud7ff", "\U0001F600", "\u200d"])
 COMMANDS = st.lists(st.one_of(st.sampled_from(WORDS), st.text(max_size=8), TRICKY), max_size=10).map(" ".join)
 

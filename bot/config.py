@@ -597,8 +597,8 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
         return [({"providers", "provider:*"}, env)]
     if command in DATABASE_COMMANDS:
         return [({name, "databases"}, db.environment) for name, db in config.databases.items()]
-    if command in REDIS_COMMANDS:
-        return [({name, "redis"}, r.environment) for name, r in config.redis.items()]
+    if command in REDIS_COMMANDS:  # `redis len` reads only allow-listed keys: a target without `keys:` is no target for it
+        return [({name, "redis"}, r.environment) for name, r in config.redis.items() if command != "redis-len" or r.keys]
     if command in HEALTH_COMMANDS and config.health:
         every = [({name, "health"}, svc.environment) for name, svc in config.health.items()]
         return [*every, ({"health"}, health_environment(config))]  # `/ops health` with no service: all of them

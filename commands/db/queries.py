@@ -31,7 +31,8 @@ def parse_over(value: str) -> int:
 
 
 def query_line(q: Obj) -> str:
-    wait = f", waiting on {q['wait_event_type']}/{q['wait_event']}" if q.get("wait_event") else ""
+    # (an idle session's wait event, ClientRead, says only that it waits for its client)
+    wait = f", waiting on {q['wait_event_type']}/{q['wait_event']}" if q.get("wait_event") and q.get("state") == "active" else ""
     xact = ""
     if str(q.get("state") or "").startswith("idle in transaction") and q.get("xact_seconds") is not None:
         xact = f", transaction open {span(q['xact_seconds'])}"

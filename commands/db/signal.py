@@ -69,12 +69,15 @@ class _SignalSession(Command):
     def _target(self, params: Params) -> str:
         return f"db-session/{params['database']}/{params['pid']}"
 
+    def _label(self, params: Params) -> str:
+        return f"session {params['pid']} on database `{params['database']}`"
+
     def locate(self, params: Params, config: Config) -> Plan | None:
         db = config.databases.get(str(params.get("database", "")))
         if db is None:
             return None
         return database_plan(self.name, params["database"], db, params, mutating=True, target=self._target(params),
-                             summary=f"{self.verb} pid {params['pid']} on {params['database']} (not read)")
+                             label=self._label(params), summary=f"{self.verb} pid {params['pid']} on {params['database']} (not read)")
 
     def refusal(self, row: Obj | None, params: Params) -> UserError | None:
         """Why this backend may not be signalled now, or None."""
@@ -82,11 +85,11 @@ class _SignalSession(Command):
         if row is None:
             return NotFound(f"no session with pid {pid} on the server of database `{name}` (it may have ended). "
                             f"`/ops db queries {name}` lists the running ones.")
-        if not row["here"]:
-            return Refused(f"pid {pid} is not connected to database `{name}`; opsbot signals only sessions of the database named.")
         if row["backend_type"] != "client backend":
             return Refused(f"pid {pid} is PostgreSQL's own `{row['backend_type']}` process, not a client session; "
                            "opsbot does not signal those.")
+        if not row["here"]:
+            return Refused(f"pid {pid} is not connected to database `{name}`; opsbot signals only sessions of the database named.")
         if row["is_self"] or str(row["application_name"] or "").startswith(OPSBOT_APPLICATION):
             return Refused(f"pid {pid} is one of opsbot's own connections; opsbot does not signal itself.")
         if row["superuser"]:
@@ -111,9 +114,9 @@ class _SignalSession(Command):
         assert row is not None
         user, app = str(row["usename"] or "?"), str(row["application_name"] or "")
         query = untrusted(str(row["query"] or ""), QUERY_SHOWN)
-        wait = f", waiting on {row['wait_event_type']}/{row['wait_event']}" if row.get("wait_event") else ""
+        wait = f", waiting on {row['wait_event_type']}/{row['wait_event']}" if row.get("wait_event") and row["state"] == "active" else ""
         return database_plan(
-            self.name, name, db, params, mutating=True, target=self._target(params),
+            self.name, name, db, params, mutating=True, target=self._target(params), label=self._label(params),
             summary=f"{self.verb} pid {pid} on {name}: {untrusted(user, 60)} / {untrusted(app or '(no name)', 60)}, "
                     f"{row['state']} for {span(row['query_seconds'])}",
             details=(f"session {pid}: user `{untrusted(user, 60)}`, application `{untrusted(app or '(no name)', 60)}`, "

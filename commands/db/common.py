@@ -25,5 +25,5 @@ def database(config: Config, name: str) -> Database:
 
 def database_plan(command: str, name: str, db: Database, params: dict[str, Any], *, mutating: bool, target: str = "",
                   label: str = "", **fields: Any) -> Plan:
-    return Plan(command=command, target=target or f"database/{db.environment}/{name}", target_label=label or f"database `{name}`",
+    return Plan(command=command, target=target or f"database/{db.environment}/{name}", target_label=label or f"database {name}",
                 environment=db.environment, target_name=name, target_kind="databases", params=params, mutating=mutating, **fields)

@@ -70,7 +70,7 @@ class _SignalSession(Command):
         return f"db-session/{params['database']}/{params['pid']}"
 
     def _label(self, params: Params) -> str:
-        return f"session {params['pid']} on database `{params['database']}`"
+        return f"session {params['pid']} on database {params['database']}"
 
     def locate(self, params: Params, config: Config) -> Plan | None:
         db = config.databases.get(str(params.get("database", "")))

@@ -23,5 +23,5 @@ def redis_target(config: Config, name: str) -> RedisTarget:
 
 
 def redis_plan(command: str, name: str, target: RedisTarget, params: dict[str, Any], **fields: Any) -> Plan:
-    return Plan(command=command, target=f"redis/{target.environment}/{name}", target_label=f"Redis `{name}`",
+    return Plan(command=command, target=f"redis/{target.environment}/{name}", target_label=f"Redis {name}",
                 environment=target.environment, target_name=name, target_kind="redis", params=params, mutating=False, **fields)

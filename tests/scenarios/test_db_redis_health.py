@@ -246,7 +246,7 @@ async def test_stale_when_the_pid_runs_another_query_by_the_time_it_is_approved(
     await bot.click(CAROL, request.id, "approve")
     done = await bot.state_of(request.id, "succeeded", "failed", "stale")
     assert done.state.value == "stale"
-    assert f"session {pid} on database `app` changed after approval" in (done.error or "")
+    assert f"session {pid} on database app changed after approval" in (done.error or "")
     assert "query_start was" in (done.error or "")
     await asyncio.sleep(0.5)
     assert not second.done(), "the new query was not cancelled"

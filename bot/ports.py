@@ -69,7 +69,8 @@ class PlatformDatabases(Protocol):
                              budget: float) -> Obj:
         """On one connection, in one transaction: read the backend afresh, ``still(row)`` (raises to
         refuse: the session changed), then ``pg_cancel_backend``/``pg_terminate_backend``. Returns
-        ``{"sent": bool, "ended": bool}`` (``ended``: the query/session was gone shortly after)."""
+        ``{"sent": bool, "ended": bool}`` (``ended``: the query/session was gone shortly after);
+        raises OutcomeUnknown when the signal went out and no answer came back."""
         ...
 
 

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 
 from bot.adapters.bounded import within
 from bot.config import Config, Providers, Webhooks
-from bot.errors import BackendUnavailable, ExecutionError
+from bot.errors import BackendUnavailable, ExecutionError, OutcomeUnknown
 
 Obj = dict[str, Any]
 T = TypeVar("T")
@@ -180,6 +180,7 @@ class PlatformDbAdapter:
     async def signal_session(self, database: str, pid: int, *, terminate: bool, still: Callable[[Obj | None], None],
                              budget: float) -> Obj:
         function = "pg_terminate_backend" if terminate else "pg_cancel_backend"
+        step: dict[str, Any] = {"at": "checking"}  # → "sending" → "sent": what a failure in the middle means
 
         async def run() -> Obj:
             async with self._connect(database) as conn:
@@ -188,22 +189,39 @@ class PlatformDbAdapter:
                     await conn.execute("SELECT pg_stat_clear_snapshot()")  # this very moment, not a cached view
                     before = await (await conn.execute(_SESSION, (pid,))).fetchone()
                     still(before)  # raises when the session is not the approved one any more: nothing is sent
+                    step["at"] = "sending"
                     row = await (await conn.execute(sql.SQL("SELECT {f}(%s) AS sent").format(f=sql.Identifier(function)),
                                                     (pid,))).fetchone()
-                sent = bool(row and row["sent"])
-                ended = False
-                for _ in range(20 if sent else 0):  # did it work? (a query in a non-interruptible step may take a moment)
-                    await asyncio.sleep(0.1)
-                    async with conn.transaction():
-                        await _limits(conn)
-                        await conn.execute("SELECT pg_stat_clear_snapshot()")
-                        now = await (await conn.execute(_SESSION, (pid,))).fetchone()
-                    ended = _ended(before or {}, now, terminate=terminate)
-                    if ended:
-                        break
-                return {"sent": sent, "ended": ended}
+                    step.update(at="sent", sent=bool(row and row["sent"]))
+                sent = bool(step["sent"])
+                return {"sent": sent, "ended": await _watch(conn, pid, before or {}, terminate=terminate) if sent else False}
 
-        return await within(budget, run(), backend=f"database `{database}`")
+        try:
+            return await within(budget, run(), backend=f"database `{database}`")
+        except (BackendUnavailable, ExecutionError) as exc:
+            if step["at"] == "sent":  # PostgreSQL answered the signal; only what came after it failed
+                return {"sent": bool(step["sent"]), "ended": False}
+            if step["at"] == "sending" and isinstance(exc, BackendUnavailable):  # (an ExecutionError is a clear "no")
+                raise OutcomeUnknown(f"`{function}({pid})` was sent to database `{database}` but no answer came back ({exc}); "
+                                     "it may or may not have been applied. Look before trying again.") from exc
+            raise
+
+
+async def _watch(conn: psycopg.AsyncConnection[Obj], pid: int, before: Obj, *, terminate: bool) -> bool:
+    """Up to 2 s after a signal: did it work? (A query in a step that cannot be interrupted takes a
+    moment.) Watching is best effort: a failure here says nothing about the signal."""
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            async with conn.transaction():
+                await _limits(conn)
+                await conn.execute("SELECT pg_stat_clear_snapshot()")
+                now = await (await conn.execute(_SESSION, (pid,))).fetchone()
+            if _ended(before, now, terminate=terminate):
+                return True
+    except psycopg.Error:
+        pass
+    return False
 
 
 def _ended(before: Obj, now: Obj | None, *, terminate: bool) -> bool:

@@ -24,7 +24,7 @@ from psycopg.rows import dict_row
 
 from bot.config import Config, Database, RedisTarget
 from bot.domain import OpsRequest
-from bot.errors import Refused
+from bot.errors import OutcomeUnknown, Refused
 from bot.sandbox.servers import free_port
 from commands.db.signal import DbCancel
 from tests.conftest import ALICE, BOTH, CAROL, DAN, EVE, MALLORY, example_config
@@ -270,6 +270,26 @@ async def test_execution_checks_again_on_the_connection_that_sends_the_signal(bo
         await cmd.execute(plan, ctx)
     await asyncio.sleep(0.3)
     assert not second.done()
+
+
+async def test_a_signal_that_gets_no_answer_is_unknown_not_failed(bot: Harness, sessions: Sessions, platform_db: str) -> None:
+    # The database stops answering right as the signal goes out: opsbot cannot know whether it was
+    # applied, says so (OutcomeUnknown: the worker records `unknown`, never retries), and does not hang.
+    worker = await sessions.connect("nova-worker")
+    await sessions.run(worker, LONG_QUERY)
+    proxy, via_proxy = await TcpProxy.for_url(platform_db)
+    config = bot.runtime.config
+    try:
+        config.databases["app"] = Database(url=via_proxy, environment="production")
+        adapter = bot.runtime.pipeline.ctx.databases
+        started = time.monotonic()
+        with pytest.raises(OutcomeUnknown, match=r"`pg_cancel_backend\(\d+\)` was sent to database `app` but no answer came back"):
+            await adapter.signal_session("app", worker.info.backend_pid, terminate=False, still=lambda row: proxy.pause(),
+                                         budget=1.0)
+        assert time.monotonic() - started < 1.5
+    finally:
+        proxy.down()
+        await proxy.stop()
 
 
 async def test_two_fast_approvals_cancel_once(bot: Harness, sessions: Sessions) -> None:

@@ -100,3 +100,17 @@ def test_policy_check_without_the_secrets_warns_instead_of_failing() -> None:
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "databases.app.url: environment variable NOVA_DATABASE_URL is not set (needed when opsbot runs)" in proc.stdout
+
+
+EXAMPLE_ENV = {"NOVA_DATABASE_URL": "postgresql://nova@db/nova", "NOVA_REDIS_URL": "redis://cache:6379/0",
+               "NEXUS_DATABASE_URL": "postgresql://nexus@db/nexus", "NEXUS_REDIS_URL": "redis://redis:6379/0",
+               "NEPXY_DATABASE_URL": "postgresql://nepxy@db/nepxy", "NEXNUM_DATABASE_URL": "postgresql://nexnum@db/nexnum",
+               "NEXNUM_REDIS_URL": "redis://redis:6379/0", "NB_REDIS_URL": "redis://redis:6379/0"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "policies" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_policy_check_of_each_example_with_its_secrets_set_is_clean(path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(path)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **EXAMPLE_ENV})
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stdout, proc.stdout

@@ -212,12 +212,12 @@ _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]{0,199}$")
 def probe_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be a health probe's URL, or None."""
     parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:  # (checked first: such a URL is not echoed)
+        return "probe URLs may not carry credentials (they would be shown in chat and kept in the audit trail)"
     if parts.scheme not in ("http", "https"):
         return f"{url!r} is not an http:// or https:// URL"
     if not parts.hostname:
         return f"{url!r} has no host"
-    if parts.username is not None or parts.password is not None:
-        return "probe URLs may not carry credentials (they would be shown in chat and kept in the audit trail)"
     if parts.fragment:
         return f"{url!r} has a #fragment, which is never sent"
     if not url.isprintable() or any(c.isspace() for c in url):

@@ -42,10 +42,12 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
 async def _explain(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
+    from bot.adapters.http_probe import HttpProbeAdapter
     from bot.adapters.kube import KubeAdapter
     from bot.adapters.platform_db import PlatformDbAdapter
     from bot.adapters.queues import QueueAdapter
     from bot.adapters.redis_pools import RedisPools
+    from bot.adapters.redis_targets import RedisTargetAdapter
     from bot.domain import Actor, Plan, UserId
     from bot.errors import UserError
     from bot.policy.engine import decide
@@ -76,15 +78,18 @@ async def _explain(args: argparse.Namespace) -> int:
         pools = RedisPools()
         queues = QueueAdapter(pools)
         kube = KubeAdapter(config, kubeconfig=os.environ.get("KUBECONFIG"))
+        probes = HttpProbeAdapter()
         try:
             plan = await command(inv.command).plan(inv.params, Context(config=config, kube=kube, databases=PlatformDbAdapter(config),
-                                                                        queues=queues))
+                                                                        queues=queues, redis=RedisTargetAdapter(config, pools),
+                                                                        http=probes))
             subject, plan_line = plan, f"{plan.summary} [{plan.environment}]"
         except OpsbotError as exc:
             plan_line = f"cannot be computed: {exc} (deciding on the command alone)"
         finally:
             kube.close()
             await queues.close()
+            await probes.close()
             await pools.close()
     d = decide(subject, actor, config, channel_id=args.channel, now=now, break_glass=bool(inv.flags.break_glass))
     roles = ", ".join(sorted(config.roles_of(actor.user_id, actor.groups))) or "none"

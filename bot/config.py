@@ -3,7 +3,8 @@
 Loaded once, validated with pydantic into frozen models. Errors name the file, the key path and
 what is wrong, e.g. ``policies/prod.yaml: deployments.worker.replicas.max: must be >= min (1)``.
 Secrets are written as ``${ENV_VAR}`` and substituted from the environment at load time; a missing
-variable is an error, never an empty string.
+variable is an error, never an empty string. ``${ENV_VAR:-default}`` names a default used when the
+variable is not set (for values that are not secrets, e.g. an in-cluster health probe URL).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,18 +24,26 @@ from bot.errors import ConfigError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^([0-9]{1,9})\s*([smhd])$")
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 # Every command opsbot knows, by its policy name (what `rules[].commands` lists).
 KNOWN_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa", "backup",
                   "replay-webhook", "disable-provider", "enable-provider", "audit",
-                  "queue-stats", "queue-failed", "queue-retry", "queue-retry-failed", "queue-pause", "queue-resume", "queue-clean")
-READ_ONLY_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "audit", "queue-stats", "queue-failed")
+                  "queue-stats", "queue-failed", "queue-retry", "queue-retry-failed", "queue-pause", "queue-resume", "queue-clean",
+                  "db-sessions", "db-queries", "db-cancel", "db-terminate", "redis-info", "redis-len", "health")
+READ_ONLY_COMMANDS = ("help", "status", "history", "pods", "events", "logs", "audit", "queue-stats", "queue-failed",
+                      "db-sessions", "db-queries", "redis-info", "redis-len", "health")
 # Commands whose target is a configured deployment alias / cronjob alias.
 DEPLOYMENT_COMMANDS = ("status", "history", "pods", "events", "logs", "scale", "rollback", "restart", "hpa")
 CRONJOB_COMMANDS = ("backup",)
 # Commands whose target is a configured queue (its key under `queues:`).
 QUEUE_COMMANDS = ("queue-stats", "queue-failed", "queue-retry", "queue-retry-failed", "queue-pause", "queue-resume", "queue-clean")
+# Commands on a configured database (`databases:`), Redis target (`redis:`), health service (`health:`).
+DATABASE_COMMANDS = ("db-sessions", "db-queries", "db-cancel", "db-terminate")
+REDIS_COMMANDS = ("redis-info", "redis-len")
+HEALTH_COMMANDS = ("health",)
+MAX_PROBE_TIMEOUT = 1.5  # seconds; a read-only answer is due within 2 s (bot/pipeline.py READ_DEADLINE)
+MAX_PROBES = 40  # in all services together: `/ops health` calls them all at once
 
 
 def parse_duration(value: str | int) -> int:
@@ -137,6 +147,135 @@ class CronJob(_Model):
 class Database(_Model):
     url: str
     environment: str
+
+
+def _unsubstituted(value: str) -> bool:
+    """A value still holding ``${VAR}`` (`opsbot policy check` without the secrets): not checked further."""
+    return "${" in value
+
+
+_KEY_PATTERN_MAX = 200
+
+
+def key_pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` is not an allow-list pattern for Redis keys, or None. Patterns are exact key
+    names with ``*`` (any run of characters, ``:`` included) and ``?`` (one character); Redis's
+    ``[…]`` classes and ``\\`` escapes are not taken, so that a pattern means the same to everyone."""
+    if not pattern:
+        return "an empty pattern matches no key"
+    if len(pattern) > _KEY_PATTERN_MAX:
+        return f"a pattern has at most {_KEY_PATTERN_MAX} characters"
+    if not pattern.isprintable() or any(c.isspace() for c in pattern):
+        return f"{pattern!r} contains whitespace or control characters"
+    odd = sorted(set(pattern) & set("[]\\"))
+    if odd:
+        return f"{pattern!r} uses {' '.join(odd)}; only the wildcards * and ? are taken"
+    return None
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern), re.S)
+
+
+class RedisTarget(_Model):
+    """A platform's Redis that `/ops redis info|len` may look at."""
+
+    url: str
+    environment: str
+    # `redis len` reads only keys matching one of these (`*` and `?` wildcards), e.g. ["email_queue", "bull:*:wait"].
+    keys: tuple[str, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if _unsubstituted(v):
+            return v
+        scheme = v.partition("://")[0].lower() if "://" in v else ""
+        if scheme not in ("redis", "rediss", "unix"):  # the URL itself is not echoed: it may hold a password
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL (got {f'scheme {scheme!r}' if scheme else 'no scheme'})")
+        return v
+
+    @field_validator("keys")
+    @classmethod
+    def _patterns(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            problem = key_pattern_problem(pattern)
+            if problem:
+                raise ValueError(problem)
+        return v
+
+    def allows(self, key: str) -> bool:
+        return any(glob_regex(p).fullmatch(key) for p in self.keys)
+
+
+_PROBE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]{0,199}$")
+
+
+def probe_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a health probe's URL, or None."""
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:  # (checked first: such a URL is not echoed)
+        return "probe URLs may not carry credentials (they would be shown in chat and kept in the audit trail)"
+    if parts.scheme not in ("http", "https"):
+        return f"{url!r} is not an http:// or https:// URL"
+    if not parts.hostname:
+        return f"{url!r} has no host"
+    if parts.fragment:
+        return f"{url!r} has a #fragment, which is never sent"
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return f"{url!r} contains whitespace or control characters"
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError as exc:
+        return f"{url!r}: {exc}"
+    return None
+
+
+class HealthProbe(_Model):
+    """One HTTP GET of a service's health: `/healthz`, `/readyz`, `/v1/health`, or a line of `/metrics`."""
+
+    name: str
+    url: str
+    expect: int | None = Field(None, ge=100, le=599)  # the status that means healthy; default: any 2xx
+    metric: str | None = None  # a Prometheus metric whose line(s) to show from a text exposition body
+    timeout: float = Field(1.0, gt=0, le=MAX_PROBE_TIMEOUT)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _PROBE_NAME.match(v):
+            raise ValueError(f"{v!r} is not a probe name (letters, digits, '.', '_', '-'; at most 40)")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        problem = None if _unsubstituted(v) else probe_url_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str | None) -> str | None:
+        if v is not None and not _METRIC_NAME.match(v):
+            raise ValueError(f"{v!r} is not a Prometheus metric name")
+        return v
+
+
+class HealthService(_Model):
+    environment: str
+    probes: tuple[HealthProbe, ...] = Field(min_length=1, max_length=10)
+
+    @field_validator("probes")
+    @classmethod
+    def _unique(cls, v: tuple[HealthProbe, ...]) -> tuple[HealthProbe, ...]:
+        names = [p.name for p in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"probe name(s) {', '.join(twice)} appear more than once")
+        return v
 
 
 class Queue(_Model):
@@ -293,6 +432,8 @@ class Config(_Model):
     cronjobs: dict[str, CronJob] = {}  # aliases for `/ops backup <alias>`
     databases: dict[str, Database] = {}
     queues: dict[str, Queue] = {}
+    redis: dict[str, RedisTarget] = {}  # platform Redis instances for `/ops redis info|len`
+    health: dict[str, HealthService] = {}  # HTTP probes for `/ops health [<service>]`
     webhooks: Webhooks | None = None
     providers: Providers | None = None
     # Named sets of targets for rules[].targets, e.g. {payments: ["provider:twilio", "provider:vonage"]}.
@@ -321,6 +462,13 @@ class Config(_Model):
             env(f"databases.{name}.environment", db.environment)
         for name, q in self.queues.items():
             env(f"queues.{name}.environment", q.environment)
+        for name, r in self.redis.items():
+            env(f"redis.{name}.environment", r.environment)
+        for name, svc in self.health.items():
+            env(f"health.{name}.environment", svc.environment)
+        probes = sum(len(svc.probes) for svc in self.health.values())
+        if probes > MAX_PROBES:
+            raise ValueError(f"health: {probes} probes in all; at most {MAX_PROBES} (`/ops health` calls them all at once)")
         if self.webhooks:
             if self.webhooks.database not in self.databases:
                 raise ValueError(f"webhooks.database: {self.webhooks.database!r} is not defined under databases")
@@ -337,19 +485,24 @@ class Config(_Model):
                 env(f"rules[{i}].environments", e)
             for t in rule.targets:
                 if not self._known_target(t):
-                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment, cronjob or queue alias, a target group, "
-                                     f"`deployments`, `cronjobs`, `queues`, `webhooks`, `providers` or `provider:<name>` "
-                                     f"(aliases: {', '.join([*self.deployments, *self.cronjobs, *self.queues]) or 'none'})")
+                    raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment, cronjob or queue alias, a database, Redis "
+                                     f"target or health service name, a target group, `deployments`, `cronjobs`, `queues`, "
+                                     f"`databases`, `redis`, `health`, `webhooks`, `providers` or `provider:<name>` "
+                                     f"(names: {', '.join(self._target_names()) or 'none'})")
         for g, members in self.target_groups.items():
             for t in members:
                 if t in self.target_groups or not self._known_target(t):
-                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment, cronjob or queue alias, `webhooks` "
-                                     "or `provider:<name>`")
+                    raise ValueError(f"target_groups.{g}: {t!r} is not a deployment, cronjob or queue alias, a database, Redis "
+                                     "target or health service name, `webhooks` or `provider:<name>`")
         return self
+
+    def _target_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.deployments, *self.cronjobs, *self.queues, *self.databases, *self.redis, *self.health]))
 
     def _known_target(self, t: str) -> bool:
         return (t in self.deployments or t in self.cronjobs or t in self.queues or t in self.target_groups
-                or t in ("deployments", "cronjobs", "queues", "webhooks", "providers")
+                or t in self.databases or t in self.redis or t in self.health
+                or t in ("deployments", "cronjobs", "queues", "webhooks", "providers", "databases", "redis", "health")
                 or (t.startswith("provider:") and len(t) > len("provider:")))
 
     def rule_name(self, index: int) -> str:
@@ -368,6 +521,11 @@ class Config(_Model):
 def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str] | None) -> Any:
     if isinstance(value, str):
         def repl(m: re.Match[str]) -> str:
+            default = m.group(2)
+            if default == "":
+                raise ConfigError(f"{path}: ${{{m.group(1)}:-}} has an empty default; give a value or drop the default")
+            if m.group(1) not in env and default is not None:
+                return default
             if m.group(1) not in env:
                 if missing is None:
                     raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
@@ -446,7 +604,21 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
     if command in ("disable-provider", "enable-provider") and config.providers:
         env = config.databases[config.providers.database].environment
         return [({"providers", "provider:*"}, env)]
+    if command in DATABASE_COMMANDS:
+        return [({name, "databases"}, db.environment) for name, db in config.databases.items()]
+    if command in REDIS_COMMANDS:  # `redis len` reads only allow-listed keys: a target without `keys:` is no target for it
+        return [({name, "redis"}, r.environment) for name, r in config.redis.items() if command != "redis-len" or r.keys]
+    if command in HEALTH_COMMANDS and config.health:
+        every = [({name, "health"}, svc.environment) for name, svc in config.health.items()]
+        return [*every, ({"health"}, health_environment(config))]  # `/ops health` with no service: all of them
     return []
+
+
+def health_environment(config: Config) -> str:
+    """The environment of `/ops health` with no service: the services' one environment, or "" when
+    they are in several (then only rules without `environments:` match it)."""
+    envs = {svc.environment for svc in config.health.values()}
+    return envs.pop() if len(envs) == 1 else ""
 
 
 def _rule_can_match(config: Config, rule: Rule, command: str) -> str | None:
@@ -513,6 +685,9 @@ def config_warnings(config: Config) -> list[str]:
     for c in KNOWN_COMMANDS:
         if c != "help" and c not in allowed and _candidates(config, c):
             warnings.append(f"command {c!r}: no rule allows anyone to run it")
+    for name, target in config.redis.items():
+        if any(set(p) <= {"*"} for p in target.keys):
+            warnings.append(f"redis.{name}.keys: a bare `*` allows every key; list the queues and keys people need to read")
     if not config.slack.audit_channel:
         warnings.append("slack.audit_channel: not set; the audit trail is kept in PostgreSQL only")
     return warnings

@@ -1,6 +1,6 @@
 """The ports: what commands and the request lifecycle need from the world, as Protocols.
 
-``bot/adapters`` implements them with the real clients (kubernetes, psycopg, bullmq, redis);
+``bot/adapters`` implements them with the real clients (kubernetes, psycopg, bullmq, redis, aiohttp);
 ``bot/slack`` implements ``Chat``. Commands and the policy import only this module, so they can be
 read, and reasoned about, without knowing any vendor API.
 """
@@ -47,6 +47,64 @@ class PlatformDatabases(Protocol):
     async def replay_webhook(self, spec: Webhooks, event_id: str, enqueue: Callable[[Obj], Awaitable[None]]) -> Obj | None:
         """In one transaction: reset the row if still replayable, then ``enqueue(row)``; commit
         only if both worked. Returns the updated row, or None when the row was not replayable."""
+        ...
+
+    # pg_stat_activity, for `/ops db …` (database: a key of ``config.databases``). Every statement
+    # runs under a statement timeout; reads answer (or raise BackendUnavailable) within ``budget`` s.
+    async def activity(self, database: str, *, budget: float) -> Obj:
+        """The server's connections: ``{"max_connections", "reserved", "groups": [{"here", "backend_type",
+        "state", "application", "n", "oldest_seconds"}]}`` (``here``: in this database; opsbot's own
+        connection is left out of the groups)."""
+        ...
+
+    async def long_queries(self, database: str, *, over_seconds: int, limit: int, budget: float) -> list[Obj]:
+        """Non-idle client sessions of this database, longest running first, opsbot's own left out."""
+        ...
+
+    async def session(self, database: str, pid: int, *, budget: float) -> Obj | None:
+        """One backend by pid (any database, any type: the caller decides what may be signalled)."""
+        ...
+
+    async def signal_session(self, database: str, pid: int, *, terminate: bool, still: Callable[[Obj | None], None],
+                             budget: float) -> Obj:
+        """On one connection, in one transaction: read the backend afresh, ``still(row)`` (raises to
+        refuse: the session changed), then ``pg_cancel_backend``/``pg_terminate_backend``. Returns
+        ``{"sent": bool, "ended": bool}`` (``ended``: the query/session was gone shortly after);
+        raises OutcomeUnknown when the signal went out and no answer came back."""
+        ...
+
+
+class RedisTargets(Protocol):
+    """The platforms' Redis instances of ``config.redis`` (by name), read-only. Each call answers
+    (or raises BackendUnavailable naming the target) within ``budget`` s."""
+
+    async def info(self, target: str, *, budget: float) -> Obj:
+        """``INFO`` as a dict (sections flattened, as redis-py parses it)."""
+        ...
+
+    async def key_length(self, target: str, key: str, *, budget: float) -> tuple[str, int | None]:
+        """(TYPE, length by type: LLEN/ZCARD/XLEN/SCARD/HLEN/STRLEN); ("none", None) when the key does not exist,
+        (type, None) for a type that has no length."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProbeResponse:
+    """What one HTTP GET of a health probe gave: a status and (a bounded start of) the body, or
+    an error (``status`` None) saying why there is no answer."""
+
+    status: int | None
+    seconds: float
+    content_type: str = ""
+    body: str = ""
+    truncated: bool = False  # the body was longer than asked for
+    error: str = ""
+
+
+class HttpProbes(Protocol):
+    async def get(self, url: str, *, timeout: float, max_bytes: int) -> ProbeResponse:
+        """GET ``url`` (from the config, never from a person), no redirects followed, within
+        ``timeout`` s in all; never raises for network trouble (``ProbeResponse.error``)."""
         ...
 
 
@@ -106,6 +164,8 @@ class Context:
     kube: Kube
     databases: PlatformDatabases
     queues: Queues
+    redis: RedisTargets
+    http: HttpProbes
 
 
 class Chat(Protocol):

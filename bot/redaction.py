@@ -21,7 +21,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
     (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9._~+/=-]{8,}"), rf"\1 {REDACTED}"),
     # key=value, key: value, "key": "value" (the key kept, the value gone)
-    (re.compile(rf"""(?i)(["']?[\w.-]*{_KEY}[\w.-]*["']?\s*[:=]\s*)(?:"[^"]*"|'[^']*'|[^\s,;&}}\]]+)"""), rf"\1{REDACTED}"),
+    # (a value already redacted is left alone, so that scrubbing twice changes nothing)
+    (re.compile(rf"""(?i)(["']?[\w.-]*{_KEY}[\w.-]*["']?\s*[:=]\s*)(?!\[redacted\])(?:"[^"]*"|'[^']*'|[^\s,;&}}\]]+)"""),
+     rf"\1{REDACTED}"),
     (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@"), rf"\1{REDACTED}@"),
     (re.compile(r"\bxox[abposre]-[A-Za-z0-9-]{8,}"), REDACTED),
     (re.compile(r"\bxapp-[A-Za-z0-9-]{8,}"), REDACTED),

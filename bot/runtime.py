@@ -20,11 +20,13 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.audit_log import AuditLog
 from bot.adapters.directory import UserGroupDirectory
+from bot.adapters.http_probe import HttpProbeAdapter
 from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
 from bot.adapters.queues import ActionQueue, QueueAdapter
 from bot.adapters.ratelimit import RateLimiter
 from bot.adapters.redis_pools import RedisPools
+from bot.adapters.redis_targets import RedisTargetAdapter
 from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.approvals import Approvals
@@ -65,6 +67,7 @@ class Runtime:
     poster: AuditPoster
     notices: Notices
     redis: RedisPools  # every Redis connection of opsbot's own (not bullmq's Worker's); closed last
+    probes: HttpProbeAdapter  # the HTTP client of `/ops health`
 
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
@@ -78,12 +81,15 @@ class Runtime:
         chat = SlackChat(client)
         secrets = secret_values([settings.slack_bot_token, settings.slack_signing_secret, settings.slack_app_token,
                                  settings.database_url, settings.redis_url,
-                                 *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values())])
+                                 *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values()),
+                                 *(r.url for r in config.redis.values())])
         audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
                       spool=AuditSpool(settings.spool_dir))
         poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)
         notices = Notices(store=store, chat=chat, metrics=metrics)
-        ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)
+        probes = HttpProbeAdapter()
+        ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues,
+                      redis=RedisTargetAdapter(config, redis), http=probes)
         directory: Directory = NoDirectory()
         if config.usergroups:
             async def members(group: str) -> list[str]:
@@ -104,7 +110,7 @@ class Runtime:
                          inflight=inflight)
         return cls(settings=settings, config=config, store=store, kube=kube, queues=queues, actions=actions, chat=chat,
                    audit=audit, approvals=approvals, pipeline=pipeline, executor=executor, worker=worker, bolt=bolt,
-                   metrics=metrics, inflight=inflight, poster=poster, notices=notices, redis=redis)
+                   metrics=metrics, inflight=inflight, poster=poster, notices=notices, redis=redis, probes=probes)
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.store.open()
@@ -119,7 +125,8 @@ class Runtime:
             await asyncio.wait(set(self.inflight), timeout=grace)
         closers: list[tuple[str, Any]] = [
             ("worker", self.worker.stop), ("notices", self.notices.stop), ("audit poster", self.poster.stop),
-            ("action queue", self.actions.close), ("platform queues", self.queues.close), ("redis connections", self.redis.close),
+            ("action queue", self.actions.close), ("platform queues", self.queues.close), ("health probes", self.probes.close),
+            ("redis connections", self.redis.close),
         ]
         for name, close in closers:
             # Each step is bounded: a backend that is down must not keep the process from exiting.

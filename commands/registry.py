@@ -23,6 +23,13 @@ The grammar (kept exactly; it is part of the product):
     /ops queue pause <queue>
     /ops queue resume <queue>
     /ops queue clean <queue> --failed|--completed --older-than 7d [--limit 1000]
+    /ops db sessions <database>
+    /ops db queries <database> [--over 30s]
+    /ops db cancel <database> <pid>
+    /ops db terminate <database> <pid>
+    /ops redis info <target>
+    /ops redis len <target> <key>
+    /ops health [<service>]
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
     /ops help [<command>]
@@ -43,6 +50,10 @@ from bot.domain import Flags, Invocation
 from bot.errors import UsageError
 from bot.untrusted import check_command_text, number_problem, whole_number
 from commands.base import Command
+from commands.db.queries import DbQueries
+from commands.db.sessions import DbSessions
+from commands.db.signal import DbCancel, DbTerminate
+from commands.http.health import Health
 from commands.k8s.backup import Backup
 from commands.k8s.events import Events
 from commands.k8s.history import History
@@ -60,6 +71,8 @@ from commands.queues.failed import QueueFailed
 from commands.queues.pause import QueuePause, QueueResume
 from commands.queues.retry import QueueRetry, QueueRetryFailed
 from commands.queues.stats import QueueStats
+from commands.redis.info import RedisInfo
+from commands.redis.length import RedisLen
 
 COMMANDS: tuple[Command, ...] = (
     Status(), History(), Pods(), Events(), Logs(),  # read-only looks at a deployment
@@ -67,6 +80,8 @@ COMMANDS: tuple[Command, ...] = (
     ReplayWebhook(), DisableProvider(), EnableProvider(),  # the platform's own data
     QueueStats(), QueueFailed(),  # read-only looks at a BullMQ queue
     QueueRetry(), QueueRetryFailed(), QueuePause(), QueueResume(), QueueClean(),  # BullMQ changes
+    DbSessions(), DbQueries(), DbCancel(), DbTerminate(),  # a platform database's sessions (pg_stat_activity)
+    RedisInfo(), RedisLen(), Health(),  # read-only looks at a platform's Redis and HTTP health endpoints
 )
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}

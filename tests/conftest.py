@@ -108,8 +108,11 @@ def kubeconfig(kube: KubeApiServer, tmp_path: Path) -> str:
     return str(tmp_path / "kubeconfig")
 
 
-def example_config(platform_db: str, redis_url: str, queue_prefix: str, **overrides: Any) -> Config:
-    env = {"NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url}
+def example_config(platform_db: str, redis_url: str, queue_prefix: str, *, env: dict[str, str] | None = None,
+                   **overrides: Any) -> Config:
+    """The Nova example as the tests run it. ``env`` adds variables, e.g. NOVA_API_URL / NOVA_WORKER_URL
+    for the health probes (unset, they are the example's in-cluster defaults, which no test calls)."""
+    env = {"NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url, **(env or {})}
     config = load_config(EXAMPLE, env=env)
     queues = {k: q.model_copy(update={"prefix": queue_prefix}) for k, q in config.queues.items()}
     return config.model_copy(update={"queues": queues, **overrides})

@@ -1,8 +1,11 @@
 """The demo platform the sandbox plays: Nova RMS (seed 003) — its Kubernetes namespace with revision
-history, its database (providers, billing webhook events, some failed) — used by the tests and by
-`opsbot dev`. Seeding is idempotent, so a reused data directory keeps working."""
+history, its database (providers, billing webhook events, some failed), the HTTP health endpoints
+of its API and worker — used by the tests and by `opsbot dev`. Seeding is idempotent, so a reused
+data directory keeps working."""
 
 from __future__ import annotations
+
+from aiohttp import web
 
 from bot.sandbox.kube_apiserver import Cluster, cronjob_manifest, deployment_manifest, hpa_manifest
 
@@ -51,3 +54,34 @@ def seed_incident(cluster: Cluster) -> None:
             "retrying job 8f2c1b9e in 5000ms (attempt 2 of 3)",
             "processed job 2b7c9d11 (invoice.created) in 84ms",
         ])
+
+
+DEMO_METRICS = """# HELP nova_api_billing_webhook_total Billing webhook events by status.
+# TYPE nova_api_billing_webhook_total counter
+nova_api_billing_webhook_total{status="processed"} 1841
+nova_api_billing_webhook_total{status="retrying"} 3
+nova_api_billing_webhook_total{status="failed"} 1
+"""
+
+
+def health_app() -> web.Application:
+    """Nova's API (`/health`, `/metrics`) and worker (`/healthz`, `/readyz`) endpoints on one
+    server, for `/ops health` in the playground (NOVA_API_URL / NOVA_WORKER_URL point at it)."""
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "version": "1.4.2", "checks": {"database": "ok", "redis": "ok"}})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=DEMO_METRICS, content_type="text/plain")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response({"ready": True, "queue": "billing-webhooks"})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

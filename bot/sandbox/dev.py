@@ -3,7 +3,7 @@
 Starts, all on 127.0.0.1: PostgreSQL and Redis (the URLs from DATABASE_URL/REDIS_URL when set,
 otherwise private servers whose data lives in ``--data-dir``, stopped on exit and reused next
 time), the Kubernetes API emulator seeded with Nova's deployments and their revision history, the
-demo platform database and BullMQ queue, the Slack emulator with the browser playground, and the
+demo platform database, BullMQ queue and HTTP health endpoints, the Slack emulator with the browser playground, and the
 real opsbot app (the same Runtime `opsbot serve` builds) pointed at them through SLACK_API_URL and
 a kubeconfig, exactly as in production.
 """
@@ -25,7 +25,7 @@ from aiohttp import web
 
 from bot.config import Config, load_config
 from bot.runtime import Runtime
-from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster, seed_incident
+from bot.sandbox.demo import PLATFORM_SCHEMA, health_app, seed_cluster, seed_incident
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.servers import postgres_server, redis_server
 from bot.sandbox.slack_api import FakeSlack
@@ -80,8 +80,14 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
             seed_incident(kube.cluster)
         kubeconfig = kube.kubeconfig(str(data_dir / "kubeconfig"), context="nova-prod", namespace="nova")
 
+        health = web.AppRunner(health_app(), access_log=None)  # the demo platform's /health, /metrics, /healthz, /readyz
+        await health.setup()
+        health_site = web.TCPSite(health, "127.0.0.1", 0)
+        await health_site.start()
+        health_url = f"http://127.0.0.1:{health_site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
         env = {**os.environ, "NOVA_DATABASE_URL": platform_url, "NOVA_REDIS_URL": redis_url,
-               "DEV_DATABASE_URL": platform_url, "DEV_REDIS_URL": redis_url}
+               "DEV_DATABASE_URL": platform_url, "DEV_REDIS_URL": redis_url,
+               "NOVA_API_URL": health_url, "NOVA_WORKER_URL": health_url}
         config = load_config(config_path, env=env)
         incident = config.slack.allowed_channels[0] if config.slack.allowed_channels else "C0INCIDENT"
         audit = config.slack.audit_channel or "C0AUDIT"
@@ -114,6 +120,7 @@ async def run(*, config_path: str, host: str, port: int, data_dir: Path,
         finally:
             await runtime.stop()
             await runner.cleanup()
+            await health.cleanup()
             await slack.stop()
             cluster_file.write_text(json.dumps(kube.cluster.snapshot()))
 

@@ -116,10 +116,24 @@ queues: {email: {redis_url: redis://x, name: email, environment: p}}
     with pytest.raises(ConfigError) as info:
         parse_config(base + "rules: [{commands: [queue-pause], targets: [sms], allow: [eng]}]\n", source="x.yaml", env={})
     assert "rules[0].targets: 'sms' is not a deployment, cronjob or queue alias" in str(info.value)
-    assert "(aliases: worker, email)" in str(info.value)
+    assert "(names: worker, email)" in str(info.value)
     with pytest.raises(ConfigError) as info:
         parse_config(base.replace("queues: {email:", "queues: {worker:"), source="x.yaml", env={})
     assert "queues.worker: the key is also a deployment or cronjob alias" in str(info.value)
     warnings = "\n".join(config_warnings(parse_config(base, env={})))
     assert "command 'queue-stats': no rule allows anyone to run it" in warnings
     assert "command 'queue-clean': no rule allows anyone to run it" in warnings
+
+
+EXAMPLE_ENV = {"NOVA_DATABASE_URL": "postgresql://nova@db/nova", "NOVA_REDIS_URL": "redis://cache:6379/0",
+               "NEXUS_DATABASE_URL": "postgresql://nexus@db/nexus", "NEXUS_REDIS_URL": "redis://redis:6379/0",
+               "NEPXY_DATABASE_URL": "postgresql://nepxy@db/nepxy", "NEXNUM_DATABASE_URL": "postgresql://nexnum@db/nexnum",
+               "NEXNUM_REDIS_URL": "redis://redis:6379/0", "NB_REDIS_URL": "redis://redis:6379/0"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "policies" / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_policy_check_of_each_example_with_its_secrets_set_is_clean(path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "check", "--config", str(path)], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **EXAMPLE_ENV})
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stdout, proc.stdout

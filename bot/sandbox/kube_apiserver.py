@@ -98,6 +98,7 @@ periods (pods vanish at once), paused deployments, CronJob scheduling, admission
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -105,6 +106,7 @@ import logging
 import math
 import re
 import secrets
+import struct
 import threading
 import time
 import uuid
@@ -843,6 +845,7 @@ class Cluster:
             if (DEPLOYMENTS, namespace, name) in self.objects:
                 raise _already_exists(DEPLOYMENTS, name)
             self.namespaces.add(namespace)
+            drop_empty_fields("apps.Deployment", d)
             meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
             meta.setdefault("annotations", {})
             default_deployment(d)
@@ -893,6 +896,7 @@ class Cluster:
                 current["status"] = new.get("status", {})
                 new = current
             else:
+                drop_empty_fields("apps.Deployment", new)
                 new["status"] = current.get("status", {})
                 default_deployment(new)
                 self._validate_deployment(new)
@@ -1642,6 +1646,8 @@ class Cluster:
             if (resource, namespace, name) in self.objects:
                 raise _already_exists(resource, name)
             meta.pop("resourceVersion", None)
+            if resource in _SCHEMA_OF:
+                drop_empty_fields(_SCHEMA_OF[resource], obj)
             meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
             if resource == JOBS:
                 self._prepare_job(obj)
@@ -1680,6 +1686,8 @@ class Cluster:
                 current["status"] = new.get("status", {})
                 new = current
             else:
+                if resource in _SCHEMA_OF:
+                    drop_empty_fields(_SCHEMA_OF[resource], new)
                 new["status"] = current.get("status", {})
                 _DEFAULTERS[resource](new)
                 _VALIDATORS[resource](new)
@@ -1925,6 +1933,7 @@ def _validate_cronjob(c: Obj) -> None:
     _validate_pod_template_for_job(CRONJOBS, name, template, "spec.jobTemplate.spec.template")
 
 
+_SCHEMA_OF = {JOBS: "batch.Job", CRONJOBS: "batch.CronJob"}  # the protobuf schema messages (at the end of the file)
 _DEFAULTERS = {HPAS: default_hpa, JOBS: default_job, CRONJOBS: default_cronjob}
 _VALIDATORS = {HPAS: _validate_hpa, JOBS: _validate_job, CRONJOBS: _validate_cronjob}
 
@@ -2356,6 +2365,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> Any:
         raw = self._raw_body()
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip() == _PROTOBUF:
+            return decode_protobuf(raw)
         try:
             return json.loads(raw or b"null")
         except ValueError as exc:
@@ -2721,3 +2732,402 @@ def cronjob_manifest(name: str, image: str, *, schedule: str = "0 3 * * *", name
             },
         },
     }
+
+
+# --------------------------------------------------------------------------- protobuf request bodies
+
+# kubectl's typed clients (``kubectl create job --from=…``, ``kubectl create deployment``) send
+# built-in objects as ``application/vnd.kubernetes.protobuf``: the bytes ``k8s\\0`` and a
+# runtime.Unknown wrapping the object's message. A real API server takes that, so this one decodes
+# it to the JSON the same client would have sent, from the wire schema below.
+#
+# The schema was generated from the Go types of k8s.io/api and k8s.io/apimachinery v0.32.9 (the
+# kubectl here is 1.32): every message reachable from batch/v1 Job, batch/v1 CronJob and apps/v1
+# Deployment, as ``Message field=number[:type][/flags]`` with type s(tring, the default), i(nt),
+# b(ool), y (bytes), d(ouble) or a message; flags r (repeated), m (map, string keys), k (keep a
+# zero value: the Go field is a pointer or not omitempty, so the JSON would carry it), i (an inline
+# struct whose fields belong to the parent). Fields a newer client knows and this table does not are
+# dropped, as a real server's decoder drops unknown protobuf fields.
+_PROTOBUF = "application/vnd.kubernetes.protobuf"
+_PROTOBUF_KINDS = {"Job": "batch.Job", "CronJob": "batch.CronJob", "Deployment": "apps.Deployment"}
+_PROTOBUF_SCHEMA = """
+apps.Deployment metadata=1:meta.ObjectMeta spec=2:apps.DeploymentSpec status=3:apps.DeploymentStatus
+apps.DeploymentCondition type=1/k status=2/k reason=4 message=5 lastUpdateTime=6:meta.Time lastTransitionTime=7:meta.Time
+apps.DeploymentSpec replicas=1:i/k selector=2:meta.LabelSelector/k template=3:core.PodTemplateSpec/k
+  strategy=4:apps.DeploymentStrategy minReadySeconds=5:i revisionHistoryLimit=6:i/k paused=7:b progressDeadlineSeconds=9:i/k
+apps.DeploymentStatus observedGeneration=1:i replicas=2:i updatedReplicas=3:i availableReplicas=4:i unavailableReplicas=5:i
+  conditions=6:apps.DeploymentCondition/r readyReplicas=7:i collisionCount=8:i/k
+apps.DeploymentStrategy type=1 rollingUpdate=2:apps.RollingUpdateDeployment/k
+apps.RollingUpdateDeployment maxUnavailable=1:intstr.IntOrString/k maxSurge=2:intstr.IntOrString/k
+batch.CronJob metadata=1:meta.ObjectMeta spec=2:batch.CronJobSpec status=3:batch.CronJobStatus
+batch.CronJobSpec schedule=1/k startingDeadlineSeconds=2:i/k concurrencyPolicy=3 suspend=4:b/k
+  jobTemplate=5:batch.JobTemplateSpec/k successfulJobsHistoryLimit=6:i/k failedJobsHistoryLimit=7:i/k timeZone=8/k
+batch.CronJobStatus active=1:core.ObjectReference/r lastScheduleTime=4:meta.Time/k lastSuccessfulTime=5:meta.Time/k
+batch.Job metadata=1:meta.ObjectMeta spec=2:batch.JobSpec status=3:batch.JobStatus
+batch.JobCondition type=1/k status=2/k lastProbeTime=3:meta.Time lastTransitionTime=4:meta.Time reason=5 message=6
+batch.JobSpec parallelism=1:i/k completions=2:i/k activeDeadlineSeconds=3:i/k selector=4:meta.LabelSelector/k manualSelector=5:b/k
+  template=6:core.PodTemplateSpec/k backoffLimit=7:i/k ttlSecondsAfterFinished=8:i/k completionMode=9/k suspend=10:b/k
+  podFailurePolicy=11:batch.PodFailurePolicy/k backoffLimitPerIndex=12:i/k maxFailedIndexes=13:i/k podReplacementPolicy=14/k
+  managedBy=15/k successPolicy=16:batch.SuccessPolicy/k
+batch.JobStatus conditions=1:batch.JobCondition/r startTime=2:meta.Time/k completionTime=3:meta.Time/k active=4:i succeeded=5:i
+  failed=6:i completedIndexes=7 uncountedTerminatedPods=8:batch.UncountedTerminatedPods/k ready=9:i/k failedIndexes=10/k
+  terminating=11:i/k
+batch.JobTemplateSpec metadata=1:meta.ObjectMeta spec=2:batch.JobSpec
+batch.PodFailurePolicy rules=1:batch.PodFailurePolicyRule/r
+batch.PodFailurePolicyOnExitCodesRequirement containerName=1/k operator=2/k values=3:i/r
+batch.PodFailurePolicyOnPodConditionsPattern type=1/k status=2/k
+batch.PodFailurePolicyRule action=1/k onExitCodes=2:batch.PodFailurePolicyOnExitCodesRequirement/k
+  onPodConditions=3:batch.PodFailurePolicyOnPodConditionsPattern/r
+batch.SuccessPolicy rules=1:batch.SuccessPolicyRule/r
+batch.SuccessPolicyRule succeededIndexes=1/k succeededCount=2:i/k
+batch.UncountedTerminatedPods succeeded=1/r failed=2/r
+core.AWSElasticBlockStoreVolumeSource volumeID=1/k fsType=2 partition=3:i readOnly=4:b
+core.Affinity nodeAffinity=1:core.NodeAffinity/k podAffinity=2:core.PodAffinity/k podAntiAffinity=3:core.PodAntiAffinity/k
+core.AppArmorProfile type=1/k localhostProfile=2/k
+core.AzureDiskVolumeSource diskName=1/k diskURI=2/k cachingMode=3/k fsType=4/k readOnly=5:b/k kind=6/k
+core.AzureFileVolumeSource secretName=1/k shareName=2/k readOnly=3:b
+core.CSIVolumeSource driver=1/k readOnly=2:b/k fsType=3/k volumeAttributes=4/m nodePublishSecretRef=5:core.LocalObjectReference/k
+core.Capabilities add=1/r drop=2/r
+core.CephFSVolumeSource monitors=1/r path=2 user=3 secretFile=4 secretRef=5:core.LocalObjectReference/k readOnly=6:b
+core.CinderVolumeSource volumeID=1/k fsType=2 readOnly=3:b secretRef=4:core.LocalObjectReference/k
+core.ClusterTrustBundleProjection name=1/k signerName=2/k labelSelector=3:meta.LabelSelector/k path=4/k optional=5:b/k
+core.ConfigMapEnvSource localObjectReference=1:core.LocalObjectReference/i optional=2:b/k
+core.ConfigMapKeySelector localObjectReference=1:core.LocalObjectReference/i key=2/k optional=3:b/k
+core.ConfigMapProjection localObjectReference=1:core.LocalObjectReference/i items=2:core.KeyToPath/r optional=4:b/k
+core.ConfigMapVolumeSource localObjectReference=1:core.LocalObjectReference/i items=2:core.KeyToPath/r defaultMode=3:i/k
+  optional=4:b/k
+core.Container name=1/k image=2 command=3/r args=4/r workingDir=5 ports=6:core.ContainerPort/r env=7:core.EnvVar/r
+  resources=8:core.ResourceRequirements volumeMounts=9:core.VolumeMount/r livenessProbe=10:core.Probe/k
+  readinessProbe=11:core.Probe/k lifecycle=12:core.Lifecycle/k terminationMessagePath=13 imagePullPolicy=14
+  securityContext=15:core.SecurityContext/k stdin=16:b stdinOnce=17:b tty=18:b envFrom=19:core.EnvFromSource/r
+  terminationMessagePolicy=20 volumeDevices=21:core.VolumeDevice/r startupProbe=22:core.Probe/k
+  resizePolicy=23:core.ContainerResizePolicy/r restartPolicy=24/k
+core.ContainerPort name=1 hostPort=2:i containerPort=3:i/k protocol=4 hostIP=5
+core.ContainerResizePolicy resourceName=1/k restartPolicy=2/k
+core.DownwardAPIProjection items=1:core.DownwardAPIVolumeFile/r
+core.DownwardAPIVolumeFile path=1/k fieldRef=2:core.ObjectFieldSelector/k resourceFieldRef=3:core.ResourceFieldSelector/k
+  mode=4:i/k
+core.DownwardAPIVolumeSource items=1:core.DownwardAPIVolumeFile/r defaultMode=2:i/k
+core.EmptyDirVolumeSource medium=1 sizeLimit=2:res.Quantity/k
+core.EnvFromSource prefix=1 configMapRef=2:core.ConfigMapEnvSource/k secretRef=3:core.SecretEnvSource/k
+core.EnvVar name=1/k value=2 valueFrom=3:core.EnvVarSource/k
+core.EnvVarSource fieldRef=1:core.ObjectFieldSelector/k resourceFieldRef=2:core.ResourceFieldSelector/k
+  configMapKeyRef=3:core.ConfigMapKeySelector/k secretKeyRef=4:core.SecretKeySelector/k
+core.EphemeralContainer ephemeralContainerCommon=1:core.EphemeralContainerCommon/i targetContainerName=2
+core.EphemeralContainerCommon name=1/k image=2 command=3/r args=4/r workingDir=5 ports=6:core.ContainerPort/r env=7:core.EnvVar/r
+  resources=8:core.ResourceRequirements volumeMounts=9:core.VolumeMount/r livenessProbe=10:core.Probe/k
+  readinessProbe=11:core.Probe/k lifecycle=12:core.Lifecycle/k terminationMessagePath=13 imagePullPolicy=14
+  securityContext=15:core.SecurityContext/k stdin=16:b stdinOnce=17:b tty=18:b envFrom=19:core.EnvFromSource/r
+  terminationMessagePolicy=20 volumeDevices=21:core.VolumeDevice/r startupProbe=22:core.Probe/k
+  resizePolicy=23:core.ContainerResizePolicy/r restartPolicy=24/k
+core.EphemeralVolumeSource volumeClaimTemplate=1:core.PersistentVolumeClaimTemplate/k
+core.ExecAction command=1/r
+core.FCVolumeSource targetWWNs=1/r lun=2:i/k fsType=3 readOnly=4:b wwids=5/r
+core.FlexVolumeSource driver=1/k fsType=2 secretRef=3:core.LocalObjectReference/k readOnly=4:b options=5/m
+core.FlockerVolumeSource datasetName=1 datasetUUID=2
+core.GCEPersistentDiskVolumeSource pdName=1/k fsType=2 partition=3:i readOnly=4:b
+core.GRPCAction port=1:i/k service=2/k
+core.GitRepoVolumeSource repository=1/k revision=2 directory=3
+core.GlusterfsVolumeSource endpoints=1/k path=2/k readOnly=3:b
+core.HTTPGetAction path=1 port=2:intstr.IntOrString/k host=3 scheme=4 httpHeaders=5:core.HTTPHeader/r
+core.HTTPHeader name=1/k value=2/k
+core.HostAlias ip=1/k hostnames=2/r
+core.HostPathVolumeSource path=1/k type=2/k
+core.ISCSIVolumeSource targetPortal=1/k iqn=2/k lun=3:i/k iscsiInterface=4 fsType=5 readOnly=6:b portals=7/r chapAuthDiscovery=8:b
+  secretRef=10:core.LocalObjectReference/k chapAuthSession=11:b initiatorName=12/k
+core.ImageVolumeSource reference=1 pullPolicy=2
+core.KeyToPath key=1/k path=2/k mode=3:i/k
+core.Lifecycle postStart=1:core.LifecycleHandler/k preStop=2:core.LifecycleHandler/k
+core.LifecycleHandler exec=1:core.ExecAction/k httpGet=2:core.HTTPGetAction/k tcpSocket=3:core.TCPSocketAction/k
+  sleep=4:core.SleepAction/k
+core.LocalObjectReference name=1
+core.NFSVolumeSource server=1/k path=2/k readOnly=3:b
+core.NodeAffinity requiredDuringSchedulingIgnoredDuringExecution=1:core.NodeSelector/k
+  preferredDuringSchedulingIgnoredDuringExecution=2:core.PreferredSchedulingTerm/r
+core.NodeSelector nodeSelectorTerms=1:core.NodeSelectorTerm/r
+core.NodeSelectorRequirement key=1/k operator=2/k values=3/r
+core.NodeSelectorTerm matchExpressions=1:core.NodeSelectorRequirement/r matchFields=2:core.NodeSelectorRequirement/r
+core.ObjectFieldSelector apiVersion=1 fieldPath=2/k
+core.ObjectReference kind=1 namespace=2 name=3 uid=4 apiVersion=5 resourceVersion=6 fieldPath=7
+core.PersistentVolumeClaimSpec accessModes=1/r resources=2:core.VolumeResourceRequirements volumeName=3
+  selector=4:meta.LabelSelector/k storageClassName=5/k volumeMode=6/k dataSource=7:core.TypedLocalObjectReference/k
+  dataSourceRef=8:core.TypedObjectReference/k volumeAttributesClassName=9/k
+core.PersistentVolumeClaimTemplate metadata=1:meta.ObjectMeta spec=2:core.PersistentVolumeClaimSpec/k
+core.PersistentVolumeClaimVolumeSource claimName=1/k readOnly=2:b
+core.PhotonPersistentDiskVolumeSource pdID=1/k fsType=2
+core.PodAffinity requiredDuringSchedulingIgnoredDuringExecution=1:core.PodAffinityTerm/r
+  preferredDuringSchedulingIgnoredDuringExecution=2:core.WeightedPodAffinityTerm/r
+core.PodAffinityTerm labelSelector=1:meta.LabelSelector/k namespaces=2/r topologyKey=3/k namespaceSelector=4:meta.LabelSelector/k
+  matchLabelKeys=5/r mismatchLabelKeys=6/r
+core.PodAntiAffinity requiredDuringSchedulingIgnoredDuringExecution=1:core.PodAffinityTerm/r
+  preferredDuringSchedulingIgnoredDuringExecution=2:core.WeightedPodAffinityTerm/r
+core.PodDNSConfig nameservers=1/r searches=2/r options=3:core.PodDNSConfigOption/r
+core.PodDNSConfigOption name=1 value=2/k
+core.PodOS name=1/k
+core.PodReadinessGate conditionType=1/k
+core.PodResourceClaim name=1/k resourceClaimName=3/k resourceClaimTemplateName=4/k
+core.PodSchedulingGate name=1/k
+core.PodSecurityContext seLinuxOptions=1:core.SELinuxOptions/k runAsUser=2:i/k runAsNonRoot=3:b/k supplementalGroups=4:i/r
+  fsGroup=5:i/k runAsGroup=6:i/k sysctls=7:core.Sysctl/r windowsOptions=8:core.WindowsSecurityContextOptions/k
+  fsGroupChangePolicy=9/k seccompProfile=10:core.SeccompProfile/k appArmorProfile=11:core.AppArmorProfile/k
+  supplementalGroupsPolicy=12/k seLinuxChangePolicy=13/k
+core.PodSpec volumes=1:core.Volume/r containers=2:core.Container/r restartPolicy=3 terminationGracePeriodSeconds=4:i/k
+  activeDeadlineSeconds=5:i/k dnsPolicy=6 nodeSelector=7/m serviceAccountName=8 serviceAccount=9 nodeName=10 hostNetwork=11:b
+  hostPID=12:b hostIPC=13:b securityContext=14:core.PodSecurityContext/k imagePullSecrets=15:core.LocalObjectReference/r
+  hostname=16 subdomain=17 affinity=18:core.Affinity/k schedulerName=19 initContainers=20:core.Container/r
+  automountServiceAccountToken=21:b/k tolerations=22:core.Toleration/r hostAliases=23:core.HostAlias/r priorityClassName=24
+  priority=25:i/k dnsConfig=26:core.PodDNSConfig/k shareProcessNamespace=27:b/k readinessGates=28:core.PodReadinessGate/r
+  runtimeClassName=29/k enableServiceLinks=30:b/k preemptionPolicy=31/k overhead=32:res.Quantity/m
+  topologySpreadConstraints=33:core.TopologySpreadConstraint/r ephemeralContainers=34:core.EphemeralContainer/r
+  setHostnameAsFQDN=35:b/k os=36:core.PodOS/k hostUsers=37:b/k schedulingGates=38:core.PodSchedulingGate/r
+  resourceClaims=39:core.PodResourceClaim/r resources=40:core.ResourceRequirements/k
+core.PodTemplateSpec metadata=1:meta.ObjectMeta spec=2:core.PodSpec
+core.PortworxVolumeSource volumeID=1/k fsType=2 readOnly=3:b
+core.PreferredSchedulingTerm weight=1:i/k preference=2:core.NodeSelectorTerm/k
+core.Probe handler=1:core.ProbeHandler/i initialDelaySeconds=2:i timeoutSeconds=3:i periodSeconds=4:i successThreshold=5:i
+  failureThreshold=6:i terminationGracePeriodSeconds=7:i/k
+core.ProbeHandler exec=1:core.ExecAction/k httpGet=2:core.HTTPGetAction/k tcpSocket=3:core.TCPSocketAction/k
+  grpc=4:core.GRPCAction/k
+core.ProjectedVolumeSource sources=1:core.VolumeProjection/r defaultMode=2:i/k
+core.QuobyteVolumeSource registry=1/k volume=2/k readOnly=3:b user=4 group=5 tenant=6
+core.RBDVolumeSource monitors=1/r image=2/k fsType=3 pool=4 user=5 keyring=6 secretRef=7:core.LocalObjectReference/k readOnly=8:b
+core.ResourceClaim name=1/k request=2
+core.ResourceFieldSelector containerName=1 resource=2/k divisor=3:res.Quantity
+core.ResourceRequirements limits=1:res.Quantity/m requests=2:res.Quantity/m claims=3:core.ResourceClaim/r
+core.SELinuxOptions user=1 role=2 type=3 level=4
+core.ScaleIOVolumeSource gateway=1/k system=2/k secretRef=3:core.LocalObjectReference/k sslEnabled=4:b protectionDomain=5
+  storagePool=6 storageMode=7 volumeName=8 fsType=9 readOnly=10:b
+core.SeccompProfile type=1/k localhostProfile=2/k
+core.SecretEnvSource localObjectReference=1:core.LocalObjectReference/i optional=2:b/k
+core.SecretKeySelector localObjectReference=1:core.LocalObjectReference/i key=2/k optional=3:b/k
+core.SecretProjection localObjectReference=1:core.LocalObjectReference/i items=2:core.KeyToPath/r optional=4:b/k
+core.SecretVolumeSource secretName=1 items=2:core.KeyToPath/r defaultMode=3:i/k optional=4:b/k
+core.SecurityContext capabilities=1:core.Capabilities/k privileged=2:b/k seLinuxOptions=3:core.SELinuxOptions/k runAsUser=4:i/k
+  runAsNonRoot=5:b/k readOnlyRootFilesystem=6:b/k allowPrivilegeEscalation=7:b/k runAsGroup=8:i/k procMount=9/k
+  windowsOptions=10:core.WindowsSecurityContextOptions/k seccompProfile=11:core.SeccompProfile/k
+  appArmorProfile=12:core.AppArmorProfile/k
+core.ServiceAccountTokenProjection audience=1 expirationSeconds=2:i/k path=3/k
+core.SleepAction seconds=1:i/k
+core.StorageOSVolumeSource volumeName=1 volumeNamespace=2 fsType=3 readOnly=4:b secretRef=5:core.LocalObjectReference/k
+core.Sysctl name=1/k value=2/k
+core.TCPSocketAction port=1:intstr.IntOrString/k host=2
+core.Toleration key=1 operator=2 value=3 effect=4 tolerationSeconds=5:i/k
+core.TopologySpreadConstraint maxSkew=1:i/k topologyKey=2/k whenUnsatisfiable=3/k labelSelector=4:meta.LabelSelector/k
+  minDomains=5:i/k nodeAffinityPolicy=6/k nodeTaintsPolicy=7/k matchLabelKeys=8/r
+core.TypedLocalObjectReference apiGroup=1/k kind=2/k name=3/k
+core.TypedObjectReference apiGroup=1/k kind=2/k name=3/k namespace=4/k
+core.Volume name=1/k volumeSource=2:core.VolumeSource/i
+core.VolumeDevice name=1/k devicePath=2/k
+core.VolumeMount name=1/k readOnly=2:b mountPath=3/k subPath=4 mountPropagation=5/k subPathExpr=6 recursiveReadOnly=7/k
+core.VolumeProjection secret=1:core.SecretProjection/k downwardAPI=2:core.DownwardAPIProjection/k
+  configMap=3:core.ConfigMapProjection/k serviceAccountToken=4:core.ServiceAccountTokenProjection/k
+  clusterTrustBundle=5:core.ClusterTrustBundleProjection/k
+core.VolumeResourceRequirements limits=1:res.Quantity/m requests=2:res.Quantity/m
+core.VolumeSource hostPath=1:core.HostPathVolumeSource/k emptyDir=2:core.EmptyDirVolumeSource/k
+  gcePersistentDisk=3:core.GCEPersistentDiskVolumeSource/k awsElasticBlockStore=4:core.AWSElasticBlockStoreVolumeSource/k
+  gitRepo=5:core.GitRepoVolumeSource/k secret=6:core.SecretVolumeSource/k nfs=7:core.NFSVolumeSource/k
+  iscsi=8:core.ISCSIVolumeSource/k glusterfs=9:core.GlusterfsVolumeSource/k
+  persistentVolumeClaim=10:core.PersistentVolumeClaimVolumeSource/k rbd=11:core.RBDVolumeSource/k
+  flexVolume=12:core.FlexVolumeSource/k cinder=13:core.CinderVolumeSource/k cephfs=14:core.CephFSVolumeSource/k
+  flocker=15:core.FlockerVolumeSource/k downwardAPI=16:core.DownwardAPIVolumeSource/k fc=17:core.FCVolumeSource/k
+  azureFile=18:core.AzureFileVolumeSource/k configMap=19:core.ConfigMapVolumeSource/k
+  vsphereVolume=20:core.VsphereVirtualDiskVolumeSource/k quobyte=21:core.QuobyteVolumeSource/k
+  azureDisk=22:core.AzureDiskVolumeSource/k photonPersistentDisk=23:core.PhotonPersistentDiskVolumeSource/k
+  portworxVolume=24:core.PortworxVolumeSource/k scaleIO=25:core.ScaleIOVolumeSource/k projected=26:core.ProjectedVolumeSource/k
+  storageos=27:core.StorageOSVolumeSource/k csi=28:core.CSIVolumeSource/k ephemeral=29:core.EphemeralVolumeSource/k
+  image=30:core.ImageVolumeSource/k
+core.VsphereVirtualDiskVolumeSource volumePath=1/k fsType=2 storagePolicyName=3 storagePolicyID=4
+core.WeightedPodAffinityTerm weight=1:i/k podAffinityTerm=2:core.PodAffinityTerm/k
+core.WindowsSecurityContextOptions gmsaCredentialSpecName=1/k gmsaCredentialSpec=2/k runAsUserName=3/k hostProcess=4:b/k
+meta.LabelSelector matchLabels=1/m matchExpressions=2:meta.LabelSelectorRequirement/r
+meta.LabelSelectorRequirement key=1/k operator=2/k values=3/r
+meta.ManagedFieldsEntry manager=1 operation=2 apiVersion=3 time=4:meta.Time/k fieldsType=6 fieldsV1=7:meta.FieldsV1/k
+  subresource=8
+meta.ObjectMeta name=1 generateName=2 namespace=3 selfLink=4 uid=5 resourceVersion=6 generation=7:i creationTimestamp=8:meta.Time
+  deletionTimestamp=9:meta.Time/k deletionGracePeriodSeconds=10:i/k labels=11/m annotations=12/m
+  ownerReferences=13:meta.OwnerReference/r finalizers=14/r managedFields=17:meta.ManagedFieldsEntry/r
+meta.OwnerReference kind=1/k name=3/k uid=4/k apiVersion=5/k controller=6:b/k blockOwnerDeletion=7:b/k
+"""
+_pb_schema: dict[str, dict[int, tuple[str, str, str]]] = {}
+
+
+def _protobuf_schema() -> dict[str, dict[int, tuple[str, str, str]]]:
+    if not _pb_schema:
+        for entry in re.split(r"\n(?! )", _PROTOBUF_SCHEMA.strip()):
+            name, *tokens = entry.split()
+            fields: dict[int, tuple[str, str, str]] = {}
+            for token in tokens:
+                m = re.fullmatch(r"(\w+)=(\d+)(?::([\w.]+))?(?:/(\w+))?", token)
+                assert m, token
+                fields[int(m.group(2))] = (m.group(1), m.group(3) or "s", m.group(4) or "")
+            _pb_schema[name] = fields
+    return _pb_schema
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(data):
+            raise ValueError("truncated varint")
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _pb_fields(data: bytes) -> Iterable[tuple[int, int, Any]]:
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        wire: int = key & 7
+        value: Any
+        if wire == 0:
+            value, i = _varint(data, i)
+        elif wire == 2:
+            size, i = _varint(data, i)
+            value, i = data[i:i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = data[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if i > len(data):
+            raise ValueError("truncated field")
+        yield key >> 3, wire, value
+
+
+def _go_duration(ns: int) -> str:
+    if ns == 0:
+        return "0s"
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    hours, rest = divmod(ns, 3600 * 10**9)
+    minutes, rest = divmod(rest, 60 * 10**9)
+    seconds = f"{rest / 1e9:.9f}".rstrip("0").rstrip(".")
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + f"{seconds}s"
+    return sign + text
+
+
+def _pb_value(kind: str, wire: int, raw: Any) -> Any:
+    if kind == "s":
+        return bytes(raw).decode()
+    if kind == "i":
+        return raw - (1 << 64) if raw >= 1 << 63 else raw
+    if kind == "b":
+        return bool(raw)
+    if kind == "y":
+        return base64.b64encode(bytes(raw)).decode()
+    if kind == "d":
+        return struct.unpack("<d" if len(raw) == 8 else "<f", bytes(raw))[0]
+    if kind in ("meta.Time", "meta.MicroTime"):
+        parts = {num: v for num, _, v in _pb_fields(bytes(raw))}
+        if not parts:
+            return None  # the zero time, which JSON writes as null
+        seconds = parts.get(1, 0)
+        seconds = seconds - (1 << 64) if seconds >= 1 << 63 else seconds
+        t = datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=parts.get(2, 0) // 1000)
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if kind == "meta.MicroTime" else _stamp(t)
+    if kind == "meta.Duration":
+        ns = dict((num, v) for num, _, v in _pb_fields(bytes(raw))).get(1, 0)
+        return _go_duration(ns - (1 << 64) if ns >= 1 << 63 else ns)
+    if kind in ("meta.FieldsV1", "runtime.RawExtension"):
+        inner = dict((num, v) for num, _, v in _pb_fields(bytes(raw))).get(1, b"")
+        return json.loads(bytes(inner)) if inner else None
+    if kind == "res.Quantity":
+        return bytes(dict((num, v) for num, _, v in _pb_fields(bytes(raw))).get(1, b"")).decode()
+    if kind == "intstr.IntOrString":
+        parts = {num: v for num, _, v in _pb_fields(bytes(raw))}
+        return bytes(parts.get(3, b"")).decode() if parts.get(1) else _pb_value("i", 0, parts.get(2, 0))
+    return _pb_message(kind, bytes(raw))
+
+
+def _pb_message(name: str, data: bytes) -> Obj:
+    schema = _protobuf_schema()[name]
+    out: Obj = {}
+    for num, wire, raw in _pb_fields(data):
+        field = schema.get(num)
+        if field is None:
+            continue
+        jname, kind, flags = field
+        if "m" in flags:
+            entry = {n: v for n, _, v in _pb_fields(bytes(raw))}
+            value = _pb_value(kind, 2, entry[2]) if 2 in entry else ("" if kind == "s" else {})
+            out.setdefault(jname, {})[bytes(entry.get(1, b"")).decode()] = value
+        elif "r" in flags:
+            if wire == 2 and kind in ("i", "b"):  # packed
+                i, packed = 0, bytes(raw)
+                while i < len(packed):
+                    item, i = _varint(packed, i)
+                    out.setdefault(jname, []).append(_pb_value(kind, 0, item))
+            else:
+                out.setdefault(jname, []).append(_pb_value(kind, wire, raw))
+        elif "i" in flags:
+            out.update(_pb_message(kind, bytes(raw)))
+        else:
+            out[jname] = _pb_value(kind, wire, raw)
+    for jname, kind, flags in schema.values():  # gogo writes every non-pointer scalar; omitempty JSON would not
+        if kind in ("s", "i", "b", "d", "y") and not set(flags) & {"k", "r", "m"} and out.get(jname, None) in ("", 0, False):
+            out.pop(jname, None)
+    return out
+
+
+_pb_names: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def _json_fields(name: str) -> dict[str, tuple[str, str]]:
+    """json name -> (type, flags) of a message, its inline structs' fields included."""
+    if name not in _pb_names:
+        names: dict[str, tuple[str, str]] = {}
+        for jname, kind, flags in _protobuf_schema()[name].values():
+            if "i" in flags:
+                names.update(_json_fields(kind))
+            else:
+                names[jname] = (kind, flags)
+        _pb_names[name] = names
+    return _pb_names[name]
+
+
+def drop_empty_fields(name: str, obj: Any) -> Any:
+    """What a real API server's JSON round trip through its Go types does to a written object:
+    scalar fields at their zero value that are ``omitempty`` (and not pointers) disappear, so
+    ``{"stdin": false, "value": ""}`` is stored as ``{}``. ``name``: a message of the schema above."""
+    if not isinstance(obj, dict):
+        return obj
+    fields = _json_fields(name)
+    for key in list(obj):
+        spec = fields.get(key)
+        if spec is None:
+            continue
+        kind, flags, value = spec[0], spec[1], obj[key]
+        if kind in ("s", "i", "b", "d", "y"):
+            if not set(flags) & {"k", "r", "m"} and value in ("", 0, False) and not isinstance(value, float | dict | list):
+                del obj[key]
+            continue
+        if kind not in _protobuf_schema():
+            continue
+        if "m" in flags and isinstance(value, dict):
+            for k in value:
+                value[k] = drop_empty_fields(kind, value[k])
+        elif "r" in flags and isinstance(value, list):
+            obj[key] = [drop_empty_fields(kind, item) for item in value]
+        else:
+            obj[key] = drop_empty_fields(kind, value)
+    return obj
+
+
+def decode_protobuf(body: bytes) -> Obj:
+    """A ``application/vnd.kubernetes.protobuf`` request body as the JSON object it stands for."""
+    if not body.startswith(b"k8s\x00"):
+        raise _bad_request("the body of the request was in an unknown format: missing the protobuf magic prefix")
+    try:
+        unknown = {num: v for num, _, v in _pb_fields(body[4:])}
+        type_meta = {num: bytes(v).decode() for num, _, v in _pb_fields(bytes(unknown.get(1, b"")))}
+        kind = type_meta.get(2, "")
+        if kind not in _PROTOBUF_KINDS:
+            raise ApiError(415, "UnsupportedMediaType", f"the emulator decodes protobuf only for {', '.join(_PROTOBUF_KINDS)}, "
+                           f"not {kind or 'this object'}: send application/json")
+        obj = _pb_message(_PROTOBUF_KINDS[kind], bytes(unknown.get(2, b"")))
+    except (ValueError, KeyError, IndexError, UnicodeDecodeError, struct.error) as exc:
+        raise _bad_request(f"the body of the request was in an unknown format: {exc}") from exc
+    return {"apiVersion": type_meta.get(1, ""), "kind": kind, **obj}

@@ -2584,7 +2584,13 @@ class _Handler(BaseHTTPRequestHandler):
         """A chunked stream of watch events, ended after timeoutSeconds (or 30 s)."""
         cluster = self.server.cluster
         terms = parse_field_selector(resource, query.get("fieldSelector", ""))  # a bad selector is a 400, before the stream
-        since = int(query.get("resourceVersion") or 0) or cluster.rv
+        with cluster.lock:
+            since = int(query.get("resourceVersion") or 0) or cluster.rv
+            # Without a resourceVersion (or with "0") a watch starts with the current state: an
+            # ADDED event per matching object, then the changes after it.
+            initial = [] if int(query.get("resourceVersion") or 0) else [
+                (since, resource, "ADDED", o) for o in cluster.list_objects(resource, ns, query.get("labelSelector", ""),
+                                                                          query.get("fieldSelector", ""))]
         deadline = time.monotonic() + min(float(query.get("timeoutSeconds", 30)), 300)
         table = self._wants_table()
         self.send_response(200)
@@ -2599,7 +2605,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while time.monotonic() < deadline and not self.server.stopping:
                 with cluster.lock:
-                    pending = [e for e in cluster.events if e[0] > since and e[1] == resource]
+                    pending, initial = initial + [e for e in cluster.events if e[0] > since and e[1] == resource], []
                     if not pending:
                         cluster.changed.wait(timeout=0.2)
                         continue

@@ -286,8 +286,8 @@ async def test_new_writes_that_meet_5xx_are_sent_once(nova: KubeApiServer, make:
     hpa = await kubectl.find_hpa("production", "nova", "nova-worker")
     assert hpa is not None
     nova.faults.add(method="PATCH", path_re=r"/horizontalpodautoscalers/", status=500, times=1)
-    with pytest.raises(OutcomeUnknown, match="500 Internal Server Error to set the bounds of horizontalpodautoscaler "
-                                             "nova/nova-worker: .* look at the HorizontalPodAutoscaler"):
+    with pytest.raises(OutcomeUnknown, match=r"500 Internal Server Error to set the bounds of horizontalpodautoscaler "
+                                             r"nova/nova-worker: .* look at the HorizontalPodAutoscaler"):
         await kubectl.patch_hpa_bounds("production", "nova", "nova-worker", min_replicas=3, max_replicas=4,
                                        resource_version=hpa["metadata"]["resourceVersion"])
     assert sent(nova, "PATCH", f"{HPAS}/nova-worker") == 1

@@ -975,12 +975,24 @@ class Cluster:
             with self.lock:
                 paced = [key for key, r in self._rollouts.items() if r.mode != "instant"]
                 for namespace, name in paced:
-                    if (DEPLOYMENTS, namespace, name) in self.objects:
+                    if (DEPLOYMENTS, namespace, name) in self.objects and not self._settled(namespace, name):
                         try:
                             self._reconcile(namespace, name)
                         except Exception:  # a bug in the emulator must not stop every later rollout
                             log.exception("the emulated deployment controller failed on %s/%s", namespace, name)
             self._wake.wait(0.05 if paced else 1.0)
+
+    def _settled(self, namespace: str, name: str) -> bool:
+        """Nothing left for the paced controller to do: no pod waiting to become ready, and the
+        rollout complete or past its deadline (a write that starts another calls _reconcile itself)."""
+        d = self.objects[(DEPLOYMENTS, namespace, name)]
+        uid = d["metadata"]["uid"]
+        progressing: Obj = next((c for c in (d.get("status") or {}).get("conditions") or [] if c["type"] == "Progressing"), {})
+        if progressing.get("reason") not in ("NewReplicaSetAvailable", "ProgressDeadlineExceeded"):
+            return False
+        owned = {rs["metadata"]["uid"] for rs in self._all(REPLICASETS, namespace) if _owned_by(rs, uid)}
+        return not any(p["metadata"]["uid"] in self._starting and any(_owned_by(p, o) for o in owned)
+                       for p in self._all(PODS, namespace))
 
     # -- the deployment controller
 
@@ -1856,10 +1868,17 @@ class Cluster:
 
     def _finish(self, job: Obj, *, succeeded: bool) -> None:
         spec, status, now = job["spec"], job["status"], _now()
-        for pod in [p for p in self._all(PODS, job["metadata"]["namespace"]) if _owned_by(p, job["metadata"]["uid"])]:
-            self._delete(PODS, pod["metadata"]["namespace"], pod["metadata"]["name"])
         count = int(spec.get("completions") or 1) if succeeded else int(spec.get("backoffLimit", 6)) + 1
-        for _ in range(min(count, 20)):
+        running = [p for p in self._all(PODS, job["metadata"]["namespace"]) if _owned_by(p, job["metadata"]["uid"])]
+        for pod in running:  # the pods that ran end where they are
+            for cs in pod["status"].get("containerStatuses") or []:
+                started = ((cs.get("state") or {}).get("running") or {}).get("startedAt", now)
+                cs.update(ready=False, started=False, state={"terminated": {
+                    "exitCode": 0 if succeeded else 1, "reason": "Completed" if succeeded else "Error", "startedAt": started,
+                    "finishedAt": now, "containerID": cs.get("containerID") or _container_id()}})
+            self._pod_conditions(pod)
+            self._put(PODS, pod, "MODIFIED")
+        for _ in range(max(0, min(count, 20) - len(running))):
             pod = self._create_pod(job, spec["template"], state="succeeded" if succeeded else "failed")
             self._emit(job, "Normal", "SuccessfulCreate", f"Created pod: {pod['metadata']['name']}")
         status.update(active=0, ready=0)
@@ -2332,6 +2351,9 @@ def _int_param(query: dict[str, str], key: str) -> int | None:
         raise _bad_request(f'strconv.ParseInt: parsing "{value}": invalid syntax') from None
 
 
+_BOOTED = _now()  # the namespaces' creationTimestamp
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: KubeApiServer
     protocol_version = "HTTP/1.1"
@@ -2504,8 +2526,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(405, "MethodNotAllowed", "namespaces are read-only here")
 
         def obj(n: str) -> Obj:
-            return {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": n, "resourceVersion": "1"},
-                    "status": {"phase": "Active"}}
+            return {"kind": "Namespace", "apiVersion": "v1",
+                    "metadata": {"name": n, "resourceVersion": "1", "creationTimestamp": _BOOTED, "labels": {
+                        "kubernetes.io/metadata.name": n}}, "status": {"phase": "Active"}}
 
         if name:
             if name not in cluster.namespaces:

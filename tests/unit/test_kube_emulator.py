@@ -161,8 +161,12 @@ def test_jobs_complete_fail_or_run(api: tuple[KubeApiServer, client.ApiClient]) 
     batch.create_namespaced_job("shop", {"metadata": {"name": "long"}, "spec": template})
     job = c.get("batch/jobs", "shop", "long")
     assert (job["status"]["active"], job["status"].get("succeeded")) == (1, None)
-    assert [p["status"]["phase"] for p in c.list_objects("v1/pods", "shop", "job-name=long")] == ["Running"]
+    running = c.list_objects("v1/pods", "shop", "job-name=long")
+    assert [p["status"]["phase"] for p in running] == ["Running"]
     c.finish_job("shop", "long", succeeded=False)
+    pods = c.list_objects("v1/pods", "shop", "job-name=long")
+    assert len(pods) == 7 and running[0]["metadata"]["name"] in {p["metadata"]["name"] for p in pods}  # ended in place
+    assert {p["status"]["phase"] for p in pods} == {"Failed"}
     job = c.get("batch/jobs", "shop", "long")
     assert [cond["type"] for cond in job["status"]["conditions"]] == ["FailureTarget", "Failed"]
     assert "active" not in job["status"] and job["status"]["failed"] == 7

@@ -990,6 +990,8 @@ class Cluster:
         progressing: Obj = next((c for c in (d.get("status") or {}).get("conditions") or [] if c["type"] == "Progressing"), {})
         if progressing.get("reason") not in ("NewReplicaSetAvailable", "ProgressDeadlineExceeded"):
             return False
+        if self._rollouts[(namespace, name)].mode == "stuck":  # its waiting pods wait for ever
+            return True
         owned = {rs["metadata"]["uid"] for rs in self._all(REPLICASETS, namespace) if _owned_by(rs, uid)}
         return not any(p["metadata"]["uid"] in self._starting and any(_owned_by(p, o) for o in owned)
                        for p in self._all(PODS, namespace))

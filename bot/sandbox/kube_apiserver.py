@@ -31,6 +31,10 @@ Python package and the ``kubectl`` binary) talk to it:
 * CronJobs and Jobs (``batch/v1``): get, list, watch, create, replace, patch, delete;
   ``kubectl create job NAME --from=cronjob/X`` works. Job defaulting (selector and
   ``controller-uid``/``job-name`` labels, backoffLimit …) and validation (restartPolicy);
+* request bodies in JSON or, as kubectl's typed clients send them (``kubectl create job``,
+  ``create deployment``, ``create cronjob``), protobuf for Jobs, CronJobs and Deployments; written
+  objects lose their ``omitempty`` zero values as in a real server's round trip through its Go types;
+* watches: from a ``resourceVersion``, or (without one) starting with an ``ADDED`` per object;
 * ``resourceVersion`` preconditions (409 Conflict), 404s and 403s shaped as ``Status`` objects;
 * the API server's defaulting of pod templates on write. Without it a template copied back from a
   ReplicaSet never compares equal to the one in the Deployment, and ``kubectl rollout undo`` would
@@ -92,8 +96,10 @@ answers ``status`` with a ``Status`` body instead of doing the request; with no 
 request is then served normally. A request that gets a fault is still recorded in
 ``cluster.requests``, so a test can count what reached the server.
 
-Not emulated: ``kubectl logs -f`` (``follow`` answers what is there and ends), pod deletion grace
-periods (pods vanish at once), paused deployments, CronJob scheduling, admission, server-side apply.
+Not emulated: ``kubectl logs -f`` (``follow`` answers what is there and ends), ``dryRun`` (refused
+with a 400 rather than applied), autoscaling/v1 (so ``kubectl autoscale``, which creates v1 HPAs,
+gets a 404), pod deletion grace periods (pods vanish at once), paused deployments, CronJob
+scheduling, admission, server-side apply, the aggregated discovery format (kubectl falls back).
 """
 
 from __future__ import annotations

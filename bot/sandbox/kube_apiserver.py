@@ -1738,6 +1738,11 @@ class Cluster:
     def create_hpa(self, namespace: str, body: Obj) -> Obj:
         return self.create_object(HPAS, namespace, body)
 
+    def replace_hpa(self, namespace: str, name: str, body: Obj) -> Obj:
+        """PUT semantics (what someone editing the HPA does): a new resourceVersion, and the HPA
+        acts on its bounds at once. A stale ``metadata.resourceVersion`` in ``body`` is a 409."""
+        return self.update_object(HPAS, namespace, name, body)
+
     def set_hpa_utilization(self, namespace: str, name: str, percent: int | None) -> Obj:
         """The cpu utilisation (percent of requests) the metrics would report for the HPA's pods;
         None: no metrics. The HPA acts on it at once. Returns the HPA."""

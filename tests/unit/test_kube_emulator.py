@@ -60,6 +60,13 @@ def test_an_hpa_keeps_the_replicas_in_its_bounds(api: tuple[KubeApiServer, clien
     hpa = c.get("autoscaling/horizontalpodautoscalers", "shop", "web")
     assert hpa["status"]["currentMetrics"][0]["resource"]["current"]["averageUtilization"] == 120
     assert [cond["reason"] for cond in hpa["status"]["conditions"]][-1] == "TooManyReplicas"
+    hpa = c.get("autoscaling/horizontalpodautoscalers", "shop", "web")
+    stale = hpa["metadata"]["resourceVersion"]
+    hpa["spec"]["maxReplicas"] = 3
+    assert c.replace_hpa("shop", "web", hpa)["metadata"]["resourceVersion"] != stale
+    assert replicas(c) == 3  # someone else's edit: the new bounds apply at once
+    with pytest.raises(ApiError, match="the object has been modified"):
+        c.replace_hpa("shop", "web", {**hpa, "metadata": {**hpa["metadata"], "resourceVersion": stale}})
     client.AutoscalingV2Api(api_client).delete_namespaced_horizontal_pod_autoscaler("web", "shop")
     apps.patch_namespaced_deployment_scale("web", "shop", {"spec": {"replicas": 9}})
     assert replicas(c) == 9  # no HPA, no bounds

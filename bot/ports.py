@@ -32,6 +32,41 @@ class Kube(Protocol):
     async def replace_pod_template(self, environment: str, namespace: str, name: str, *, template: Obj,
                                    resource_version: str) -> Obj: ...
 
+    async def restart_deployment(self, environment: str, namespace: str, name: str, *, restarted_at: str,
+                                 resource_version: str) -> Obj:
+        """What `kubectl rollout restart` does (the template annotation kubectl.kubernetes.io/restartedAt),
+        refused with Conflict if the deployment changed since ``resource_version``."""
+        ...
+
+    async def list_pods(self, environment: str, namespace: str, selector: str) -> list[Obj]: ...
+
+    async def read_pod_log(self, environment: str, namespace: str, pod: str, *, container: str | None,
+                           since_seconds: int | None, tail_lines: int | None, previous: bool, limit_bytes: int) -> str:
+        """The log text; NotFound (with the cluster's words) when there is no such log, e.g. no
+        previous container, or a pod of several containers and none named."""
+        ...
+
+    async def list_events(self, environment: str, namespace: str, *, field_selector: str) -> list[Obj]:
+        """core/v1 Events, e.g. ``involvedObject.name=web-abc12,type=Warning``."""
+        ...
+
+    async def find_hpa(self, environment: str, namespace: str, deployment_name: str) -> Obj | None:
+        """The HorizontalPodAutoscaler (autoscaling/v2) whose scaleTargetRef is this Deployment, if any."""
+        ...
+
+    async def patch_hpa_bounds(self, environment: str, namespace: str, name: str, *, min_replicas: int, max_replicas: int,
+                               resource_version: str) -> Obj:
+        """Set minReplicas/maxReplicas; Conflict if the HPA changed since ``resource_version``."""
+        ...
+
+    async def read_cronjob(self, environment: str, namespace: str, name: str) -> Obj: ...
+
+    async def create_job(self, environment: str, namespace: str, body: Obj) -> Obj:
+        """Sent once (OutcomeUnknown when the answer is lost); Conflict when a Job of that name exists."""
+        ...
+
+    async def read_job(self, environment: str, namespace: str, name: str) -> Obj: ...
+
 
 class PlatformDatabases(Protocol):
     """The platforms' own databases (not opsbot's state)."""

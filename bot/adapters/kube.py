@@ -23,6 +23,10 @@ Why the calls look the way they do:
   looks at the deployment can tell, so the error says the outcome is unknown (``OutcomeUnknown``).
   Only a write that provably never left (connection refused, still queued) is reported as the
   cluster being unavailable.
+* **Logs are text; the kubelet's 400s are answers.** ``read_pod_log`` returns the body as text. A
+  400 from it ("previous terminated container … not found", "a container name must be specified
+  …", "… is waiting to start") is ``NotFound`` carrying the cluster's words: it tells the user what
+  there is no log of, it is not opsbot failing.
 * **Refusals name what is missing.** Each call carries the RBAC verb, resource and namespace it
   needs, so a 403 says exactly which rule to add to ``manifests/base/rbac.yaml``; nothing is
   parsed out of the server's message.
@@ -38,7 +42,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import urllib3
 from kubernetes import client
@@ -55,6 +59,7 @@ _RETRYABLE = frozenset({500, 502, 503, 504})
 # An attempt is not started with less time than this left before the deadline: it could not get
 # an answer, and a write sent that late would turn "nothing was sent" into "outcome unknown".
 _LEAST_TIME = 0.1
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,17 @@ class _Call:
     verb: str  # get, list, patch
     resource: str  # deployments, deployments/scale, replicasets, /version
     namespace: str | None
+    bad_request_is_not_found: bool = False  # a 400 answers a question about the target (pod logs), not a bug
 
     @property
     def write(self) -> bool:
         return self.verb not in ("get", "list", "watch")
+
+    @property
+    def look_at(self) -> str:
+        """What a human should look at when this write's outcome is unknown."""
+        return {"jobs": f"the jobs in namespace {self.namespace}", "horizontalpodautoscalers": "the HorizontalPodAutoscaler"}.get(
+            self.resource, "the deployment")
 
     @property
     def where(self) -> str:
@@ -92,6 +104,15 @@ def _status_line(status: int) -> str:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return str(status)
+
+
+def _json_object(data: bytes) -> Obj:
+    body: Obj = json.loads(data)
+    return body
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -137,7 +158,24 @@ class KubeAdapter:
     def _apps(self, environment: str) -> client.AppsV1Api:
         return client.AppsV1Api(self._api_client(environment))
 
+    def _core(self, environment: str) -> client.CoreV1Api:
+        return client.CoreV1Api(self._api_client(environment))
+
+    def _autoscaling(self, environment: str) -> client.AutoscalingV2Api:
+        return client.AutoscalingV2Api(self._api_client(environment))
+
+    def _batch(self, environment: str) -> client.BatchV1Api:
+        return client.BatchV1Api(self._api_client(environment))
+
     async def _call(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
+        """A call whose answer is a JSON object."""
+        return await self._request(call, _json_object, fn, *args, **kwargs)
+
+    async def _call_text(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """A call whose answer is text (pod logs)."""
+        return await self._request(call, _text, fn, *args, **kwargs)
+
+    async def _request(self, call: _Call, decode: Callable[[bytes], _T], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _T:
         start = time.monotonic()
         deadline = start + self._deadline
         attempts = 1 + (0 if call.write else self._read_retries)
@@ -145,7 +183,7 @@ class KubeAdapter:
         while True:
             attempt += 1
             try:
-                return await self._attempt(call, start, fn, *args, **kwargs)
+                return await self._attempt(call, start, decode, fn, *args, **kwargs)
             except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
                 # A read that timed out is not tried again: the server is hung, not flapping, and
                 # another attempt would only spend the rest of the deadline the same way.
@@ -156,17 +194,17 @@ class KubeAdapter:
                     raise self._error(call, exc, attempts=attempt, waited=min(time.monotonic() - start, self._deadline)) from exc
             await asyncio.sleep(pause)
 
-    async def _attempt(self, call: _Call, start: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
+    async def _attempt(self, call: _Call, start: float, decode: Callable[[bytes], _T], fn: Callable[..., Any], *args: Any,
+                       **kwargs: Any) -> _T:
         deadline = start + self._deadline
 
-        def run() -> Obj:
+        def run() -> _T:
             left = deadline - time.monotonic()
             if left < _LEAST_TIME:
                 raise _Expired
             timeout = (min(self._connect_timeout, left), min(self._read_timeout, left))
             resp = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
-            body: Obj = json.loads(resp.data)
-            return body
+            return decode(resp.data)
 
         try:
             work = self._executor.submit(run)
@@ -197,7 +235,7 @@ class KubeAdapter:
                                                "with earlier calls, so nothing was sent")
         if call.write:
             return OutcomeUnknown(f"Kubernetes {within} to {call.what}. The write may or may not have been applied, "
-                                  "so opsbot did not retry it: look at the deployment before trying again.")
+                                  f"so opsbot did not retry it: look at {call.look_at} before trying again.")
         return BackendUnavailable(CLUSTER, f"{call.what} {within}")
 
     def _error(self, call: _Call, exc: BaseException, *, attempts: int, waited: float) -> OpsbotError:
@@ -206,7 +244,7 @@ class KubeAdapter:
             status, message = int(exc.status or 0), _status_message(exc)
             if status == 0:  # the client's own failures, e.g. TLS
                 return BackendUnavailable(CLUSTER, f"{call.what}: {message}")
-            if status == 404:
+            if status == 404 or (status == 400 and call.bad_request_is_not_found):
                 return NotFound(f"Kubernetes: {message}")
             if status == 409:
                 return Conflict(f"Kubernetes refused the write: {message}")
@@ -219,7 +257,7 @@ class KubeAdapter:
                                       f"{call.where} ({_status_line(403)}). Grant it in {RBAC_FILE}")
             if call.write and status >= 500:
                 return OutcomeUnknown(f"Kubernetes answered {_status_line(status)} to {call.what}: {message}. The write may or "
-                                      "may not have been applied, so opsbot did not retry it: look at the deployment before "
+                                      f"may not have been applied, so opsbot did not retry it: look at {call.look_at} before "
                                       "trying again.")
             return ExecutionError(f"Kubernetes answered {_status_line(status)} to {call.what}{tries}: {message}",
                                   temporary=status >= 500 or status == 429)
@@ -227,7 +265,7 @@ class KubeAdapter:
             return self._timeout(call, started=True, waited=waited)
         if call.write and not _never_sent(exc):
             return OutcomeUnknown(f"the connection to Kubernetes failed during {call.what} ({type(exc).__name__}: {exc}). The "
-                                  "write may or may not have been applied, so opsbot did not retry it: look at the deployment "
+                                  f"write may or may not have been applied, so opsbot did not retry it: look at {call.look_at} "
                                   "before trying again.")
         return BackendUnavailable(CLUSTER, f"{call.what}{tries}: {type(exc).__name__}: {exc}")
 
@@ -273,3 +311,74 @@ class KubeAdapter:
         return await self._call(call, self._apps(environment).patch_namespaced_deployment, name, namespace, ops,
                                 _content_type="application/json-patch+json")
 
+    async def restart_deployment(self, environment: str, namespace: str, name: str, *, restarted_at: str,
+                                 resource_version: str) -> Obj:
+        # What `kubectl rollout restart` sends (a strategic merge patch of the template annotation),
+        # plus the resourceVersion read before: 409 if the deployment changed in between.
+        body = {"metadata": {"resourceVersion": resource_version},
+                "spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": restarted_at}}}}}
+        call = _Call(f"restart deployment {namespace}/{name}", environment, "patch", "deployments", namespace)
+        return await self._call(call, self._apps(environment).patch_namespaced_deployment, name, namespace, body,
+                                _content_type="application/strategic-merge-patch+json")
+
+    async def list_pods(self, environment: str, namespace: str, selector: str) -> list[Obj]:
+        call = _Call(f"list pods in {namespace}", environment, "list", "pods", namespace)
+        body = await self._call(call, self._core(environment).list_namespaced_pod, namespace, label_selector=selector)
+        return list(body.get("items") or [])
+
+    async def read_pod_log(self, environment: str, namespace: str, pod: str, *, container: str | None,
+                           since_seconds: int | None, tail_lines: int | None, previous: bool, limit_bytes: int) -> str:
+        # A 400 here is the kubelet saying what there is no log of ("previous terminated container
+        # … not found", "a container name must be specified …", "… is waiting to start"): NotFound
+        # with its words, for the user, not an error of opsbot.
+        call = _Call(f"read the logs of pod {namespace}/{pod}", environment, "get", "pods/log", namespace,
+                     bad_request_is_not_found=True)
+        options: dict[str, Any] = {"previous": previous, "limit_bytes": limit_bytes}
+        if container is not None:
+            options["container"] = container
+        if since_seconds is not None:
+            options["since_seconds"] = since_seconds
+        if tail_lines is not None:
+            options["tail_lines"] = tail_lines
+        return await self._call_text(call, self._core(environment).read_namespaced_pod_log, pod, namespace, **options)
+
+    async def list_events(self, environment: str, namespace: str, *, field_selector: str) -> list[Obj]:
+        call = _Call(f"list events in {namespace}", environment, "list", "events", namespace)
+        body = await self._call(call, self._core(environment).list_namespaced_event, namespace, field_selector=field_selector)
+        return list(body.get("items") or [])
+
+    async def find_hpa(self, environment: str, namespace: str, deployment_name: str) -> Obj | None:
+        """The HPA whose scaleTargetRef is this Deployment (the first by name if, wrongly, several are)."""
+        call = _Call(f"list horizontalpodautoscalers in {namespace}", environment, "list", "horizontalpodautoscalers", namespace)
+        body = await self._call(call, self._autoscaling(environment).list_namespaced_horizontal_pod_autoscaler, namespace)
+        for hpa in sorted(body.get("items") or [], key=lambda h: str(h.get("metadata", {}).get("name", ""))):
+            ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+            group = str(ref.get("apiVersion") or "apps/v1").split("/")[0]
+            if ref.get("kind") == "Deployment" and ref.get("name") == deployment_name and group == "apps":
+                found: Obj = hpa
+                return found
+        return None
+
+    async def patch_hpa_bounds(self, environment: str, namespace: str, name: str, *, min_replicas: int, max_replicas: int,
+                               resource_version: str) -> Obj:
+        # A merge patch carrying the resourceVersion read before: the API server refuses it with 409
+        # if the HPA changed since (a JSON patch `test` op would fail with 422 instead).
+        body = {"metadata": {"resourceVersion": resource_version}, "spec": {"minReplicas": min_replicas, "maxReplicas": max_replicas}}
+        call = _Call(f"set the bounds of horizontalpodautoscaler {namespace}/{name}", environment, "patch",
+                     "horizontalpodautoscalers", namespace)
+        return await self._call(call, self._autoscaling(environment).patch_namespaced_horizontal_pod_autoscaler, name, namespace,
+                                body, _content_type="application/merge-patch+json")
+
+    async def read_cronjob(self, environment: str, namespace: str, name: str) -> Obj:
+        call = _Call(f"read cronjob {namespace}/{name}", environment, "get", "cronjobs", namespace)
+        return await self._call(call, self._batch(environment).read_namespaced_cron_job, name, namespace)
+
+    async def create_job(self, environment: str, namespace: str, body: Obj) -> Obj:
+        # A write: sent once. A Job of that name already there is a 409 AlreadyExists → Conflict.
+        what = (body.get("metadata") or {}).get("name") or (body.get("metadata") or {}).get("generateName") or "(unnamed)"
+        call = _Call(f"create job {namespace}/{what}", environment, "create", "jobs", namespace)
+        return await self._call(call, self._batch(environment).create_namespaced_job, namespace, body)
+
+    async def read_job(self, environment: str, namespace: str, name: str) -> Obj:
+        call = _Call(f"read job {namespace}/{name}", environment, "get", "jobs", namespace)
+        return await self._call(call, self._batch(environment).read_namespaced_job, name, namespace)

@@ -17,11 +17,16 @@ import pytest_asyncio
 from bot.adapters.kube import KubeAdapter
 from bot.config import parse_config
 from bot.errors import BackendUnavailable, Conflict, ExecutionError, OutcomeUnknown
-from bot.sandbox.kube_apiserver import KubeApiServer
+from bot.sandbox.kube_apiserver import KubeApiServer, cronjob_manifest, hpa_manifest
 
 CONFIG = parse_config("environments: {production: {kube_context: nova-prod}}")
 WORKER = "/apis/apps/v1/namespaces/nova/deployments/nova-worker"
 RS = "/apis/apps/v1/namespaces/nova/replicasets"
+PODS = "/api/v1/namespaces/nova/pods"
+EVENTS = "/api/v1/namespaces/nova/events"
+HPAS = "/apis/autoscaling/v2/namespaces/nova/horizontalpodautoscalers"
+CRONJOB = "/apis/batch/v1/namespaces/nova/cronjobs/nightly-backup"
+JOBS = "/apis/batch/v1/namespaces/nova/jobs"
 
 Make = Callable[..., KubeAdapter]
 
@@ -213,3 +218,133 @@ async def test_close_does_not_wait_for_hung_calls(kube: KubeApiServer, make: Mak
     await asyncio.gather(hung, return_exceptions=True)
     await asyncio.sleep(0.1)
     assert sent(kube, "GET", WORKER) == 1  # the queued call was cancelled by close(), never sent
+
+
+# -- the issue-9 calls: each read retried on 5xx, each write sent once, each refusal named
+
+
+def backup_job(name: str = "backup-manual-1") -> dict[str, Any]:
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "annotations": {"cronjob.kubernetes.io/instantiate": "manual"}},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "backup", "image": "pg:16"}]}}}}
+
+
+@pytest_asyncio.fixture
+async def nova(kube: KubeApiServer) -> KubeApiServer:
+    """nova-worker under an HPA (2..6), a nightly backup CronJob, one finished Job, a pod with logs."""
+    kube.cluster.create_hpa("nova", hpa_manifest("nova-worker", "nova-worker", min_replicas=2, max_replicas=6, namespace="nova"))
+    kube.cluster.create_cronjob("nova", cronjob_manifest("nightly-backup", "pg:16", namespace="nova"))
+    kube.cluster.create_job("nova", backup_job("backup-old"))
+    pod = kube.cluster.pods_of("nova", "nova-worker")[0]["metadata"]["name"]
+    kube.cluster.append_log("nova", pod, ["worker started", "job 42 done"])
+    return kube
+
+
+def worker_pod(kube: KubeApiServer) -> str:
+    return str(kube.cluster.pods_of("nova", "nova-worker")[0]["metadata"]["name"])
+
+
+async def read_log(kubectl: KubeAdapter, pod: str) -> str:
+    return await kubectl.read_pod_log("production", "nova", pod, container=None, since_seconds=None, tail_lines=None,
+                                      previous=False, limit_bytes=10_000)
+
+
+async def test_new_reads_that_meet_5xx_are_retried_and_succeed(nova: KubeApiServer, make: Make) -> None:
+    kubectl, pod = make(), worker_pod(nova)
+    nova.faults.add(method="GET", path_re=r"/pods$", status=503, times=1)
+    assert len(await kubectl.list_pods("production", "nova", "app=nova-worker")) == 3 and sent(nova, "GET", PODS) == 2
+    nova.faults.add(method="GET", path_re=r"/log$", status=502, times=2)
+    assert await read_log(kubectl, pod) == "worker started\njob 42 done\n"
+    assert sent(nova, "GET", f"{PODS}/{pod}/log") == 3
+    nova.faults.add(method="GET", path_re=r"/events$", status=500, times=1)
+    assert await kubectl.list_events("production", "nova", field_selector="involvedObject.kind=Deployment")
+    assert sent(nova, "GET", EVENTS) == 2
+    nova.faults.add(method="GET", path_re=r"/horizontalpodautoscalers$", status=503, times=1)
+    hpa = await kubectl.find_hpa("production", "nova", "nova-worker")
+    assert hpa is not None and sent(nova, "GET", HPAS) == 2
+    nova.faults.add(method="GET", path_re=r"/cronjobs/", status=504, times=1)
+    assert (await kubectl.read_cronjob("production", "nova", "nightly-backup"))["spec"]["schedule"] == "0 3 * * *"
+    assert sent(nova, "GET", CRONJOB) == 2
+    nova.faults.add(method="GET", path_re=r"/jobs/", status=503, times=2)
+    assert (await kubectl.read_job("production", "nova", "backup-old"))["status"]["succeeded"] == 1
+    assert sent(nova, "GET", f"{JOBS}/backup-old") == 3
+
+
+async def test_create_job_that_meets_503_is_sent_once_and_its_outcome_is_unknown(nova: KubeApiServer, make: Make) -> None:
+    kubectl = make()
+    nova.faults.add(method="POST", path_re=r"/jobs$", status=503, times=1)
+    with pytest.raises(OutcomeUnknown) as err:
+        await kubectl.create_job("production", "nova", backup_job())
+    assert "503 Service Unavailable to create job nova/backup-manual-1" in str(err.value)
+    assert "may or may not have been applied, so opsbot did not retry it: look at the jobs in namespace nova" in str(err.value)
+    assert sent(nova, "POST", JOBS) == 1  # exactly one: never retried, although the fault was used up
+    assert [j["metadata"]["name"] for j in nova.cluster.list_objects("batch/jobs", "nova")] == ["backup-old"]
+
+
+async def test_new_writes_that_meet_5xx_are_sent_once(nova: KubeApiServer, make: Make) -> None:
+    kubectl = make()
+    hpa = await kubectl.find_hpa("production", "nova", "nova-worker")
+    assert hpa is not None
+    nova.faults.add(method="PATCH", path_re=r"/horizontalpodautoscalers/", status=500, times=1)
+    with pytest.raises(OutcomeUnknown, match=r"500 Internal Server Error to set the bounds of horizontalpodautoscaler "
+                                             r"nova/nova-worker: .* look at the HorizontalPodAutoscaler"):
+        await kubectl.patch_hpa_bounds("production", "nova", "nova-worker", min_replicas=3, max_replicas=4,
+                                       resource_version=hpa["metadata"]["resourceVersion"])
+    assert sent(nova, "PATCH", f"{HPAS}/nova-worker") == 1
+    d = await kubectl.read_deployment("production", "nova", "nova-worker")
+    nova.faults.add(method="PATCH", path_re=r"/nova-worker$", status=503, times=1)
+    with pytest.raises(OutcomeUnknown, match="503 Service Unavailable to restart deployment nova/nova-worker"):
+        await kubectl.restart_deployment("production", "nova", "nova-worker", restarted_at="2030-01-01T00:00:00Z",
+                                         resource_version=d["metadata"]["resourceVersion"])
+    assert sent(nova, "PATCH", WORKER) == 1
+    assert "annotations" not in replicas_template(nova)
+
+
+def replicas_template(kube: KubeApiServer) -> dict[str, Any]:
+    return dict(kube.cluster.get("apps/deployments", "nova", "nova-worker")["spec"]["template"]["metadata"])
+
+
+async def test_403s_of_the_new_calls_name_what_opsbot_lacks(nova: KubeApiServer, make: Make) -> None:
+    kubectl, pod = make(), worker_pod(nova)
+    nova.faults.add(status=403, message="forbidden")
+    grant = r" in namespace nova \(403 Forbidden\)\. Grant it in manifests/base/rbac\.yaml"
+    with pytest.raises(ExecutionError, match=r"it may not create jobs" + grant) as err:
+        await kubectl.create_job("production", "nova", backup_job())
+    assert not err.value.temporary and sent(nova, "POST", JOBS) == 1
+    with pytest.raises(ExecutionError, match=r"it may not get pods/log" + grant):
+        await read_log(kubectl, pod)
+    with pytest.raises(ExecutionError, match=r"it may not list pods" + grant):
+        await kubectl.list_pods("production", "nova", "app=nova-worker")
+    with pytest.raises(ExecutionError, match=r"it may not list events" + grant):
+        await kubectl.list_events("production", "nova", field_selector="type=Warning")
+    with pytest.raises(ExecutionError, match=r"it may not list horizontalpodautoscalers" + grant):
+        await kubectl.find_hpa("production", "nova", "nova-worker")
+    with pytest.raises(ExecutionError, match=r"it may not patch horizontalpodautoscalers" + grant):
+        await kubectl.patch_hpa_bounds("production", "nova", "nova-worker", min_replicas=1, max_replicas=2, resource_version="1")
+    with pytest.raises(ExecutionError, match=r"it may not patch deployments" + grant):
+        await kubectl.restart_deployment("production", "nova", "nova-worker", restarted_at="x", resource_version="1")
+    with pytest.raises(ExecutionError, match=r"it may not get cronjobs" + grant):
+        await kubectl.read_cronjob("production", "nova", "nightly-backup")
+    with pytest.raises(ExecutionError, match=r"it may not get jobs" + grant):
+        await kubectl.read_job("production", "nova", "backup-old")
+    assert sent(nova, "GET", PODS) == 1 and sent(nova, "GET", CRONJOB) == 1  # a 403 is not retried
+
+
+async def test_hung_new_calls_are_bounded_by_the_deadline(nova: KubeApiServer, make: Make) -> None:
+    kubectl, pod = make(connect_timeout=0.5, read_timeout=1.0, deadline=1.5), worker_pod(nova)
+    nova.faults.add(path_re=r"/log$", hang=30)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=rf"read the logs of pod nova/{pod} did not answer within 1(\.\d)? s"):
+        await read_log(kubectl, pod)
+    assert time.monotonic() - started < 2.5 and sent(nova, "GET", f"{PODS}/{pod}/log") == 1
+    nova.faults.add(method="POST", path_re=r"/jobs$", hang=30)
+    started = time.monotonic()
+    with pytest.raises(OutcomeUnknown, match=r"did not answer within 1(\.\d)? s to create job nova/backup-manual-1\. "
+                                             "The write may or may not have been applied"):
+        await kubectl.create_job("production", "nova", backup_job())
+    assert time.monotonic() - started < 2.5 and sent(nova, "POST", JOBS) == 1
+    nova.faults.add(path_re=r"/horizontalpodautoscalers", hang=30)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="list horizontalpodautoscalers in nova did not answer within"):
+        await kubectl.find_hpa("production", "nova", "nova-worker")
+    assert time.monotonic() - started < 2.5

@@ -110,10 +110,14 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return asyncio.run(_explain(args))
 
 
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL")
+def _database_url(*, owner: bool = False) -> str:
+    """opsbot's own database. ``owner``: for `opsbot migrate`, which needs the role that owns the
+    tables; DATABASE_OWNER_URL when set (so the bot itself can run with the app role's
+    DATABASE_URL), else DATABASE_URL."""
+    url = (os.environ.get("DATABASE_OWNER_URL") if owner else None) or os.environ.get("DATABASE_URL")
     if not url:
-        raise ConfigError("DATABASE_URL is not set (opsbot's own database)")
+        raise ConfigError("DATABASE_URL is not set (opsbot's own database)" if not owner else
+                          "neither DATABASE_OWNER_URL nor DATABASE_URL is set (opsbot's own database, as its owner)")
     return url
 
 
@@ -132,7 +136,7 @@ async def _migrate(url: str, app_role: str | None) -> list[str]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    applied = asyncio.run(_migrate(_database_url(), args.app_role))
+    applied = asyncio.run(_migrate(_database_url(owner=True), args.app_role))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     if args.app_role:
         print(f"granted {args.app_role}: requests read/write; audit trail SELECT and INSERT only")
@@ -261,7 +265,14 @@ async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bo
         log.warning("%s: %s", config_path, w)
     runtime = Runtime.build(settings, config)
     await runtime.store.open()
-    await runtime.store.migrate()
+    try:
+        # Read-only when up to date, so the least-privilege app role can start; it never migrates.
+        applied = await runtime.store.ensure_migrated()
+    except BaseException:
+        await runtime.store.close()
+        raise
+    if applied:
+        log.info("applied migration(s) %s", ", ".join(applied))
     await runtime.start(with_worker=worker)
     runner: web.AppRunner | None = None
     socket_handler = None
@@ -326,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run only the action worker")
     worker.add_argument("--config")
     worker.set_defaults(fn=cmd_worker)
-    migrate = sub.add_parser("migrate", help="create or upgrade opsbot's tables in $DATABASE_URL")
+    migrate = sub.add_parser("migrate", help="create or upgrade opsbot's tables, as their owner ($DATABASE_OWNER_URL, "
+                                             "else $DATABASE_URL)")
     migrate.add_argument("--app-role", help="grant this database role what the bot needs (no UPDATE/DELETE on the audit trail)")
     migrate.set_defaults(fn=cmd_migrate)
     audit = sub.add_parser("audit", help="the audit trail: verify, export, prune")

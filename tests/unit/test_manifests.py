@@ -29,3 +29,21 @@ def test_overlay_renders() -> None:
     assert docs[("RoleBinding", "nova")]["subjects"][0] == {"kind": "ServiceAccount", "name": "opsbot", "namespace": "opsbot"}
     cm = next(d for (k, _), d in docs.items() if k == "ConfigMap")
     assert "billing-webhooks" in cm["data"]["policy.yaml"]
+
+
+def _base_deployment() -> dict:  # type: ignore[type-arg]
+    return next(d for d in yaml.safe_load_all((ROOT / "manifests/base/deployment.yaml").read_text()) if d["kind"] == "Deployment")
+
+
+def test_only_the_migrate_init_container_gets_the_database_owner() -> None:
+    """The bot runs as the app role (DATABASE_URL in opsbot-secrets); the owner's URL, which can
+    disable the audit trail's append-only trigger, is in its own Secret, read by `migrate` only."""
+    pod = _base_deployment()["spec"]["template"]["spec"]
+    (migrate,) = pod["initContainers"]
+    assert migrate["args"][:2] == ["migrate", "--app-role"]
+    assert "envFrom" not in migrate
+    owner = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in migrate["env"]}
+    assert owner == {"DATABASE_OWNER_URL": {"name": "opsbot-db-owner", "key": "DATABASE_OWNER_URL"}}
+    for container in pod["containers"]:
+        assert {s["secretRef"]["name"] for s in container.get("envFrom", [])} == {"opsbot-secrets"}
+        assert not [e for e in container.get("env", []) if "OWNER" in e["name"]]

@@ -242,15 +242,30 @@ async def _verify_channel(log: object) -> bool:
         if not cursor:
             break
     rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
+    checkpoint = await log.latest_checkpoint()
+    pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0
     bad = sorted(seq for seq, h in posted.items() if seq in rows and rows[seq] != h)
+    if checkpoint and posted.get(pruned_upto, checkpoint["last_hash"]) != checkpoint["last_hash"]:
+        bad = sorted({*bad, pruned_upto})  # the checkpoint claims a last hash the channel never showed
     gone = sorted(seq for seq in posted if seq not in rows)
+    pruned = [seq for seq in gone if seq <= pruned_upto]
+    missing = [seq for seq in gone if seq > pruned_upto]  # deleted: the chain in the database was cut
     unposted = len([seq for seq in rows if seq not in posted])
     if bad:
-        print(f"channel: BROKEN: the database differs from what was posted at seq {', '.join(map(str, bad[:20]))}")
-    if gone:
-        print(f"channel: {len(gone)} posted row(s) are not in the database (pruned or deleted): first seq {gone[0]}")
-    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ; {unposted} row(s) not (yet) posted")
-    return not bad
+        print(f"channel: BROKEN: the database differs from what was posted at seq {_seqs(bad)}")
+    if missing:
+        print(f"channel: MISSING: {len(missing)} posted row(s) are not in the database and no pruning checkpoint covers "
+              f"them: seq {_seqs(missing)}")
+    if pruned:
+        print(f"channel: {len(pruned)} posted row(s) pruned (covered by the checkpoint up to seq {pruned_upto})")
+    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ, {len(missing)} missing; "
+          f"{unposted} row(s) not (yet) posted")
+    return not bad and not missing
+
+
+def _seqs(seqs: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, seqs[:limit]))
+    return shown + (f" … ({len(seqs) - limit} more, up to {seqs[-1]})" if len(seqs) > limit else "")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

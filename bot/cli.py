@@ -210,7 +210,10 @@ async def _audit(args: argparse.Namespace) -> int:
 async def _verify_channel(log: object) -> bool:
     """Compare the hashes posted in the audit channel with the database."""
     import re
+    from collections import Counter
+    from typing import Any
 
+    from slack_sdk.errors import SlackApiError
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.adapters.audit_log import AuditLog
@@ -223,24 +226,48 @@ async def _verify_channel(log: object) -> bool:
         print("channel: slack.audit_channel is not set; nothing to compare")
         return False
     client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+    # Only what opsbot itself posted is evidence: anyone in the channel can post a `#N … hash …` line.
+    try:
+        me = await client.auth_test()
+    except SlackApiError as exc:
+        print(f"channel: cannot tell opsbot's own messages from others (auth.test: {exc.response.get('error', exc)}); "
+              "nothing compared")
+        return False
+    bot_user, bot_id = me.get("user_id"), me.get("bot_id")
+
+    def ours(message: dict[str, Any]) -> bool:
+        user, bid = message.get("user"), message.get("bot_id")
+        return bool(user or bid) and (not user or user == bot_user) and (not bid or bid == bot_id)
+
     posted: dict[int, str] = {}
+    ignored: Counter[str] = Counter()
     pattern = re.compile(r"`#(\d+)`.*hash `([0-9a-f]{64})`")
+
+    def read(message: dict[str, Any]) -> None:
+        found = [m for line in str(message.get("text", "")).splitlines() if (m := pattern.search(line))]
+        if found and not ours(message):
+            ignored[str(message.get("user") or message.get("bot_id") or "unknown")] += 1
+            return
+        for m in found:
+            posted[int(m.group(1))] = m.group(2)
+
     cursor = None
     while True:
         resp = await client.conversations_history(channel=channel, limit=200, cursor=cursor)
         for message in resp.get("messages") or []:
-            texts = [str(message.get("text", ""))]
-            if message.get("reply_count") or message.get("thread_ts") == message.get("ts") or "last record" in texts[0]:
+            read(message)
+            if ours(message) and (message.get("reply_count") or message.get("thread_ts") == message.get("ts")
+                                  or "last record" in str(message.get("text", ""))):
                 replies = await client.conversations_replies(channel=channel, ts=message["ts"], limit=1000)
-                texts += [str(m.get("text", "")) for m in replies.get("messages") or [] if m.get("ts") != message["ts"]]
-            for text in texts:
-                for line in text.splitlines():
-                    m = pattern.search(line)
-                    if m:
-                        posted[int(m.group(1))] = m.group(2)
+                for reply in replies.get("messages") or []:
+                    if reply.get("ts") != message["ts"]:
+                        read(reply)
         cursor = (resp.get("response_metadata") or {}).get("next_cursor")
         if not cursor:
             break
+    if ignored:
+        who = ", ".join(f"{poster} ({n})" for poster, n in ignored.most_common(10))
+        print(f"channel: ignored {sum(ignored.values())} message(s) with audit lines not posted by opsbot ({bot_user}): from {who}")
     rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
     checkpoint = await log.latest_checkpoint()
     pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0

@@ -188,6 +188,39 @@ async def test_verify_against_the_channel_accepts_pruned_rows(bot: Harness, stat
     assert "channel: 5 posted row(s) pruned (covered by the checkpoint up to seq 5)" in proc.stdout, proc.stdout
 
 
+async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness, state_db: str, platform_db: str,
+                                                                   redis_url: str) -> None:
+    """Anyone in the audit channel can post a `#N … hash …` line. The owner rewrites rows 3-6 (a
+    valid chain again) and posts the new hashes as replies in the request's audit thread, after the
+    bot's: only the bot's own messages count, so the rewrite still shows, and the forgery is reported."""
+    from bot.adapters.audit_log import audit_hash, audit_record
+
+    await _six_posted_rows(bot)
+    rows = await bot.runtime.audit.log.rows()
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        prev = rows[2]["prev_hash"]
+        for row in rows[2:]:
+            if row["seq"] == 3:
+                row["actor_id"] = "U0SOMEONEELSE"
+            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
+            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
+                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
+            prev = row["hash"]
+    head = next(m for m in bot.slack.in_channel("C0AUDIT") if rows[0]["request_id"] in m.text)
+    for row in rows[2:]:
+        if row["request_id"] == rows[0]["request_id"]:
+            bot.slack.post_as(MALLORY, "C0AUDIT", f"`#{row['seq']}` *approved* by <@U0CAROL>: · hash `{row['hash']}`",
+                              thread_ts=head.ts)
+    bot.slack.post_as(MALLORY, "C0AUDIT", "`#99` *succeeded* by opsbot: scale · hash `" + "0" * 64 + "`")
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5" in proc.stdout, proc.stdout
+    assert "MISSING" not in proc.stdout, proc.stdout  # the forged #99 is not taken for a deleted row
+    assert "channel: ignored 4 message(s) with audit lines not posted by opsbot (U0BOT): from U0MALLORY (4)" in proc.stdout, \
+        proc.stdout
+
+
 async def _final(bot: Harness, request_id: str):  # type: ignore[no-untyped-def]
     r = await bot.runtime.store.get(request_id)
     return r if r is not None and r.state.final else None

@@ -241,15 +241,17 @@ async def _verify_channel(log: object) -> bool:
 
     posted: dict[int, str] = {}
     ignored: Counter[str] = Counter()
-    pattern = re.compile(r"`#(\d+)`.*hash `([0-9a-f]{64})`")
+    # A whole line, as bot/messages.py writes them: an audit line (`#N` … · hash `…`) or a headline's
+    # "last record `#N` hash `…`". User text in them never holds a line break (messages.mrkdwn).
+    pattern = re.compile(r"^(?:`#(\d+)` .* · hash |last record `#(\d+)` hash )`([0-9a-f]{64})`$")
 
     def read(message: dict[str, Any]) -> None:
-        found = [m for line in str(message.get("text", "")).splitlines() if (m := pattern.search(line))]
+        found = [m for line in str(message.get("text", "")).splitlines() if (m := pattern.match(line))]
         if found and not ours(message):
             ignored[str(message.get("user") or message.get("bot_id") or "unknown")] += 1
             return
         for m in found:
-            posted[int(m.group(1))] = m.group(2)
+            posted[int(m.group(1) or m.group(2))] = m.group(3)
 
     cursor = None
     while True:

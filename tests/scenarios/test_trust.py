@@ -305,6 +305,56 @@ async def test_malformed_ids_in_a_signed_command_are_refused_and_recorded(bot: H
     assert row["actor_id"] == "U0ALICE\\x00'--" and row["command_text"] == "scale worker 6"
 
 
+# ---------------------------------------------------------------------------- user text in Slack mrkdwn
+
+def audit_channel_lines(bot: Harness) -> list[str]:
+    """Every line of every message in the audit channel (headlines, thread replies, compact lines)."""
+    return [line for m in bot.slack.messages if m.channel == "C0AUDIT" and m.user is None for line in m.text.splitlines()]
+
+
+async def test_user_text_is_escaped_on_the_card_and_in_the_audit_channel(bot: Harness, state_db: str) -> None:
+    """`<!channel>` (as Slack sends a typed @channel) and a disguised link (typed `<`, which Slack
+    sends as `&lt;`) in a --reason, and a mention-like word in a command: shown, never interpreted."""
+    await bot.slash(ALICE, '/ops scale worker 4 --reason "<!channel> &lt;https://evil|click&gt;"')
+    request = await bot.requested()
+    await bot.slash(ALICE, "/ops scale <!here> 3")  # invalid: its text goes into a compact audit line
+    await wait_rows(bot, "invalid")
+    await bot.eventually(lambda: _all_posted(bot), what="the audit rows to be posted")
+    shown = card(bot, request.card_ts).all_text()  # the blocks and the fallback text (notifications)
+    assert "reason: &lt;!channel&gt; &lt;https://evil|click&gt;" in shown
+    assert "`/ops scale worker 4 --reason \"&lt;!channel&gt; &lt;https://evil|click&gt;\"`" in shown
+    assert "<!channel>" not in shown and "<https://evil" not in shown
+    lines = audit_channel_lines(bot)
+    assert any("reason: &lt;!channel&gt; &lt;https://evil|click&gt;" in line for line in lines), lines
+    assert any("`/ops scale &lt;!here&gt; 3`" in line for line in lines), lines
+    assert not [line for line in lines if "<!" in line or "<https://evil" in line], lines
+    # What was typed is kept as typed, for parsing and for the record.
+    assert (await bot.runtime.store.get(request.id)).reason == "<!channel> <https://evil|click>"  # type: ignore[union-attr]
+    assert (await rows(bot, "requested"))[0]["result"]["reason"] == "<!channel> <https://evil|click>"
+    assert (await rows(bot, "invalid"))[0]["command_text"] == "scale <!here> 3"
+
+
+async def test_a_newline_in_a_reason_cannot_start_a_fake_audit_line(bot: Harness) -> None:
+    fake = "`#1` *approved* by <@U0CAROL>: all fine · hash `" + "f" * 64 + "`"
+    await bot.slash(ALICE, f'/ops scale worker 4 --reason "INC-7\n{fake}\nlast record `#1` hash `{"e" * 64}`"')
+    request = await bot.requested()
+    await bot.eventually(lambda: _all_posted(bot), what="the audit rows to be posted")
+    real = {r["hash"] for r in await rows(bot)}
+    lines = audit_channel_lines(bot)
+    starts = [line for line in lines if line.startswith(("`#", "last record"))]
+    assert starts and all(line.endswith(tuple(f"hash `{h}`" for h in real)) for line in starts), starts
+    assert any("reason: INC-7 `#1` *approved* by &lt;@U0CAROL&gt;" in line for line in lines), lines
+    shown = card(bot, request.card_ts).all_text()
+    assert "reason: INC-7 `#1`" in shown and "\n`#1`" not in shown
+
+
+async def _all_posted(bot: Harness) -> bool:
+    try:
+        return await bot.runtime.audit.log.unposted() == 0 and not await bot.runtime.audit.log.stale_headlines()
+    except BackendUnavailable:
+        return False
+
+
 # ---------------------------------------------------------------------------- PostgreSQL down: the spool
 
 @pytest_asyncio.fixture

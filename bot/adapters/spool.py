@@ -10,12 +10,14 @@ directory), flushed and fsynced before the user is told it is kept. When the dat
 append and the file rewrite, or two processes draining the same file, never makes two rows.
 
 Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes per process; past that ``put``
-raises ``SpoolFull`` and the caller says the attempt could not be recorded (the attempt itself is
-refused anyway: nothing runs while the database is down).
+raises ``SpoolFull``, and when the directory or file cannot be written ``SpoolUnavailable``; for
+both (``BackendUnavailable``) the caller says the attempt could not be recorded (the attempt itself
+is refused anyway: nothing runs while the database is down).
 
 Files left by a process that died are drained by the next process that uses the same directory:
 each writer holds an exclusive ``flock`` on its own file for its lifetime, so a file whose lock
-can be taken has no writer left. In Kubernetes the directory is an ``emptyDir`` (manifests): it
+can be taken has no writer left. In Kubernetes the directory is an ``emptyDir`` mounted at
+``OPSBOT_SPOOL_DIR`` (manifests/base/deployment.yaml; the root filesystem is read-only): it
 survives a container restart, not the loss of the pod; SECURITY.md lists that residual risk.
 """
 
@@ -40,9 +42,20 @@ log = logging.getLogger(__name__)
 Entry = dict[str, Any]
 
 
+SPOOL = "the local audit spool"
+
+
 class SpoolFull(BackendUnavailable):
     def __init__(self, detail: str) -> None:
-        super().__init__("the local audit spool", detail)
+        super().__init__(SPOOL, detail)
+
+
+class SpoolUnavailable(BackendUnavailable):
+    """The spool directory or file cannot be written (no writable volume mounted, disk full,
+    permissions). Like ``SpoolFull``, the caller says the attempt could not be recorded."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(SPOOL, detail)
 
 
 class AuditSpool:
@@ -58,7 +71,11 @@ class AuditSpool:
         if self._file is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             f = open(self._path, "a+", encoding="utf-8")  # held for the process's lifetime
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise
             self._file = f
         return self._file
 
@@ -71,15 +88,26 @@ class AuditSpool:
         """Keep ``entry`` (the keyword arguments of an audit append); returns it with its spool
         marker (``result.spooled``: id, when, why), which the audit row will carry."""
         async with self._lock:
-            f = self._open()
-            size = f.seek(0, os.SEEK_END)
+            try:
+                f = self._open()
+                size = f.seek(0, os.SEEK_END)
+            except OSError as exc:
+                log.error("audit spool: cannot open %s: %s (is a writable volume mounted at OPSBOT_SPOOL_DIR?)", self._path, exc)
+                raise SpoolUnavailable(f"cannot write {self._path}: {exc}") from exc
             if self._entries >= self.max_entries or size >= self.max_bytes:
                 raise SpoolFull(f"it already holds {self._entries} attempt(s) ({size:,} bytes), its limit")
             marker = {"id": uuid.uuid4().hex, "at": datetime.now(UTC).isoformat(timespec="microseconds"), "why": why}
             kept = {**entry, "result": {**(entry.get("result") or {}), "spooled": marker}}
-            f.write(json.dumps(kept, ensure_ascii=False, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.write(json.dumps(kept, ensure_ascii=False, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:  # disk full, I/O error: leave no half line behind
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                    f.seek(0, os.SEEK_END)
+                log.error("audit spool: cannot write %s: %s", self._path, exc)
+                raise SpoolUnavailable(f"cannot write {self._path}: {exc}") from exc
             self._entries += 1
             return kept
 

@@ -396,6 +396,35 @@ async def test_with_postgres_down_attempts_are_spooled_and_appended_when_it_retu
     assert await bot.runtime.audit.drain_spool() == 0 and len(await rows(bot)) == n
 
 
+@pytest_asyncio.fixture
+async def proxied_unwritable_spool(config: Config, slack: FakeSlack, state_db: str, redis_url: str, kubeconfig: str,
+                                   queue_prefix: str, tmp_path: Path) -> AsyncIterator[tuple[Harness, TcpProxy]]:
+    """As ``proxied``, with a spool directory that cannot be created (its parent is a file: a
+    read-only root filesystem without a mounted spool volume fails the same way, even for root)."""
+    (tmp_path / "not-a-dir").write_text("")
+    proxy, url = await TcpProxy.for_url(state_db)
+    h = await Harness.start(config=config, slack=slack, database_url=url, redis_url=redis_url, kubeconfig=kubeconfig,
+                            queue_prefix=queue_prefix, spool_dir=str(tmp_path / "not-a-dir" / "spool"))
+    yield h, proxy
+    proxy.up()
+    await asyncio.wait_for(h.stop(), timeout=60)
+    await proxy.stop()
+
+
+async def test_with_postgres_down_and_the_spool_unwritable_the_person_is_still_answered(
+        proxied_unwritable_spool: tuple[Harness, TcpProxy], kube: KubeApiServer) -> None:
+    bot, db = proxied_unwritable_spool
+    db.down()
+    status, _ = await bot.slash(ALICE, "/ops scale worker 6")
+    assert status == 200
+    reply = await bot.response(containing="Refused", timeout=30)
+    assert "opsbot database is unavailable" in reply["text"]
+    assert "could not be recorded in the audit trail" in reply["text"] and "local audit spool is unavailable" in reply["text"]
+    status, body = await bot.slash(ALICE, "/ops scale wrkr 2")  # invalid while both are out: answered in the ack
+    assert status == 200 and "unknown deployment" in body
+    assert replicas(kube) == 3
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _metrics(bot: Harness) -> str:

@@ -47,3 +47,14 @@ def test_only_the_migrate_init_container_gets_the_database_owner() -> None:
     for container in pod["containers"]:
         assert {s["secretRef"]["name"] for s in container.get("envFrom", [])} == {"opsbot-secrets"}
         assert not [e for e in container.get("env", []) if "OWNER" in e["name"]]
+
+
+def test_the_spool_is_a_writable_volume_under_a_read_only_root() -> None:
+    pod = _base_deployment()["spec"]["template"]["spec"]
+    (bot,) = pod["containers"]
+    assert bot["securityContext"]["readOnlyRootFilesystem"] is True
+    spool_dir = next(e["value"] for e in bot["env"] if e["name"] == "OPSBOT_SPOOL_DIR")
+    mount = next(m for m in bot["volumeMounts"] if m["mountPath"] == spool_dir)
+    assert not mount.get("readOnly")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert "emptyDir" in volume

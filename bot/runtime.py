@@ -80,7 +80,7 @@ class Runtime:
                                  settings.database_url, settings.redis_url,
                                  *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values())])
         audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
-                      spool=AuditSpool(settings.spool_dir))
+                      spool=AuditSpool(settings.spool_dir, on_quarantine=metrics.spool_quarantined.inc))
         poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)
         notices = Notices(store=store, chat=chat, metrics=metrics)
         ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues)

@@ -7,7 +7,10 @@ JSON line per entry, in a file owned by this process (``spool-<pid>-<random>.jso
 directory), flushed and fsynced before the user is told it is kept. When the database is back,
 ``drain`` appends them in order. Each entry carries an id that goes into its audit row
 (``result.spooled.id``); the append skips an id already in the trail, so a crash between the
-append and the file rewrite, or two processes draining the same file, never makes two rows.
+append and the file rewrite, or two processes draining the same file, never makes two rows. A line
+that can never be appended (corrupt, or refused by PostgreSQL) is moved to ``quarantine.jsonl``
+in the same directory, logged at error level and counted (``opsbot_audit_spool_quarantined_total``),
+so that it cannot hold up the lines after it, nor the audit poster.
 
 Bounded: at most ``max_entries`` entries and ``max_bytes`` bytes per process; past that ``put``
 raises ``SpoolFull``, and when the directory or file cannot be written ``SpoolUnavailable``; for
@@ -59,9 +62,11 @@ class SpoolUnavailable(BackendUnavailable):
 
 
 class AuditSpool:
-    def __init__(self, directory: str | Path, *, max_entries: int = 10_000, max_bytes: int = 10 * 1024 * 1024) -> None:
+    def __init__(self, directory: str | Path, *, max_entries: int = 10_000, max_bytes: int = 10 * 1024 * 1024,
+                 on_quarantine: Callable[[], None] | None = None) -> None:
         self.directory = Path(directory)
         self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.on_quarantine = on_quarantine  # a metric: called once per line moved to quarantine
         self._path = self.directory / f"spool-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._file: IO[str] | None = None
         self._entries = 0
@@ -113,8 +118,10 @@ class AuditSpool:
 
     async def drain(self, append: Callable[[Entry], Awaitable[bool]]) -> int:
         """Append what is kept, oldest first; returns how many rows were appended. ``append``
-        returns False when the entry's id is already in the trail. Stops at the first failure
-        (the database went away again) and keeps the rest."""
+        returns False when the entry's id is already in the trail. Stops when the database is away
+        again (``BackendUnavailable``) and keeps the rest. A line that can never be appended (not
+        JSON, not an object, refused by PostgreSQL) is moved to ``quarantine.jsonl`` with a log line
+        at error level, and the drain goes on."""
         done = 0
         async with self._lock:
             if self._file is not None and self._entries:
@@ -140,18 +147,30 @@ class AuditSpool:
         lines = [line for line in f.read().splitlines() if line.strip()]
         done, stop = 0, len(lines)
         for i, line in enumerate(lines):
+            why = ""
             try:
                 entry = json.loads(line)
-            except ValueError:
-                log.error("audit spool %s: unreadable line %d dropped: %r", f.name, i + 1, line[:200])
-                continue
-            try:
-                if await append(entry):
-                    done += 1
-            except BackendUnavailable as exc:
-                log.warning("audit spool: the database is not back yet (%s); %d attempt(s) still kept", exc, len(lines) - i)
-                stop = i
-                break
+            except ValueError as exc:
+                entry, why = None, f"not JSON ({exc})"
+            if not why and not isinstance(entry, dict):
+                why = f"not a JSON object (a {type(entry).__name__})"
+            if not why:
+                try:
+                    if await append(entry):
+                        done += 1
+                except BackendUnavailable as exc:
+                    log.warning("audit spool: the database is not back yet (%s); %d attempt(s) still kept", exc, len(lines) - i)
+                    stop = i
+                    break
+                except Exception as exc:  # the row itself is refused (bad arguments, a value PostgreSQL rejects)
+                    why = f"refused: {type(exc).__name__}: {str(exc).strip()[:300]}"
+            if why:
+                try:
+                    self._quarantine(f.name, i + 1, line, why)
+                except OSError as exc:  # keep it (and the rest) where it is rather than lose it
+                    log.error("audit spool %s: line %d cannot be quarantined (%s); it is kept", f.name, i + 1, exc)
+                    stop = i
+                    break
         rest = lines[stop:]
         f.seek(0)
         f.truncate()
@@ -163,6 +182,26 @@ class AuditSpool:
         if done:
             log.info("audit spool: %d attempt(s) appended to the audit trail", done)
         return done, len(rest)
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.directory / "quarantine.jsonl"
+
+    def _quarantine(self, source: str, number: int, line: str, why: str) -> None:
+        """Move a line that can never be appended out of the way (so it does not stop the drain for
+        ever), keeping it whole for a person to look at: one JSON object per line in
+        ``quarantine.jsonl`` (never drained: it does not match ``spool-*.jsonl``)."""
+        record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "source": str(source), "line": number, "why": why,
+                  "raw": line}
+        with open(self.quarantine_path, "a", encoding="utf-8") as q:
+            fcntl.flock(q.fileno(), fcntl.LOCK_EX)  # other processes draining other files append too
+            q.write(json.dumps(record, ensure_ascii=False) + "\n")
+            q.flush()
+            os.fsync(q.fileno())
+        log.error("audit spool %s: line %d moved to quarantine (%s): %s; that attempt is NOT in the audit trail, look at it there: %r",
+                  source, number, self.quarantine_path, why, line[:200])
+        if self.on_quarantine is not None:
+            self.on_quarantine()
 
     def close(self) -> None:
         if self._file is not None:

@@ -425,6 +425,46 @@ async def test_with_postgres_down_and_the_spool_unwritable_the_person_is_still_a
     assert replicas(kube) == 3
 
 
+def _spooled(n: int, text: str) -> str:
+    return json.dumps({"event": "invalid", "actor_id": ALICE, "actor_name": "alice", "channel_id": "C0INCIDENT",
+                       "request_id": None, "command_text": text, "plan": None, "post": True,
+                       "result": {"error": "unknown deployment", "spooled": {"id": f"{n:032x}", "at": "2025-01-01T00:00:00+00:00",
+                                                                             "why": "the opsbot database is unavailable"}}})
+
+
+async def test_bad_spool_lines_are_quarantined_and_the_rest_is_drained(config: Config, slack: FakeSlack, state_db: str,
+                                                                      redis_url: str, kubeconfig: str, queue_prefix: str,
+                                                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A spool file left by a process that died, with lines that are not rows: not JSON, JSON that
+    is not an object, an object that is not an append's arguments, one PostgreSQL refuses (NUL). Each
+    is moved to quarantine.jsonl (logged at error level, counted); the good ones are appended and
+    posted, and the poster goes on."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    bad = ["[1,2]", "{garbage", json.dumps({"event": "invalid", "surprise": 1}),
+           _spooled(3, "scale worker \u0000")]  # json.dumps writes it as \\u0000; PostgreSQL text cannot hold NUL
+    (spool / "spool-1-deadbeef.jsonl").write_text("\n".join([_spooled(1, "scale wrkr 1"), *bad, _spooled(2, "scale wrkr 2")]) + "\n")
+    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                              queue_prefix=queue_prefix, spool_dir=str(spool))
+    try:
+        invalid = await wait_rows(bot, "invalid", 2)
+        assert [r["command_text"] for r in invalid] == ["scale wrkr 1", "scale wrkr 2"]
+        await bot.eventually(lambda: _all_posted(bot), what="the drained rows to be posted")
+        assert len([m for m in bot.slack.in_channel("C0AUDIT") if "scale wrkr" in m.text]) == 2
+        assert not (spool / "spool-1-deadbeef.jsonl").exists()
+        quarantined = [json.loads(line) for line in (spool / "quarantine.jsonl").read_text().splitlines()]
+        assert [q["raw"] for q in quarantined] == bad
+        assert all(q["source"].endswith("spool-1-deadbeef.jsonl") and q["why"] for q in quarantined)
+        assert 'opsbot_audit_spool_quarantined_total 4.0' in _metrics(bot)
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR and "quarantine" in r.getMessage()]) == 4
+        # Later rows are still appended and posted: the poster was not stopped.
+        await bot.slash(ALICE, "/ops scale wrkr 3")
+        await wait_rows(bot, "invalid", 3)
+        await bot.eventually(lambda: _all_posted(bot), what="a later row to be posted")
+    finally:
+        await asyncio.wait_for(bot.stop(), timeout=60)
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _metrics(bot: Harness) -> str:

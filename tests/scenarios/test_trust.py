@@ -282,6 +282,35 @@ async def test_malformed_and_unsigned_payloads_get_a_fast_4xx_without_a_tracebac
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
+async def test_requests_without_a_usable_timestamp_get_a_fast_401_without_a_traceback(bot: Harness,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import aiohttp
+
+    caplog.set_level(logging.INFO)
+    body = urlencode({"command": "/ops", "text": "help", "user_id": ALICE, "channel_id": "C0INCIDENT"})
+    sig = "v0=" + "0" * 64
+    cases: list[dict[str, str]] = [
+        {},  # no Slack headers at all
+        {"X-Slack-Signature": sig},  # no timestamp
+        {"X-Slack-Request-Timestamp": "", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "yesterday", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "1.7e9", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "9" * 5000, "X-Slack-Signature": sig},  # beyond int()'s digit limit
+        {"X-Slack-Request-Timestamp": str(10**20), "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "-1", "X-Slack-Signature": sig},
+    ]
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for headers in cases:
+            async with http.post(bot.url + "/slack/events", data=body.encode(),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded", **headers}) as resp:
+                assert resp.status == 401, (headers.get("X-Slack-Request-Timestamp", "<none>")[:20], resp.status)
+                assert "invalid request signature" in await resp.text()
+    assert time.monotonic() - t0 < 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in caplog.records]
+    assert await bot.audit_events() == []
+
+
 async def test_a_huge_signed_body_is_refused_without_blocking_others(bot: Harness) -> None:
     huge = urlencode({"command": "/ops", "text": "scale worker 6 " + "A" * 900_000, "user_id": ALICE, "channel_id": "C0INCIDENT"})
 

@@ -290,8 +290,6 @@ class FakeSlack:
             if args.get("usergroup") not in self.usergroups:
                 return {"ok": False, "error": "no_such_subteam"}
             return {"ok": True, "users": self.usergroups[args["usergroup"]]}
-        if method == "users.info":
-            return {"ok": True, "user": {"id": args.get("user"), "name": args.get("user", "").lower()}}
         return {"ok": False, "error": "unknown_method"}
 
     def _message_json(self, m: Message) -> dict[str, Any]:

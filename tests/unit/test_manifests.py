@@ -58,3 +58,26 @@ def test_the_spool_is_a_writable_volume_under_a_read_only_root() -> None:
     assert not mount.get("readOnly")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert "emptyDir" in volume
+
+
+# Web API calls (slack_sdk method names) that need each bot scope; a scope none of them is used for
+# is asked of every workspace for nothing.
+_SCOPE_CALLS = {
+    "chat:write": ["chat_postMessage", "chat_update", "chat_postEphemeral"],
+    "usergroups:read": ["usergroups_users_list"],
+    "channels:history": ["conversations_history", "conversations_replies"],
+    "groups:history": ["conversations_history", "conversations_replies"],
+    "users:read": ["users_info", "users_list"],
+}
+
+
+def test_the_slack_app_asks_only_for_scopes_the_code_uses() -> None:
+    app = yaml.safe_load((ROOT / "manifests/slack-app.yaml").read_text())
+    scopes = app["oauth_config"]["scopes"]["bot"]
+    code = "\n".join(p.read_text() for p in (ROOT / "bot").rglob("*.py") if "sandbox" not in p.parts)
+    assert "commands" in scopes and app["features"]["slash_commands"][0]["command"] == "/ops"
+    for scope in scopes:
+        if scope == "commands":
+            continue
+        assert scope in _SCOPE_CALLS, f"{scope}: add it to _SCOPE_CALLS with the Web API calls that need it"
+        assert any(f".{call}(" in code for call in _SCOPE_CALLS[scope]), f"{scope} is requested but no code calls {_SCOPE_CALLS[scope]}"

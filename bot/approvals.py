@@ -32,6 +32,7 @@ from bot.domain import (
     RequestState,
 )
 from bot.errors import BackendUnavailable, CardNotPosted, OpsbotError
+from bot.messages import code, mrkdwn
 from bot.metrics import Metrics
 from bot.notices import Notices
 from bot.policy.engine import may_approve, quorum_met
@@ -92,7 +93,7 @@ class Approvals:
             await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan,
                                     result={"reason": glass, "rule": decision.rule, "reviewers": list(decision.approver_roles)})
-            await self.notices.thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {glass}. "
+            await self.notices.thread(request, f":rotating_light: Break-glass by {req.actor.mention()}: {mrkdwn(glass)}. "
                                                f"It runs now; {', '.join(decision.approver_roles)} must review it "
                                                "(Acknowledge on the card).")
         elif not needs_approval:
@@ -231,7 +232,7 @@ class Approvals:
         await self.audit.record("cancelled", actor=actor, channel_id=channel_id, request_id=done.id, text=done.text, plan=done.plan)
         self.notices.card_changed()
         await self.notices.thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run.")
-        return f":heavy_multiplication_x: Cancelled `{done.id}` ({done.summary})."
+        return f":heavy_multiplication_x: Cancelled `{done.id}` ({mrkdwn(done.summary)})."
 
     async def pending_for(self, actor: Actor) -> list[OpsRequest]:
         """Open requests this person may approve (not their own)."""
@@ -245,7 +246,7 @@ class Approvals:
         self.metrics.requests.labels(request.command, "expired").inc()
         self.notices.card_changed()
         await self.notices.thread(request, ":alarm_clock: Expired without enough approvals. Nothing was run; "
-                                           f"request again if it is still needed: `/ops {request.text}`")
+                                           f"request again if it is still needed: {code('/ops ' + request.text)}")
 
     async def expire_due(self) -> int:
         n = 0

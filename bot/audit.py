@@ -135,8 +135,12 @@ class AuditPoster:
     async def run_once(self) -> int:
         """Post what is due; returns how many rows were posted. Stops at the first row that fails
         or is not due yet, so that the channel never shows rows out of order."""
-        with contextlib.suppress(BackendUnavailable):
+        try:
             await self.audit.drain_spool()
+        except BackendUnavailable:
+            pass  # the database (or the spool) is still away; the spool keeps what it has
+        except Exception:  # never let the spool stop the audit channel
+            log.exception("audit spool: draining failed; posting goes on, and the spool is tried again")
         if not self.channel:
             return 0
         posted = 0

@@ -115,10 +115,14 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     return asyncio.run(_explain(args))
 
 
-def _database_url() -> str:
-    url = os.environ.get("DATABASE_URL")
+def _database_url(*, owner: bool = False) -> str:
+    """opsbot's own database. ``owner``: for `opsbot migrate`, which needs the role that owns the
+    tables; DATABASE_OWNER_URL when set (so the bot itself can run with the app role's
+    DATABASE_URL), else DATABASE_URL."""
+    url = (os.environ.get("DATABASE_OWNER_URL") if owner else None) or os.environ.get("DATABASE_URL")
     if not url:
-        raise ConfigError("DATABASE_URL is not set (opsbot's own database)")
+        raise ConfigError("DATABASE_URL is not set (opsbot's own database)" if not owner else
+                          "neither DATABASE_OWNER_URL nor DATABASE_URL is set (opsbot's own database, as its owner)")
     return url
 
 
@@ -137,7 +141,7 @@ async def _migrate(url: str, app_role: str | None) -> list[str]:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    applied = asyncio.run(_migrate(_database_url(), args.app_role))
+    applied = asyncio.run(_migrate(_database_url(owner=True), args.app_role))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     if args.app_role:
         print(f"granted {args.app_role}: requests read/write; audit trail SELECT and INSERT only")
@@ -211,7 +215,10 @@ async def _audit(args: argparse.Namespace) -> int:
 async def _verify_channel(log: object) -> bool:
     """Compare the hashes posted in the audit channel with the database."""
     import re
+    from collections import Counter
+    from typing import Any
 
+    from slack_sdk.errors import SlackApiError
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.adapters.audit_log import AuditLog
@@ -224,34 +231,75 @@ async def _verify_channel(log: object) -> bool:
         print("channel: slack.audit_channel is not set; nothing to compare")
         return False
     client = AsyncWebClient(token=settings.slack_bot_token, base_url=settings.slack_api_url)
+    # Only what opsbot itself posted is evidence: anyone in the channel can post a `#N … hash …` line.
+    try:
+        me = await client.auth_test()
+    except SlackApiError as exc:
+        print(f"channel: cannot tell opsbot's own messages from others (auth.test: {exc.response.get('error', exc)}); "
+              "nothing compared")
+        return False
+    bot_user, bot_id = me.get("user_id"), me.get("bot_id")
+
+    def ours(message: dict[str, Any]) -> bool:
+        user, bid = message.get("user"), message.get("bot_id")
+        return bool(user or bid) and (not user or user == bot_user) and (not bid or bid == bot_id)
+
     posted: dict[int, str] = {}
-    pattern = re.compile(r"`#(\d+)`.*hash `([0-9a-f]{64})`")
+    ignored: Counter[str] = Counter()
+    # A whole line, as bot/messages.py writes them: an audit line (`#N` … · hash `…`) or a headline's
+    # "last record `#N` hash `…`". User text in them never holds a line break (messages.mrkdwn).
+    pattern = re.compile(r"^(?:`#(\d+)` .* · hash |last record `#(\d+)` hash )`([0-9a-f]{64})`$")
+
+    def read(message: dict[str, Any]) -> None:
+        found = [m for line in str(message.get("text", "")).splitlines() if (m := pattern.match(line))]
+        if found and not ours(message):
+            ignored[str(message.get("user") or message.get("bot_id") or "unknown")] += 1
+            return
+        for m in found:
+            posted[int(m.group(1) or m.group(2))] = m.group(3)
+
     cursor = None
     while True:
         resp = await client.conversations_history(channel=channel, limit=200, cursor=cursor)
         for message in resp.get("messages") or []:
-            texts = [str(message.get("text", ""))]
-            if message.get("reply_count") or message.get("thread_ts") == message.get("ts") or "last record" in texts[0]:
+            read(message)
+            if ours(message) and (message.get("reply_count") or message.get("thread_ts") == message.get("ts")
+                                  or "last record" in str(message.get("text", ""))):
                 replies = await client.conversations_replies(channel=channel, ts=message["ts"], limit=1000)
-                texts += [str(m.get("text", "")) for m in replies.get("messages") or [] if m.get("ts") != message["ts"]]
-            for text in texts:
-                for line in text.splitlines():
-                    m = pattern.search(line)
-                    if m:
-                        posted[int(m.group(1))] = m.group(2)
+                for reply in replies.get("messages") or []:
+                    if reply.get("ts") != message["ts"]:
+                        read(reply)
         cursor = (resp.get("response_metadata") or {}).get("next_cursor")
         if not cursor:
             break
+    if ignored:
+        who = ", ".join(f"{poster} ({n})" for poster, n in ignored.most_common(10))
+        print(f"channel: ignored {sum(ignored.values())} message(s) with audit lines not posted by opsbot ({bot_user}): from {who}")
     rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
+    checkpoint = await log.latest_checkpoint()
+    pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0
     bad = sorted(seq for seq, h in posted.items() if seq in rows and rows[seq] != h)
+    if checkpoint and posted.get(pruned_upto, checkpoint["last_hash"]) != checkpoint["last_hash"]:
+        bad = sorted({*bad, pruned_upto})  # the checkpoint claims a last hash the channel never showed
     gone = sorted(seq for seq in posted if seq not in rows)
+    pruned = [seq for seq in gone if seq <= pruned_upto]
+    missing = [seq for seq in gone if seq > pruned_upto]  # deleted: the chain in the database was cut
     unposted = len([seq for seq in rows if seq not in posted])
     if bad:
-        print(f"channel: BROKEN: the database differs from what was posted at seq {', '.join(map(str, bad[:20]))}")
-    if gone:
-        print(f"channel: {len(gone)} posted row(s) are not in the database (pruned or deleted): first seq {gone[0]}")
-    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ; {unposted} row(s) not (yet) posted")
-    return not bad
+        print(f"channel: BROKEN: the database differs from what was posted at seq {_seqs(bad)}")
+    if missing:
+        print(f"channel: MISSING: {len(missing)} posted row(s) are not in the database and no pruning checkpoint covers "
+              f"them: seq {_seqs(missing)}")
+    if pruned:
+        print(f"channel: {len(pruned)} posted row(s) pruned (covered by the checkpoint up to seq {pruned_upto})")
+    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ, {len(missing)} missing; "
+          f"{unposted} row(s) not (yet) posted")
+    return not bad and not missing
+
+
+def _seqs(seqs: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, seqs[:limit]))
+    return shown + (f" … ({len(seqs) - limit} more, up to {seqs[-1]})" if len(seqs) > limit else "")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -266,7 +314,14 @@ async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bo
         log.warning("%s: %s", config_path, w)
     runtime = Runtime.build(settings, config)
     await runtime.store.open()
-    await runtime.store.migrate()
+    try:
+        # Read-only when up to date, so the least-privilege app role can start; it never migrates.
+        applied = await runtime.store.ensure_migrated()
+    except BaseException:
+        await runtime.store.close()
+        raise
+    if applied:
+        log.info("applied migration(s) %s", ", ".join(applied))
     await runtime.start(with_worker=worker)
     runner: web.AppRunner | None = None
     socket_handler = None
@@ -331,7 +386,8 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run only the action worker")
     worker.add_argument("--config")
     worker.set_defaults(fn=cmd_worker)
-    migrate = sub.add_parser("migrate", help="create or upgrade opsbot's tables in $DATABASE_URL")
+    migrate = sub.add_parser("migrate", help="create or upgrade opsbot's tables, as their owner ($DATABASE_OWNER_URL, "
+                                             "else $DATABASE_URL)")
     migrate.add_argument("--app-role", help="grant this database role what the bot needs (no UPDATE/DELETE on the audit trail)")
     migrate.set_defaults(fn=cmd_migrate)
     audit = sub.add_parser("audit", help="the audit trail: verify, export, prune")

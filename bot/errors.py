@@ -46,6 +46,11 @@ class ConfigError(OpsbotError):
     """The configuration file is invalid; the message names the file, the key and the problem."""
 
 
+class MigrationsPending(OpsbotError):
+    """opsbot's database lacks migrations and the role opsbot runs as may not apply them (the
+    least-privilege app role never may): the owner has to run `opsbot migrate`."""
+
+
 class BackendUnavailable(OpsbotError):
     """A backend (database, Redis, cluster) cannot be reached. opsbot fails closed on this."""
 

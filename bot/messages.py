@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from bot.domain import OpsRequest, RequestState
+
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+_SLACK_ID = re.compile(r"[A-Z][A-Z0-9]{1,20}")
+
+
+def mrkdwn(text: Any) -> str:
+    """User-supplied text (a --reason, a command, an error that quotes them) made inert in Slack
+    mrkdwn, at render time only (what is parsed and stored stays as typed): ``&``, ``<`` and ``>``
+    escaped as Slack asks (api.slack.com/reference/surfaces/formatting#escaping), so it cannot
+    become a mention (``<!channel>``), a link or a date; line breaks become spaces, so it cannot
+    start a line of its own (an audit line is one line, `` `#N` … hash `…` ``)."""
+    s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _LINE_BREAKS.sub(" ", s)
+
+
+def code(text: Any) -> str:
+    """User text shown as inline code (a command): escaped as ``mrkdwn``; a backtick, which would
+    end the code span (mrkdwn cannot escape it), is shown as ˋ."""
+    return "`" + mrkdwn(text).replace("`", "ˋ") + "`"
+
+
+def user_ref(user_id: Any) -> str:
+    """A mention for an id that passed the payload checks; anything else (the actor of a refused,
+    malformed payload) as code."""
+    return f"<@{user_id}>" if isinstance(user_id, str) and _SLACK_ID.fullmatch(user_id) else code(user_id)
+
+
+def channel_ref(channel_id: Any) -> str:
+    return f"<#{channel_id}>" if isinstance(channel_id, str) and _SLACK_ID.fullmatch(channel_id) else code(channel_id)
+
 
 STATE_LABEL = {
     RequestState.PENDING_APPROVAL: ":hourglass_flowing_sand: waiting for approval",
@@ -65,25 +96,25 @@ def audit_line(row: dict[str, Any]) -> str:
     a copy of the channel is evidence `opsbot audit verify --against-channel` can check."""
     plan = row.get("plan") or {}
     result = row.get("result") or {}
-    what = plan.get("summary") or f"`/ops {row.get('command_text') or ''}`"
-    where = f" [{plan['environment']}]" if plan.get("environment") else ""
-    req = f" · request `{row['request_id']}`" if row.get("request_id") else ""
+    what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {row.get('command_text') or ''}")
+    where = f" [{mrkdwn(plan['environment'])}]" if plan.get("environment") else ""
+    req = f" · request {code(row['request_id'])}" if row.get("request_id") else ""
     extra = ""
     if result.get("message"):
-        extra = f" — {result['message']}"
+        extra = f" — {mrkdwn(result['message'])}"
     elif result.get("error"):
-        extra = f" — {result['error']}"
+        extra = f" — {mrkdwn(result['error'])}"
     elif result.get("reason"):
-        extra = f" — reason: {result['reason']}"
-    channel = f" in <#{row['channel_id']}>" if row.get("channel_id") and not row.get("request_id") else ""
-    who = "opsbot" if row["actor_id"] == "opsbot" else f"<@{row['actor_id']}>"
+        extra = f" — reason: {mrkdwn(result['reason'])}"
+    channel = f" in {channel_ref(row['channel_id'])}" if row.get("channel_id") and not row.get("request_id") else ""
+    who = "opsbot" if row["actor_id"] == "opsbot" else user_ref(row["actor_id"])
     return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by {who}{channel}: "
             f"{what}{where}{req}{extra} · hash `{row['hash']}`")
 
 
 def audit_headline(request: OpsRequest, last: dict[str, Any], card_link: str | None) -> str:
     """The one message per request in the audit channel: who, what, where, state; updated as it moves."""
-    plan = request.plan
+    plan = {**request.plan, "summary": mrkdwn(request.plan["summary"]) if request.plan.get("summary") else code(request.text)}
     card = f" · <{card_link}|approval card>" if card_link else ""
     glass = " :rotating_light: *BREAK-GLASS*" if request.break_glass else ""
     return (f"*{request.command}* `{request.id}`{glass} — {plan.get('summary', request.text)} [{plan.get('environment')}]\n"
@@ -98,13 +129,13 @@ def request_status(request: OpsRequest) -> str:
 
 def thread_result(request: OpsRequest) -> str:
     if request.state is RequestState.SUCCEEDED:
-        return f":large_green_circle: Done: {(request.result or {}).get('message', '')}"
+        return f":large_green_circle: Done: {mrkdwn((request.result or {}).get('message', ''))}"
     if request.state is RequestState.FAILED:
-        return f":red_circle: Failed: {request.error}"
+        return f":red_circle: Failed: {mrkdwn(request.error)}"
     if request.state is RequestState.STALE:
-        return (f":warning: Not run: {request.error} What was approved no longer matches the target. "
-                f"Check it and request again: `/ops {request.text}`")
+        return (f":warning: Not run: {mrkdwn(request.error)} What was approved no longer matches the target. "
+                f"Check it and request again: {code('/ops ' + request.text)}")
     if request.state is RequestState.UNKNOWN:
-        return (f":grey_question: Outcome unknown: {request.error or 'the worker running this was lost mid-action'}. "
+        return (f":grey_question: Outcome unknown: {mrkdwn(request.error or 'the worker running this was lost mid-action')}. "
                 "It was not retried: check the target's state by hand before doing anything else.")
     return request_status(request)

@@ -15,5 +15,9 @@ class Metrics:
         self.given_up = Counter("opsbot_messages_given_up_total",
                                 "Slack messages opsbot stopped trying to deliver (permanent error, or a post that kept arriving "
                                 "late); each is in the log at error level.", ["channel_kind"], registry=self.registry)
+        self.spool_quarantined = Counter("opsbot_audit_spool_quarantined_total",
+                                         "Spooled audit lines that could not be appended (unreadable, or refused by "
+                                         "PostgreSQL) and were moved to the spool's quarantine.jsonl; each is in the log at "
+                                         "error level.", registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)

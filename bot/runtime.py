@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from bot.worker import ActionWorker, Executor
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024  # the largest Slack payloads (block_actions with a full message) are tens of kB
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # X-Slack-Request-Timestamp: Unix seconds, ASCII digits only
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Runtime:
                                  *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values()),
                                  *(r.url for r in config.redis.values())])
         audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
-                      spool=AuditSpool(settings.spool_dir))
+                      spool=AuditSpool(settings.spool_dir, on_quarantine=metrics.spool_quarantined.inc))
         poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)
         notices = Notices(store=store, chat=chat, metrics=metrics)
         probes = HttpProbeAdapter()
@@ -171,8 +173,11 @@ class Runtime:
             except web.HTTPRequestEntityTooLarge:
                 log.warning("refused a %s-byte request to /slack/events (limit %d)", request.content_length, MAX_BODY)
                 return web.json_response({"error": f"request body over {MAX_BODY} bytes"}, status=413)
-            if not verifier.is_valid(body=raw.decode("utf-8", "replace"), timestamp=request.headers.get("X-Slack-Request-Timestamp", ""),
-                                     signature=request.headers.get("X-Slack-Signature", "")):
+            # slack_sdk's verifier does int(timestamp): a missing, non-numeric or over-long one would
+            # raise (a 500 with a traceback) instead of being refused. Slack sends Unix seconds.
+            timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+            if not _TIMESTAMP.fullmatch(timestamp) or not verifier.is_valid(
+                    body=raw.decode("utf-8", "replace"), timestamp=timestamp, signature=request.headers.get("X-Slack-Signature", "")):
                 return web.json_response({"error": "invalid request signature"}, status=401)
             try:
                 bolt_req = await to_bolt_request(request)

@@ -203,6 +203,11 @@ class AuditLog:
         start_prev, start_seq = (cps[-1]["last_hash"], cps[-1]["upto_seq"] + 1) if cps else (GENESIS, 1)
         return verify_rows(await self.rows(), prev_hash=start_prev, start_seq=start_seq)
 
+    async def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest pruning checkpoint (rows up to its ``upto_seq`` were deleted on purpose), or None."""
+        async with self.store.connection() as conn:
+            return await (await conn.execute("SELECT * FROM audit_checkpoints ORDER BY upto_seq DESC LIMIT 1")).fetchone()
+
     # -------------------------------------------------------------- the outbox
 
     async def due_posts(self, limit: int = 50) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
-from bot.errors import BackendUnavailable
+from bot.errors import BackendUnavailable, MigrationsPending
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,48 @@ class Store:
             ):
                 await conn.execute(sql.SQL(stmt).format(r=r))
 
+    @staticmethod
+    def _migration_files() -> list[Any]:
+        return sorted((f for f in resources.files("bot.migrations").iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+
+    async def pending_migrations(self) -> list[str]:
+        """The migrations not applied yet, read-only: works as the bot's app role (which may read
+        ``opsbot_migrations`` but not create anything). All of them when the table is missing."""
+        async with self._conn() as conn:
+            exists = await (await conn.execute("SELECT to_regclass('opsbot_migrations') IS NOT NULL AS e")).fetchone()
+            if not exists or not exists["e"]:
+                done: set[str] = set()
+            else:
+                done = {r["name"] for r in await (await conn.execute("SELECT name FROM opsbot_migrations")).fetchall()}
+        return [f.name for f in self._migration_files() if f.name not in done]
+
+    async def ensure_migrated(self) -> list[str]:
+        """At start (``opsbot serve``/``worker``): nothing to do when every migration is applied
+        (the usual case, and the only one the least-privilege app role can be in); otherwise apply
+        them, which needs the database owner. A role that may not gets ``MigrationsPending``,
+        saying what to run, instead of a traceback."""
+        try:
+            pending = await self.pending_migrations()
+        except psycopg.errors.InsufficientPrivilege:
+            pending = ["(cannot read opsbot_migrations)"]
+        if not pending:
+            return []
+        try:
+            return await self.migrate()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            async with self._conn() as conn:
+                me = await (await conn.execute("SELECT current_user AS u")).fetchone()
+            role = me["u"] if me else "<this role>"
+            raise MigrationsPending(
+                f"opsbot's database needs migration(s) {', '.join(pending)}, and role {role} may not apply them ({detail}); "
+                f"run `opsbot migrate` as the database owner: DATABASE_URL=<owner URL> opsbot migrate --app-role {role}, "
+                "then start opsbot again.") from exc
+
     async def migrate(self) -> list[str]:
-        """Apply bot/migrations/*.sql in order, once each, under an advisory lock."""
+        """Apply bot/migrations/*.sql in order, once each, under an advisory lock (as the database owner)."""
         applied: list[str] = []
-        files = sorted((f for f in resources.files("bot.migrations").iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+        files = self._migration_files()
         async with self._conn() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(7171717)")
             await conn.execute("CREATE TABLE IF NOT EXISTS opsbot_migrations (name text PRIMARY KEY, applied_at timestamptz DEFAULT now())")

@@ -21,9 +21,12 @@ The language, in the order it is applied:
    count; ``each_of`` and approver roles are merged over rules of that count; the shortest expiry
    wins). Rules add requirements, never remove them, so a rule written for a risky case cannot be
    undone by a broader one.
-6. **Break-glass**: with ``--break-glass "<reason>"``, an actor holding a role listed in a matching
-   rule's ``break_glass`` runs without waiting (the role alone lets them run it, with the flag);
-   anyone else asking for it is refused (not silently sent through the normal path).
+6. **Break-glass**: with ``--break-glass "<reason>"``, an actor runs without waiting only if *every*
+   matching rule that asks for approval lists one of their roles in its ``break_glass`` (such a
+   role alone lets them run it, with the flag); the review needs the approvals the strictest of
+   those rules asks for. If any such rule does not list one of their roles, or for anyone else
+   asking, break-glass is refused, naming the rule (not silently sent through the normal path; they
+   can still request it without the flag). Like approvals, break-glass never undoes a stricter rule.
 
 The requester never counts as an approver (``may_approve``), whatever roles they hold; ``quorum_met``
 counts distinct people, and ``each_of`` needs a distinct person per role.
@@ -163,12 +166,16 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
     rule_names = ", ".join(policy.rule_name(i) for i, _ in strictest)
     need = f"{top} approval(s) from {', '.join(approver_roles)}" + (f", at least one from each of {', '.join(each_of)}" if each_of else "")
     if break_glass:
-        glass = [(i, r) for i, r in matching if roles.intersection(r.break_glass)]
-        if not glass:
-            return deny(f"you may not break glass for `{command}`{where}; ask for approval instead (drop --break-glass).",
-                        rule_names)
-        name = policy.rule_name(glass[0][0])
-        trace.append(f"break-glass allowed by {name}")
+        # Every rule that asks for approval must let one of the actor's roles skip it: a broad
+        # rule's break_glass does not undo a stricter rule that has none (rules only add requirements).
+        blocking = [i for i, r in approvals if not roles.intersection(r.break_glass)]
+        if blocking:
+            names = ", ".join(policy.rule_name(i) for i in blocking)
+            return deny(f"you may not break glass for `{command}`{where}: {names} "
+                        f"{'does' if len(blocking) == 1 else 'do'} not allow break-glass for your roles "
+                        f"({', '.join(sorted(roles)) or 'none'}); ask for approval instead (drop --break-glass).", names)
+        name = ", ".join(policy.rule_name(i) for i, _ in approvals)
+        trace.append(f"break-glass allowed by {name} (every rule asking for approval)")
         return Decision(kind=DecisionKind.BREAK_GLASS, rule=name,
                         reason=f"break-glass allowed by {name}; it runs now and {need} must review it afterwards.",
                         approver_roles=approver_roles, approvals_required=top, approvals_each=each_of,

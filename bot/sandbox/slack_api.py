@@ -56,6 +56,8 @@ class Message:
 
 
 class FakeSlack:
+    BOT_USER_ID, BOT_ID, APP_ID = "U0BOT", "B0BOT", "A0OPS"  # who the app's bot token is (auth.test)
+
     def __init__(self, *, bot_events_url: str | None = None, signing_secret: str | None = None,
                  users: dict[str, str] | None = None, channels: dict[str, str] | None = None, token: str = "xoxb-test-token") -> None:
         self.bot_events_url, self.signing_secret, self.token = bot_events_url, signing_secret, token
@@ -256,7 +258,7 @@ class FakeSlack:
     def _handle(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         if method == "auth.test":
             return {"ok": True, "url": "https://fake.slack/", "team": "Fake", "user": "opsbot", "team_id": "T0FAKE",
-                    "user_id": "U0BOT", "bot_id": "B0BOT"}
+                    "user_id": self.BOT_USER_ID, "bot_id": self.BOT_ID}
         if method == "chat.postMessage":
             ts = f"{1700000000 + next(self._ts)}.000100"
             blocks = args.get("blocks") or []
@@ -279,20 +281,30 @@ class FakeSlack:
                     "permalink": f"{self.permalink_base}/archives/{args['channel']}/p{str(args['message_ts']).replace('.', '')}"}
         if method in ("conversations.history", "conversations.replies"):
             msgs = [m for m in self.messages if m.channel == args["channel"] and m.user is None]
-            if method == "conversations.history":
-                msgs = [m for m in msgs if m.thread_ts is None]
-            else:
+            if method == "conversations.history":  # newest first, as Slack answers
+                msgs = list(reversed([m for m in msgs if m.thread_ts is None]))
+            else:  # the parent, then its replies oldest first, as Slack answers
                 msgs = [m for m in msgs if m.ts == args["ts"] or m.thread_ts == args["ts"]]
-            return {"ok": True, "has_more": False, "messages": [
-                {"type": "message", "ts": m.ts, "text": m.text, **({"thread_ts": m.thread_ts} if m.thread_ts else {})}
-                for m in reversed(msgs)]}
+            return {"ok": True, "has_more": False, "messages": [self._message_json(m) for m in msgs]}
         if method == "usergroups.users.list":
             if args.get("usergroup") not in self.usergroups:
                 return {"ok": False, "error": "no_such_subteam"}
             return {"ok": True, "users": self.usergroups[args["usergroup"]]}
-        if method == "users.info":
-            return {"ok": True, "user": {"id": args.get("user"), "name": args.get("user", "").lower()}}
         return {"ok": False, "error": "unknown_method"}
+
+    def _message_json(self, m: Message) -> dict[str, Any]:
+        """A message as the Web API returns it: ``user`` is who posted it; a message the app posted
+        with its bot token also carries the bot's ``bot_id`` and ``app_id`` (``user`` is then the bot user)."""
+        who: dict[str, Any] = ({"user": m.author} if m.author else
+                               {"user": self.BOT_USER_ID, "bot_id": self.BOT_ID, "app_id": self.APP_ID})
+        return {"type": "message", "ts": m.ts, "text": m.text, **who, **({"thread_ts": m.thread_ts} if m.thread_ts else {})}
+
+    def post_as(self, user: str, channel: str, text: str, *, thread_ts: str | None = None) -> Message:
+        """A person posts in a channel (or a thread), as they would from their Slack client."""
+        m = Message(channel=channel, ts=f"{1700000000 + next(self._ts)}.000600", text=text, thread_ts=thread_ts, author=user)
+        self.messages.append(m)
+        self._notify()
+        return m
 
     # --- what tests read
 

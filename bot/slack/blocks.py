@@ -1,11 +1,12 @@
-"""Block Kit for the approval card. Words come from bot/messages.py."""
+"""Block Kit for the approval card. Words come from bot/messages.py; every piece of text that came
+from a person or a backend goes through ``mrkdwn``/``code`` there."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from bot.domain import OpsRequest, RequestState
-from bot.messages import approvals_line, request_status
+from bot.messages import approvals_line, code, mrkdwn, request_status
 
 APPROVE, DENY, ACKNOWLEDGE = "opsbot_approve", "opsbot_deny", "opsbot_acknowledge"
 
@@ -15,27 +16,27 @@ def _text(s: str) -> dict[str, Any]:
 
 
 def card_fallback(request: OpsRequest) -> str:
-    return f"opsbot request {request.id}: {request.summary} — {request_status(request)}"
+    return f"opsbot request {request.id}: {mrkdwn(request.summary)} — {request_status(request)}"
 
 
 def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     plan = request.plan
-    lines = [f"*{plan.get('summary', request.text)}*",
-             f"target: `{plan.get('target_label', plan.get('target'))}` · environment: *{plan.get('environment')}*"]
-    lines += [f"• {d}" for d in plan.get("details") or []]
-    context = [f"requested by {request.requester.mention()}: `/ops {request.text}`"]
+    lines = [f"*{mrkdwn(plan.get('summary', request.text))}*",
+             f"target: {code(plan.get('target_label', plan.get('target')))} · environment: *{mrkdwn(plan.get('environment'))}*"]
+    lines += [f"• {mrkdwn(d)}" for d in plan.get("details") or []]
+    context = [f"requested by {request.requester.mention()}: {code('/ops ' + request.text)}"]
     if request.audit_permalink:
         context.append(f"<{request.audit_permalink}|audit record>")
     if request.reason:
-        context.append(f"reason: {request.reason}")
+        context.append(f"reason: {mrkdwn(request.reason)}")
     if request.rule:
-        context.append(f"policy: {request.rule}")
+        context.append(f"policy: {mrkdwn(request.rule)}")
     blocks: list[dict[str, Any]] = [
         {"type": "section", "text": _text(f"*opsbot request* `{request.id}` — {request_status(request)}")},
     ]
     if request.break_glass:
         blocks.append({"type": "section", "text": _text(
-            f":rotating_light: *BREAK-GLASS* by {request.requester.mention()}: {request.break_glass}")})
+            f":rotating_light: *BREAK-GLASS* by {request.requester.mention()}: {mrkdwn(request.break_glass)}")})
     blocks += [
         {"type": "section", "text": _text("\n".join(lines))},
         {"type": "context", "elements": [_text(" · ".join(context))]},
@@ -53,7 +54,7 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
                 {"type": "button", "action_id": DENY, "style": "danger", "value": request.id,
                  "text": {"type": "plain_text", "text": "Deny"},
                  "confirm": {"title": {"type": "plain_text", "text": "Deny this request?"},
-                             "text": _text(f"`{request.id}`: {request.summary}"),
+                             "text": _text(f"`{request.id}`: {mrkdwn(request.summary)}"),
                              "confirm": {"type": "plain_text", "text": "Deny"},
                              "deny": {"type": "plain_text", "text": "Cancel"}}},
             ],
@@ -63,7 +64,7 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
             f"expires <!date^{expires}^{{time}}|{request.expires_at:%H:%M} UTC>")]})
     elif request.state.final and (request.error or request.result):
         outcome = request.error or (request.result or {}).get("message", "")
-        blocks.append({"type": "context", "elements": [_text(str(outcome))]})
+        blocks.append({"type": "context", "elements": [_text(mrkdwn(outcome))]})
     if request.review_state == "needed":
         blocks.append({"type": "actions", "block_id": f"opsbot_review:{request.id}", "elements": [
             {"type": "button", "action_id": ACKNOWLEDGE, "value": request.id, "style": "primary",

@@ -140,6 +140,87 @@ async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_
     assert "database: OK" in proc.stdout and "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6" in proc.stdout
 
 
+def _verify_env(bot: Harness, state_db: str, platform_db: str, redis_url: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": state_db, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": "x",
+            "SLACK_API_URL": bot.slack.api_url, "REDIS_URL": redis_url, "OPSBOT_CONFIG": str(EXAMPLE),
+            "NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url}
+
+
+async def _opsbot(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bot", *args], capture_output=True, text=True,
+                                   env=env, timeout=60)
+
+
+async def _six_posted_rows(bot: Harness) -> None:
+    await bot.slash(ALICE, "/ops scale worker 4")
+    request = await bot.requested()
+    await bot.click(CAROL, request.id)
+    await bot.state_of(request.id, "succeeded")
+    await bot.slash(MALLORY, "/ops scale worker 9")
+    await bot.eventually(lambda: _events_at_least(bot, 6), what="audit rows")
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+
+
+async def test_verify_against_the_channel_fails_when_the_newest_rows_were_deleted(bot: Harness, state_db: str,
+                                                                                  platform_db: str, redis_url: str) -> None:
+    """Cutting the tail off leaves a shorter chain that verifies on its own; the channel still has
+    the rows, so `verify --against-channel` must exit 1 and name them."""
+    await _six_posted_rows(bot)
+    with psycopg.connect(state_db, autocommit=True) as conn:  # the owner, trigger off
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        conn.execute("DELETE FROM audit_outbox WHERE seq >= 5")
+        conn.execute("DELETE FROM audit_events WHERE seq >= 5")
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert "database: OK: 4 row(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: MISSING: 2 posted row(s) are not in the database and no pruning checkpoint covers them: seq 5, 6" \
+        in proc.stdout, proc.stdout
+
+
+async def test_verify_against_the_channel_accepts_pruned_rows(bot: Harness, state_db: str, platform_db: str,
+                                                             redis_url: str) -> None:
+    await _six_posted_rows(bot)
+    env = _verify_env(bot, state_db, platform_db, redis_url)
+    pruned = await _opsbot(env, "audit", "prune", "--before", "2999-01-01")
+    assert "pruned 5 row(s) up to seq 5" in pruned.stdout, pruned.stdout + pruned.stderr
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "channel: 5 posted row(s) pruned (covered by the checkpoint up to seq 5)" in proc.stdout, proc.stdout
+
+
+async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness, state_db: str, platform_db: str,
+                                                                   redis_url: str) -> None:
+    """Anyone in the audit channel can post a `#N … hash …` line. The owner rewrites rows 3-6 (a
+    valid chain again) and posts the new hashes as replies in the request's audit thread, after the
+    bot's: only the bot's own messages count, so the rewrite still shows, and the forgery is reported."""
+    from bot.adapters.audit_log import audit_hash, audit_record
+
+    await _six_posted_rows(bot)
+    rows = await bot.runtime.audit.log.rows()
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        prev = rows[2]["prev_hash"]
+        for row in rows[2:]:
+            if row["seq"] == 3:
+                row["actor_id"] = "U0SOMEONEELSE"
+            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
+            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
+                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
+            prev = row["hash"]
+    head = next(m for m in bot.slack.in_channel("C0AUDIT") if rows[0]["request_id"] in m.text)
+    for row in rows[2:]:
+        if row["request_id"] == rows[0]["request_id"]:
+            bot.slack.post_as(MALLORY, "C0AUDIT", f"`#{row['seq']}` *approved* by <@U0CAROL>: · hash `{row['hash']}`",
+                              thread_ts=head.ts)
+    bot.slack.post_as(MALLORY, "C0AUDIT", "`#99` *succeeded* by opsbot: scale · hash `" + "0" * 64 + "`")
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5" in proc.stdout, proc.stdout
+    assert "MISSING" not in proc.stdout, proc.stdout  # the forged #99 is not taken for a deleted row
+    assert "channel: ignored 4 message(s) with audit lines not posted by opsbot (U0BOT): from U0MALLORY (4)" in proc.stdout, \
+        proc.stdout
+
+
 async def _final(bot: Harness, request_id: str):  # type: ignore[no-untyped-def]
     r = await bot.runtime.store.get(request_id)
     return r if r is not None and r.state.final else None

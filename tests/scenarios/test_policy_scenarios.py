@@ -137,6 +137,18 @@ async def test_break_glass_runs_now_and_is_reviewed_after(bot: Harness, kube: Ku
         "requested", "break_glass", "started", "succeeded", "review_refused", "break_glass_reviewed"]
 
 
+async def test_break_glass_does_not_skip_a_stricter_rule_without_it(bot: Harness, kube: KubeApiServer) -> None:
+    """3 → 15 matches production-changes (break_glass: incident-commander) and big-scale (2 approvals,
+    one from a lead, no break_glass): the stricter rule is not skipped, nothing runs."""
+    await bot.slash(IC, '/ops scale worker 15 --break-glass "INC-10 traffic spike"')
+    reply = await bot.response(containing="Not allowed")
+    assert "big-scale does not allow break-glass for your roles (incident-commander)" in reply["text"]
+    assert "ask for approval instead" in reply["text"]
+    assert await bot.audit_events() == ["policy_denied"]
+    await asyncio.sleep(0.5)
+    assert replicas(kube) == 3
+
+
 async def test_roles_from_user_groups(groups_bot: Harness, kube: KubeApiServer) -> None:
     bot = groups_bot
     await bot.slash(GROUPIE, "/ops scale worker 4")

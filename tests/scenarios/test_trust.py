@@ -282,6 +282,35 @@ async def test_malformed_and_unsigned_payloads_get_a_fast_4xx_without_a_tracebac
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
+async def test_requests_without_a_usable_timestamp_get_a_fast_401_without_a_traceback(bot: Harness,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import aiohttp
+
+    caplog.set_level(logging.INFO)
+    body = urlencode({"command": "/ops", "text": "help", "user_id": ALICE, "channel_id": "C0INCIDENT"})
+    sig = "v0=" + "0" * 64
+    cases: list[dict[str, str]] = [
+        {},  # no Slack headers at all
+        {"X-Slack-Signature": sig},  # no timestamp
+        {"X-Slack-Request-Timestamp": "", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "yesterday", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "1.7e9", "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "9" * 5000, "X-Slack-Signature": sig},  # beyond int()'s digit limit
+        {"X-Slack-Request-Timestamp": str(10**20), "X-Slack-Signature": sig},
+        {"X-Slack-Request-Timestamp": "-1", "X-Slack-Signature": sig},
+    ]
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        for headers in cases:
+            async with http.post(bot.url + "/slack/events", data=body.encode(),
+                                 headers={"Content-Type": "application/x-www-form-urlencoded", **headers}) as resp:
+                assert resp.status == 401, (headers.get("X-Slack-Request-Timestamp", "<none>")[:20], resp.status)
+                assert "invalid request signature" in await resp.text()
+    assert time.monotonic() - t0 < 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in caplog.records]
+    assert await bot.audit_events() == []
+
+
 async def test_a_huge_signed_body_is_refused_without_blocking_others(bot: Harness) -> None:
     huge = urlencode({"command": "/ops", "text": "scale worker 6 " + "A" * 900_000, "user_id": ALICE, "channel_id": "C0INCIDENT"})
 
@@ -303,6 +332,56 @@ async def test_malformed_ids_in_a_signed_command_are_refused_and_recorded(bot: H
     assert status == 200 and "is not a Slack user id" in text
     row = (await wait_rows(bot, "malformed"))[0]
     assert row["actor_id"] == "U0ALICE\\x00'--" and row["command_text"] == "scale worker 6"
+
+
+# ---------------------------------------------------------------------------- user text in Slack mrkdwn
+
+def audit_channel_lines(bot: Harness) -> list[str]:
+    """Every line of every message in the audit channel (headlines, thread replies, compact lines)."""
+    return [line for m in bot.slack.messages if m.channel == "C0AUDIT" and m.user is None for line in m.text.splitlines()]
+
+
+async def test_user_text_is_escaped_on_the_card_and_in_the_audit_channel(bot: Harness, state_db: str) -> None:
+    """`<!channel>` (as Slack sends a typed @channel) and a disguised link (typed `<`, which Slack
+    sends as `&lt;`) in a --reason, and a mention-like word in a command: shown, never interpreted."""
+    await bot.slash(ALICE, '/ops scale worker 4 --reason "<!channel> &lt;https://evil|click&gt;"')
+    request = await bot.requested()
+    await bot.slash(ALICE, "/ops scale <!here> 3")  # invalid: its text goes into a compact audit line
+    await wait_rows(bot, "invalid")
+    await bot.eventually(lambda: _all_posted(bot), what="the audit rows to be posted")
+    shown = card(bot, request.card_ts).all_text()  # the blocks and the fallback text (notifications)
+    assert "reason: &lt;!channel&gt; &lt;https://evil|click&gt;" in shown
+    assert "`/ops scale worker 4 --reason \"&lt;!channel&gt; &lt;https://evil|click&gt;\"`" in shown
+    assert "<!channel>" not in shown and "<https://evil" not in shown
+    lines = audit_channel_lines(bot)
+    assert any("reason: &lt;!channel&gt; &lt;https://evil|click&gt;" in line for line in lines), lines
+    assert any("`/ops scale &lt;!here&gt; 3`" in line for line in lines), lines
+    assert not [line for line in lines if "<!" in line or "<https://evil" in line], lines
+    # What was typed is kept as typed, for parsing and for the record.
+    assert (await bot.runtime.store.get(request.id)).reason == "<!channel> <https://evil|click>"  # type: ignore[union-attr]
+    assert (await rows(bot, "requested"))[0]["result"]["reason"] == "<!channel> <https://evil|click>"
+    assert (await rows(bot, "invalid"))[0]["command_text"] == "scale <!here> 3"
+
+
+async def test_a_newline_in_a_reason_cannot_start_a_fake_audit_line(bot: Harness) -> None:
+    fake = "`#1` *approved* by <@U0CAROL>: all fine · hash `" + "f" * 64 + "`"
+    await bot.slash(ALICE, f'/ops scale worker 4 --reason "INC-7\n{fake}\nlast record `#1` hash `{"e" * 64}`"')
+    request = await bot.requested()
+    await bot.eventually(lambda: _all_posted(bot), what="the audit rows to be posted")
+    real = {r["hash"] for r in await rows(bot)}
+    lines = audit_channel_lines(bot)
+    starts = [line for line in lines if line.startswith(("`#", "last record"))]
+    assert starts and all(line.endswith(tuple(f"hash `{h}`" for h in real)) for line in starts), starts
+    assert any("reason: INC-7 `#1` *approved* by &lt;@U0CAROL&gt;" in line for line in lines), lines
+    shown = card(bot, request.card_ts).all_text()
+    assert "reason: INC-7 `#1`" in shown and "\n`#1`" not in shown
+
+
+async def _all_posted(bot: Harness) -> bool:
+    try:
+        return await bot.runtime.audit.log.unposted() == 0 and not await bot.runtime.audit.log.stale_headlines()
+    except BackendUnavailable:
+        return False
 
 
 # ---------------------------------------------------------------------------- PostgreSQL down: the spool
@@ -344,6 +423,75 @@ async def test_with_postgres_down_attempts_are_spooled_and_appended_when_it_retu
     # Draining again (a crash between append and file rewrite) never appends twice.
     n = len(await rows(bot))
     assert await bot.runtime.audit.drain_spool() == 0 and len(await rows(bot)) == n
+
+
+@pytest_asyncio.fixture
+async def proxied_unwritable_spool(config: Config, slack: FakeSlack, state_db: str, redis_url: str, kubeconfig: str,
+                                   queue_prefix: str, tmp_path: Path) -> AsyncIterator[tuple[Harness, TcpProxy]]:
+    """As ``proxied``, with a spool directory that cannot be created (its parent is a file: a
+    read-only root filesystem without a mounted spool volume fails the same way, even for root)."""
+    (tmp_path / "not-a-dir").write_text("")
+    proxy, url = await TcpProxy.for_url(state_db)
+    h = await Harness.start(config=config, slack=slack, database_url=url, redis_url=redis_url, kubeconfig=kubeconfig,
+                            queue_prefix=queue_prefix, spool_dir=str(tmp_path / "not-a-dir" / "spool"))
+    yield h, proxy
+    proxy.up()
+    await asyncio.wait_for(h.stop(), timeout=60)
+    await proxy.stop()
+
+
+async def test_with_postgres_down_and_the_spool_unwritable_the_person_is_still_answered(
+        proxied_unwritable_spool: tuple[Harness, TcpProxy], kube: KubeApiServer) -> None:
+    bot, db = proxied_unwritable_spool
+    db.down()
+    status, _ = await bot.slash(ALICE, "/ops scale worker 6")
+    assert status == 200
+    reply = await bot.response(containing="Refused", timeout=30)
+    assert "opsbot database is unavailable" in reply["text"]
+    assert "could not be recorded in the audit trail" in reply["text"] and "local audit spool is unavailable" in reply["text"]
+    status, body = await bot.slash(ALICE, "/ops scale wrkr 2")  # invalid while both are out: answered in the ack
+    assert status == 200 and "unknown deployment" in body
+    assert replicas(kube) == 3
+
+
+def _spooled(n: int, text: str) -> str:
+    return json.dumps({"event": "invalid", "actor_id": ALICE, "actor_name": "alice", "channel_id": "C0INCIDENT",
+                       "request_id": None, "command_text": text, "plan": None, "post": True,
+                       "result": {"error": "unknown deployment", "spooled": {"id": f"{n:032x}", "at": "2025-01-01T00:00:00+00:00",
+                                                                             "why": "the opsbot database is unavailable"}}})
+
+
+async def test_bad_spool_lines_are_quarantined_and_the_rest_is_drained(config: Config, slack: FakeSlack, state_db: str,
+                                                                      redis_url: str, kubeconfig: str, queue_prefix: str,
+                                                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A spool file left by a process that died, with lines that are not rows: not JSON, JSON that
+    is not an object, an object that is not an append's arguments, one PostgreSQL refuses (NUL). Each
+    is moved to quarantine.jsonl (logged at error level, counted); the good ones are appended and
+    posted, and the poster goes on."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    bad = ["[1,2]", "{garbage", json.dumps({"event": "invalid", "surprise": 1}),
+           _spooled(3, "scale worker \u0000")]  # json.dumps writes it as \\u0000; PostgreSQL text cannot hold NUL
+    (spool / "spool-1-deadbeef.jsonl").write_text("\n".join([_spooled(1, "scale wrkr 1"), *bad, _spooled(2, "scale wrkr 2")]) + "\n")
+    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                              queue_prefix=queue_prefix, spool_dir=str(spool))
+    try:
+        invalid = await wait_rows(bot, "invalid", 2)
+        assert [r["command_text"] for r in invalid] == ["scale wrkr 1", "scale wrkr 2"]
+        await bot.eventually(lambda: _all_posted(bot), what="the drained rows to be posted")
+        assert len([m for m in bot.slack.in_channel("C0AUDIT") if "scale wrkr" in m.text]) == 2
+        assert not (spool / "spool-1-deadbeef.jsonl").exists()
+        quarantined = [json.loads(line) for line in (spool / "quarantine.jsonl").read_text().splitlines()]
+        assert [q["raw"] for q in quarantined] == bad
+        assert all(q["source"].endswith("spool-1-deadbeef.jsonl") and q["why"] for q in quarantined)
+        assert 'opsbot_audit_spool_quarantined_total 4.0' in _metrics(bot)
+        assert len([r for r in caplog.records if r.levelno >= logging.ERROR and "quarantine" in r.getMessage()]) == 4
+        # Later rows are still appended and posted: the poster was not stopped.
+        await bot.slash(ALICE, "/ops scale wrkr 3")
+        await wait_rows(bot, "invalid", 3)
+        await bot.eventually(lambda: _all_posted(bot), what="a later row to be posted")
+    finally:
+        await asyncio.wait_for(bot.stop(), timeout=60)
 
 
 # ---------------------------------------------------------------------------- helpers

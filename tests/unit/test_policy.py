@@ -156,6 +156,13 @@ CASES: list[tuple[str, str, Any, dict[str, Any], DecisionKind, int, str]] = [
      "may not break glass"),
     ("break-glass where no approval is needed is just allowed", "U_ENG", scale("stg-api", 3, 4, "staging"),
      {"break_glass": True}, A, 0, "without approval"),
+    # A broad rule's break_glass does not undo a stricter matching rule that has none.
+    ("break-glass refused: 3→40 also matches big-scale and sudden-scale", "U_IC", scale("worker", 3, 40),
+     {"break_glass": True}, D, 0, "big-scale, sudden-scale do not allow break-glass for your roles (incident-commander)"),
+    ("break-glass refused: 8→12 also matches big-scale", "U_IC", scale("worker", 8, 12), {"break_glass": True}, D, 0,
+     "big-scale does not allow break-glass"),
+    ("the refused 3→40 can still be requested normally", "U_ENG", scale("worker", 3, 40), {}, N, 2,
+     "required by big-scale, sudden-scale"),
     ("help: approval shown for unconditional rules", "U_ENG", "scale", {}, N, 1, "production-changes"),
     ("help: staging-only rule still lets you see the command", "U_ENG", "rollback", {}, N, 1, "allowed by staging-free"),
     ("help: auditor sees scale is not for them", "U_AUD", "scale", {}, D, 0, "you may not run `scale`"),
@@ -171,10 +178,43 @@ def test_policy(case: str, user: str, subject: Any, kwargs: dict[str, Any], kind
     assert text in d.reason, d.reason
 
 
-def test_break_glass_review_needs_the_strictest_approvers() -> None:
-    d = decide(scale("worker", 8, 12), Actor(UserId("U_IC")), POLICY, channel_id="C_INC", now=TUE_1000, break_glass=True)
-    assert d.kind is DecisionKind.BREAK_GLASS and d.approver_roles == ("approver",) and d.approvals_required == 2
-    assert d.rule == "production-changes"
+GLASS_POLICY = parse_config("""
+roles:
+  engineer: {users: [U_ENG]}
+  approver: {users: [U_APP]}
+  lead: {users: [U_LEAD]}
+  incident-commander: {users: [U_IC]}
+  sre-lead: {users: [U_SRE]}
+environments: {production: {}}
+deployments: {worker: {environment: production, namespace: nova, name: nova-worker}}
+rules:
+  - name: production-changes
+    commands: [scale]
+    allow: [engineer]
+    approval: {from: [approver], count: 1}
+    break_glass: [incident-commander]
+  - name: big-scale
+    commands: [scale]
+    when: {replicas_above: 10}
+    approval: {from: [approver, lead], count: 2, each_of: [lead]}
+    break_glass: [incident-commander, sre-lead]
+""", env={})
+
+
+def test_break_glass_needs_every_approval_rule_to_allow_it_and_its_review_the_strictest_approvers() -> None:
+    d = decide(scale("worker", 8, 12), Actor(UserId("U_IC")), GLASS_POLICY, now=TUE_1000, break_glass=True)
+    assert d.kind is DecisionKind.BREAK_GLASS, d.trace
+    assert d.approver_roles == ("approver", "lead") and d.approvals_required == 2 and d.approvals_each == ("lead",)
+    assert d.rule == "production-changes, big-scale"
+    assert "break-glass allowed by production-changes, big-scale (every rule asking for approval)" in d.trace
+
+
+def test_a_break_glass_role_of_the_stricter_rule_only_does_not_skip_the_broader_one() -> None:
+    d = decide(scale("worker", 8, 12), Actor(UserId("U_SRE")), GLASS_POLICY, now=TUE_1000, break_glass=True)
+    assert d.kind is DecisionKind.DENY and d.rule == "production-changes"
+    assert "production-changes does not allow break-glass for your roles (sre-lead)" in d.reason
+    below = decide(scale("worker", 3, 6), Actor(UserId("U_SRE")), GLASS_POLICY, now=TUE_1000, break_glass=True)
+    assert below.kind is DecisionKind.DENY and "you may not run `scale`" in below.reason  # no rule names sre-lead here
 
 
 def test_strictest_rule_wins_and_expiry_is_the_shortest() -> None:

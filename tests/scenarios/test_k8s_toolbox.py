@@ -160,7 +160,7 @@ async def test_logs_flags_with_bad_values_say_what_to_type(bot: Harness) -> None
         "/ops logs worker --since 30d": "at most 7d",
         "/ops logs worker --container ../etc": "container name",
         "/ops logs worker --grep": "needs a value",
-        "/ops logs worker --tail ５": "ASCII",
+        "/ops logs worker --tail ５": "digits 0-9",
         "/ops logs worker --tail 5 --tail 6": "given twice",
     }
     for text, expected in cases.items():

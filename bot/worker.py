@@ -34,6 +34,7 @@ from typing import Any
 
 from bullmq import Worker as BullWorker
 
+from bot.adapters.redis_pools import worker_url
 from bot.adapters.store import Store
 from bot.approvals import Approvals, Enqueue
 from bot.audit import Audit
@@ -205,9 +206,11 @@ class ActionWorker:
         return await self.executor.run(str(job.data["requestId"]))
 
     async def start(self) -> None:
+        # drainDelay: how long one BZPOPMIN waits on an empty queue (a job wakes it at once); its
+        # connection's read timeout must be longer (worker_url, see redis_pools.py).
         self._worker = BullWorker(self.queue_name, self._process,
-                                  {"connection": self.redis_url, "prefix": self.prefix, "concurrency": 4,
-                                   "lockDuration": 60000, "maxStalledCount": 0})
+                                  {"connection": worker_url(self.redis_url), "prefix": self.prefix, "concurrency": 4,
+                                   "lockDuration": 60000, "maxStalledCount": 0, "drainDelay": 5})
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def sweep(self) -> None:

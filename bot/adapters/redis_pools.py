@@ -19,7 +19,7 @@ How many connections. Who draws from the pool of ``REDIS_URL`` at the same momen
   pool when the platform's Redis is opsbot's own;
 * the sweeper (one enqueue at a time) and the readiness probe (one PING);
 * not bullmq's ``Worker``: it builds its own two single-connection clients from the URL (one of
-  them sits in a blocking ``BZPOPMIN``), outside this pool.
+  them sits in a blocking ``BZPOPMIN``), outside this pool, from ``worker_url`` (below).
 
 That is about 6 steady users plus the burst. ``MAX_CONNECTIONS = 32`` leaves the burst 26
 connections: at ~1 ms a round trip that is over 20 000 round trips a second, far more than one
@@ -45,6 +45,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -56,6 +57,16 @@ from bot.errors import BackendUnavailable, Busy
 
 MAX_CONNECTIONS = 32
 WAIT_SECONDS = 5.0
+# bullmq's Worker waits for jobs in BZPOPMIN on its own connection, for ``drainDelay`` seconds
+# when the queue is empty (opsbot: 5) and at most 10 s (bullmq's ``maximumBlockTimeout``). Its
+# clients are built by bullmq from the URL with redis-py's default read timeout, which in redis-py 8
+# is 5 s: the same 5 s as the wait. Whenever the client's timeout fired before Redis's empty answer
+# arrived, redis-py dropped the connection and retried the BZPOPMIN after bullmq's exponential
+# backoff (2, 4, 8, 16, 20 s, growing for as long as the queue stayed empty), and a job added
+# meanwhile waited for the backoff to end: the 2–20 s Approve → execute delays after idle periods
+# (issue #8; bench/approve_latency.py --trace shows it). The worker's read timeout must exceed the
+# longest wait (10 s) with room to spare; it still bounds a read from a Redis that stopped answering.
+WORKER_SOCKET_TIMEOUT = 15.0
 
 
 class PoolExhausted(RedisConnectionError):
@@ -122,6 +133,19 @@ class RedisPools:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.connection_pool.aclose()
+
+
+def worker_url(url: str) -> str:
+    """``url`` for bullmq's ``Worker``: the same server and credentials, with a read timeout
+    (``socket_timeout``) of ``WORKER_SOCKET_TIMEOUT`` unless the URL already asks for a longer one."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = [v for k, v in query if k == "socket_timeout"]
+    with contextlib.suppress(ValueError):
+        if given and float(given[0]) >= WORKER_SOCKET_TIMEOUT:
+            return url
+    query = [(k, v) for k, v in query if k != "socket_timeout"] + [("socket_timeout", f"{WORKER_SOCKET_TIMEOUT:g}")]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @contextlib.asynccontextmanager

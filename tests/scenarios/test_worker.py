@@ -72,3 +72,14 @@ async def test_a_worker_lost_mid_action_makes_the_request_unknown_not_retried(bo
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_the_workers_redis_connections_outlast_its_blocking_wait(bot: Harness) -> None:
+    # The idle BZPOPMIN must end by Redis's empty answer, never by the client's read timeout: that
+    # dropped the connection and retried after a 2–20 s backoff while approved jobs waited (issue #8).
+    worker = bot.runtime.worker._worker
+    longest_wait = max(worker.opts["drainDelay"], worker.maximumBlockTimeout)
+    for client in (worker.bclient, worker.client):
+        pool = client.connection_pool
+        connection = pool.connection_class(**pool.connection_kwargs)  # what each (re)connection gets; not connected
+        assert connection.socket_timeout is not None and connection.socket_timeout >= longest_wait + 5

@@ -168,9 +168,21 @@ class ActionQueue:
         self._queue = BullQueue(name, {"connection": self._client, "prefix": prefix})
 
     async def enqueue(self, request_id: str) -> None:
+        """Add the request's job unless it is already waiting or running. A *finished* job of the
+        same id is removed first: BullMQ ignores an add whose id exists, so a job that failed (its
+        claim met a database outage) would otherwise swallow every later hand-over and leave the
+        request approved for ever. Re-adding is safe: the claim (approved → running) is one
+        conditional UPDATE, so a request runs at most once however many jobs name it."""
         async with redis_errors("Redis (opsbot's action queue)"):
+            if await self._queue.getJobState(request_id) in ("completed", "failed"):
+                await self._queue.remove(request_id)
             await self._queue.add(ACTION_JOB, {"requestId": request_id},
                                   {"jobId": request_id, "removeOnComplete": 1000, "removeOnFail": 5000})
+
+    async def job_state(self, request_id: str) -> str | None:
+        async with redis_errors("Redis (opsbot's action queue)"):
+            state = await self._queue.getJobState(request_id)
+        return None if state in (None, "unknown") else str(state)
 
     async def ping(self) -> None:
         async with redis_errors("Redis"):

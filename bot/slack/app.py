@@ -27,7 +27,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.approvals import Approvals
 from bot.domain import Actor, Invocation, UserId
-from bot.errors import MalformedPayload, UserError
+from bot.errors import BackendUnavailable, MalformedPayload, UserError
 from bot.pipeline import Pipeline
 from bot.ports import tell
 from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY
@@ -35,6 +35,23 @@ from bot.slack.payloads import click, click_user, command_request, unchecked_req
 
 log = logging.getLogger(__name__)
 INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
+SLOW_AFTER = 2.0  # seconds before a person still waiting is told why (a look is expected well within that)
+SLOW_COMMAND = (":hourglass: Still working on it: a backend (the cluster, a database or a queue) is slow to answer, or opsbot "
+                "is busy. Nothing is guessed or skipped; the answer, or the reason there is none, comes here.")
+SLOW_CLICK = (":hourglass: Your click is being recorded, but opsbot's database is slow to answer. It counts once the database "
+              "takes it; the card will show it. No need to click again.")
+
+
+async def _telling_if_slow(work: Awaitable[Any], say: Callable[[], Awaitable[None]], *, after: float = SLOW_AFTER) -> None:
+    """Run ``work``; if it is still running after ``after`` seconds, ``say`` so once and go on
+    waiting. A backend that is frozen (SIGSTOP, a black-holed network) holds the request until it
+    answers or its connection breaks: the person is told rather than left guessing, and the request
+    is neither dropped half-way nor answered with a guess."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=after)
+    if not done:
+        await tell(say())
+    await task
 
 
 @contextlib.contextmanager
@@ -103,7 +120,9 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
             await pipeline.record_invalid(req, UserError("internal error while reading the command"))
             return
         await ack()
-        await pipeline.handle(req, inv)
+        await _telling_if_slow(pipeline.handle(req, inv),
+                               lambda: approvals.chat.respond(response_url=req.response_url, channel_id=req.channel_id,
+                                                              user_id=req.actor.user_id, text=SLOW_COMMAND))
 
     @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
@@ -115,8 +134,15 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 await _malformed_click(body, exc)
                 return
             try:
-                await approvals.click(c.value, c.actor, "approve" if action.get("action_id") == APPROVE else "deny",
-                                      channel_id=c.channel_id, message_ts=c.message_ts)
+                await _telling_if_slow(
+                    approvals.click(c.value, c.actor, "approve" if action.get("action_id") == APPROVE else "deny",
+                                    channel_id=c.channel_id, message_ts=c.message_ts),
+                    lambda: approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=SLOW_CLICK))
+            except BackendUnavailable as exc:  # fail closed, and say so: the vote lives in PostgreSQL
+                note = await pipeline.record_click_unavailable(c.actor, c.channel_id, c.value, exc)
+                await tell(approvals.chat.post_ephemeral(
+                    channel_id=c.channel_id, user_id=c.actor.user_id,
+                    text=f":x: Your click was not counted: {exc}. Nothing changed; click again when it is back.{note}"))
             except Exception:
                 log.exception("a click on %r failed", c.value[:80])
                 await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,
@@ -133,6 +159,11 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 return
             try:
                 await approvals.acknowledge(c.value, c.actor, channel_id=c.channel_id, message_ts=c.message_ts)
+            except BackendUnavailable as exc:
+                note = await pipeline.record_click_unavailable(c.actor, c.channel_id, c.value, exc)
+                await tell(approvals.chat.post_ephemeral(
+                    channel_id=c.channel_id, user_id=c.actor.user_id,
+                    text=f":x: Your review was not recorded: {exc}. Click again when it is back.{note}"))
             except Exception:
                 log.exception("a review click on %r failed", c.value[:80])
                 await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,

@@ -94,8 +94,8 @@ async def test_ops_audit_is_for_auditors(bot: Harness) -> None:
     reply = await bot.response(containing="policy_denied")
     assert "*1 audit row(s) match*" in reply["text"]
     await bot.slash(EVE, "/ops audit --target worker")
-    # requested, approval_given, approved, started, succeeded; the denied attempt names no plan target
-    reply = await bot.response(containing="*5 audit row(s) match* — page 1 of 1")
+    # requested, approval_given, approved, started, succeeded, followed; the denied attempt names no plan target
+    reply = await bot.response(containing="*6 audit row(s) match* — page 1 of 1")
     assert "policy_denied" not in reply["text"]
     _, ack = await bot.slash(EVE, "/ops audit --since yesterday")
     assert "neither a duration (7d, 12h, 30m) nor a date" in ack
@@ -107,7 +107,7 @@ async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_
     await bot.click(CAROL, request.id)
     await bot.state_of(request.id, "succeeded")
     await bot.slash(MALLORY, "/ops scale worker 9")
-    await bot.eventually(lambda: _events_at_least(bot, 6), what="audit rows")
+    await bot.eventually(lambda: _events_at_least(bot, 7), what="audit rows")
     await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
     env = {**os.environ, "DATABASE_URL": state_db, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": "x",
            "SLACK_API_URL": bot.slack.api_url, "REDIS_URL": redis_url, "OPSBOT_CONFIG": str(EXAMPLE),
@@ -119,7 +119,7 @@ async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_
 
     proc = await asyncio.to_thread(verify)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "database: OK: 6 row(s)" in proc.stdout and "channel: 6 posted hash(es) compared, 0 differ" in proc.stdout
+    assert "database: OK: 7 row(s)" in proc.stdout and "channel: 7 posted hash(es) compared, 0 differ" in proc.stdout
     # Rewrite a row and its hash (and all that follow) so the database chain is valid again: only the
     # channel, posted at the time, still shows what really happened.
     from bot.adapters.audit_log import audit_hash, audit_record
@@ -137,7 +137,8 @@ async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_
             prev = row["hash"]
     proc = await asyncio.to_thread(verify)
     assert proc.returncode == 1
-    assert "database: OK" in proc.stdout and "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6" in proc.stdout
+    assert "database: OK" in proc.stdout
+    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6, 7" in proc.stdout
 
 
 def _verify_env(bot: Harness, state_db: str, platform_db: str, redis_url: str) -> dict[str, str]:
@@ -151,13 +152,13 @@ async def _opsbot(env: dict[str, str], *args: str) -> subprocess.CompletedProces
                                    env=env, timeout=60)
 
 
-async def _six_posted_rows(bot: Harness) -> None:
+async def _seven_posted_rows(bot: Harness) -> None:
     await bot.slash(ALICE, "/ops scale worker 4")
     request = await bot.requested()
     await bot.click(CAROL, request.id)
     await bot.state_of(request.id, "succeeded")
     await bot.slash(MALLORY, "/ops scale worker 9")
-    await bot.eventually(lambda: _events_at_least(bot, 6), what="audit rows")
+    await bot.eventually(lambda: _events_at_least(bot, 7), what="audit rows")
     await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
 
 
@@ -165,7 +166,7 @@ async def test_verify_against_the_channel_fails_when_the_newest_rows_were_delete
                                                                                   platform_db: str, redis_url: str) -> None:
     """Cutting the tail off leaves a shorter chain that verifies on its own; the channel still has
     the rows, so `verify --against-channel` must exit 1 and name them."""
-    await _six_posted_rows(bot)
+    await _seven_posted_rows(bot)
     with psycopg.connect(state_db, autocommit=True) as conn:  # the owner, trigger off
         conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
         conn.execute("DELETE FROM audit_outbox WHERE seq >= 5")
@@ -173,19 +174,19 @@ async def test_verify_against_the_channel_fails_when_the_newest_rows_were_delete
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
     assert "database: OK: 4 row(s)" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "channel: MISSING: 2 posted row(s) are not in the database and no pruning checkpoint covers them: seq 5, 6" \
+    assert "channel: MISSING: 3 posted row(s) are not in the database and no pruning checkpoint covers them: seq 5, 6, 7" \
         in proc.stdout, proc.stdout
 
 
 async def test_verify_against_the_channel_accepts_pruned_rows(bot: Harness, state_db: str, platform_db: str,
                                                              redis_url: str) -> None:
-    await _six_posted_rows(bot)
+    await _seven_posted_rows(bot)
     env = _verify_env(bot, state_db, platform_db, redis_url)
     pruned = await _opsbot(env, "audit", "prune", "--before", "2999-01-01")
-    assert "pruned 5 row(s) up to seq 5" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert "pruned 6 row(s) up to seq 6" in pruned.stdout, pruned.stdout + pruned.stderr
     proc = await _opsbot(env, "audit", "verify", "--against-channel")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "channel: 5 posted row(s) pruned (covered by the checkpoint up to seq 5)" in proc.stdout, proc.stdout
+    assert "channel: 6 posted row(s) pruned (covered by the checkpoint up to seq 6)" in proc.stdout, proc.stdout
 
 
 async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness, state_db: str, platform_db: str,
@@ -195,7 +196,7 @@ async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness
     bot's: only the bot's own messages count, so the rewrite still shows, and the forgery is reported."""
     from bot.adapters.audit_log import audit_hash, audit_record
 
-    await _six_posted_rows(bot)
+    await _seven_posted_rows(bot)
     rows = await bot.runtime.audit.log.rows()
     with psycopg.connect(state_db, autocommit=True) as conn:
         conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
@@ -215,9 +216,9 @@ async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness
     bot.slack.post_as(MALLORY, "C0AUDIT", "`#99` *succeeded* by opsbot: scale · hash `" + "0" * 64 + "`")
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5" in proc.stdout, proc.stdout
+    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6, 7" in proc.stdout, proc.stdout
     assert "MISSING" not in proc.stdout, proc.stdout  # the forged #99 is not taken for a deleted row
-    assert "channel: ignored 4 message(s) with audit lines not posted by opsbot (U0BOT): from U0MALLORY (4)" in proc.stdout, \
+    assert "channel: ignored 5 message(s) with audit lines not posted by opsbot (U0BOT): from U0MALLORY (5)" in proc.stdout, \
         proc.stdout
 
 

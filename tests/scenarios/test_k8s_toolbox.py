@@ -177,16 +177,18 @@ async def test_logs_are_denied_to_roles_the_policy_does_not_name(bot: Harness) -
     assert "Not allowed" in (await bot.response(containing="Not allowed"))["text"]
 
 
-async def test_a_hung_cluster_gets_a_read_answered_within_two_seconds(bot: Harness, kube: KubeApiServer) -> None:
-    kube.faults.add(path_re=r"/pods", hang=30)
+async def test_a_hung_cluster_is_said_within_two_seconds_then_refused(bot: Harness, kube: KubeApiServer) -> None:
+    kube.faults.add(path_re=r"/pods", hang=60)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await bot.slash(ALICE, "/ops pods worker")
-    reply = await bot.response(containing="Refused", timeout=10)
+    held = await bot.response(containing="Still working on it", timeout=10)
     took = loop.time() - started
+    assert "slow to answer" in held["text"]
+    assert took < 4, took  # said at 2 s; generous for a loaded machine
+    reply = await bot.response(containing="Refused", timeout=40)  # the adapter's deadline for one call
     kube.faults.clear()
-    assert "the Kubernetes API is unavailable: no answer within 2 s" in reply["text"]
-    assert took < 5, took  # 2 s deadline; generous for a loaded machine
+    assert "the Kubernetes API" in reply["text"] and "Nothing was changed" in reply["text"]
     rows = await bot.eventually(lambda: _rows(bot), what="the refused row")
     assert rows[-1]["event"] == "refused"
 

@@ -134,7 +134,7 @@ async def test_break_glass_runs_now_and_is_reviewed_after(bot: Harness, kube: Ku
         return events if events[-1:] == ["break_glass_reviewed"] else None
 
     assert await bot.eventually(story, what="the review's audit row") == [
-        "requested", "break_glass", "started", "succeeded", "review_refused", "break_glass_reviewed"]
+        "requested", "break_glass", "started", "succeeded", "followed", "review_refused", "break_glass_reviewed"]
 
 
 async def test_break_glass_does_not_skip_a_stricter_rule_without_it(bot: Harness, kube: KubeApiServer) -> None:

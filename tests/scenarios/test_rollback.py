@@ -39,7 +39,7 @@ async def test_rollback_to_previous_revision_reverts_the_template(bot: Harness, 
     # The write was a JSON patch carrying the resourceVersion read just before (409 if it moved).
     patches = [r for r in kube.cluster.requests if r[0] == "PATCH" and r[1].endswith("/deployments/nova-api")]
     assert patches == [("PATCH", "/apis/apps/v1/namespaces/nova/deployments/nova-api", "application/json-patch+json")]
-    assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded"]
+    assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded", "followed"]
 
 
 async def test_rollback_to_a_given_revision(bot: Harness, kube: KubeApiServer) -> None:

@@ -39,7 +39,7 @@ async def test_engineer_scales_worker_after_approval(bot: Harness, kube: KubeApi
 
     # The whole story, in order, in the audit table and in the audit channel: one headline message
     # for the request (updated to its final state) and each step, with its row hash, in its thread.
-    assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded"]
+    assert await bot.audit_events(request.id) == ["requested", "approval_given", "approved", "started", "succeeded", "followed"]
     rows = await bot.runtime.audit.log.rows(request.id)
 
     async def steps_posted():  # type: ignore[no-untyped-def]

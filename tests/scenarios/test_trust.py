@@ -97,6 +97,7 @@ async def test_latest_card_state_wins_after_many_changes_during_an_outage(bot: H
     bot.slack.down = True
     await bot.click(CAROL, request.id)
     await bot.eventually(lambda: _state(bot, request.id, "succeeded"), what="success")
+    await bot.eventually(lambda: _async(not bot.runtime.executor.following), what="the rollout to be followed to its end")
     updates_during = len(bot.slack.calls_to("chat.update"))
     bot.slack.down = False
     retry_now(state_db)

@@ -7,7 +7,7 @@ where it should with the card, the thread and the audit chain all right."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 from pathlib import Path
 
@@ -155,14 +155,23 @@ async def test_postgres_lost_when_the_worker_claims_the_job(world: World, kube: 
     request = await w.bot.requested()
     await w.bot.click(CAROL, request.id, "approve")
     await w.bot.state_of(request.id, "approved")
+    queue = w.bot.runtime.actions
+    await w.bot.eventually(lambda: _is(queue.job_state(request.id), "waiting"), what="the job to be queued")
     getattr(w.db, fault)()
     await w.bot.runtime.worker.start()
-    queue = w.bot.runtime.actions
 
     async def job_failed() -> bool:
         return await queue.job_state(request.id) == "failed"
 
-    await w.bot.eventually(job_failed, timeout=40, what="the worker's claim to fail while the database is away")
-    assert replicas(kube) == 3
+    if fault == "down":
+        await w.bot.eventually(job_failed, timeout=40, what="the worker's claim to fail while the database is away")
+    else:  # frozen: the claim waits for the database (it neither fails nor runs without it)
+        await w.bot.eventually(lambda: _is(queue.job_state(request.id), "active", "failed"), timeout=20, what="the job to be taken")
+        await asyncio.sleep(2)
+    assert replicas(kube) == 3 and scale_patches(kube) == 0
     w.db.up()
     await ends_right(w, request.id, kube)
+
+
+async def _is(state: Awaitable[str | None], *wanted: str) -> bool:
+    return await state in wanted

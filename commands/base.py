@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from bot.config import Config, Deployment
 from bot.domain import Outcome, Plan, Progress
 from bot.errors import NotFound, UsageError
+from bot.messages import code
 from bot.ports import Context
 from bot.untrusted import non_ascii_hint
 
 Params = dict[str, Any]
+T = TypeVar("T")
 
 
 class Command(ABC):
@@ -68,12 +70,28 @@ class Command(ABC):
             raise self.usage_error(f"unexpected argument(s) `{extra}`.")
 
 
+class OnDeployment(Command):
+    """A command whose only argument is a deployment alias (status, history, pods, events, restart)."""
+
+    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
+        self.expect_args(args, ["deployment"])
+        deployment_alias(config, args[0])
+        return {"deployment": args[0]}
+
+
+def named(section: Mapping[str, T], name: str, what: str, plural: str = "") -> T:
+    """The entry ``name`` of a config section (deployments, cronjobs, queues, databases…), or a
+    NotFound that lists the known names and points at look-alike letters. The typed name is shown
+    bounded and inert (it cannot become a mention or a link in the reply)."""
+    entry = section.get(name)
+    if entry is None:
+        known = ", ".join(sorted(section)) or "none configured"
+        raise NotFound(f"unknown {what} {code(name[:100])}{non_ascii_hint(name[:100])}. Known {plural or what + 's'}: {known}.")
+    return entry
+
+
 def deployment_alias(config: Config, alias: str) -> Deployment:
-    dep = config.deployments.get(alias)
-    if dep is None:
-        known = ", ".join(sorted(config.deployments)) or "none configured"
-        raise NotFound(f"unknown deployment `{alias}`{non_ascii_hint(alias)}. Known deployments: {known}.")
-    return dep
+    return named(config.deployments, alias, "deployment")
 
 
 def deployment_target(dep: Deployment) -> str:

@@ -6,8 +6,7 @@ from typing import Any
 
 from bot.config import Config, Database
 from bot.domain import Plan
-from bot.errors import NotFound
-from bot.untrusted import non_ascii_hint
+from commands.base import named
 
 READ_BUDGET = 1.5  # seconds for a read, connect included: the answer is due within 2 s (bot/pipeline.py)
 PLAN_BUDGET = 5.0  # reading the session a cancel/terminate would signal (not under the read deadline)
@@ -16,11 +15,7 @@ QUERY_SHOWN = 300  # characters of a query's text shown
 
 
 def database(config: Config, name: str) -> Database:
-    db = config.databases.get(name)
-    if db is None:
-        known = ", ".join(sorted(config.databases)) or "none configured"
-        raise NotFound(f"unknown database `{name[:100]}`{non_ascii_hint(name[:100])}. Known databases: {known}.")
-    return db
+    return named(config.databases, name, "database")
 
 
 def database_plan(command: str, name: str, db: Database, params: dict[str, Any], *, mutating: bool, target: str = "",

@@ -24,10 +24,9 @@ from typing import Any
 
 from bot.config import Config, HealthProbe, health_environment
 from bot.domain import Plan
-from bot.errors import NotFound, Refused
+from bot.errors import Refused
 from bot.ports import Context, ProbeResponse
-from bot.untrusted import non_ascii_hint
-from commands.base import Command, Params
+from commands.base import Command, Params, named
 from commands.shown import untrusted
 
 JSON_BYTES = 64 * 1024
@@ -43,9 +42,8 @@ GRACE = 0.2  # beyond the longest probe timeout, before a probe that is still ru
 def check_service(config: Config, service: str | None) -> None:
     if not config.health:
         raise Refused("no health probes are configured here (no `health:` section in the config).")
-    if service is not None and service not in config.health:
-        raise NotFound(f"unknown service `{service[:100]}`{non_ascii_hint(service[:100])}. "
-                       f"Services with health probes: {', '.join(sorted(config.health))}.")
+    if service is not None:
+        named(config.health, service, "service", "services with health probes")
 
 
 def _bad_flag(key: str) -> bool:

@@ -17,21 +17,16 @@ from typing import Any
 
 from bot.config import Config, CronJob
 from bot.domain import Outcome, Plan, Progress
-from bot.errors import NotFound, OpsbotError, Refused
+from bot.errors import OpsbotError, Refused
 from bot.ports import Context, Obj
-from bot.untrusted import non_ascii_hint
-from commands.base import Command, Params, age, images_of
+from commands.base import Command, Params, age, images_of, named
 
 POLL_SECONDS = 2.0
 MAX_FOLLOW_SECONDS = 6 * 3600
 
 
 def cronjob_alias(config: Config, alias: str) -> CronJob:
-    cj = config.cronjobs.get(alias)
-    if cj is None:
-        known = ", ".join(sorted(config.cronjobs)) or "none configured"
-        raise NotFound(f"unknown cronjob `{alias}`{non_ascii_hint(alias)}. Known cronjobs: {known}.")
-    return cj
+    return named(config.cronjobs, alias, "cronjob")
 
 
 def job_from_cronjob(cronjob: Obj, name: str) -> Obj:

@@ -7,12 +7,9 @@ deployment's ReplicaSets gave it (``<replicaset>-<suffix>``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context, Obj
-from commands.base import Command, Params, age, deployment_alias
+from commands.base import OnDeployment, Params, age, deployment_alias
 from commands.k8s.workload import pods_of, read_workload
 
 MAX_SHOWN = 20
@@ -22,17 +19,12 @@ def _when(e: Obj) -> str:
     return str(e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp") or "")
 
 
-class Events(Command):
+class Events(OnDeployment):
     name = "events"
     words = ("events",)
     usage = "/ops events <deployment>"
     summary = "Recent warning events of a deployment, its ReplicaSets and pods, newest first."
     mutating = False
-
-    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
-        self.expect_args(args, ["deployment"])
-        deployment_alias(config, args[0])
-        return {"deployment": args[0]}
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

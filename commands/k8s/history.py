@@ -3,28 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context
-from commands.base import Command, Params, age, deployment_alias, images_of
+from commands.base import OnDeployment, Params, age, deployment_alias, images_of
 from commands.k8s.workload import CHANGE_CAUSE, read_workload, revision
 
 MAX_SHOWN = 15
 
 
-class History(Command):
+class History(OnDeployment):
     name = "history"
     words = ("history",)
     usage = "/ops history <deployment>"
     summary = "A deployment's revisions: images, change-cause and age, the current one marked."
     mutating = False
-
-    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
-        self.expect_args(args, ["deployment"])
-        deployment_alias(config, args[0])
-        return {"deployment": args[0]}
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

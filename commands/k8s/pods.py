@@ -4,12 +4,9 @@ Error with its exit code). Read-only."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context, Obj
-from commands.base import Command, Params, age, deployment_alias
+from commands.base import OnDeployment, Params, age, deployment_alias
 from commands.k8s.workload import pods_of, read_workload
 
 MAX_SHOWN = 30
@@ -41,17 +38,12 @@ def pod_line(pod: Obj) -> str:
     return line + (f" — last ended: {'; '.join(last)}" if last else "")
 
 
-class Pods(Command):
+class Pods(OnDeployment):
     name = "pods"
     words = ("pods",)
     usage = "/ops pods <deployment>"
     summary = "A deployment's pods: phase, ready, restarts, age, node and why the last run ended."
     mutating = False
-
-    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
-        self.expect_args(args, ["deployment"])
-        deployment_alias(config, args[0])
-        return {"deployment": args[0]}
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

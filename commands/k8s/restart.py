@@ -8,26 +8,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
-from bot.config import Config
 from bot.domain import Outcome, Plan, Progress
 from bot.errors import Refused
 from bot.ports import Context
-from commands.base import Command, Params, deployment_alias
+from commands.base import OnDeployment, Params, deployment_alias
 from commands.k8s.workload import RESTARTED_AT, follow_rollout, revision
 
 
-class Restart(Command):
+class Restart(OnDeployment):
     name = "restart"
     words = ("restart",)
     usage = "/ops restart <deployment>"
     summary = "Replace a deployment's pods one by one, like `kubectl rollout restart`."
-
-    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
-        self.expect_args(args, ["deployment"])
-        deployment_alias(config, args[0])
-        return {"deployment": args[0]}
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

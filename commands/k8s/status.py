@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from bot.config import Config
 from bot.domain import Plan
 from bot.ports import Context
-from commands.base import Command, Params, deployment_alias, images_of
+from commands.base import OnDeployment, Params, deployment_alias, images_of
 from commands.k8s.workload import find_hpa, hpa_line
 
 
-class Status(Command):
+class Status(OnDeployment):
     name = "status"
     words = ("status",)
     usage = "/ops status <deployment>"
     summary = "Replicas, revision, images, rollout state and autoscaler of a deployment."
     mutating = False
-
-    def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
-        self.expect_args(args, ["deployment"])
-        deployment_alias(config, args[0])
-        return {"deployment": args[0]}
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

@@ -18,21 +18,16 @@ from typing import Any
 
 from bot.config import Config, Queue
 from bot.domain import Plan
-from bot.errors import NotFound
 from bot.redaction import scrub_text
-from bot.untrusted import char_name, non_ascii_hint, storable
-from commands.base import Command, Params, age
+from bot.untrusted import char_name, storable
+from commands.base import Command, Params, age, named
 
 MAX_JOB_ID = 200  # BullMQ's own ids are integers; custom ones are UUIDs and the like
 REASON_CHARS = 200
 
 
 def queue_alias(config: Config, alias: str) -> Queue:
-    q = config.queues.get(alias)
-    if q is None:
-        known = ", ".join(sorted(config.queues)) or "none configured"
-        raise NotFound(f"unknown queue `{shown(alias, 80)}`{non_ascii_hint(alias[:80])}. Known queues: {known}.")
-    return q
+    return named(config.queues, alias, "queue")
 
 
 def queue_target(q: Queue) -> str:

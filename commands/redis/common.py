@@ -6,8 +6,8 @@ from typing import Any
 
 from bot.config import Config, RedisTarget
 from bot.domain import Plan
-from bot.errors import NotFound, Refused
-from bot.untrusted import non_ascii_hint
+from bot.errors import Refused
+from commands.base import named
 
 READ_BUDGET = 1.5  # seconds for a read, connect included: the answer is due within 2 s (bot/pipeline.py)
 
@@ -15,11 +15,7 @@ READ_BUDGET = 1.5  # seconds for a read, connect included: the answer is due wit
 def redis_target(config: Config, name: str) -> RedisTarget:
     if not config.redis:
         raise Refused("no Redis targets are configured here (no `redis:` section in the config).")
-    target = config.redis.get(name)
-    if target is None:
-        raise NotFound(f"unknown Redis target `{name[:100]}`{non_ascii_hint(name[:100])}. "
-                       f"Known Redis targets: {', '.join(sorted(config.redis))}.")
-    return target
+    return named(config.redis, name, "Redis target")
 
 
 def redis_plan(command: str, name: str, target: RedisTarget, params: dict[str, Any], **fields: Any) -> Plan:

@@ -60,6 +60,11 @@ def job_state(job: Obj) -> tuple[str, bool, bool]:
             f"{status.get('failed', 0)} failed"), False, False
 
 
+def _ago(stamp: str | None) -> str:
+    """A CronJob that never ran has no lastScheduleTime: say "never", not "? ago"."""
+    return f"{age(stamp)} ago" if stamp else "never"
+
+
 class Backup(Command):
     name = "backup"
     words = ("backup",)
@@ -95,8 +100,8 @@ class Backup(Command):
         details = [f"namespace {cj.namespace}, environment {cj.environment}",
                    f"schedule `{spec.get('schedule')}`{' (suspended)' if spec.get('suspend') else ''}, concurrencyPolicy {policy}",
                    "images: " + (", ".join(images_of(pod_spec)) or "?"),
-                   f"last scheduled {age(status.get('lastScheduleTime'))} ago, last succeeded "
-                   f"{age(status.get('lastSuccessfulTime'))} ago"]
+                   f"last scheduled {_ago(status.get('lastScheduleTime'))}, last succeeded "
+                   f"{_ago(status.get('lastSuccessfulTime'))}"]
         if active:
             details.append(f":warning: already running: {', '.join(active)}")
         return self._plan(cj, params, summary=f"{cj.name}: run a job now from its template",

@@ -21,6 +21,11 @@ def _spec(config: Config) -> Providers:
     return config.providers
 
 
+def _table(spec: Providers) -> str:
+    """The table as the UPDATE names it: schema-qualified when the config gives a schema (NepXy's `app`)."""
+    return f'"{spec.schema_}"."{spec.table}"' if spec.schema_ else f'"{spec.table}"'
+
+
 class _ProviderToggle(Command):
     active: ClassVar[bool]
 
@@ -56,7 +61,7 @@ class _ProviderToggle(Command):
             target_kind="providers",
             params=params,
             summary=f"{verb} provider {params['provider']}: {spec.active_column} {current} → {self.active}",
-            details=(f'table "{spec.table}" in database `{spec.database}`',),
+            details=(f'table {_table(spec)} in database `{spec.database}`',),
             before={spec.active_column: current},
             after={spec.active_column: self.active},
         )

@@ -24,6 +24,7 @@ from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
+from bot.messages import code, mrkdwn
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -281,18 +282,18 @@ class Pipeline:
                                 result={"audit_query": {k: v for k, v in p.items()}, "matches": total}, post=False)
         pages = max(1, -(-total // size))
         if not rows:
-            await self._reply(req, f"No audit rows match `/ops {inv.text}`" + (f" (page {page} of {pages})." if total else "."))
+            await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" (page {page} of {pages})." if total else "."))
             return
         lines = [f"*{total} audit row(s) match* — page {page} of {pages}, newest first"]
         for r in rows:
             plan = r["plan"] or {}
-            what = plan.get("summary") or f"`/ops {r['command_text']}`"
+            what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {r['command_text']}")
             where = f" [{plan['environment']}]" if plan.get("environment") else ""
             req_id = f" `{r['request_id']}`" if r["request_id"] else ""
             lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* <@{r['actor_id']}>: {what}{where}{req_id}")
         if page < pages:
             base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
-            lines.append(f"Next: `/ops {base} --page {page + 1}`")
+            lines.append(f"Next: {code(f'/ops {base} --page {page + 1}')}")
         await self._reply(req, "\n".join(lines))
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:

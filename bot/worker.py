@@ -84,6 +84,11 @@ class Executor:
             return await self._finish(request, RequestState.FAILED, error=f"could not re-check the target: {exc}")
         if fresh.fingerprint != request.plan["fingerprint"]:
             return await self._finish(request, RequestState.STALE, error=_what_changed(request.plan, fresh))
+        env = self.ctx.config.environments.get(fresh.environment)
+        if env is not None and env.frozen:  # frozen since it was approved (a restart with a new policy): not run
+            return await self._finish(request, RequestState.FAILED,
+                                      error=f"{fresh.environment} is frozen now ({env.frozen}); it was not when this was "
+                                            "approved. Nothing was done.")
         started = time.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(request.id))
         try:

@@ -66,6 +66,7 @@ class SlackChat:
         self.client = client
         self._clock = clock
         self._blocked_until: dict[str, float] = {}  # Web API method → when its Retry-After has passed
+        self._me: tuple[str, str] | None = None  # (user id, bot id) from auth.test, asked once
 
     async def _call(self, method: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
         left = self._blocked_until.get(method, 0.0) - self._clock()
@@ -133,7 +134,17 @@ class SlackChat:
         else:
             resp = await self._call("conversations.history", "read the audit channel",
                                     lambda: self.client.conversations_history(channel=channel_id, limit=200))
+        user_id, bot_id = await self._identity()
         for message in resp.get("messages") or []:
-            if needle in str(message.get("text", "")):
+            # Only opsbot's own posts: anyone in the channel could post the needle (a row hash, a
+            # reply's text) to make opsbot believe its post arrived and never send the real one.
+            mine = (user_id and message.get("user") == user_id) or (bot_id and message.get("bot_id") == bot_id)
+            if mine and needle in str(message.get("text", "")):
                 return str(message["ts"])
         return None
+
+    async def _identity(self) -> tuple[str, str]:
+        if self._me is None:
+            resp: Any = await self._call("auth.test", "ask Slack who opsbot is", lambda: self.client.auth_test())
+            self._me = (str(resp.get("user_id") or ""), str(resp.get("bot_id") or ""))
+        return self._me

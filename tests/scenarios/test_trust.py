@@ -510,3 +510,20 @@ async def _state(bot: Harness, request_id: str, state: str) -> bool:
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_the_duplicate_post_check_counts_only_opsbots_own_messages(slack: FakeSlack) -> None:
+    """After a post whose answer was lost, opsbot looks for it before posting again. A person who
+    posts the same text (a row hash) must not make opsbot believe its post arrived."""
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.slack.chat import SlackChat
+
+    chat = SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url))
+    head = await chat.post_message(channel_id="C0AUDIT", text="headline")
+    slack.post_as(MALLORY, "C0AUDIT", "`#7` *succeeded* · hash `abc123`", thread_ts=head)
+    assert await chat.find_message(channel_id="C0AUDIT", needle="abc123", thread_ts=head) is None
+    mine = await chat.post_message(channel_id="C0AUDIT", text="`#7` *succeeded* · hash `abc123`", thread_ts=head)
+    assert await chat.find_message(channel_id="C0AUDIT", needle="abc123", thread_ts=head) == mine
+    slack.post_as(MALLORY, "C0AUDIT", "forged top-level hash `def456`")
+    assert await chat.find_message(channel_id="C0AUDIT", needle="def456") is None

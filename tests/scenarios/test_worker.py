@@ -83,3 +83,20 @@ async def test_the_workers_redis_connections_outlast_its_blocking_wait(bot: Harn
         pool = client.connection_pool
         connection = pool.connection_class(**pool.connection_kwargs)  # what each (re)connection gets; not connected
         assert connection.socket_timeout is not None and connection.socket_timeout >= longest_wait + 5
+
+
+async def test_an_environment_frozen_after_approval_is_not_changed(bot: Harness, kube: KubeApiServer) -> None:
+    """The policy a replica runs with can change under an approved request (a restart with a new
+    config): a freeze is checked again just before running, the rest of the decision is not."""
+    import dataclasses
+
+    await bot.slash(ALICE, "/ops scale worker 7")
+    request = await bot.requested()
+    ctx = bot.runtime.executor.ctx
+    frozen = ctx.config.model_copy(update={"environments": {"production": ctx.config.environments["production"].model_copy(
+        update={"frozen": "INC-9 change freeze"})}})
+    bot.runtime.executor.ctx = dataclasses.replace(ctx, config=frozen)
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale")
+    assert done.state.value == "failed" and "production is frozen now (INC-9 change freeze)" in (done.error or "")
+    assert int(kube.cluster.get("apps/deployments", "nova", "nova-worker")["spec"]["replicas"]) == 3

@@ -111,7 +111,7 @@ class Executor:
                                    started=started)
         steps = cmd.follow(fresh, outcome, self.ctx) if final == RequestState.SUCCEEDED.value else None
         if steps is not None:
-            task = asyncio.create_task(self._follow(request, steps))
+            task = asyncio.create_task(self._follow(request, steps), name=f"follow:{request.id}")
             self.following.add(task)
             task.add_done_callback(self.following.discard)
         return final
@@ -132,6 +132,9 @@ class Executor:
             event = "follow_failed" if last.failed else "followed"
             await self._record(event, request, result={"message": last.text})
             self.notices.card_changed()
+
+    def following_request(self, request_id: str) -> bool:
+        return any(t.get_name() == f"follow:{request_id}" for t in self.following)
 
     async def stop_following(self) -> None:
         for task in list(self.following):

@@ -156,7 +156,7 @@ class Harness:
             return r if r is not None and r.card_ts else None
         return await self.eventually(probe, timeout=timeout, what="a request to be opened")
 
-    async def state_of(self, request_id: str, *states: str, timeout: float = 15.0) -> OpsRequest:
+    async def state_of(self, request_id: str, *states: str, timeout: float = 15.0, followed: bool = True) -> OpsRequest:
         """Wait for the request to reach one of ``states``. For a final state, also wait until the
         story is told: the audit row for it is written and its notice is in the card's thread (the
         last thing opsbot does), so tests can read everything right after."""
@@ -170,7 +170,7 @@ class Harness:
                 mark = _THREAD_MARK[r.state.value]
                 if not any(m.text.startswith(mark) for m in self.slack.thread(r.card_channel or "", r.card_ts or "")):
                     return None
-                if self.runtime.executor.following:  # a rollout or job still being followed: its end is part of the story
+                if followed and self.runtime.executor.following_request(request_id):  # its rollout/job's end is part of the story
                     return None
             return r
         return await self.eventually(probe, timeout=timeout, what=f"request {request_id} to be {'/'.join(states)}")

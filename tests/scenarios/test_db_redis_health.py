@@ -595,7 +595,7 @@ async def test_health_of_a_service_that_is_down(bot: Harness) -> None:
 
 async def test_bad_health_arguments(bot: Harness, platform_http: FakePlatform) -> None:
     cases = {
-        "/ops health payments": "unknown service `payments`. Services with health probes: api, worker.",
+        "/ops health payments": "unknown service `payments`. Known services with health probes: api, worker.",
         "/ops health wоrker": "contains U+043E CYRILLIC SMALL LETTER O",
         "/ops health api worker": "unexpected argument(s) `worker`; name one service or none",
         "/ops health http://169.254.169.254/latest/meta-data": "unknown service `http://169.254.169.254/latest/meta-data`",

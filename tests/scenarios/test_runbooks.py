@@ -179,9 +179,9 @@ class Incident:
         status, body = await self.bot.click(user, request.id, "approve", channel=self.channel)
         assert status == 200, body
 
-    async def done(self, request: OpsRequest, timeout: float = 15.0) -> OpsRequest:
+    async def done(self, request: OpsRequest, timeout: float = 15.0, *, followed: bool = True) -> OpsRequest:
         final = await self.bot.state_of(request.id, "succeeded", "failed", "stale", "unknown", "denied", "expired",
-                                        timeout=timeout)
+                                        timeout=timeout, followed=followed)
         assert final.state.value == "succeeded", final.error
         return final
 
@@ -693,7 +693,7 @@ async def nova_story(room: Incident, api: KubeApiServer, db: str, queue: Queue, 
     assert "nova-db-backup: run a job now from its template" in card and "images: nova-db-backup=ghcr.io/nova/pg-backup:15" in card
     assert "last scheduled never, last succeeded never" in card and "policy: production-changes" in card
     await room.approve(NOVA_APPROVER1, backup)
-    backup = await room.done(backup)
+    backup = await room.done(backup, followed=False)  # the job is still running: it is followed below
     job = str((backup.result or {})["job"])
     await room.in_thread(backup, f":hourglass_flowing_sand: Job {job}: 1 running, 0 succeeded, 0 failed…")
     api.cluster.finish_job(ns, job, succeeded=True)  # pg_dump is done

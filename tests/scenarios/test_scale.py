@@ -49,8 +49,9 @@ async def test_engineer_scales_worker_after_approval(bot: Harness, kube: KubeApi
     heads = await bot.eventually(steps_posted, what="the audit thread")
     assert len(heads) == 1
     steps = bot.slack.thread("C0AUDIT", heads[0].ts)
-    assert [r["hash"] in m.text for r, m in zip(rows, steps, strict=True)] == [True] * 5
-    assert "*succeeded*" in steps[-1].text and "nova-worker: 3 → 6 replicas" in steps[-1].text
+    assert len(rows) == 6 and all(r["hash"] in m.text for r, m in zip(rows, steps, strict=True))
+    assert "*succeeded*" in steps[-2].text and "nova-worker: 3 → 6 replicas" in steps[-2].text
+    assert "successfully rolled out" in steps[-1].text
 
     async def headline_final():  # type: ignore[no-untyped-def]
         head = next(m for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text)

@@ -227,6 +227,8 @@ class AuditPoster:
             try:
                 while await self.run_once():
                     pass  # drain continuously while there is a backlog
+            except BackendUnavailable as exc:  # an outage is expected, and said once per try, without a traceback
+                log.warning("audit poster: %s; will try again", exc)
             except Exception:
                 log.exception("audit poster failed; will try again")
             with contextlib.suppress(TimeoutError):

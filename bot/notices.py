@@ -179,6 +179,8 @@ class Notices:
             try:
                 while await self.run_once():
                     pass  # drain while there is work
+            except BackendUnavailable as exc:  # an outage is expected: said without a traceback
+                log.warning("notices poster: %s; will try again", exc)
             except Exception:
                 log.exception("notices poster failed; will try again")
             with contextlib.suppress(TimeoutError):

@@ -165,7 +165,7 @@ class Pipeline:
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
         pre = self._decide(inv.command, actor, req, inv)
         if pre.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None)
+            await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None, roles=True)
             return
         try:
             plan = await cmd.plan(inv.params, self.ctx)
@@ -176,7 +176,7 @@ class Pipeline:
             raise BackendUnavailable("the target", str(exc)) from exc
         decision = self._decide(plan, actor, req, inv)
         if decision.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json())
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json(), roles=True)
             return
         if not plan.mutating:
             self.metrics.requests.labels(inv.command, "read").inc()
@@ -244,6 +244,8 @@ class Pipeline:
             actor = await self.approvals.with_groups(req.actor)
         except BackendUnavailable as exc:
             actor, note = req.actor, f"\n_Could not check your Slack user groups ({exc}); roles from them are not shown._"
+        else:
+            note = self.approvals.usergroup_note()
         topic = str(inv.params.get("topic") or "")
         # What you may run at all; where you may run it is said below when it is not here.
         text = (command_help(topic, lambda name: self._decide(name, actor, req, anywhere=True)) if topic
@@ -256,7 +258,7 @@ class Pipeline:
     async def _pending(self, req: CommandRequest, actor: Actor) -> None:
         requests = await self.approvals.pending_for(actor)
         if not requests:
-            await self._reply(req, "No open requests are waiting for you.")
+            await self._reply(req, "No open requests are waiting for you." + self.approvals.usergroup_note())
             return
         lines = [f"*{len(requests)} request(s) you may approve*"]
         for r in requests:
@@ -269,7 +271,7 @@ class Pipeline:
     async def _audit_search(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:
         decision = self._decide("audit", actor, req)
         if decision.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None)
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None, roles=True)
             return
         p = inv.params
         page, size = int(p.get("page", 1)), 15
@@ -301,7 +303,14 @@ class Pipeline:
         note = await self._record("invalid", req, result={"error": str(error)})
         await self._reply(req, f":x: {error}{note}")
 
-    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, Any] | None) -> None:
+    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, Any] | None,
+                      *, roles: bool = False) -> None:
+        """A refusal by the policy. ``roles``: it may come from the person's roles, so configured user
+        groups that grant nothing because the configuration is wrong are named (and recorded)."""
         self.metrics.requests.labels(inv.command, "policy_denied").inc()
-        note = await self._record("policy_denied", req, text=inv.text, plan=plan, result={"error": str(error), "rule": error.rule})
-        await self._reply(req, f":no_entry: Not allowed: {error}{note}")
+        result: dict[str, Any] = {"error": str(error), "rule": error.rule}
+        groups = self.approvals.usergroup_note() if roles else ""
+        if groups:
+            result["usergroup_problems"] = self.approvals.usergroup_problems()
+        note = await self._record("policy_denied", req, text=inv.text, plan=plan, result=result)
+        await self._reply(req, f":no_entry: Not allowed: {error}{groups}{note}")

@@ -15,7 +15,7 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     """``n`` and ``word``, in the singular for 1 and the plural otherwise: ``plural(1, "approval")``
     is "1 approval", ``plural(3, "query")`` "3 queries", ``plural(2, "person", "people")`` "2 people"."""
     if n == 1:
-        return f"{n} {word}"
+        return f"1 {word}"
     if many is None:
         if word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
             many = word[:-1] + "ies"
@@ -23,7 +23,7 @@ def plural(n: int, word: str, many: str | None = None) -> str:
             many = word + "es"
         else:
             many = word + "s"
-    return f"{n} {many}"
+    return f"{n:,} {many}"
 
 
 def mrkdwn(text: Any) -> str:

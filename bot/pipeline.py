@@ -22,9 +22,9 @@ from bot.adapters.store import STATE_DATABASE
 from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
-from bot.domain import Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
+from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
-from bot.messages import code, mrkdwn
+from bot.messages import code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -191,8 +191,9 @@ class Pipeline:
             self.metrics.requests.labels(inv.command, "dry_run").inc()
             note = await self._record("dry_run", req, text=inv.text, plan=plan.to_json(), post=False,
                                       result={"decision": decision.kind.value, "reason": decision.reason, "rule": decision.rule})
+            where = f"• target: {code(plan.target_label or plan.target)} · environment: *{mrkdwn(plan.environment)}*"
             await self._reply(req, f":mag: Dry run — nothing was changed.\n*{plan.summary}*\n"
-                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {decision.reason}" + note)
+                              + "\n".join([where, *(f"• {d}" for d in plan.details)]) + f"\n• policy: {decision.reason}" + note)
             return
         refusal = await self._over_limits(req, inv, decision)
         if refusal:
@@ -227,14 +228,15 @@ class Pipeline:
         cap = min(limits.max_open_requests_per_user, decision.max_open_per_user or limits.max_open_requests_per_user)
         open_ids = await self.approvals.store.open_requests_of(req.actor.user_id)
         if len(open_ids) >= cap:
-            return (f"you already have {len(open_ids)} open request(s) ({', '.join(f'`{i}`' for i in open_ids)}); the limit is {cap}. "
+            return (f"you already have {plural(len(open_ids), 'open request')} ({', '.join(f'`{i}`' for i in open_ids)}); "
+                    f"the limit is {cap}. "
                     "Wait for them, or withdraw one with `/ops cancel <request-id>`."), "limits.max_open_requests_per_user"
         for i, rate in enumerate(limits.rate):
             if rate.commands and inv.command not in rate.commands:
                 continue
             wait = await self.limiter.hit(f"{i}:{inv.command}:{req.actor.user_id}", limit=rate.per_user, window_seconds=rate.window)
             if wait is not None:
-                return (f"rate limit: at most {rate.per_user} `{inv.command}` request(s) per {rate.window} s per person. "
+                return (f"rate limit: at most {plural(rate.per_user, f'`{inv.command}` request')} per {rate.window} s per person. "
                         f"Try again in {max(1, round(wait))} s."), f"limits.rate[{i}]"
         return None
 
@@ -260,7 +262,7 @@ class Pipeline:
         if not requests:
             await self._reply(req, "No open requests are waiting for you." + self.approvals.usergroup_note())
             return
-        lines = [f"*{len(requests)} request(s) you may approve*"]
+        lines = [f"*{plural(len(requests), 'request')} you may approve*"]
         for r in requests:
             got = sum(a.decision == "approve" for a in r.approvals)
             where = f"<#{r.card_channel}>" if r.card_channel else "its channel"
@@ -286,13 +288,14 @@ class Pipeline:
         if not rows:
             await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" (page {page} of {pages})." if total else "."))
             return
-        lines = [f"*{total} audit row(s) match* — page {page} of {pages}, newest first"]
+        lines = [f"*{plural(total, 'audit row')} {'matches' if total == 1 else 'match'}* — page {page} of {pages}, newest first"]
         for r in rows:
             plan = r["plan"] or {}
             what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {r['command_text']}")
             where = f" [{plan['environment']}]" if plan.get("environment") else ""
             req_id = f" `{r['request_id']}`" if r["request_id"] else ""
-            lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* <@{r['actor_id']}>: {what}{where}{req_id}")
+            who = "opsbot" if r["actor_id"] == SYSTEM.user_id else user_ref(r["actor_id"])
+            lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* {who}: {what}{where}{req_id}")
         if page < pages:
             base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
             lines.append(f"Next: {code(f'/ops {base} --page {page + 1}')}")

@@ -32,7 +32,7 @@ from bot.domain import (
     RequestState,
 )
 from bot.errors import BackendUnavailable, CardNotPosted, OpsbotError
-from bot.messages import code, mrkdwn
+from bot.messages import code, mrkdwn, plural, usergroup_problems
 from bot.metrics import Metrics
 from bot.notices import Notices
 from bot.policy.engine import may_approve, quorum_met
@@ -61,6 +61,20 @@ class Approvals:
         if not self.config.usergroups:
             return actor
         return replace(actor, groups=await self.directory.groups_of(actor.user_id))
+
+    def usergroup_problems(self) -> dict[str, str]:
+        """Configured user groups that grant nothing because the configuration is wrong (group →
+        Slack's error), as of the last ``with_groups``."""
+        return self.directory.problems() if self.config.usergroups else {}
+
+    def usergroup_note(self) -> str:
+        """For a person refused or shown their roles: which configured user groups grant nothing
+        because the configuration is wrong, and who fixes it ("" when none)."""
+        problems = self.usergroup_problems()
+        if not problems:
+            return ""
+        naming = {g: [r for r, role in self.config.roles.items() if g in role.usergroups] for g in problems}
+        return "".join(f"\n:warning: {line}" for line in usergroup_problems(problems, naming))
 
     async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision) -> OpsRequest:
         needs_approval = decision.kind is DecisionKind.NEEDS_APPROVAL
@@ -147,6 +161,8 @@ class Approvals:
         if result.outcome == "expired" and request is not None:
             await self._expired(request)
         if result.outcome in ("missing", "closed", "ineligible", "duplicate", "forged", "expired") or request is None:
+            if result.outcome == "ineligible":
+                result = replace(result, message=result.message + self.usergroup_note())
             return await self._refused(result, actor, decision, channel_id=channel_id, given=request_id, message_ts=message_ts)
         common: dict[str, Any] = {"actor": actor, "channel_id": channel_id, "request_id": request.id,
                                   "text": request.text, "plan": request.plan}
@@ -165,7 +181,7 @@ class Approvals:
             await self.audit.record("approved", **common, result={"approvers": [a.approver.user_id for a in request.approvals]})
             await self._enqueue(request)
         elif approvals >= request.approvals_required and request.approvals_each:
-            await self.notices.thread(request, f":hourglass: {approvals} approvals, but one from each of "
+            await self.notices.thread(request, f":hourglass: {plural(approvals, 'approval')}, but one from each of "
                                                f"{', '.join(request.approvals_each)} is still needed.")
         return result
 
@@ -200,6 +216,7 @@ class Approvals:
             assert request is not None
             why = (may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config)
                    or "").replace("approve", "review")
+            why += self.usergroup_note() if why else ""
         done = None if why else await self.store.acknowledge(request_id, actor.user_id)
         if done is None:
             await self.audit.record("review_refused", actor=actor, channel_id=channel_id,

@@ -24,6 +24,8 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    from bot.messages import plural
+
     path = _config_path(args)
     missing: list[str] = []
     try:
@@ -32,10 +34,44 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     warnings = missing + config_warnings(config)
+    slack_line = ""
+    if config.usergroups:  # do the user groups the policy names exist? Only Slack can say (optional)
+        from slack_sdk.web.async_client import AsyncWebClient
+
+        from bot.adapters.directory import check_groups, slack_fetch
+        from bot.errors import BackendUnavailable
+
+        groups = plural(len(config.usergroups), "user group")
+        token = os.environ.get("SLACK_BOT_TOKEN")
+        if not token:
+            slack_line = (f"slack: the {groups} the policy names were not checked against Slack (SLACK_BOT_TOKEN is not set; "
+                          "set it, and SLACK_API_URL for a fake Slack, to check that they exist)")
+        else:
+            api_url = os.environ.get("SLACK_API_URL") or "https://slack.com/api/"
+            client = AsyncWebClient(token=token, base_url=api_url if api_url.endswith("/") else api_url + "/")
+            try:
+                problems = asyncio.run(check_groups(slack_fetch(client), config.usergroups))
+            except BackendUnavailable as exc:
+                warnings.append(f"slack: the {groups} the policy names could not be checked: {exc}")
+            else:
+                for group, error in sorted(problems.items()):
+                    where = ", ".join(f"roles.{r}.usergroups" for r, role in config.roles.items() if group in role.usergroups)
+                    why = {"no_such_subteam": "does not exist in this Slack workspace",
+                           "missing_scope": "cannot be read: the bot token lacks the usergroups:read scope",
+                           "plan_upgrade_required": "cannot be used: this workspace's Slack plan has no user groups"}.get(
+                               error, f"cannot be used ({error})")
+                    warnings.append(f"{where}: Slack user group {group} {why} (usergroups.users.list: {error}); "
+                                    "nobody gets a role from it")
+                found = len(config.usergroups) - len(problems)
+                slack_line = (f"slack: the {groups} the policy names exist in Slack" if not problems else
+                              f"slack: {found} of the {groups} the policy names can be used")
     for w in warnings:
         print(f"warning: {path}: {w}")
-    print(f"{path}: OK ({len(config.rules)} rules, {len(config.roles)} roles, {len(config.deployments)} deployments"
-          f"{f', {len(warnings)} warning(s)' if warnings else ''})")
+    if slack_line:
+        print(slack_line)
+    counted = f", {plural(len(warnings), 'warning')}" if warnings else ""
+    print(f"{path}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.roles), 'role')}, "
+          f"{plural(len(config.deployments), 'deployment')}{counted})")
     return 0
 
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.errors import ConfigError
+from bot.messages import plural
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DURATION = re.compile(r"^([0-9]{1,9})\s*([smhd])$")
@@ -673,8 +674,8 @@ def config_warnings(config: Config) -> list[str]:
             from_groups = any(config.roles[r].usergroups for r in rule.approval.from_)
             approvers = set().union(*(config.roles[r].users for r in rule.approval.from_))
             if not from_groups and len(approvers) < rule.approval.count:
-                warnings.append(f"{label}: needs {rule.approval.count} approvals but only {len(approvers)} user(s) can approve "
-                                "(the requester never counts); such requests can never run")
+                warnings.append(f"{label}: needs {plural(rule.approval.count, 'approval')} but only {plural(len(approvers), 'user')} "
+                                "can approve (the requester never counts); such requests can never run")
             for each in rule.approval.each_of:
                 if not config.roles[each].users and not config.roles[each].usergroups:
                     warnings.append(f"{label}: needs an approval from {each!r}, which has no members")

@@ -11,6 +11,21 @@ _LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
 _SLACK_ID = re.compile(r"[A-Z][A-Z0-9]{1,20}")
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word``, in the singular for 1 and the plural otherwise: ``plural(1, "approval")``
+    is "1 approval", ``plural(3, "query")`` "3 queries", ``plural(2, "person", "people")`` "2 people"."""
+    if n == 1:
+        return f"1 {word}"
+    if many is None:
+        if word.endswith("y") and word[-2:-1] not in tuple("aeiou"):
+            many = word[:-1] + "ies"
+        elif word.endswith(("s", "sh", "ch", "x")):
+            many = word + "es"
+        else:
+            many = word + "s"
+    return f"{n:,} {many}"
+
+
 def mrkdwn(text: Any) -> str:
     """User-supplied text (a --reason, a command, an error that quotes them) made inert in Slack
     mrkdwn, at render time only (what is parsed and stored stays as typed): ``&``, ``<`` and ``>``
@@ -35,6 +50,36 @@ def user_ref(user_id: Any) -> str:
 
 def channel_ref(channel_id: Any) -> str:
     return f"<#{channel_id}>" if isinstance(channel_id, str) and _SLACK_ID.fullmatch(channel_id) else code(channel_id)
+
+
+def usergroup_problems(problems: dict[str, str], roles_naming: dict[str, list[str]]) -> list[str]:
+    """What to tell a person about configured Slack user groups that grant nothing because the
+    configuration is wrong (``problems``: group → Slack's error; ``roles_naming``: group → the roles
+    whose ``usergroups`` name it). One line per unknown group; one line for an app-wide problem."""
+    def keys(groups: list[str]) -> str:
+        roles = sorted({r for g in groups for r in roles_naming.get(g, [])}) or ["<role>"]
+        return " and ".join(f"`roles.{r}.usergroups`" for r in roles)
+
+    lines = []
+    unknown = sorted(g for g, e in problems.items() if e == "no_such_subteam")
+    for group in unknown:
+        lines.append(f"The policy names Slack user group {group}, which does not exist in this workspace; roles from it are "
+                     f"not granted. Ask the platform team to fix {keys([group])} in the opsbot config.")
+    scope = sorted(g for g, e in problems.items() if e == "missing_scope")
+    if scope:
+        lines.append(f"opsbot's Slack app lacks the `usergroups:read` scope, so it cannot see who is in the Slack user "
+                     f"{'group' if len(scope) == 1 else 'groups'} {', '.join(scope)}; roles from "
+                     f"{'it' if len(scope) == 1 else 'them'} are not granted. Ask the platform team to add the scope to "
+                     "the opsbot app and reinstall it.")
+    plan = sorted(g for g, e in problems.items() if e == "plan_upgrade_required")
+    if plan:
+        lines.append(f"This Slack workspace's plan has no user groups, so roles from {', '.join(plan)} are not granted. "
+                     f"Ask the platform team to name people in `roles.<role>.users` instead of {keys(plan)}.")
+    other = sorted(g for g, e in problems.items() if e not in ("no_such_subteam", "missing_scope", "plan_upgrade_required"))
+    for group in other:
+        lines.append(f"Slack user group {group} cannot be used ({mrkdwn(problems[group])}); roles from it are not granted. "
+                     f"Ask the platform team to check {keys([group])} in the opsbot config.")
+    return lines
 
 
 STATE_LABEL = {

@@ -19,5 +19,11 @@ class Metrics:
                                          "Spooled audit lines that could not be appended (unreadable, or refused by "
                                          "PostgreSQL) and were moved to the spool's quarantine.jsonl; each is in the log at "
                                          "error level.", registry=self.registry)
+        self.usergroup_config_errors = Counter(
+            "opsbot_usergroup_config_errors_total",
+            "Times Slack answered that a configured user group cannot be used (no_such_subteam: it does not exist; "
+            "missing_scope: the app lacks usergroups:read; plan_upgrade_required): a configuration error, the group grants "
+            "nothing. At most once per group per slack.usergroup_cache; logged once per process.",
+            ["usergroup", "error"], registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)

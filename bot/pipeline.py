@@ -22,9 +22,9 @@ from bot.adapters.store import STATE_DATABASE
 from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
-from bot.domain import Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
+from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
-from bot.messages import code, mrkdwn
+from bot.messages import code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -165,7 +165,7 @@ class Pipeline:
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
         pre = self._decide(inv.command, actor, req, inv)
         if pre.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None)
+            await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None, roles=True)
             return
         try:
             plan = await cmd.plan(inv.params, self.ctx)
@@ -176,7 +176,7 @@ class Pipeline:
             raise BackendUnavailable("the target", str(exc)) from exc
         decision = self._decide(plan, actor, req, inv)
         if decision.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json())
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json(), roles=True)
             return
         if not plan.mutating:
             self.metrics.requests.labels(inv.command, "read").inc()
@@ -191,8 +191,9 @@ class Pipeline:
             self.metrics.requests.labels(inv.command, "dry_run").inc()
             note = await self._record("dry_run", req, text=inv.text, plan=plan.to_json(), post=False,
                                       result={"decision": decision.kind.value, "reason": decision.reason, "rule": decision.rule})
+            where = f"• target: {code(plan.target_label or plan.target)} · environment: *{mrkdwn(plan.environment)}*"
             await self._reply(req, f":mag: Dry run — nothing was changed.\n*{plan.summary}*\n"
-                              + "\n".join(f"• {d}" for d in plan.details) + f"\n• policy: {decision.reason}" + note)
+                              + "\n".join([where, *(f"• {d}" for d in plan.details)]) + f"\n• policy: {decision.reason}" + note)
             return
         refusal = await self._over_limits(req, inv, decision)
         if refusal:
@@ -227,14 +228,15 @@ class Pipeline:
         cap = min(limits.max_open_requests_per_user, decision.max_open_per_user or limits.max_open_requests_per_user)
         open_ids = await self.approvals.store.open_requests_of(req.actor.user_id)
         if len(open_ids) >= cap:
-            return (f"you already have {len(open_ids)} open request(s) ({', '.join(f'`{i}`' for i in open_ids)}); the limit is {cap}. "
+            return (f"you already have {plural(len(open_ids), 'open request')} ({', '.join(f'`{i}`' for i in open_ids)}); "
+                    f"the limit is {cap}. "
                     "Wait for them, or withdraw one with `/ops cancel <request-id>`."), "limits.max_open_requests_per_user"
         for i, rate in enumerate(limits.rate):
             if rate.commands and inv.command not in rate.commands:
                 continue
             wait = await self.limiter.hit(f"{i}:{inv.command}:{req.actor.user_id}", limit=rate.per_user, window_seconds=rate.window)
             if wait is not None:
-                return (f"rate limit: at most {rate.per_user} `{inv.command}` request(s) per {rate.window} s per person. "
+                return (f"rate limit: at most {plural(rate.per_user, f'`{inv.command}` request')} per {rate.window} s per person. "
                         f"Try again in {max(1, round(wait))} s."), f"limits.rate[{i}]"
         return None
 
@@ -244,6 +246,8 @@ class Pipeline:
             actor = await self.approvals.with_groups(req.actor)
         except BackendUnavailable as exc:
             actor, note = req.actor, f"\n_Could not check your Slack user groups ({exc}); roles from them are not shown._"
+        else:
+            note = self.approvals.usergroup_note()
         topic = str(inv.params.get("topic") or "")
         # What you may run at all; where you may run it is said below when it is not here.
         text = (command_help(topic, lambda name: self._decide(name, actor, req, anywhere=True)) if topic
@@ -256,9 +260,9 @@ class Pipeline:
     async def _pending(self, req: CommandRequest, actor: Actor) -> None:
         requests = await self.approvals.pending_for(actor)
         if not requests:
-            await self._reply(req, "No open requests are waiting for you.")
+            await self._reply(req, "No open requests are waiting for you." + self.approvals.usergroup_note())
             return
-        lines = [f"*{len(requests)} request(s) you may approve*"]
+        lines = [f"*{plural(len(requests), 'request')} you may approve*"]
         for r in requests:
             got = sum(a.decision == "approve" for a in r.approvals)
             where = f"<#{r.card_channel}>" if r.card_channel else "its channel"
@@ -269,7 +273,7 @@ class Pipeline:
     async def _audit_search(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:
         decision = self._decide("audit", actor, req)
         if decision.kind is DecisionKind.DENY:
-            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None)
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None, roles=True)
             return
         p = inv.params
         page, size = int(p.get("page", 1)), 15
@@ -284,13 +288,14 @@ class Pipeline:
         if not rows:
             await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" (page {page} of {pages})." if total else "."))
             return
-        lines = [f"*{total} audit row(s) match* — page {page} of {pages}, newest first"]
+        lines = [f"*{plural(total, 'audit row')} {'matches' if total == 1 else 'match'}* — page {page} of {pages}, newest first"]
         for r in rows:
             plan = r["plan"] or {}
             what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {r['command_text']}")
             where = f" [{plan['environment']}]" if plan.get("environment") else ""
             req_id = f" `{r['request_id']}`" if r["request_id"] else ""
-            lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* <@{r['actor_id']}>: {what}{where}{req_id}")
+            who = "opsbot" if r["actor_id"] == SYSTEM.user_id else user_ref(r["actor_id"])
+            lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* {who}: {what}{where}{req_id}")
         if page < pages:
             base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
             lines.append(f"Next: {code(f'/ops {base} --page {page + 1}')}")
@@ -301,7 +306,14 @@ class Pipeline:
         note = await self._record("invalid", req, result={"error": str(error)})
         await self._reply(req, f":x: {error}{note}")
 
-    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, Any] | None) -> None:
+    async def _denied(self, req: CommandRequest, inv: Invocation, error: PolicyDenied, plan: dict[str, Any] | None,
+                      *, roles: bool = False) -> None:
+        """A refusal by the policy. ``roles``: it may come from the person's roles, so configured user
+        groups that grant nothing because the configuration is wrong are named (and recorded)."""
         self.metrics.requests.labels(inv.command, "policy_denied").inc()
-        note = await self._record("policy_denied", req, text=inv.text, plan=plan, result={"error": str(error), "rule": error.rule})
-        await self._reply(req, f":no_entry: Not allowed: {error}{note}")
+        result: dict[str, Any] = {"error": str(error), "rule": error.rule}
+        groups = self.approvals.usergroup_note() if roles else ""
+        if groups:
+            result["usergroup_problems"] = self.approvals.usergroup_problems()
+        note = await self._record("policy_denied", req, text=inv.text, plan=plan, result=result)
+        await self._reply(req, f":no_entry: Not allowed: {error}{groups}{note}")

@@ -233,12 +233,20 @@ class Directory(Protocol):
 
     async def groups_of(self, user_id: str) -> frozenset[str]: ...
 
+    def problems(self) -> dict[str, str]:
+        """Configured groups that grant nothing because the configuration is wrong (group → Slack's
+        error, e.g. ``no_such_subteam``), as of the last ``groups_of``."""
+        ...
+
 
 class NoDirectory:
     """For a policy that names no user groups: nobody is in any, and nothing is asked."""
 
     async def groups_of(self, user_id: str) -> frozenset[str]:
         return frozenset()
+
+    def problems(self) -> dict[str, str]:
+        return {}
 
 
 async def tell(message: Awaitable[object]) -> None:

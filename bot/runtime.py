@@ -20,7 +20,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.adapters.audit_log import AuditLog
-from bot.adapters.directory import UserGroupDirectory
+from bot.adapters.directory import UserGroupDirectory, slack_fetch
 from bot.adapters.http_probe import HttpProbeAdapter
 from bot.adapters.kube import KubeAdapter
 from bot.adapters.platform_db import PlatformDbAdapter
@@ -94,12 +94,9 @@ class Runtime:
                       redis=RedisTargetAdapter(config, redis), http=probes)
         directory: Directory = NoDirectory()
         if config.usergroups:
-            async def members(group: str) -> list[str]:
-                resp = await client.usergroups_users_list(usergroup=group)
-                return [str(u) for u in resp.get("users") or []]
-
-            directory = UserGroupDirectory(redis.client(settings.redis_url), members, ttl=config.slack.usergroup_cache,
-                                           groups=config.usergroups, prefix=f"opsbot:{settings.queue_prefix}")
+            directory = UserGroupDirectory(redis.client(settings.redis_url), slack_fetch(client), ttl=config.slack.usergroup_cache,
+                                           groups=config.usergroups, prefix=f"opsbot:{settings.queue_prefix}",
+                                           on_config_error=lambda g, e: metrics.usergroup_config_errors.labels(g, e).inc())
         limiter = RateLimiter(redis.client(settings.redis_url), prefix=f"opsbot:{settings.queue_prefix}")
         approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics,
                               directory=directory, notices=notices)

@@ -66,8 +66,8 @@ class Command(ABC):
             article = "an" if missing[0] in "aeiou" else "a"
             raise self.usage_error(f"`{' '.join(self.words)}` needs {article} {missing}.")
         if len(args) > len(names):
-            extra = " ".join(args[len(names):])
-            raise self.usage_error(f"unexpected argument(s) `{extra}`.")
+            extra = args[len(names):]
+            raise self.usage_error(f"unexpected argument{'s' if len(extra) > 1 else ''} `{' '.join(extra)}`.")
 
 
 class OnDeployment(Command):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bot.domain import Decision, DecisionKind
+from bot.messages import plural
 from commands.base import Command
 from commands.registry import COMMANDS, META_USAGE
 
@@ -17,7 +18,7 @@ def _approval_note(decision: Decision) -> str:
     if decision.kind is not DecisionKind.NEEDS_APPROVAL:
         return ""
     each = f", one from each of {', '.join(decision.approvals_each)}" if decision.approvals_each else ""
-    return f" _(needs {decision.approvals_required} approval(s) from {', '.join(decision.approver_roles)}{each})_"
+    return f" _(needs {plural(decision.approvals_required, 'approval')} from {', '.join(decision.approver_roles)}{each})_"
 
 
 def help_text(decide: Callable[[str], Decision]) -> str:
@@ -38,7 +39,7 @@ def help_text(decide: Callable[[str], Decision]) -> str:
     lines.append(f"• `{META_USAGE['help']}` — this list, or one command in detail.")
     lines.append(COMMON)
     if hidden:
-        lines.append(f"_{hidden} more command(s) exist that your roles do not allow._")
+        lines.append(f"_{plural(hidden, 'more command')} {'exists' if hidden == 1 else 'exist'} that your roles do not allow._")
     lines.append("_Conditions (size of the change, environment, time window) can ask for more approvals; "
                  "`--dry-run` shows what a given request needs._")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bot.errors import BackendUnavailable
+from bot.messages import plural
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class AuditSpool:
                 log.error("audit spool: cannot open %s: %s (is a writable volume mounted at OPSBOT_SPOOL_DIR?)", self._path, exc)
                 raise SpoolUnavailable(f"cannot write {self._path}: {exc}") from exc
             if self._entries >= self.max_entries or size >= self.max_bytes:
-                raise SpoolFull(f"it already holds {self._entries} attempt(s) ({size:,} bytes), its limit")
+                raise SpoolFull(f"it already holds {plural(self._entries, 'attempt')} ({size:,} bytes), its limit")
             marker = {"id": uuid.uuid4().hex, "at": datetime.now(UTC).isoformat(timespec="microseconds"), "why": why}
             kept = {**entry, "result": {**(entry.get("result") or {}), "spooled": marker}}
             try:

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 
 from bot.config import READ_ONLY_COMMANDS, Conditions, Config, Rule
 from bot.domain import Actor, Decision, DecisionKind, Plan
+from bot.messages import plural
 
 READ_ONLY_ALWAYS = ("help",)
 
@@ -74,7 +75,7 @@ def _conditions(when: Conditions, plan: Plan, now: datetime) -> tuple[bool, str]
     if when.revisions_back_above is not None:
         back = facts.get("revisions_back")
         if back is None or back <= when.revisions_back_above:
-            return False, f"not more than {when.revisions_back_above} revision(s) back"
+            return False, f"not more than {plural(when.revisions_back_above, 'revision')} back"
         held.append(f"{back} revisions back > {when.revisions_back_above}")
     if when.inside_window is not None:
         if not when.inside_window.contains(now):
@@ -164,7 +165,8 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
     each_of = tuple(dict.fromkeys(role for _, r in strictest if r.approval for role in r.approval.each_of))
     expires = min(r.approval.expires for _, r in approvals if r.approval)
     rule_names = ", ".join(policy.rule_name(i) for i, _ in strictest)
-    need = f"{top} approval(s) from {', '.join(approver_roles)}" + (f", at least one from each of {', '.join(each_of)}" if each_of else "")
+    need = (f"{plural(top, 'approval')} from {', '.join(approver_roles)}"
+            + (f", at least one from each of {', '.join(each_of)}" if each_of else ""))
     if break_glass:
         # Every rule that asks for approval must let one of the actor's roles skip it: a broad
         # rule's break_glass does not undo a stricter rule that has none (rules only add requirements).

@@ -15,6 +15,7 @@ from typing import Any
 
 from bot.config import Config
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context, Obj
 from commands.base import Command, Params
 from commands.db.common import READ_BUDGET, database, database_plan
@@ -73,10 +74,10 @@ def describe(name: str, seen: Obj) -> tuple[str, list[str], dict[str, Any]]:
                          for s in ordered) or "none besides opsbot's"
     summary = (f"{name}: {used} of {max_conn} connections in use ({share:.0%}); here: "
                + (", ".join(f"{states[s]} {s}" for s in ordered if s != "idle") or "nothing running"))
-    details = [f"this database: {here_total} connection(s) — {by_state}, and opsbot's own"]
+    details = [f"this database: {plural(here_total, 'connection')} — {by_state}, and opsbot's own"]
     others = sum(g["n"] for g in clients if not g["here"])
     if others:
-        details.append(f"other databases on this server: {others} client connection(s)")
+        details.append(f"other databases on this server: {plural(others, 'client connection')}")
     system = sum(g["n"] for g in groups if g["backend_type"] != "client backend")
     if system:
         details.append(f"PostgreSQL's own processes (not counted against max_connections): {system}")
@@ -91,8 +92,9 @@ def describe(name: str, seen: Obj) -> tuple[str, list[str], dict[str, Any]]:
     details.append(f"max_connections {max_conn}, {reserved} reserved for superusers: {max(0, max_conn - reserved - used)} "
                    "left for applications")
     if states.get("hidden"):
-        details.append(f"{states['hidden']} session(s) of other roles show no state: grant opsbot's database role "
-                       "`pg_read_all_stats` to see them")
+        hidden = states["hidden"]
+        details.append(f"{plural(hidden, 'session')} of other roles {'shows' if hidden == 1 else 'show'} no state: "
+                       "grant opsbot's database role `pg_read_all_stats` to see them")
     if max_conn and used >= WARN_SHARE * (max_conn - reserved):
         details.insert(0, f":warning: {used} of the {max_conn - reserved} connections applications may open are in use "
                           f"({used / max(1, max_conn - reserved):.0%}); new ones will soon be refused")

@@ -25,6 +25,7 @@ from typing import Any
 from bot.config import Config, HealthProbe, health_environment
 from bot.domain import Plan
 from bot.errors import Refused
+from bot.messages import plural
 from bot.ports import Context, ProbeResponse
 from commands.base import Command, Params, named
 from commands.shown import untrusted
@@ -128,7 +129,8 @@ class Health(Command):
 
     def parse(self, args: list[str], flags: dict[str, Any], config: Config) -> Params:
         if len(args) > 1:
-            raise self.usage_error(f"unexpected argument(s) `{untrusted(' '.join(args[1:]), 80)}`; name one service or none.")
+            raise self.usage_error(f"unexpected argument{'s' if len(args) > 2 else ''} `{untrusted(' '.join(args[1:]), 80)}`; "
+                                   "name one service or none.")
         check_service(config, args[0] if args else None)
         return {"service": args[0] if args else None}
 
@@ -163,7 +165,10 @@ class Health(Command):
             icon, text = verdict(probe, resp)
             healthy += icon == ":white_check_mark:"
             lines.append(f"{icon} `{svc}/{probe.name}` {text}")
-        who = service or f"{len(services)} service(s)"
-        state = f"all {len(probes)} probe(s) healthy" if healthy == len(probes) else f"{healthy} of {len(probes)} probe(s) healthy"
+        who = service or plural(len(services), "service")
+        if healthy == len(probes):
+            state = f"all {plural(len(probes), 'probe')} healthy" if len(probes) > 1 else f"{plural(len(probes), 'probe')} healthy"
+        else:
+            state = f"{healthy} of {plural(len(probes), 'probe')} healthy"
         return self._skeleton(params, config, summary=f"health of {who}: {state}", details=tuple(lines),
                               facts={"probes": len(probes), "healthy": healthy})

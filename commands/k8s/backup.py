@@ -97,8 +97,7 @@ class Backup(Command):
             raise Refused(f"{cj.name} already has a job running ({', '.join(active)}) and its concurrencyPolicy is Forbid; "
                           "wait for it to finish, then ask again.")
         pod_spec = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
-        details = [f"namespace {cj.namespace}, environment {cj.environment}",
-                   f"schedule `{spec.get('schedule')}`{' (suspended)' if spec.get('suspend') else ''}, concurrencyPolicy {policy}",
+        details = [f"schedule `{spec.get('schedule')}`{' (suspended)' if spec.get('suspend') else ''}, concurrencyPolicy {policy}",
                    "images: " + (", ".join(images_of(pod_spec)) or "?"),
                    f"last scheduled {_ago(status.get('lastScheduleTime'))}, last succeeded "
                    f"{_ago(status.get('lastSuccessfulTime'))}"]

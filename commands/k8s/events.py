@@ -8,6 +8,7 @@ deployment's ReplicaSets gave it (``<replicaset>-<suffix>``)."""
 from __future__ import annotations
 
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context, Obj
 from commands.base import OnDeployment, Params, age, deployment_alias
 from commands.k8s.workload import pods_of, read_workload
@@ -53,5 +54,5 @@ class Events(OnDeployment):
             lines.append(f"…and {len(mine) - MAX_SHOWN} older")
         if not mine:
             lines.append("no warning events (the cluster keeps events for about an hour by default)")
-        return self.deployment_plan(dep, params, summary=f"{dep.name}: {len(mine)} warning event(s)", details=tuple(lines),
+        return self.deployment_plan(dep, params, summary=f"{dep.name}: {plural(len(mine), 'warning event')}", details=tuple(lines),
                                     facts={"events": len(mine)})

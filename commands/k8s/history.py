@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context
 from commands.base import OnDeployment, Params, age, deployment_alias, images_of
 from commands.k8s.workload import CHANGE_CAUSE, read_workload, revision
@@ -30,12 +31,12 @@ class History(OnDeployment):
             lines.append(f"`{rev}` {', '.join(images_of(rs['spec']['template']))} — {cause} — "
                          f"{age(rs['metadata'].get('creationTimestamp'))} old{mark}")
         if len(w.replicasets) > MAX_SHOWN:
-            lines.append(f"…and {len(w.replicasets) - MAX_SHOWN} older revision(s)")
+            lines.append(f"…and {plural(len(w.replicasets) - MAX_SHOWN, 'older revision')}")
         if not lines:
             lines.append("no ReplicaSets found for it (revisionHistoryLimit 0, or it never rolled out)")
         older = [r for r in w.replicasets if r < current]
         if older:
             lines.append(f"Roll back with `/ops rollback {params['deployment']}` (to {max(older)}) or "
                          f"`/ops rollback {params['deployment']} --to-revision N`.")
-        return self.deployment_plan(dep, params, summary=f"{dep.name}: {len(w.replicasets)} revision(s), current {current}",
+        return self.deployment_plan(dep, params, summary=f"{dep.name}: {plural(len(w.replicasets), 'revision')}, current {current}",
                                     details=tuple(lines), before={"revision": current})

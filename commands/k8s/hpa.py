@@ -65,7 +65,7 @@ class Hpa(Command):
         return self.deployment_plan(
             dep, params,
             summary=f"{hpa['metadata']['name']}: {low}–{high} → {new_low}–{new_high} replicas",
-            details=tuple(d for d in (f"namespace {dep.namespace}, environment {dep.environment}", hpa_line(hpa), effect) if d),
+            details=tuple(d for d in (hpa_line(hpa), effect) if d),
             before={"min": low, "max": high},
             after={"min": new_low, "max": new_high},
             facts={"replicas_after": new_high},  # `when: replicas_above` weighs the new ceiling

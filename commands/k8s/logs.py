@@ -17,6 +17,7 @@ from typing import Any
 from bot.config import Config, parse_duration
 from bot.domain import Plan
 from bot.errors import UserError
+from bot.messages import plural
 from bot.ports import Context, Obj
 from bot.redaction import scrub_text
 from commands.base import Command, Params, deployment_alias
@@ -111,20 +112,20 @@ class Logs(Command):
                 lines = [line for line in lines if grep.lower() in line.lower()]
             lines = lines[-tail:]
             shown += len(lines)
-            sections.append(f"── {name}{note} — {len(lines)} line(s)\n" + "\n".join(scrub_text(line) for line in lines))
+            sections.append(f"── {name}{note} — {plural(len(lines), 'line')}\n" + "\n".join(scrub_text(line) for line in lines))
         body = "\n".join(sections)
         if len(body) > MAX_CHARS:
             body = "…(earlier lines cut)\n" + body[-MAX_CHARS:]
-        what = ("previous container's " if params.get("previous") else "") + "log lines"
+        what = ("previous container's " if params.get("previous") else "") + "log line"
         window = []
         if params.get("since_seconds"):
             window.append(f"last {params['since_seconds']} s")
         window.append(f"at most {tail} per pod")
         if grep:
             window.append(f"containing “{grep}”")
-        details = [f"{len(pods)} pod(s)" + (f", the first {MAX_PODS} read" if len(pods) > MAX_PODS else "") + f"; {', '.join(window)}",
+        details = [plural(len(pods), "pod") + (f", the first {MAX_PODS} read" if len(pods) > MAX_PODS else "") + f"; {', '.join(window)}",
                    *notes]
         if not pods:
             details.append("no pods to read (scaled to 0?)")
-        return self.deployment_plan(dep, params, summary=f"{dep.name}: {shown} {what}", details=tuple(details),
+        return self.deployment_plan(dep, params, summary=f"{dep.name}: {plural(shown, what)}", details=tuple(details),
                                     facts={"lines": shown, "pods": len(pods)}, attachment=body if shown else "")

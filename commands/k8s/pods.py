@@ -5,6 +5,7 @@ Error with its exit code). Read-only."""
 from __future__ import annotations
 
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context, Obj
 from commands.base import OnDeployment, Params, age, deployment_alias
 from commands.k8s.workload import pods_of, read_workload
@@ -55,5 +56,6 @@ class Pods(OnDeployment):
             lines.append("no pods (scaled to 0, or none created yet)")
         running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running")
         restarts = sum(int(c.get("restartCount") or 0) for p in pods for c in (p.get("status") or {}).get("containerStatuses") or [])
-        return self.deployment_plan(dep, params, summary=f"{dep.name}: {len(pods)} pod(s), {running} running, {restarts} restart(s)",
+        return self.deployment_plan(dep, params,
+                                    summary=f"{dep.name}: {plural(len(pods), 'pod')}, {running} running, {plural(restarts, 'restart')}",
                                     details=tuple(lines), facts={"pods": len(pods)})

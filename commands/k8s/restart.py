@@ -39,8 +39,8 @@ class Restart(OnDeployment):
         last = ((spec.get("template") or {}).get("metadata") or {}).get("annotations", {}).get(RESTARTED_AT)
         return self.deployment_plan(
             dep, params,
-            summary=f"{dep.name}: restart all {replicas} pod(s)",
-            details=(f"namespace {dep.namespace}, environment {dep.environment}", how,
+            summary=f"{dep.name}: restart {'its 1 pod' if replicas == 1 else f'all {replicas} pods'}",
+            details=(how,
                      f"last restart by annotation: {last or 'never'}", f"revision now: {revision(d)}"),
             before={"revision": revision(d), "restarted_at": last},
             after={"restarted": True},

@@ -73,8 +73,7 @@ class Rollback(Command):
         return self.deployment_plan(
             dep, params,
             summary=f"{dep.name}: revision {current} ({', '.join(current_images)}) → {wanted} ({', '.join(target_images)})",
-            details=(f"namespace {dep.namespace}, environment {dep.environment}",
-                     f"revisions kept: {', '.join(str(r) for r in sorted(by_revision))}"),
+            details=(f"revisions kept: {', '.join(str(r) for r in sorted(by_revision))}",),
             before={"revision": current, "images": current_images},
             after={"revision": wanted, "images": target_images},
             facts={"revisions_back": sum(1 for r in by_revision if wanted < r <= current), "revision_from": current,

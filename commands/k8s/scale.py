@@ -41,8 +41,7 @@ class Scale(Command):
         wanted = int(params["replicas"])
         if current == wanted:
             raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
-        details = [f"namespace {dep.namespace}, environment {dep.environment}",
-                   f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"]
+        details = [f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"]
         hpa, problem = await find_hpa(dep, ctx)
         if problem:
             details.append(problem)

@@ -7,6 +7,8 @@ from bot.ports import Context
 from commands.base import OnDeployment, Params, deployment_alias, images_of
 from commands.k8s.workload import find_hpa, hpa_line
 
+_AVAILABLE = {"True": "available", "False": "not available"}  # the Available condition's status (a string)
+
 
 class Status(OnDeployment):
     name = "status"
@@ -31,7 +33,7 @@ class Status(OnDeployment):
             f"{status.get('updatedReplicas', 0)} updated, {status.get('availableReplicas', 0)} available",
             f"revision: {revision}",
             "images: " + ", ".join(images_of(spec.get("template") or {})),
-            f"rollout: {rollout} (Available={available.get('status', '?')})"
+            f"rollout: {rollout} ({_AVAILABLE.get(str(available.get('status')), 'availability unknown')})"
             + (f" — {progressing['message']}" if progressing.get("message") else ""),
         )
         hpa, problem = await find_hpa(dep, ctx)

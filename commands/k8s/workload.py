@@ -112,7 +112,7 @@ def rollout_state(d: Obj) -> RolloutState:
         return RolloutState("waiting for the deployment spec update to be observed", False, False)
     for c in status.get("conditions") or []:
         if c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded":
-            return RolloutState(f"deployment {name!r} exceeded its progress deadline"
+            return RolloutState(f'deployment "{name}" exceeded its progress deadline'
                                 + (f": {c['message']}" if c.get("message") else ""), True, True)
     wanted = int(spec.get("replicas", 1))
     updated = int(status.get("updatedReplicas") or 0)

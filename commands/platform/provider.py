@@ -21,6 +21,11 @@ def _spec(config: Config) -> Providers:
     return config.providers
 
 
+def _bool(value: bool) -> str:
+    """A boolean column's value as SQL and JSON write it (``true``), not as Python's ``True``."""
+    return "true" if value else "false"
+
+
 def _table(spec: Providers) -> str:
     """The table as the UPDATE names it: schema-qualified when the config gives a schema (NepXy's `app`)."""
     return f'"{spec.schema_}"."{spec.table}"' if spec.schema_ else f'"{spec.table}"'
@@ -60,7 +65,7 @@ class _ProviderToggle(Command):
             target_name=f"provider:{params['provider']}",
             target_kind="providers",
             params=params,
-            summary=f"{verb} provider {params['provider']}: {spec.active_column} {current} → {self.active}",
+            summary=f"{verb} provider {params['provider']}: {spec.active_column} {_bool(current)} → {_bool(self.active)}",
             details=(f'table {_table(spec)} in database `{spec.database}`',),
             before={spec.active_column: current},
             after={spec.active_column: self.active},

@@ -15,6 +15,7 @@ from typing import Any
 from bot.config import Config, parse_duration
 from bot.domain import Outcome, Plan
 from bot.errors import Refused
+from bot.messages import plural
 from bot.ports import Context
 from commands.base import Params
 from commands.queues.target import QueueCommand, ms_iso, now_ms, queue_alias
@@ -60,13 +61,13 @@ class QueueClean(QueueCommand):
             raise Refused(f"queue `{params['queue']}` has no {state} job that finished before {ms_iso(cutoff)} "
                           f"(older than {params['older_than']}); nothing to do.")
         removing = min(matching, limit)
-        details = [f"{matching:,} {state} job(s) finished before {ms_iso(cutoff)} (older than {params['older_than']})"
+        details = [f"{plural(matching, f'{state} job')} finished before {ms_iso(cutoff)} (older than {params['older_than']})"
                    + (f"; the oldest {limit:,} are removed (`--limit`), the rest stay" if matching > limit else ""),
-                   f"{max(counts[state] - removing, 0):,} of the queue's {counts[state]:,} {state} job(s) remain; "
+                   f"{max(counts[state] - removing, 0):,} of the queue's {plural(counts[state], f'{state} job')} remain; "
                    "removed jobs are gone for good (their data, reasons and logs)"]
         return self.queue_plan(
             {**params, "finished_before_ms": cutoff}, q,
-            summary=f"{params['queue']}: remove {removing:,} {state} job(s) older than {params['older_than']}",
+            summary=f"{params['queue']}: remove {plural(removing, f'{state} job')} older than {params['older_than']}",
             details=tuple(details),
             observed={"finished_before_ms": cutoff, "state": state},
             after={"removed_at_most": removing},
@@ -78,7 +79,7 @@ class QueueClean(QueueCommand):
         state, cutoff = str(plan.params["state"]), int(plan.params["finished_before_ms"])
         removed = await ctx.queues.clean(q, state, finished_before_ms=cutoff, limit=int(plan.params["limit"]))
         counted = int(plan.facts.get("matching", 0))
-        message = f"removed {len(removed):,} {state} job(s) of `{plan.params['queue']}` that finished before {ms_iso(cutoff)}"
+        message = f"removed {plural(len(removed), f'{state} job')} of `{plan.params['queue']}` that finished before {ms_iso(cutoff)}"
         if len(removed) < min(counted, int(plan.params["limit"])):
             message += f" (fewer than the {counted:,} counted: the others were removed or retried meanwhile)"
         return Outcome(ok=True, message=message + ".", details={"removed": len(removed), "first_ids": removed[:10]})

@@ -9,6 +9,7 @@ from typing import Any
 
 from bot.config import Config
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context
 from commands.base import Params
 from commands.queues.target import QueueCommand, ms_age, queue_alias, shown
@@ -35,14 +36,14 @@ class QueueFailed(QueueCommand):
         counts, jobs = await asyncio.gather(ctx.queues.job_counts(q),
                                             ctx.queues.jobs(q, "failed", count=limit, oldest_first=False))
         total = counts["failed"]
-        details = [f"`{shown(j['id'], 80)}` {shown(j['name'], 80)} — {j['attemptsMade']} attempt(s), failed "
+        details = [f"`{shown(j['id'], 80)}` {shown(j['name'], 80)} — {plural(int(j['attemptsMade']), 'attempt')}, failed "
                    f"{ms_age(j['finishedOn'])} ago: {shown(j['failedReason'] or 'no reason recorded')}" for j in jobs]
         if total > len(jobs):
-            details.append(f"{total - len(jobs):,} older failed job(s) not shown" + (f"; `--limit {MAX_LIMIT}` shows more"
+            details.append(f"{plural(total - len(jobs), 'older failed job')} not shown" + (f"; `--limit {MAX_LIMIT}` shows more"
                                                                                     if limit < MAX_LIMIT else ""))
         if jobs:
             details.append(f"retry one: `/ops queue retry {params['queue']} <job-id>`; the oldest ones: "
                            f"`/ops queue retry-failed {params['queue']} --limit N`")
         newest = f", the latest {len(jobs)} shown" if jobs and total > len(jobs) else ""
-        return self.queue_plan(params, q, summary=f"{params['queue']}: {total:,} failed job(s){newest}", details=tuple(details),
+        return self.queue_plan(params, q, summary=f"{params['queue']}: {plural(total, 'failed job')}{newest}", details=tuple(details),
                                facts={"failed": total, "shown": len(jobs)})

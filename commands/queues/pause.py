@@ -11,6 +11,7 @@ from typing import Any
 from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import Refused
+from bot.messages import plural
 from bot.ports import Context
 from commands.base import Params
 from commands.queues.target import QueueCommand, queue_alias
@@ -31,11 +32,12 @@ class _SetPaused(QueueCommand):
         waiting = counts["waiting"] + counts["paused"] + counts["prioritized"]
         if self.paused:
             summary = f"{params['queue']}: pause (workers take no new job)"
-            details = [f"{counts['active']:,} active job(s) run to the end; {waiting:,} waiting and {counts['delayed']:,} delayed "
-                       f"job(s) wait until `/ops queue resume {params['queue']}`"]
+            details = [f"{plural(counts['active'], 'active job')} {'runs' if counts['active'] == 1 else 'run'} to the end; "
+                       f"{plural(waiting, 'waiting job')} and {plural(counts['delayed'], 'delayed job')} wait until "
+                       f"`/ops queue resume {params['queue']}`"]
         else:
             summary = f"{params['queue']}: resume (workers take jobs again)"
-            details = [f"{waiting:,} waiting job(s) will be taken"]
+            details = [f"{plural(waiting, 'waiting job')} will be taken"]
         return self.queue_plan(params, q, summary=summary, details=tuple(details),
                                before={"paused": paused}, after={"paused": self.paused}, facts={"waiting": waiting})
 

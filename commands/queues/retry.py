@@ -17,6 +17,7 @@ from typing import Any
 from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import BackendUnavailable, NotFound, OutcomeUnknown, Refused
+from bot.messages import plural
 from bot.ports import Context
 from bot.untrusted import non_ascii_hint
 from commands.base import Params
@@ -50,7 +51,7 @@ class QueueRetry(QueueCommand):
                            f"`/ops queue failed {params['queue']}` lists the failed ones.")
         if job["state"] != "failed":
             raise Refused(f"job `{shown(job_id, 80)}` in `{params['queue']}` is {job['state']}, not failed; nothing to do.")
-        details = [f"{shown(job['name'], 80)}: {job['attemptsMade']} attempt(s), failed {ms_age(job['finishedOn'])} ago: "
+        details = [f"{shown(job['name'], 80)}: {plural(int(job['attemptsMade']), 'attempt')}, failed {ms_age(job['finishedOn'])} ago: "
                    f"{shown(job['failedReason'] or 'no reason recorded')}", KEPT_ATTEMPTS, *_paused_note(params["queue"], paused)]
         warning = look_alike_warning(job_id)
         if warning:
@@ -98,11 +99,12 @@ class QueueRetryFailed(QueueCommand):
         total = max(counts["failed"], len(ids))
         rest = total - len(ids)
         details = [f"oldest first: {id_list(ids)}",
-                   f"{rest:,} newer failed job(s) stay failed" if rest else "that is every failed job of the queue",
+                   (f"{plural(rest, 'newer failed job')} {'stays' if rest == 1 else 'stay'} failed" if rest
+                    else "that is every failed job of the queue"),
                    KEPT_ATTEMPTS, *_paused_note(params["queue"], paused)]
         return self.queue_plan(
             params, q,
-            summary=f"{params['queue']}: retry {len(ids)} of {total:,} failed job(s)",
+            summary=f"{params['queue']}: retry {len(ids)} of {plural(total, 'failed job')}",
             details=tuple(details),
             before={"failed_job_ids": ids},
             after={"state": "waiting"},
@@ -131,9 +133,9 @@ class QueueRetryFailed(QueueCommand):
             else:
                 skipped[job_id] = result
         if not retried:
-            raise Refused(f"none of the {len(ids)} job(s) is failed any more ({', '.join(sorted(set(skipped.values())))}); "
-                          "nothing was done.")
-        message = f"retried {len(retried)} of {len(ids)} failed job(s) on `{plan.params['queue']}`: {id_list(retried)}"
+            which = "the job is" if len(ids) == 1 else f"none of the {len(ids)} jobs is"
+            raise Refused(f"{which} failed any more ({', '.join(sorted(set(skipped.values())))}); nothing was done.")
+        message = f"retried {len(retried)} of {plural(len(ids), 'failed job')} on `{plan.params['queue']}`: {id_list(retried)}"
         if skipped:
             message += "; no longer failed, left alone: " + ", ".join(f"`{shown(i, 80)}` ({s})" for i, s in list(skipped.items())[:10])
             if len(skipped) > 10:

@@ -8,6 +8,7 @@ from typing import Any
 
 from bot.config import Config
 from bot.domain import Plan
+from bot.messages import plural
 from bot.ports import Context, Obj
 from commands.base import Command, Params
 from commands.redis.common import READ_BUDGET, redis_plan, redis_target
@@ -59,7 +60,7 @@ def describe(name: str, info: Obj) -> tuple[str, list[str], dict[str, Any]]:
     rate = f"{hits / (hits + misses):.1%}" if hits + misses else "— (no lookups yet)"
     details.append(f"traffic: {ops if ops is not None else '?'} ops/s now; keyspace hit rate {rate} ({hits:,} hits, {misses:,} misses)")
     if role == "master":
-        details.append(f"replication: primary, {_int(info, 'connected_slaves') or 0} replica(s)")
+        details.append(f"replication: primary, {plural(_int(info, 'connected_slaves') or 0, 'replica')}")
     elif role == "slave":
         link = str(info.get("master_link_status") or "?")
         details.append(f"replication: replica of {untrusted(str(info.get('master_host') or '?'), 100)}:{info.get('master_port', '?')}, "
@@ -69,7 +70,8 @@ def describe(name: str, info: Obj) -> tuple[str, list[str], dict[str, Any]]:
     else:
         details.append(f"replication: role {role}")
     if (_int(info, "rejected_connections") or 0) > 0:
-        warnings.append(f":warning: {info['rejected_connections']} connection(s) rejected since start (maxclients reached)")
+        rejected = _int(info, "rejected_connections") or 0
+        warnings.append(f":warning: {plural(rejected, 'connection')} rejected since start (maxclients reached)")
     version = untrusted(str(info.get("redis_version") or "?"), 40)
     uptime = _int(info, "uptime_in_seconds")
     details.append(f"server: Redis {version}, up {span(uptime) if uptime is not None else '?'}")

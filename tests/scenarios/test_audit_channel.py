@@ -87,16 +87,17 @@ async def test_ops_audit_is_for_auditors(bot: Harness) -> None:
     await bot.slash(ALICE, "/ops audit")
     assert "your roles: engineer" in (await bot.response(containing="you may not run `audit`"))["text"]
     await bot.slash(EVE, "/ops audit --command scale --outcome succeeded --since 1h")
-    reply = await bot.response(containing="audit row(s) match")
+    reply = await bot.response(containing="audit row")
     assert reply["response_type"] == "ephemeral"
-    assert "*1 audit row(s) match*" in reply["text"] and "*succeeded*" in reply["text"] and request.id in reply["text"]
+    assert "*1 audit row matches*" in reply["text"] and "*succeeded*" in reply["text"] and request.id in reply["text"]
     await bot.slash(EVE, "/ops audit --user <@U0MALLORY|mallory>")
     reply = await bot.response(containing="policy_denied")
-    assert "*1 audit row(s) match*" in reply["text"]
+    assert "*1 audit row matches*" in reply["text"]
     await bot.slash(EVE, "/ops audit --target worker")
     # requested, approval_given, approved, started, succeeded, followed; the denied attempt names no plan target
-    reply = await bot.response(containing="*6 audit row(s) match* — page 1 of 1")
+    reply = await bot.response(containing="*6 audit rows match* — page 1 of 1")
     assert "policy_denied" not in reply["text"]
+    assert "*started* opsbot: " in reply["text"] and "<@opsbot>" not in reply["text"]  # the worker's rows: opsbot, not a mention
     _, ack = await bot.slash(EVE, "/ops audit --since yesterday")
     assert "neither a duration (7d, 12h, 30m) nor a date" in ack
 

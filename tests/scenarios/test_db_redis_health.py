@@ -347,7 +347,7 @@ async def test_db_sessions_counts_connections_against_max_connections(bot: Harne
     assert took < READ_LIMIT, took
     summary = text.splitlines()[0]
     assert "app:" in summary and "of 200 connections in use" in summary and "here: 1 active" in summary
-    assert "this database: 5 connection(s) — 1 active (oldest " in text and ", 3 idle, and opsbot's own" in text
+    assert "this database: 5 connections — 1 active (oldest " in text and ", 3 idle, and opsbot's own" in text
     assert "top applications here: `nova-api` 3 (3 idle); `nova-worker` 1 (1 active)" in text
     assert "other databases on this server:" in text, "opsbot's own state database is counted, not listed"
     assert "reserved for superusers" in text and "left for applications" in text
@@ -391,7 +391,7 @@ async def test_bad_db_arguments_are_answered_and_change_nothing(bot: Harness, se
         "/ops db cancel app 0": "the pid must be between 1 and 2147483647",
         "/ops db cancel app -1": "the pid must be a whole number",
         "/ops db cancel app": "needs a pid",
-        "/ops db cancel app 1 2": "unexpected argument(s) `2`",
+        "/ops db cancel app 1 2": "unexpected argument `2`",
         "/ops db cancel prod 123": "unknown database `prod`. Known databases: app.",
         "/ops db sessions аpp": "contains U+0430 CYRILLIC SMALL LETTER A",
         "/ops db queries app --over soon": "`--over` takes a duration such as 30s, 5m or 2h, got `soon`",
@@ -419,10 +419,10 @@ async def test_db_policy_reads_for_auditors_changes_for_engineers(bot: Harness, 
     assert "you may not run `db-cancel`" in (await bot.response(containing="Not allowed"))["text"]
     await bot.slash(BOTH, f"/ops db cancel app {worker.info.backend_pid} --dry-run")
     dry = (await bot.response(containing="Dry run"))["text"]
-    assert "cancel the query of pid" in dry and "1 approval(s) from approver required by database-sessions" in dry
+    assert "cancel the query of pid" in dry and "1 approval from approver required by database-sessions" in dry
     await bot.slash(ALICE, "/ops help db cancel")
     help_text = (await bot.response(containing="db cancel"))["text"]
-    assert "/ops db cancel <database> <pid>" in help_text and "needs 1 approval(s) from approver" in help_text
+    assert "/ops db cancel <database> <pid>" in help_text and "needs 1 approval from approver" in help_text
     assert await bot.last_request() is None
 
 
@@ -475,7 +475,7 @@ async def test_redis_info_shows_memory_clients_traffic_and_role(bot: Harness) ->
     assert any(line.startswith("• clients: ") and "connected" in line and "blocked" in line for line in lines)
     assert any(line.startswith("• keys: ") and "evicted" in line and "expired" in line for line in lines)
     assert any(line.startswith("• traffic: ") and "keyspace hit rate" in line for line in lines)
-    assert any(line.startswith("• replication: primary, 0 replica(s)") for line in lines)
+    assert any(line.startswith("• replication: primary, 0 replicas") for line in lines)
     assert any(line.startswith("• server: Redis ") for line in lines)
     assert await bot.audit_events() == ["read"]
 
@@ -510,7 +510,7 @@ async def test_redis_len_refuses_keys_outside_the_allow_list(bot: Harness) -> No
         "/ops redis len cache " + "k" * 600: "a key name has at most 512 characters here, got 600",
         "/ops redis len sessions email_queue": "unknown Redis target `sessions`. Known Redis targets: cache.",
         "/ops redis len cache": "needs a key",
-        "/ops redis info cache extra": "unexpected argument(s) `extra`",
+        "/ops redis info cache extra": "unexpected argument `extra`",
         "/ops redis len cache email\x00queue": "invisible character (U+0000 NULL)",
         "/ops redis len cache " + "x" * 200_000: "characters long",
     }
@@ -544,7 +544,7 @@ async def test_health_of_every_service_in_parallel(bot: Harness, platform_http: 
     text, took = await timed(bot, ALICE, "/ops health", "health of")
     assert took < READ_LIMIT, took
     summary, *lines = text.splitlines()
-    assert summary == "*health of 2 service(s): all 4 probe(s) healthy*"
+    assert summary == "*health of 2 services: all 4 probes healthy*"
     assert lines[0].startswith("• :white_check_mark: `api/health` 200 in ")
     assert 'status=ok version=1.4.2 checks={"database":"ok","redis":"ok"}' in lines[0]
     assert "uptime" not in lines[0], "only status, version, checks and flags are shown"
@@ -558,7 +558,7 @@ async def test_health_of_every_service_in_parallel(bot: Harness, platform_http: 
 
     platform_http.hits.clear()
     text, _ = await timed(bot, ALICE, "/ops health worker", "health of")
-    assert text.splitlines()[0] == "*health of worker: all 2 probe(s) healthy*"
+    assert text.splitlines()[0] == "*health of worker: all 2 probes healthy*"
     assert sorted(platform_http.hits) == ["/worker/healthz", "/worker/readyz"], "only that service's probes"
     assert await bot.audit_events() == ["read", "read"]
 
@@ -572,7 +572,7 @@ async def test_health_shows_what_is_wrong_and_does_not_wait_for_a_hung_probe(bot
     text, took = await timed(bot, ALICE, "/ops health", "health of")
     assert took < READ_LIMIT, took
     lines = text.splitlines()
-    assert lines[0] == "*health of 2 service(s): 1 of 4 probe(s) healthy*"
+    assert lines[0] == "*health of 2 services: 1 of 4 probes healthy*"
     assert lines[1] == "• :x: `api/health` no answer within 1 s"
     assert lines[2].startswith("• :white_check_mark: `api/webhooks` 200")
     assert lines[3].startswith("• :warning: `worker/healthz` 200 in ") and "the body says unhealthy" in lines[3]
@@ -589,7 +589,7 @@ async def test_health_of_a_service_that_is_down(bot: Harness) -> None:
                                                                   for p in api.probes)})
     text, took = await timed(bot, ALICE, "/ops health api", "health of")
     assert took < READ_LIMIT, took
-    assert text.splitlines()[0] == "*health of api: 0 of 2 probe(s) healthy*"
+    assert text.splitlines()[0] == "*health of api: 0 of 2 probes healthy*"
     assert "• :x: `api/health` cannot connect" in text
 
 
@@ -597,7 +597,7 @@ async def test_bad_health_arguments(bot: Harness, platform_http: FakePlatform) -
     cases = {
         "/ops health payments": "unknown service `payments`. Known services with health probes: api, worker.",
         "/ops health wоrker": "contains U+043E CYRILLIC SMALL LETTER O",
-        "/ops health api worker": "unexpected argument(s) `worker`; name one service or none",
+        "/ops health api worker": "unexpected argument `worker`; name one service or none",
         "/ops health http://169.254.169.254/latest/meta-data": "unknown service `http://169.254.169.254/latest/meta-data`",
         "/ops health api --url http://evil": "unknown option `--url` for `health`",
         "/ops health \x1b[31mapi": "invisible character (U+001B ESCAPE)",

@@ -26,7 +26,7 @@ def test_explain_with_a_real_plan(kubeconfig: str, platform_db: str, redis_url: 
 
     proc = explain("--as", "U0EVE", "disable provider twilio", env=env)
     assert proc.returncode == 3
-    assert "plan:     disable provider twilio: isActive True → False [production]" in proc.stdout
+    assert "plan:     disable provider twilio: isActive true → false [production]" in proc.stdout
     assert "decision: DENY" in proc.stdout and "your roles: auditor" in proc.stdout
 
     proc = explain("--as", "U0ALICE", "scale worker 99", env=env)

@@ -188,7 +188,7 @@ async def test_rate_limit_says_when_to_try_again(bot: Harness) -> None:
         await bot.response(containing=f"Cancelled `{request.id}`")
     await bot.slash(ALICE, "/ops rollback api")
     reply = await bot.response(containing="rate limit")
-    assert "at most 2 `rollback` request(s) per 3600 s per person. Try again in" in reply["text"]
+    assert "at most 2 `rollback` requests per 3600 s per person. Try again in" in reply["text"]
     assert "policy_denied" in await bot.audit_events()
 
 
@@ -199,10 +199,13 @@ async def test_open_request_limit_and_cancel(bot: Harness) -> None:
     second = await bot.eventually(lambda: _newer(bot, first.id), what="the second request")
     await bot.slash(ALICE, "/ops scale worker 5")
     reply = await bot.response(containing="open request")
-    assert f"you already have 2 open request(s) (`{first.id}`, `{second.id}`); the limit is 2" in reply["text"]
+    assert f"you already have 2 open requests (`{first.id}`, `{second.id}`); the limit is 2" in reply["text"]
     # Only the requester can cancel; then the card says so.
     await bot.slash(CAROL, f"/ops cancel {first.id}")
-    assert "only they can cancel it" in (await bot.response(containing="only they"))["text"]
+    refused = (await bot.response(containing="only they"))["text"]
+    assert "only they can cancel it" in refused and refused.startswith(":x: ")
+    await bot.slash(ALICE, "/ops cancel nope")
+    assert (await bot.response(containing="no request `nope`"))["text"].startswith(":x: ")
     await bot.slash(ALICE, f"/ops cancel {first.id}")
     await bot.response(containing=f"Cancelled `{first.id}`")
     done = await bot.state_of(first.id, "cancelled")
@@ -226,7 +229,7 @@ async def test_pending_lists_what_you_may_approve(bot: Harness) -> None:
 async def test_help_for_one_command(bot: Harness) -> None:
     await bot.slash(ALICE, "/ops help rollback")
     reply = await bot.response(containing="/ops rollback <deployment>")
-    assert "You may run it; needs 1 approval(s) from approver." in reply["text"] and "`--to-revision …`" in reply["text"]
+    assert "You may run it; needs 1 approval from approver." in reply["text"] and "`--to-revision …`" in reply["text"]
     await bot.slash(MALLORY, "/ops help scale")
     reply = await bot.response(containing="/ops scale <deployment>")
     assert "You may not run it" in reply["text"]

@@ -18,7 +18,7 @@ def active(platform_db: str, name: str) -> bool:
 async def test_disable_then_enable_a_provider(bot: Harness, platform_db: str) -> None:
     await bot.slash(ALICE, "/ops disable provider twilio")
     request = await bot.requested()
-    assert "isActive True → False" in bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
+    assert "isActive true → false" in bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
     await bot.click(CAROL, request.id)
     done = await bot.state_of(request.id, "succeeded", "failed", "stale")
     assert done.state.value == "succeeded", done.error
@@ -73,7 +73,7 @@ async def test_schema_qualified_table(bot: Harness, platform_db: str) -> None:
     object.__setattr__(config, "providers", spec)
     await bot.slash(ALICE, "/ops disable provider flooz")
     request = await bot.requested()
-    assert "enabled True → False" in bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
+    assert "enabled true → false" in bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
     await bot.click(CAROL, request.id)
     done = await bot.state_of(request.id, "succeeded", "failed", "stale")
     assert done.state.value == "succeeded", done.error

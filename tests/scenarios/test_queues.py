@@ -181,17 +181,17 @@ async def test_failed_lists_the_latest_failures_scrubbed_and_bounded(bot: Harnes
         await fail(q, redis_url, queue_prefix, ["long"], reason="x" * 5000 + "\x00\x1b[31m")
 
         await bot.slash(ALICE, f"/ops queue failed {QUEUE} --limit 3")
-        reply = await bot.response(containing="failed job(s)")
+        reply = await bot.response(containing="failed job")
         text = reply["text"]
-        assert f"*{QUEUE}: 4 failed job(s), the latest 3 shown*" in text
+        assert f"*{QUEUE}: 4 failed jobs, the latest 3 shown*" in text
         lines = [line for line in text.splitlines() if line.startswith("• `")]
         assert [line.split("`")[1] for line in lines] == ["long", "leaky", "old-2"], "newest first"
-        assert "1 attempt(s), failed" in lines[0]
+        assert "1 attempt, failed" in lines[0]
         assert "hunter2" not in text and "password=[redacted]" in text, "secrets scrubbed"
         assert "<!channel>" not in text and "&lt;!channel&gt;" in text, "no mention smuggled in through a reason"
         assert "`rm -rf`" not in text
         assert "x" * 200 + "…" in lines[0] and "x" * 201 not in text, "a reason is cut at 200 characters"
-        assert "1 older failed job(s) not shown; `--limit 50` shows more" in text
+        assert "1 older failed job not shown; `--limit 50` shows more" in text
         assert f"`/ops queue retry {QUEUE} <job-id>`" in text
         rows = await bot.runtime.audit.log.rows()
         assert [r["event"] for r in rows] == ["read"] and "hunter2" not in json.dumps(rows, default=str)
@@ -219,7 +219,7 @@ async def test_engineer_retries_one_failed_job_after_approval(bot: Harness, redi
         req = await request(bot, f'/ops queue retry {QUEUE} evt-42 --reason "INC-77 ledger back"')
         card = card_text(bot, req)
         assert f"{QUEUE}: retry failed job evt-42 (process)" in card
-        assert "1 attempt(s), failed" in card and "ECONNRESET talking to ledger" in card
+        assert "1 attempt, failed" in card and "ECONNRESET talking to ledger" in card
         assert "attempts made so far are kept" in card
         assert req.plan["target_name"] == QUEUE and req.plan["target_kind"] == "queues"
         assert await q.getJobState("evt-42") == "failed", "nothing happens before approval"
@@ -281,9 +281,9 @@ async def test_retry_failed_retries_exactly_the_oldest_ids_on_the_card(bot: Harn
         await fail(q, redis_url, queue_prefix, ids)  # evt-00 failed first
         req = await request(bot, f"/ops queue retry-failed {QUEUE} --limit 12")
         card = card_text(bot, req)
-        assert f"{QUEUE}: retry 12 of 14 failed job(s)" in card
+        assert f"{QUEUE}: retry 12 of 14 failed jobs" in card
         assert "oldest first: " + ", ".join(f"`{i}`" for i in ids[:10]) + " and 2 more" in card
-        assert "2 newer failed job(s) stay failed" in card
+        assert "2 newer failed jobs stay failed" in card
         assert req.plan["before"] == {"failed_job_ids": ids[:12]}
         assert set((await states(q, ids)).values()) == {"failed"}
 
@@ -293,7 +293,7 @@ async def test_retry_failed_retries_exactly_the_oldest_ids_on_the_card(bot: Harn
         assert [i for i in ids if after[i] == "waiting"] == ids[:12]
         assert [i for i in ids if after[i] == "failed"] == ids[12:]
         assert done.result is not None and done.result["retried"] == ids[:12] and done.result["skipped"] == {}
-        assert "retried 12 of 12 failed job(s) on `billing-webhooks`" in thread_text(bot, done)
+        assert "retried 12 of 12 failed jobs on `billing-webhooks`" in thread_text(bot, done)
         assert await bot.audit_events(req.id) == FULL_STORY
 
 
@@ -301,7 +301,7 @@ async def test_retry_failed_defaults_to_ten_and_is_bounded(bot: Harness, redis_u
     async with platform_queue(redis_url, queue_prefix) as q:
         await fail(q, redis_url, queue_prefix, [f"evt-{i:02d}" for i in range(11)])
         req = await request(bot, f"/ops queue retry-failed {QUEUE}")
-        assert f"{QUEUE}: retry 10 of 11 failed job(s)" in card_text(bot, req)
+        assert f"{QUEUE}: retry 10 of 11 failed jobs" in card_text(bot, req)
     _, body = await bot.slash(ALICE, f"/ops queue retry-failed {QUEUE} --limit 100000")
     assert "`--limit` takes 1 to 100, got 100,000. Try `--limit 100`." in body
 
@@ -355,7 +355,7 @@ async def test_pause_and_resume_through_approval(bot: Harness, redis_url: str, q
         req = await request(bot, f"/ops queue pause {QUEUE}")
         card = card_text(bot, req)
         assert f"{QUEUE}: pause (workers take no new job)" in card
-        assert f"0 active job(s) run to the end; 1 waiting and 0 delayed job(s) wait until `/ops queue resume {QUEUE}`" in card
+        assert f"0 active jobs run to the end; 1 waiting job and 0 delayed jobs wait until `/ops queue resume {QUEUE}`" in card
         assert not await q.isPaused()
         done = await approved(bot, req)
         assert done.state.value == "succeeded", done.error
@@ -400,9 +400,9 @@ async def test_clean_removes_only_finished_jobs_older_than_the_age(bot: Harness,
 
         req = await request(bot, f"/ops queue clean {QUEUE} --failed --older-than 7d --limit 4")
         card = card_text(bot, req)
-        assert f"{QUEUE}: remove 4 failed job(s) older than 7d" in card
-        assert "5 failed job(s) finished before" in card and "the oldest 4 are removed (`--limit`), the rest stay" in card
-        assert "4 of the queue's 8 failed job(s) remain" in card
+        assert f"{QUEUE}: remove 4 failed jobs older than 7d" in card
+        assert "5 failed jobs finished before" in card and "the oldest 4 are removed (`--limit`), the rest stay" in card
+        assert "4 of the queue's 8 failed jobs remain" in card
         assert (await q.getJobCounts("failed"))["failed"] == 8, "nothing happens before approval"
 
         done = await approved(bot, req)
@@ -412,11 +412,11 @@ async def test_clean_removes_only_finished_jobs_older_than_the_age(bot: Harness,
         assert [i for i in old if after[i] == "unknown"] == old[:4], "the oldest first"
         assert after["old-4"] == after["recent-1"] == "failed" and after["done-1"] == after["done-2"] == "completed"
         assert await q.getJob("old-0") is None, "the job itself is gone, not only its place in the set"
-        assert "removed 4 failed job(s) of `billing-webhooks` that finished before" in thread_text(bot, done)
+        assert "removed 4 failed jobs of `billing-webhooks` that finished before" in thread_text(bot, done)
         assert await bot.audit_events(req.id) == FULL_STORY
 
         req = await request(bot, f"/ops queue clean {QUEUE} --completed --older-than 7d")
-        assert f"{QUEUE}: remove 2 completed job(s) older than 7d" in card_text(bot, req)
+        assert f"{QUEUE}: remove 2 completed jobs older than 7d" in card_text(bot, req)
         done = await approved(bot, req)
         assert done.state.value == "succeeded", done.error
         assert (await q.getJobCounts("completed"))["completed"] == 0
@@ -429,7 +429,7 @@ async def test_clean_removes_no_job_that_aged_past_the_cutoff_while_waiting_for_
         await fail(q, redis_url, queue_prefix, ["almost"])
         await set_finished(q, {"almost": round(time.time() * 1000) - 7 * DAY_MS + 1500}, "failed")  # 7d old in 1.5 s
         req = await request(bot, f"/ops queue clean {QUEUE} --failed --older-than 7d")
-        assert f"{QUEUE}: remove 2 failed job(s) older than 7d" in card_text(bot, req)
+        assert f"{QUEUE}: remove 2 failed jobs older than 7d" in card_text(bot, req)
         await asyncio.sleep(2)  # the approver takes their time; `almost` is now older than 7d
         done = await approved(bot, req)
         assert done.state.value == "succeeded", done.error
@@ -554,7 +554,7 @@ async def test_who_may_do_what_on_a_queue(bot: Harness, redis_url: str, queue_pr
         assert "`queue` what? Did you mean: `/ops queue stats <queue>`" in (await bot.slash(ALICE, text))[1]
     await bot.slash(ALICE, "/ops help queue retry-failed")
     reply = await bot.response(containing="retry-failed")
-    assert "You may run it; needs 1 approval(s) from approver." in reply["text"]
+    assert "You may run it; needs 1 approval from approver." in reply["text"]
 
 
 def test_policy_explain_without_reading_the_queue() -> None:
@@ -583,8 +583,8 @@ async def test_a_job_a_node_worker_failed_is_retried_from_chat_and_then_processe
         assert await q.getJobState("evt-node") == "failed"
 
         await bot.slash(ALICE, f"/ops queue failed {QUEUE}")
-        reply = await bot.response(containing="failed job(s)")
-        assert "`evt-node` process — 1 attempt(s), failed" in reply["text"] and "ECONNRESET talking to ledger" in reply["text"]
+        reply = await bot.response(containing="failed job")
+        assert "`evt-node` process — 1 attempt, failed" in reply["text"] and "ECONNRESET talking to ledger" in reply["text"]
 
         done = await approved(bot, await request(bot, f"/ops queue retry {QUEUE} evt-node"))
         assert done.state.value == "succeeded", done.error

@@ -38,7 +38,7 @@ async def test_malformed_commands_say_what_to_type(bot: Harness) -> None:
         'scale worker 3 --reason "unterminated': "a quote is not closed",
         "rollback api --to-revision two": "`--to-revision` must be a whole number",
         "scale worker 3 --force": "unknown option `--force`",
-        "status api extra": "unexpected argument(s) `extra`",
+        "status api extra": "unexpected argument `extra`",
     }
     for text, expected in cases.items():
         status, body = await bot.slash(ALICE, f"/ops {text}")
@@ -121,7 +121,9 @@ async def test_the_sweeper_expires_requests_nobody_answered(bot: Harness, state_
 async def test_dry_run_shows_the_plan_and_changes_nothing(bot: Harness, kube: KubeApiServer) -> None:
     await bot.slash(ALICE, "/ops scale worker 6 --dry-run")
     reply = await bot.response(containing="Dry run")
-    assert "nova-worker: 3 → 6 replicas" in reply["text"] and "1 approval(s) from approver required by production-changes" in reply["text"]
+    assert "nova-worker: 3 → 6 replicas" in reply["text"] and "1 approval from approver required by production-changes" in reply["text"]
+    assert "• target: `worker (nova/nova-worker)` · environment: *production*" in reply["text"]
+    assert reply["text"].count("environment") == 1
     assert await bot.last_request() is None and replicas(kube) == 3
 
 
@@ -141,10 +143,11 @@ async def test_help_shows_only_what_the_caller_may_run(bot: Harness) -> None:
     assert "/ops status <deployment>" in reply["text"] and "/ops audit" in reply["text"]
     shown = [c for c in COMMANDS if f"`{c.usage}`" in reply["text"]]
     assert "/ops scale" not in reply["text"] and "/ops logs" not in reply["text"], "auditors read the trail, not logs"
-    assert f"{len(COMMANDS) - len(shown)} more command(s)" in reply["text"] and len(shown) >= 4
+    hidden = len(COMMANDS) - len(shown)
+    assert f"{hidden} more {'command exists' if hidden == 1 else 'commands exist'}" in reply["text"] and len(shown) >= 4
     await bot.slash(ALICE, "/ops help")
     reply = await bot.response(containing="/ops scale")
-    assert "needs 1 approval(s) from approver" in reply["text"] and "/ops audit" not in reply["text"]
+    assert "needs 1 approval from approver" in reply["text"] and "/ops audit" not in reply["text"]
 
 
 async def test_cluster_down_fails_closed(bot: Harness, kube: KubeApiServer) -> None:

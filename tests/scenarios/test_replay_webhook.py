@@ -38,6 +38,8 @@ async def test_replay_resets_the_row_and_queues_exactly_one_job(bot: Harness, co
     assert row(platform_db, FAILED_EVENT) == ("failed", "ECONNRESET talking to ledger")
     assert await replay(bot, FAILED_EVENT) == "succeeded"
     assert row(platform_db, FAILED_EVENT) == ("pending", None)
+    card = bot.slack.in_channel(Harness.INCIDENT)[0].all_text()  # the job's data as JSON, not a Python dict
+    assert f'job `process` with data `{{"eventId":"{FAILED_EVENT}","eventType":"invoice.paid"}}`' in card
     assert await bot.audit_events() == ["requested", "approval_given", "approved", "started", "succeeded"]
 
     queue = Queue("billing-webhooks", {"connection": redis_url, "prefix": queue_prefix})

@@ -56,7 +56,7 @@ rules:
     warnings = "\n".join(config_warnings(config))
     assert "queues.billing.name: 'billing:webhooks' contains ':'" in warnings and "'billing-webhooks'" in warnings
     assert "roles.nobody: has no members" in warnings
-    assert "needs 2 approvals but only 1 user(s) can approve" in warnings
+    assert "needs 2 approvals but only 1 user can approve" in warnings
     assert "command 'rollback': no rule allows anyone to run it" in warnings
 
 

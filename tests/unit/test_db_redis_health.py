@@ -152,7 +152,7 @@ rules: [{name: len, commands: [redis-len], targets: [bare], allow: [eng]}]
     ("redis", "`redis` what?"),
     ("redis len cache bull:?:wait", "has a wildcard"),
     ("redis len cache [a]", "has a wildcard"),
-    ("redis len cache bull:x:wait <!channel>", "unexpected argument(s) `<!channel>`"),
+    ("redis len cache bull:x:wait <!channel>", "unexpected argument `<!channel>`"),
 ])
 def test_bad_arguments(text: str, answer: str) -> None:
     with pytest.raises(UserError) as info:
@@ -247,7 +247,7 @@ def test_redis_info_warnings() -> None:
     assert summary == "Redis `cache`: 950.0 MiB used of 1000.0 MiB, 40 clients, 120 ops/s, role slave"
     assert lines[0] == ":warning: memory at 95% of maxmemory with policy `noeviction`: writes will be refused (OOM)"
     assert ":warning: the replica's link to its primary is down" in lines
-    assert ":warning: 3 connection(s) rejected since start (maxclients reached)" in lines
+    assert ":warning: 3 connections rejected since start (maxclients reached)" in lines
     assert "keys: db0 1,234; since start 0 evicted, 10 expired" in lines
     assert "traffic: 120 ops/s now; keyspace hit rate 90.0% (90 hits, 10 misses)" in lines
     assert "replication: replica of 10.0.0.1:6379, link down" in lines
@@ -262,7 +262,7 @@ def test_db_sessions_warns_near_max_connections() -> None:
     summary, lines, facts = db_sessions.describe("app", {"max_connections": 100, "reserved": 3, "groups": groups})
     assert summary == "app: 80 of 100 connections in use (80%); here: 5 hidden"
     assert lines[0].startswith(":warning: 80 of the 97 connections applications may open are in use (82%)")
-    assert "5 session(s) of other roles show no state: grant opsbot's database role `pg_read_all_stats` to see them" in lines
+    assert "5 sessions of other roles show no state: grant opsbot's database role `pg_read_all_stats` to see them" in lines
     assert "PostgreSQL's own processes (not counted against max_connections): 1" in lines
     assert facts["used"] == 80 and facts["here"] == 76
 

@@ -66,7 +66,7 @@ def test_reason_and_dry_run_with_curly_quotes(cfg: Config) -> None:
     ("enable", UsageError, "Did you mean: `/ops enable provider <name>`"),
     ("frobnicate", UsageError, "Type `/ops help`"),
     ("restart", UsageError, "needs a deployment"),
-    ("restart worker api", UsageError, "unexpected argument(s) `api`"),
+    ("restart worker api", UsageError, "unexpected argument `api`"),
     ("logs worker --tail 0", UsageError, "1 to 1000 lines"),
     ("logs worker --since 10", UsageError, "duration such as 10m"),
     ("logs worker --grep ''", UsageError, "needs the text"),

@@ -26,7 +26,7 @@ def dep(*, gen: int = 2, observed: int = 2, replicas: int = 3, updated: int = 3,
     (dep(total=4), "1 old replicas pending termination", False, False),
     (dep(available=2), "2 of 3 updated replicas available", False, False),
     (dep(), "successfully rolled out (3 of 3 available)", True, False),
-    (dep(updated=1, reason="ProgressDeadlineExceeded"), "deployment 'web' exceeded its progress deadline", True, True),
+    (dep(updated=1, reason="ProgressDeadlineExceeded"), 'deployment "web" exceeded its progress deadline', True, True),
 ])
 def test_rollout_state_decides_as_kubectl_does(d: dict[str, Any], text: str, done: bool, failed: bool) -> None:
     state = rollout_state(d)

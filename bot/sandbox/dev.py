@@ -2,10 +2,15 @@
 
 Starts, all on 127.0.0.1: PostgreSQL and Redis (the URLs from DATABASE_URL/REDIS_URL when set,
 otherwise private servers whose data lives in ``--data-dir``, stopped on exit and reused next
-time), the Kubernetes API emulator seeded with Nova's deployments and their revision history, the
-demo platform database, BullMQ queue and HTTP health endpoints, the Slack emulator with the browser playground, and the
-real opsbot app (the same Runtime `opsbot serve` builds) pointed at them through SLACK_API_URL and
-a kubeconfig, exactly as in production.
+time), the Kubernetes API emulator (Nova's deployments and their revision history, plus whatever
+deployments and cronjobs the config names), the demo platform's databases, BullMQ queues and HTTP
+health endpoints (every ``${VAR}`` the config uses is pointed at one of them: bot/sandbox/world.py),
+the Slack emulator with the browser playground (the config's users, and made-up members for its
+user groups), and the real opsbot app (the same Runtime `opsbot serve` builds) pointed at them
+through SLACK_API_URL and a kubeconfig, exactly as in production.
+
+The environment to run `opsbot audit …` and `opsbot policy explain` against that world is printed at
+start and kept in ``<data-dir>/env`` while it runs (`opsbot dev env` prints it again).
 """
 
 from __future__ import annotations
@@ -237,6 +242,10 @@ def banner(w: World, *, data_dir: str = ".opsbot/dev") -> str:
     lines.append(f"\nto run `opsbot audit verify --against-channel`, `opsbot audit export` or `opsbot policy explain` against it, "
                  f"in another shell:  eval \"$(opsbot dev env{'' if data_dir == '.opsbot/dev' else f' --data-dir {data_dir}'})\"")
     lines += [f"  {line}" for line in env_lines(w.env, config_path=w.config_path)[1:]]
+    member = next((p for p in w.people.values() if p.groups), None)
+    if member:
+        lines.append(f"  (`policy explain` does not ask Slack for user groups: for {member.name}, add --as {member.id} "
+                     f"--group {member.groups[0]})")
     return "\n".join(lines) + "\n"
 
 

@@ -317,6 +317,7 @@ def candidate_commands(config: Config, cluster: Cluster | None, providers: list[
 def _approvers(people: list[Person], requester: Person, roles: tuple[str, ...], count: int, each: tuple[str, ...],
                config: Config) -> list[Person] | None:
     able = [p for p in people if may_approve(p.actor, requester=requester.actor, approver_roles=roles, config=config) is None]
+    able.sort(key=lambda p: not set(p.roles) <= set(roles))  # those who only approve first (carol before bo)
     chosen: list[Person] = []
     for role in each:  # a distinct person for each role that must approve
         pick = next((p for p in able if p not in chosen and role in config.roles_of(p.id, frozenset(p.groups))), None)

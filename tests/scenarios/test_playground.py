@@ -241,6 +241,14 @@ async def test_every_example_works_in_the_playground(tmp_path: Path, pg_admin: s
             assert sections and not [s for s in sections if s.get("error")], sections
             env = (tmp_path / example.stem / "env").read_text()
             assert f"export DATABASE_URL={world.env['DATABASE_URL']}" in env and "export KUBECONFIG=" in env
+            if example.stem in ("nexus", "nova-rms"):  # the CLI against the playground, with `eval "$(opsbot dev env)"`
+                script = (f'eval "$({sys.executable} -m bot dev env --data-dir {tmp_path / example.stem})" && '
+                          f"{sys.executable} -m bot audit verify --against-channel")
+                verify = await asyncio.create_subprocess_shell(script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                               env={k: v for k, v in os.environ.items() if k not in world.env})
+                out = (await asyncio.wait_for(verify.communicate(), timeout=60))[0].decode()
+                assert verify.returncode == 0, out
+                assert "chain intact" in out and "0 differ, 0 missing" in out and "posted hash(es) compared" in out, out
         assert not (tmp_path / example.stem / "env").exists(), "the env file goes with the world"
 
 
@@ -273,22 +281,29 @@ def test_opsbot_dev_starts_and_stops_cleanly_and_reuses_its_data() -> None:
         deadline = time.monotonic() + 90
         lines = []
         assert proc.stdout is not None
-        while time.monotonic() < deadline and url is None:
+        while time.monotonic() < deadline:
             line = proc.stdout.readline()
             lines.append(line)
             if line.startswith("opsbot playground: "):
                 url = line.split()[2]
-            if not line and proc.poll() is not None:
+            if (url and line.startswith("  export DATABASE_URL=")) or (not line and proc.poll() is not None):
                 break
         assert url, "".join(lines)
         import urllib.request
 
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200 and b"opsbot playground" in resp.read()
+        assert any(line.startswith("  export DATABASE_URL=") for line in lines), "the banner gives the environment"
+        shown = subprocess.run([sys.executable, "-m", "bot", "dev", "env", "--data-dir", str(data_dir)], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and f"export KUBECONFIG={data_dir / 'kubeconfig'}" in shown.stdout, shown
         assert _processes_using(data_dir), "PostgreSQL and Redis run from the data directory"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, f"run {run}"
         assert _processes_using(data_dir) == [], "no process left behind"
         assert (data_dir / "postgres" / "data" / "PG_VERSION").exists()
         assert (data_dir / "cluster.json").exists(), "the sandbox cluster is kept for the next run"
+        gone = subprocess.run([sys.executable, "-m", "bot", "dev", "env", "--data-dir", str(data_dir)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 1 and "no running dev world" in gone.stderr, gone
     shutil.rmtree(root, ignore_errors=True)

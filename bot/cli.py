@@ -401,6 +401,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from bot.sandbox import dev
 
+    if args.what == "env":
+        return dev.print_env(args.data_dir)
     return dev.main(args.config, args.host, args.port, args.data_dir)
 
 
@@ -414,6 +416,9 @@ def parser() -> argparse.ArgumentParser:
     serve.set_defaults(fn=cmd_serve)
     devp = sub.add_parser("dev", help="the local playground: the real bot with a Slack emulator in your browser, a sandbox "
                                       "cluster, PostgreSQL and Redis; no Slack workspace or cluster needed")
+    devp.add_argument("what", nargs="?", choices=["env"],
+                      help="env: print the running dev world's environment (DATABASE_URL, KUBECONFIG, SLACK_*, …) as "
+                           "`export` lines, for `eval \"$(opsbot dev env)\"` before `opsbot audit …` or `opsbot policy explain`")
     devp.add_argument("--config", help=f"your policy to try against the sandbox (default {'policies/examples/nova-rms.yaml'})")
     devp.add_argument("--port", type=int, default=int(os.environ.get("OPSBOT_DEV_PORT", "8800")), help="playground port (default 8800)")
     devp.add_argument("--host", default="127.0.0.1")
@@ -463,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught below, rather than at interpreter exit
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -472,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`opsbot audit export | head`): stop quietly, as coreutils do. Whatever
+        # is still buffered for stdout goes nowhere, so that the interpreter's last flush does not fail.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         with contextlib.suppress(Exception):
             logging.shutdown()

@@ -64,24 +64,25 @@ nova_api_billing_webhook_total{status="failed"} 1
 """
 
 
-def health_app() -> web.Application:
-    """Nova's API (`/health`, `/metrics`) and worker (`/healthz`, `/readyz`) endpoints on one
-    server, for `/ops health` in the playground (NOVA_API_URL / NOVA_WORKER_URL point at it)."""
-    async def health(_: web.Request) -> web.Response:
+def health_app(metrics: list[str] | None = None) -> web.Application:
+    """The demo platform's HTTP endpoints on one server, for `/ops health` in the playground (the
+    config's probe URLs point at it): Nova's API (`/health`, `/metrics`) and worker (`/healthz`,
+    `/readyz`), and any other path a config's probe asks for — a path with "ready" in it answers
+    ``{"ready": true}``, `…/metrics` a text exposition with a line for each of ``metrics`` (the
+    metric names the config's probes show), anything else ``{"status": "ok"}``."""
+    extra = "".join(f'# TYPE {m} counter\n{m}{{status="ok"}} 1841\n{m}{{status="failed"}} 1\n'
+                    for m in dict.fromkeys(metrics or ()) if m not in DEMO_METRICS)
+
+    async def any_path(request: web.Request) -> web.Response:
+        path = request.path.rstrip("/")
+        if path.endswith("/metrics"):
+            return web.Response(text=DEMO_METRICS + extra, content_type="text/plain")
+        if path.endswith("/healthz"):
+            return web.json_response({"ok": True})
+        if "ready" in path.rsplit("/", 1)[-1]:
+            return web.json_response({"ready": True, "queue": "billing-webhooks"})
         return web.json_response({"status": "ok", "version": "1.4.2", "checks": {"database": "ok", "redis": "ok"}})
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=DEMO_METRICS, content_type="text/plain")
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
-
-    async def readyz(_: web.Request) -> web.Response:
-        return web.json_response({"ready": True, "queue": "billing-webhooks"})
-
     app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/{tail:.*}", any_path)
     return app

@@ -20,6 +20,7 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -80,6 +81,8 @@ class FakeSlack:
         self.changed = asyncio.Event()
         self.sockets: list[web.WebSocketResponse] = []
         self.socket_acks: list[dict[str, Any]] = []
+        self.tour: dict[str, Any] | None = None  # `opsbot dev`: who to be and what to type, for the page
+        self.panel: Callable[[], Awaitable[dict[str, Any]]] | None = None  # `opsbot dev`: the side panel's data
 
     @property
     def api_url(self) -> str:
@@ -95,6 +98,7 @@ class FakeSlack:
         app.router.add_get("/socket", self._socket)
         app.router.add_get("/", self._page)
         app.router.add_get("/playground/state", self._state)
+        app.router.add_get("/playground/panel", self._panel)
         app.router.add_post("/playground/command", self._command)
         app.router.add_post("/playground/action", self._action)
         self._runner = web.AppRunner(app)
@@ -156,7 +160,14 @@ class FakeSlack:
             "users": [{"id": k, "name": v} for k, v in self.users.items()],
             "channels": [{"id": k, "name": v} for k, v in self.channels.items()],
             "messages": {c: [view(m) for m in shown if m.channel == c] for c in self.channels},
+            "tour": self.tour,
         })
+
+    async def _panel(self, request: web.Request) -> web.Response:
+        """The side panel: the data the commands act on, read live by whoever started the playground."""
+        if self.panel is None:
+            return web.json_response({"sections": []})
+        return web.json_response(await self.panel())
 
     async def _forward(self, body: str) -> tuple[int, str]:
         """Sign and POST to the bot, as Slack does."""
@@ -173,7 +184,15 @@ class FakeSlack:
         data = await request.json()
         user, channel, text = str(data["user"]), str(data["channel"]), str(data["text"]).strip()
         command, _, rest = text.partition(" ")
-        if command != "/ops":
+        if not text:
+            return web.json_response({"error": "nothing to send"}, status=400)
+        if not text.startswith("/"):  # a plain message, as a person posts it in the channel
+            self.post_as(user, channel, text)
+            return web.json_response({"status": 200})
+        if command != "/ops":  # Slack answers an unknown slash command only to the person who typed it
+            self.messages.append(Message(channel=channel, ts=f"{1700000000 + next(self._ts)}.000700", user=user,
+                                         text=f"`{command}` is not a valid command here: only /ops is installed."))
+            self._notify()
             return web.json_response({"error": "only the /ops command is installed here"}, status=400)
         key = uuid.uuid4().hex
         self._response_owner[key] = (user, channel)

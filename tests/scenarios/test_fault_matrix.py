@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -85,8 +86,12 @@ async def test_postgres_down_at_the_click(world: World, kube: KubeApiServer) -> 
     w.db.up()
     again = await w.bot.runtime.store.get(request.id)
     assert again is not None and again.state.value == "pending_approval" and again.approvals == (), "nothing half-counted"
-    refused = [r for r in await w.bot.runtime.audit.log.rows() if r["event"] == "vote_refused"]
-    assert refused and refused[-1]["result"]["why"] == "backend_unavailable", "the refused click is in the trail (via the spool)"
+    async def refused() -> list[dict[str, Any]] | None:  # kept in the spool while the database was down, appended after
+        rows = [r for r in await w.bot.runtime.audit.log.rows() if r["event"] == "vote_refused"]
+        return rows or None
+
+    rows = await w.bot.eventually(refused, timeout=30, what="the refused click in the audit trail")
+    assert rows[-1]["result"]["why"] == "backend_unavailable"
     await w.bot.click(CAROL, request.id, "approve")
     await ends_right(w, request.id, kube)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from bot.config import config_warnings, load_config
 from bot.errors import ConfigError, OpsbotError
+from bot.messages import plural
 from bot.settings import Settings
 
 log = logging.getLogger("opsbot")
@@ -24,8 +25,6 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from bot.messages import plural
-
     path = _config_path(args)
     missing: list[str] = []
     try:
@@ -131,7 +130,7 @@ async def _explain(args: argparse.Namespace) -> int:
     roles = ", ".join(sorted(config.roles_of(actor.user_id, actor.groups))) or "none"
     need = ""
     if d.approvals_required:
-        need = f" — {d.approvals_required} approval(s) from {', '.join(d.approver_roles)}"
+        need = f" — {plural(d.approvals_required, 'approval')} from {', '.join(d.approver_roles)}"
         if d.approvals_each:
             need += f", at least one from each of {', '.join(d.approvals_each)}"
     print(f"command:  {inv.text}")
@@ -233,14 +232,14 @@ async def _audit(args: argparse.Namespace) -> int:
             finally:
                 if args.output:
                     out.close()
-            print(f"exported {len(rows)} row(s)", file=sys.stderr)
+            print(f"exported {plural(len(rows), 'row')}", file=sys.stderr)
             return 0
         if args.audit_cmd == "prune":
             cp = await log.prune(parse_since(args.before))
             if cp is None:
                 print("nothing to prune")
             else:
-                print(f"pruned {cp['rows_pruned']} row(s) up to seq {cp['upto_seq']}; checkpoint {cp['hash']} keeps the chain "
+                print(f"pruned {plural(cp['rows_pruned'], 'row')} up to seq {cp['upto_seq']}; checkpoint {cp['hash']} keeps the chain "
                       f"verifiable from seq {cp['upto_seq'] + 1}")
             return 0
     finally:
@@ -310,7 +309,7 @@ async def _verify_channel(log: object) -> bool:
             break
     if ignored:
         who = ", ".join(f"{poster} ({n})" for poster, n in ignored.most_common(10))
-        print(f"channel: ignored {sum(ignored.values())} message(s) with audit lines not posted by opsbot ({bot_user}): from {who}")
+        print(f"channel: ignored {plural(sum(ignored.values()), 'message')} with audit lines not posted by opsbot ({bot_user}): from {who}")
     rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
     checkpoint = await log.latest_checkpoint()
     pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0
@@ -324,12 +323,13 @@ async def _verify_channel(log: object) -> bool:
     if bad:
         print(f"channel: BROKEN: the database differs from what was posted at seq {_seqs(bad)}")
     if missing:
-        print(f"channel: MISSING: {len(missing)} posted row(s) are not in the database and no pruning checkpoint covers "
+        are = "is" if len(missing) == 1 else "are"
+        print(f"channel: MISSING: {plural(len(missing), 'posted row')} {are} not in the database and no pruning checkpoint covers "
               f"them: seq {_seqs(missing)}")
     if pruned:
-        print(f"channel: {len(pruned)} posted row(s) pruned (covered by the checkpoint up to seq {pruned_upto})")
-    print(f"channel: {len(posted)} posted hash(es) compared, {len(bad)} differ, {len(missing)} missing; "
-          f"{unposted} row(s) not (yet) posted")
+        print(f"channel: {plural(len(pruned), 'posted row')} pruned (covered by the checkpoint up to seq {pruned_upto})")
+    print(f"channel: {plural(len(posted), 'posted hash')} compared, {len(bad)} differ, {len(missing)} missing; "
+          f"{plural(unposted, 'row')} not (yet) posted")
     return not bad and not missing
 
 

@@ -69,7 +69,7 @@ class ChainReport:
         if self.ok:
             if not self.checked:
                 return "OK: no rows to check"
-            return f"OK: {self.checked} row(s), seq {self.first_seq}..{self.last_seq}, chain intact"
+            return f"OK: {self.checked} row{'' if self.checked == 1 else 's'}, seq {self.first_seq}..{self.last_seq}, chain intact"
         return f"BROKEN at seq {self.broken_at}: {self.problem}"
 
 

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from bot.config import Config
 from bot.domain import Actor, DecisionKind, UserId
+from bot.messages import plural
 from bot.policy.engine import decide, may_approve
 from bot.sandbox.kube_apiserver import CRONJOBS, DEPLOYMENTS, Cluster, cronjob_manifest, deployment_manifest
 
@@ -447,7 +448,7 @@ async def panel(config: Config, cluster: Cluster | None) -> dict[str, Any]:
             rows = []
             for alias, d in config.deployments.items():
                 cur = _current_replicas(cluster, d.namespace, d.name)
-                have = "not in the sandbox cluster" if cur is None else f"{cur} replica(s)"
+                have = "not in the sandbox cluster" if cur is None else plural(cur, "replica")
                 n = min(d.replicas.max, max(d.replicas.min, (cur or 0) + 1))
                 rows.append(_row(alias, f"{d.namespace}/{d.name} · {have} · range {d.replicas.min}–{d.replicas.max}",
                                  ("status", f"/ops status {alias}"), ("scale", f"/ops scale {alias} {n}")))
@@ -461,7 +462,8 @@ async def panel(config: Config, cluster: Cluster | None) -> dict[str, Any]:
     others += [_row(name, f"database · {db.environment}", ("sessions", f"/ops db sessions {name}"))
                for name, db in config.databases.items()]
     others += [_row(name, f"Redis · {r.environment}", ("info", f"/ops redis info {name}")) for name, r in config.redis.items()]
-    others += [_row(name, f"health · {len(s.probes)} probe(s)", ("health", f"/ops health {name}")) for name, s in config.health.items()]
+    others += [_row(name, f"health · {plural(len(s.probes), 'probe')}", ("health", f"/ops health {name}"))
+               for name, s in config.health.items()]
     if others:
         async def rest() -> list[dict[str, Any]]:
             return others

@@ -120,7 +120,7 @@ async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_
 
     proc = await asyncio.to_thread(verify)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "database: OK: 7 row(s)" in proc.stdout and "channel: 7 posted hash(es) compared, 0 differ" in proc.stdout
+    assert "database: OK: 7 rows" in proc.stdout and "channel: 7 posted hashes compared, 0 differ" in proc.stdout
     # Rewrite a row and its hash (and all that follow) so the database chain is valid again: only the
     # channel, posted at the time, still shows what really happened.
     from bot.adapters.audit_log import audit_hash, audit_record
@@ -173,9 +173,9 @@ async def test_verify_against_the_channel_fails_when_the_newest_rows_were_delete
         conn.execute("DELETE FROM audit_outbox WHERE seq >= 5")
         conn.execute("DELETE FROM audit_events WHERE seq >= 5")
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
-    assert "database: OK: 4 row(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert "database: OK: 4 rows" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "channel: MISSING: 3 posted row(s) are not in the database and no pruning checkpoint covers them: seq 5, 6, 7" \
+    assert "channel: MISSING: 3 posted rows are not in the database and no pruning checkpoint covers them: seq 5, 6, 7" \
         in proc.stdout, proc.stdout
 
 
@@ -184,10 +184,10 @@ async def test_verify_against_the_channel_accepts_pruned_rows(bot: Harness, stat
     await _seven_posted_rows(bot)
     env = _verify_env(bot, state_db, platform_db, redis_url)
     pruned = await _opsbot(env, "audit", "prune", "--before", "2999-01-01")
-    assert "pruned 6 row(s) up to seq 6" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert "pruned 6 rows up to seq 6" in pruned.stdout, pruned.stdout + pruned.stderr
     proc = await _opsbot(env, "audit", "verify", "--against-channel")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "channel: 6 posted row(s) pruned (covered by the checkpoint up to seq 6)" in proc.stdout, proc.stdout
+    assert "channel: 6 posted rows pruned (covered by the checkpoint up to seq 6)" in proc.stdout, proc.stdout
 
 
 async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness, state_db: str, platform_db: str,
@@ -219,7 +219,7 @@ async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6, 7" in proc.stdout, proc.stdout
     assert "MISSING" not in proc.stdout, proc.stdout  # the forged #99 is not taken for a deleted row
-    assert "channel: ignored 5 message(s) with audit lines not posted by opsbot (U0BOT): from U0MALLORY (5)" in proc.stdout, \
+    assert "channel: ignored 5 messages with audit lines not posted by opsbot (U0BOT): from U0MALLORY (5)" in proc.stdout, \
         proc.stdout
 
 

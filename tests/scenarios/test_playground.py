@@ -248,7 +248,7 @@ async def test_every_example_works_in_the_playground(tmp_path: Path, pg_admin: s
                                                                env={k: v for k, v in os.environ.items() if k not in world.env})
                 out = (await asyncio.wait_for(verify.communicate(), timeout=60))[0].decode()
                 assert verify.returncode == 0, out
-                assert "chain intact" in out and "0 differ, 0 missing" in out and "posted hash(es) compared" in out, out
+                assert "chain intact" in out and "0 differ, 0 missing" in out and "posted hashes compared" in out, out
         assert not (tmp_path / example.stem / "env").exists(), "the env file goes with the world"
 
 

@@ -21,7 +21,7 @@ def test_explain_with_a_real_plan(kubeconfig: str, platform_db: str, redis_url: 
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "plan:     nova-api: revision 3 (nova-api=ghcr.io/nova/api:1.4.2) → 2 (nova-api=ghcr.io/nova/api:1.4.1) [production]" in out
-    assert "decision: NEEDS APPROVAL — 1 approval(s) from approver" in out
+    assert "decision: NEEDS APPROVAL — 1 approval from approver" in out
     assert "rule:     production-changes" in out and "  read-only: other commands" not in out
 
     proc = explain("--as", "U0EVE", "disable provider twilio", env=env)

@@ -131,7 +131,7 @@ async def test_export_then_verify_round_trips(log: AuditLog, state_db: str, tmp_
     lines = out.read_text().splitlines()
     assert len(lines) == 30 and {"hash", "prev_hash", "seq", "plan"} <= set(json.loads(lines[0]))
     proc = subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--file", str(out)], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0 and "OK: 30 row(s), seq 1..30" in proc.stdout
+    assert proc.returncode == 0 and "OK: 30 rows, seq 1..30" in proc.stdout
     # A range of it verifies on its own too, anchored at its first prev_hash.
     part = tmp_path / "part.jsonl"
     part.write_text("\n".join(lines[10:20]) + "\n")
@@ -155,7 +155,7 @@ async def test_prune_keeps_what_remains_verifiable(log: AuditLog, state_db: str)
     proc = subprocess.run([sys.executable, "-m", "bot", "audit", "prune", "--before", cutoff.isoformat()], capture_output=True,
                           text=True, env={**os.environ, "DATABASE_URL": state_db})
     assert proc.returncode == 0, proc.stderr
-    assert "pruned 20 row(s) up to seq 20" in proc.stdout
+    assert "pruned 20 rows up to seq 20" in proc.stdout
     report = await log.verify()
     assert report.ok and (report.first_seq, report.last_seq) == (21, 25), report.summary()
     await fill(log, 2, "after")  # the chain goes on from the checkpoint

@@ -104,9 +104,13 @@ async def test_latest_card_state_wins_after_many_changes_during_an_outage(bot: H
     await bot.state_of(request.id, "succeeded")
     await bot.eventually(lambda: _async("succeeded" in card(bot, request.card_ts).all_text()), what="card")
     await asyncio.sleep(0.5)
-    # approved, started, succeeded happened during the outage: one update afterwards shows the last
+    # approved, started, succeeded happened during the outage: the updates afterwards show only the
+    # last state, never the ones in between. (There can be a second update: the audit poster, also
+    # catching up, gives the card its link to the audit record once that headline exists.)
     card_updates = [a for a in bot.slack.calls_to("chat.update")[updates_during:] if a.get("ts") == request.card_ts]
-    assert len(card_updates) == 1, card_updates
+    assert 1 <= len(card_updates) <= 2, card_updates
+    shown = [json.dumps(a.get("blocks")) for a in card_updates]
+    assert all("succeeded" in b and "running" not in b and "approved, queued" not in b for b in shown), shown
 
 
 # ---------------------------------------------------------------------------- 5. Retry-After, and the channel's order

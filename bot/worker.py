@@ -231,6 +231,8 @@ class ActionWorker:
         while True:
             try:
                 await self.sweep()
+            except BackendUnavailable as exc:  # an outage is expected: said without a traceback
+                log.warning("sweep: %s; will try again", exc)
             except Exception:
                 log.exception("sweep failed; will try again")
             await asyncio.sleep(self.sweep_every)

@@ -42,9 +42,12 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def wait_ready(url: str) -> None:
+async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, *, tries: int = 300) -> None:
+    """Poll ``/readyz`` every 0.1 s; fail at once if ``proc`` (the app under test) exits first."""
     async with aiohttp.ClientSession() as http:
-        for _ in range(300):
+        for _ in range(tries):
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"opsbot exited with {proc.returncode} before it was ready")
             try:
                 async with http.get(url + "/readyz") as r:
                     if r.status == 200:

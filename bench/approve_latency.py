@@ -66,6 +66,7 @@ from slack_sdk.signature import SignatureVerifier
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.ack_latency import wait_ready  # noqa: E402
 from bot.sandbox.demo import seed_cluster  # noqa: E402
 from bot.sandbox.kube_apiserver import KubeApiServer  # noqa: E402
 from bot.sandbox.servers import free_port, postgres_server, redis_server  # noqa: E402
@@ -184,19 +185,6 @@ def pct(values: list[float], p: float) -> float:
     return ordered[int(rank) - 1]
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    async with aiohttp.ClientSession() as http:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"opsbot exited with {proc.returncode} before it was ready")
-            try:
-                async with http.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} never became ready")
 
 
 async def run(args: argparse.Namespace, gaps: list[float]) -> int:
@@ -216,7 +204,7 @@ async def run(args: argparse.Namespace, gaps: list[float]) -> int:
                                     stderr=log_file if log_file else None)
             try:
                 url = f"http://127.0.0.1:{port}"
-                await wait_ready(url, proc)
+                await wait_ready(url, proc, tries=600)
                 async with Bench(url, pg, slack, args.sample_timeout) as bench:
                     return await measure(bench, gaps, args)
             finally:

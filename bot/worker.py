@@ -131,7 +131,6 @@ class Executor:
         if last is not None and last.done:
             event = "follow_failed" if last.failed else "followed"
             await self._record(event, request, result={"message": last.text})
-            self.notices.card_changed()
 
     def following_request(self, request_id: str) -> bool:
         return any(t.get_name() == f"follow:{request_id}" for t in self.following)

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Any
 
 import psycopg
 
@@ -103,40 +104,15 @@ async def test_ops_audit_is_for_auditors(bot: Harness) -> None:
 
 
 async def test_verify_against_the_channel(bot: Harness, state_db: str, platform_db: str, redis_url: str) -> None:
-    await bot.slash(ALICE, "/ops scale worker 4")
-    request = await bot.requested()
-    await bot.click(CAROL, request.id)
-    await bot.state_of(request.id, "succeeded")
-    await bot.slash(MALLORY, "/ops scale worker 9")
-    await bot.eventually(lambda: _events_at_least(bot, 7), what="audit rows")
-    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
-    env = {**os.environ, "DATABASE_URL": state_db, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": "x",
-           "SLACK_API_URL": bot.slack.api_url, "REDIS_URL": redis_url, "OPSBOT_CONFIG": str(EXAMPLE),
-           "NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url}
-
-    def verify() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--against-channel"], capture_output=True,
-                              text=True, env=env, timeout=60)
-
-    proc = await asyncio.to_thread(verify)
+    await _seven_posted_rows(bot)
+    env = _verify_env(bot, state_db, platform_db, redis_url)
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "database: OK: 7 rows" in proc.stdout and "channel: 7 posted hashes compared, 0 differ" in proc.stdout
     # Rewrite a row and its hash (and all that follow) so the database chain is valid again: only the
     # channel, posted at the time, still shows what really happened.
-    from bot.adapters.audit_log import audit_hash, audit_record
-
-    rows = await bot.runtime.audit.log.rows()
-    with psycopg.connect(state_db, autocommit=True) as conn:
-        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
-        prev = rows[2]["prev_hash"]
-        for row in rows[2:]:
-            if row["seq"] == 3:
-                row["actor_id"] = "U0SOMEONEELSE"
-            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
-            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
-                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
-            prev = row["hash"]
-    proc = await asyncio.to_thread(verify)
+    await _rewrite_from_seq3(bot, state_db)
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
     assert proc.returncode == 1
     assert "database: OK" in proc.stdout
     assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6, 7" in proc.stdout
@@ -195,20 +171,8 @@ async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness
     """Anyone in the audit channel can post a `#N … hash …` line. The owner rewrites rows 3-6 (a
     valid chain again) and posts the new hashes as replies in the request's audit thread, after the
     bot's: only the bot's own messages count, so the rewrite still shows, and the forgery is reported."""
-    from bot.adapters.audit_log import audit_hash, audit_record
-
     await _seven_posted_rows(bot)
-    rows = await bot.runtime.audit.log.rows()
-    with psycopg.connect(state_db, autocommit=True) as conn:
-        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
-        prev = rows[2]["prev_hash"]
-        for row in rows[2:]:
-            if row["seq"] == 3:
-                row["actor_id"] = "U0SOMEONEELSE"
-            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
-            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
-                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
-            prev = row["hash"]
+    rows = await _rewrite_from_seq3(bot, state_db)
     head = next(m for m in bot.slack.in_channel("C0AUDIT") if rows[0]["request_id"] in m.text)
     for row in rows[2:]:
         if row["request_id"] == rows[0]["request_id"]:
@@ -221,6 +185,25 @@ async def test_verify_against_the_channel_ignores_lines_people_post(bot: Harness
     assert "MISSING" not in proc.stdout, proc.stdout  # the forged #99 is not taken for a deleted row
     assert "channel: ignored 5 messages with audit lines not posted by opsbot (U0BOT): from U0MALLORY (5)" in proc.stdout, \
         proc.stdout
+
+
+async def _rewrite_from_seq3(bot: Harness, state_db: str) -> list[dict[str, Any]]:
+    """As the table's owner (trigger off): change row 3's actor and recompute every hash from there,
+    so the database chain verifies again. Returns the rows as rewritten."""
+    from bot.adapters.audit_log import audit_hash, audit_record
+
+    rows = await bot.runtime.audit.log.rows()
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        prev = rows[2]["prev_hash"]
+        for row in rows[2:]:
+            if row["seq"] == 3:
+                row["actor_id"] = "U0SOMEONEELSE"
+            row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
+            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
+                         (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
+            prev = row["hash"]
+    return list(rows)
 
 
 async def _final(bot: Harness, request_id: str):  # type: ignore[no-untyped-def]

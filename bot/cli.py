@@ -104,7 +104,7 @@ async def _explain(args: argparse.Namespace) -> int:
     if inv.command in ("help", "pending", "cancel"):
         plan_line = "none (a meta command)"
     elif args.no_plan:
-        located = command(inv.command).locate(inv.params, config)
+        located = command(inv.command, config).locate(inv.params, config)
         if located is not None:
             subject = located
             plan_line = (f"not read (--no-plan): {located.target_label} [{located.environment}]; conditions on the change "
@@ -115,9 +115,9 @@ async def _explain(args: argparse.Namespace) -> int:
         kube = KubeAdapter(config, kubeconfig=os.environ.get("KUBECONFIG"))
         probes = HttpProbeAdapter()
         try:
-            plan = await command(inv.command).plan(inv.params, Context(config=config, kube=kube, databases=PlatformDbAdapter(config),
-                                                                        queues=queues, redis=RedisTargetAdapter(config, pools),
-                                                                        http=probes))
+            ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues,
+                          redis=RedisTargetAdapter(config, pools), http=probes)
+            plan = await command(inv.command, config).plan(inv.params, ctx)
             subject, plan_line = plan, f"{plan.summary} [{plan.environment}]"
         except OpsbotError as exc:
             plan_line = f"cannot be computed: {exc} (deciding on the command alone)"

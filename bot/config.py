@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bot.action_config import Action, action_environment, check_actions
 from bot.errors import ConfigError
 from bot.messages import plural
 
@@ -81,14 +82,15 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _known_command(name: str) -> str:
-    if name not in KNOWN_COMMANDS:
-        raise ValueError(f"unknown command {name!r}; known: {', '.join(KNOWN_COMMANDS)}")
+def _command_name(name: str) -> str:
+    """A command's policy name: a built-in's or an action's (checked by Config, which knows the actions)."""
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,39}", name):
+        raise ValueError(f"unknown command {name!r}; known: {', '.join(KNOWN_COMMANDS)} and the names under actions:")
     return name
 
 
 Duration = Annotated[int, BeforeValidator(parse_duration)]  # "15m" → 900
-CommandName = Annotated[str, AfterValidator(_known_command)]
+CommandName = Annotated[str, AfterValidator(_command_name)]
 
 
 class _Model(BaseModel):
@@ -439,6 +441,8 @@ class Config(_Model):
     providers: Providers | None = None
     # Named sets of targets for rules[].targets, e.g. {payments: ["provider:twilio", "provider:vonage"]}.
     target_groups: dict[str, tuple[str, ...]] = {}
+    # The platform's own runbook actions, by kind (sql, http, flag, queue): bot/action_config.py.
+    actions: dict[str, Action] = {}
     rules: tuple[Rule, ...] = ()
     limits: Limits = Limits()
 
@@ -477,7 +481,12 @@ class Config(_Model):
                 raise ValueError(f"webhooks.queue: {self.webhooks.queue!r} is not defined under queues")
         if self.providers and self.providers.database not in self.databases:
             raise ValueError(f"providers.database: {self.providers.database!r} is not defined under databases")
+        check_actions(self, KNOWN_COMMANDS)
+        commands = (*KNOWN_COMMANDS, *self.actions)
         for i, rule in enumerate(self.rules):
+            for j, c in enumerate(rule.commands):
+                if c not in commands:
+                    raise ValueError(f"rules[{i}].commands[{j}]: unknown command {c!r}; known: {', '.join(commands)}")
             for role in (*rule.allow, *(rule.approval.from_ if rule.approval else ()), *rule.break_glass):
                 if role not in self.roles:
                     raise ValueError(f"rules[{i}]: role {role!r} is not defined under roles "
@@ -487,23 +496,29 @@ class Config(_Model):
             for t in rule.targets:
                 if not self._known_target(t):
                     raise ValueError(f"rules[{i}].targets: {t!r} is not a deployment, cronjob or queue alias, a database, Redis "
-                                     f"target or health service name, a target group, `deployments`, `cronjobs`, `queues`, "
-                                     f"`databases`, `redis`, `health`, `webhooks`, `providers` or `provider:<name>` "
+                                     f"target, health service or action name, a target group, `deployments`, `cronjobs`, "
+                                     f"`queues`, `databases`, `redis`, `health`, `actions`, `webhooks`, `providers` or "
+                                     f"`provider:<name>` "
                                      f"(names: {', '.join(self._target_names()) or 'none'})")
+        for i, limit in enumerate(self.limits.rate):
+            for j, c in enumerate(limit.commands):
+                if c not in commands:
+                    raise ValueError(f"limits.rate[{i}].commands[{j}]: unknown command {c!r}; known: {', '.join(commands)}")
         for g, members in self.target_groups.items():
             for t in members:
                 if t in self.target_groups or not self._known_target(t):
                     raise ValueError(f"target_groups.{g}: {t!r} is not a deployment, cronjob or queue alias, a database, Redis "
-                                     "target or health service name, `webhooks` or `provider:<name>`")
+                                     "target, health service or action name, `webhooks` or `provider:<name>`")
         return self
 
     def _target_names(self) -> list[str]:
-        return list(dict.fromkeys([*self.deployments, *self.cronjobs, *self.queues, *self.databases, *self.redis, *self.health]))
+        return list(dict.fromkeys([*self.deployments, *self.cronjobs, *self.queues, *self.databases, *self.redis, *self.health,
+                                   *self.actions]))
 
     def _known_target(self, t: str) -> bool:
         return (t in self.deployments or t in self.cronjobs or t in self.queues or t in self.target_groups
-                or t in self.databases or t in self.redis or t in self.health
-                or t in ("deployments", "cronjobs", "queues", "webhooks", "providers", "databases", "redis", "health")
+                or t in self.databases or t in self.redis or t in self.health or t in self.actions
+                or t in ("deployments", "cronjobs", "queues", "webhooks", "providers", "databases", "redis", "health", "actions")
                 or (t.startswith("provider:") and len(t) > len("provider:")))
 
     def rule_name(self, index: int) -> str:
@@ -609,6 +624,8 @@ def _candidates(config: Config, command: str) -> list[tuple[set[str], str]]:
         return [({name, "databases"}, db.environment) for name, db in config.databases.items()]
     if command in REDIS_COMMANDS:  # `redis len` reads only allow-listed keys: a target without `keys:` is no target for it
         return [({name, "redis"}, r.environment) for name, r in config.redis.items() if command != "redis-len" or r.keys]
+    if command in config.actions:  # an action's rules name it, or `actions`
+        return [({command, "actions"}, action_environment(config, config.actions[command]))]
     if command in HEALTH_COMMANDS and config.health:
         every = [({name, "health"}, svc.environment) for name, svc in config.health.items()]
         return [*every, ({"health"}, health_environment(config))]  # `/ops health` with no service: all of them
@@ -683,7 +700,7 @@ def config_warnings(config: Config) -> list[str]:
             if not config.roles[glass].users and not config.roles[glass].usergroups:
                 warnings.append(f"{label}: break-glass role {glass!r} has no members")
     allowed = {c for rule in config.rules if rule.allow for c in rule.commands}
-    for c in KNOWN_COMMANDS:
+    for c in (*KNOWN_COMMANDS, *config.actions):
         if c != "help" and c not in allowed and _candidates(config, c):
             warnings.append(f"command {c!r}: no rule allows anyone to run it")
     for name, target in config.redis.items():

@@ -161,7 +161,7 @@ class Pipeline:
         if inv.command == "audit":
             await self._audit_search(req, inv, actor)
             return
-        cmd = command(inv.command)
+        cmd = command(inv.command, self.config)
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
         pre = self._decide(inv.command, actor, req, inv)
         if pre.kind is DecisionKind.DENY:
@@ -250,8 +250,8 @@ class Pipeline:
             note = self.approvals.usergroup_note()
         topic = str(inv.params.get("topic") or "")
         # What you may run at all; where you may run it is said below when it is not here.
-        text = (command_help(topic, lambda name: self._decide(name, actor, req, anywhere=True)) if topic
-                else help_text(lambda name: self._decide(name, actor, req, anywhere=True)))
+        text = (command_help(topic, lambda name: self._decide(name, actor, req, anywhere=True), self.config) if topic
+                else help_text(lambda name: self._decide(name, actor, req, anywhere=True), self.config))
         allowed = self.config.slack.allowed_channels
         if allowed and req.channel_id not in allowed:
             note += "\n:warning: Commands are not taken in this channel; use " + ", ".join(f"<#{c}>" for c in allowed) + "."

@@ -100,6 +100,30 @@ class PlatformDatabases(Protocol):
         """One backend by pid (any database, any type: the caller decides what may be signalled)."""
         ...
 
+    # `actions:` of kind sql and flag (bot/action_config.py). ``query``/``statement`` are the config's
+    # templates ({name} placeholders, {{ }} for braces); ``values`` are bound, never put in the text.
+    async def action_rows(self, database: str, query: str, values: Obj, *, max_rows: int, timeout: float) -> list[Obj]:
+        """A plan query, in a READ ONLY transaction under a statement timeout: at most ``max_rows`` rows."""
+        ...
+
+    async def run_statement(self, database: str, statement: str, values: Obj, *, rows: tuple[int, int], timeout: float,
+                            then: Callable[[list[Obj]], Awaitable[None]] | None = None) -> tuple[int, list[Obj]]:
+        """One statement in a transaction under a statement timeout. When the number of rows it touched is
+        outside ``rows`` (min, max) it is rolled back (ExecutionError saying so); else ``then(returned rows)``
+        runs before the commit (raises → rolled back). Returns (row count, RETURNING rows). OutcomeUnknown
+        when the COMMIT was sent and no answer came back."""
+        ...
+
+    async def read_flag(self, database: str, table: tuple[str | None, str], key_column: str, value_column: str,
+                        key: str) -> tuple[bool, Any]:
+        """(row found, its value) of a flag row; ``table`` is (schema or None, table)."""
+        ...
+
+    async def write_flag(self, database: str, table: tuple[str | None, str], key_column: str, value_column: str, key: str,
+                         *, value: Any, expect: Any) -> bool:
+        """Set the flag to ``value`` only if it still is ``expect`` (compare-and-set); False: it changed."""
+        ...
+
     async def signal_session(self, database: str, pid: int, *, terminate: bool, still: Callable[[Obj | None], None],
                              budget: float) -> Obj:
         """On one connection, in one transaction: read the backend afresh, ``still(row)`` (raises to
@@ -122,6 +146,16 @@ class RedisTargets(Protocol):
         (type, None) for a type that has no length."""
         ...
 
+    # Flags kept in a Redis key (`actions:` of kind flag with `redis:`): the only writes to these targets.
+    async def get_value(self, target: str, key: str, *, budget: float) -> str | None:
+        """The string value of ``key`` (None: not set)."""
+        ...
+
+    async def set_value_if(self, target: str, key: str, *, value: str | None, expect: str | None, budget: float) -> bool:
+        """Atomically (one Lua script): set ``key`` to ``value`` (None: delete it) only if it still is
+        ``expect`` (None: not set). False: it changed. OutcomeUnknown when no answer came back."""
+        ...
+
 
 @dataclass(frozen=True)
 class ProbeResponse:
@@ -142,13 +176,22 @@ class HttpProbes(Protocol):
         ``timeout`` s in all; never raises for network trouble (``ProbeResponse.error``)."""
         ...
 
+    async def send(self, method: str, url: str, *, headers: dict[str, str], body: bytes | None, timeout: float,
+                   max_bytes: int) -> ProbeResponse:
+        """An http action's one request (no redirects, no retries, no proxy, no cookies). Raises
+        BackendUnavailable when it could not be sent (connection refused, DNS), OutcomeUnknown when it was
+        sent and no answer came within ``timeout`` (the server may have acted)."""
+        ...
+
 
 class Queues(Protocol):
     async def job_state(self, queue: Queue, job_id: str) -> str | None: ...
 
-    async def add_job(self, queue: Queue, *, name: str, data: Obj, job_id: str, replace_finished: bool) -> str:
+    async def add_job(self, queue: Queue, *, name: str, data: Obj, job_id: str, replace_finished: bool,
+                      opts: Obj | None = None) -> str:
         """Add a job with this id; a finished job with the same id is removed first when
-        ``replace_finished``. Returns the job's state after the call."""
+        ``replace_finished``. ``opts``: BullMQ job options replacing the default attempts/backoff
+        (``{"attempts": 1}``). Returns the job's state after the call."""
         ...
 
     # What bull-board shows and does, for `/ops queue …` (commands/queues/). A job is described as
@@ -201,6 +244,10 @@ class Context:
     queues: Queues
     redis: RedisTargets
     http: HttpProbes
+    # Set by the worker for execute(): the request being run (an http action's Idempotency-Key, `{request_id}`).
+    request_id: str = ""
+    requester: str = ""
+    reason: str = ""
 
 
 class Chat(Protocol):

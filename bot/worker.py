@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -75,7 +76,7 @@ class Executor:
             return await self._run_locked(request)
 
     async def _run_locked(self, request: OpsRequest) -> str:
-        cmd = command(request.command)
+        cmd = command(request.command, self.ctx.config)
         try:
             fresh = await cmd.plan(dict(request.plan["params"]), self.ctx)
         except UserError as exc:
@@ -92,7 +93,8 @@ class Executor:
         started = time.monotonic()
         heartbeat = asyncio.create_task(self._heartbeat(request.id))
         try:
-            outcome = await cmd.execute(fresh, self.ctx)
+            outcome = await cmd.execute(fresh, replace(self.ctx, request_id=request.id, requester=request.requester.user_id,
+                                                       reason=request.reason))
         except UserError as exc:  # the target moved between re-plan and write (e.g. a 409 or a row changed)
             return await self._finish(request, RequestState.STALE, error=str(exc), started=started)
         except OutcomeUnknown as exc:  # a write was sent and no clear answer came back: a human looks first

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from bot.config import Config
 from bot.domain import Decision, DecisionKind
 from bot.messages import plural
 from commands.base import Command
-from commands.registry import COMMANDS, META_USAGE
+from commands.registry import META_USAGE, commands_of
 
 COMMON = 'Any command takes `--reason "…"` (recorded with the request), `--dry-run` (show the plan, change nothing) ' \
          'and, where the policy allows you, `--break-glass "<reason>"` (run now, reviewed afterwards).'
@@ -21,10 +22,10 @@ def _approval_note(decision: Decision) -> str:
     return f" _(needs {plural(decision.approvals_required, 'approval')} from {', '.join(decision.approver_roles)}{each})_"
 
 
-def help_text(decide: Callable[[str], Decision]) -> str:
+def help_text(decide: Callable[[str], Decision], config: Config | None = None) -> str:
     lines = ["*opsbot commands you can run*"]
     hidden = 0
-    for cmd in COMMANDS:
+    for cmd in commands_of(config):
         decision = decide(cmd.name)
         if decision.kind is DecisionKind.DENY:
             hidden += 1
@@ -45,18 +46,18 @@ def help_text(decide: Callable[[str], Decision]) -> str:
     return "\n".join(lines)
 
 
-def find(topic: str) -> Command | None:
+def find(topic: str, config: Config | None = None) -> Command | None:
     words = topic.split()
-    for cmd in COMMANDS:
+    for cmd in commands_of(config):
         if words[: len(cmd.words)] == list(cmd.words) or topic == cmd.name:
             return cmd
     return None
 
 
-def command_help(topic: str, decide: Callable[[str], Decision]) -> str:
-    cmd = find(topic)
+def command_help(topic: str, decide: Callable[[str], Decision], config: Config | None = None) -> str:
+    cmd = find(topic, config)
     if cmd is None:
-        names = ", ".join(" ".join(c.words) for c in COMMANDS)
+        names = ", ".join(" ".join(c.words) for c in commands_of(config))
         return f"no command `{topic}`. Commands: {names}."
     decision = decide(cmd.name)
     if decision.kind is DecisionKind.DENY:

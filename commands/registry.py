@@ -33,6 +33,7 @@ The grammar (kept exactly; it is part of the product):
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
     /ops help [<command>]
+    /ops <words of an action> <its parameters>    the config's own `actions:` (commands/actions/)
 
 plus ``--reason "…"``, ``--dry-run`` and ``--break-glass "<reason>"`` on any command. Slack clients turn straight quotes into
 curly ones on many keyboards; they are normalised before splitting so that
@@ -49,6 +50,7 @@ from bot.config import Config, parse_since
 from bot.domain import Flags, Invocation
 from bot.errors import UsageError
 from bot.untrusted import check_command_text, number_problem, whole_number
+from commands.actions.make import actions_of
 from commands.base import Command
 from commands.db.queries import DbQueries
 from commands.db.sessions import DbSessions
@@ -94,7 +96,12 @@ MAX_AUDIT_PAGE = 1_000_000
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 
 
-def _parse_audit(tokens: list[str], text: str) -> Invocation:
+def commands_of(config: Config | None) -> tuple[Command, ...]:
+    """The built-ins and, after them, the config's actions."""
+    return COMMANDS + (actions_of(config) if config is not None else ())
+
+
+def _parse_audit(tokens: list[str], text: str, config: Config) -> Invocation:
     """`/ops audit` filters. Users may be mentions (<@U123|alice>, as Slack escapes them), ids or @names."""
     params: dict[str, Any] = {"page": 1}
     seen: set[str] = set()
@@ -129,15 +136,23 @@ def _parse_audit(tokens: list[str], text: str) -> Invocation:
             except ValueError as exc:
                 raise UsageError(str(exc), usage=META_USAGE["audit"]) from None
             params["since"] = value
-        elif key == "command" and value not in BY_NAME and value not in ("help", "audit", "cancel", "pending"):
-            raise UsageError(f"no command `{value}`; use one of {', '.join(BY_NAME)}.", usage=META_USAGE["audit"])
+        elif key == "command" and value not in BY_NAME and value not in config.actions and value not in META_USAGE:
+            names = [*BY_NAME, *config.actions]
+            raise UsageError(f"no command `{value[:100]}`; use one of {', '.join(names)}.", usage=META_USAGE["audit"])
         else:
             params[key] = value
     return Invocation(command="audit", params=params, flags=Flags(), text=text.strip())
 
 
-def command(name: str) -> Command:
-    return BY_NAME[name]
+def command(name: str, config: Config | None = None) -> Command:
+    """The command of this policy name: a built-in, or one of ``config``'s actions (KeyError: neither)."""
+    found = BY_NAME.get(name)
+    if found is not None:
+        return found
+    for action in actions_of(config) if config is not None else ():
+        if action.name == name:
+            return action
+    raise KeyError(name)
 
 
 def tokenize(text: str) -> list[str]:
@@ -147,8 +162,8 @@ def tokenize(text: str) -> list[str]:
         raise UsageError(f"could not read the command: {exc} (a quote is not closed?)") from None
 
 
-def _lookup(tokens: list[str]) -> tuple[Command | None, list[str]]:
-    for cmd in sorted(COMMANDS, key=lambda c: -len(c.words)):
+def _lookup(tokens: list[str], config: Config) -> tuple[Command | None, list[str]]:
+    for cmd in sorted(commands_of(config), key=lambda c: -len(c.words)):
         n = len(cmd.words)
         if [t.lower() for t in tokens[:n]] == list(cmd.words):
             return cmd, tokens[n:]
@@ -204,7 +219,7 @@ def parse(text: str, config: Config) -> Invocation:
     if not tokens or tokens[0].lower() in ("help", "-h", "--help"):
         return Invocation(command="help", params={"topic": " ".join(tokens[1:]).lower()}, flags=Flags(), text=text.strip())
     if tokens[0].lower() == "audit":
-        return _parse_audit(tokens[1:], text)
+        return _parse_audit(tokens[1:], text, config)
     if tokens[0].lower() == "pending":
         if len(tokens) > 1:
             raise UsageError(f"`pending` takes no arguments, got `{' '.join(tokens[1:])}`.", usage=META_USAGE["pending"])
@@ -213,10 +228,10 @@ def parse(text: str, config: Config) -> Invocation:
         if len(tokens) != 2 or len(tokens[1]) > 64:
             raise UsageError("`cancel` takes the request id from the card, e.g. `/ops cancel r-7kq2m9xa`.", usage=META_USAGE["cancel"])
         return Invocation(command="cancel", params={"request_id": tokens[1]}, flags=Flags(), text=text.strip())
-    cmd, rest = _lookup(tokens)
+    cmd, rest = _lookup(tokens, config)
     if cmd is None:
         first = tokens[0].lower()
-        near = [c for c in COMMANDS if c.words[0] == first]
+        near = [c for c in commands_of(config) if c.words[0] == first]
         if near:
             raise UsageError(f"`{first}` what? Did you mean: " + " or ".join(f"`{c.usage}`" for c in near) + "?")
         raise UsageError(f"unknown command `{tokens[0]}`. Type `{HELP_USAGE}` for the commands you can run.")

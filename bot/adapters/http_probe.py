@@ -1,4 +1,4 @@
-"""HTTP health probes (``config.health``) through aiohttp: one GET per probe, bounded.
+"""HTTP health probes (``config.health``) and http actions (`actions:` of kind http) through aiohttp.
 
 The URLs come from the config only (validated when it loads), never from what someone typed.
 Redirects are not followed (a probe that answers 301 says so), no proxy from the environment is
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from bot.errors import BackendUnavailable, OutcomeUnknown
 from bot.ports import ProbeResponse
 
 USER_AGENT = "opsbot-health-probe"
@@ -59,6 +61,40 @@ class HttpProbeAdapter:
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             detail = str(exc).strip() or type(exc).__name__
             return ProbeResponse(status=None, seconds=time.monotonic() - started, error=f"{type(exc).__name__}: {detail}"[:300])
+
+    async def send(self, method: str, url: str, *, headers: dict[str, str], body: bytes | None, timeout: float,
+                   max_bytes: int) -> ProbeResponse:
+        """One request of an http action: sent once, never retried (the Idempotency-Key makes a retry by a
+        person safe, not one by opsbot). Not sent → BackendUnavailable; sent, no answer → OutcomeUnknown."""
+        started = time.monotonic()
+        sent = False
+        host = urlsplit(url).netloc
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client().request(method, url, headers=headers, data=body, allow_redirects=False,
+                                                  timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    sent = True
+                    body_read = bytearray()
+                    async for chunk in resp.content.iter_chunked(16384):
+                        body_read += chunk
+                        if len(body_read) > max_bytes:
+                            break
+                    text = bytes(body_read[:max_bytes]).decode("utf-8", "replace")
+                    return ProbeResponse(status=resp.status, seconds=time.monotonic() - started, content_type=resp.content_type,
+                                         body=text, truncated=len(body_read) > max_bytes)
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
+            reason = exc.os_error.strerror if exc.os_error and exc.os_error.strerror else str(exc.os_error or exc)
+            raise BackendUnavailable(f"the HTTP API at {host}", f"cannot connect: {reason}; nothing was sent") from exc
+        except TimeoutError as exc:
+            if sent:
+                return ProbeResponse(status=None, seconds=time.monotonic() - started,
+                                     error=f"the answer's body did not arrive within {timeout:g} s")
+            raise OutcomeUnknown(f"{method} {host}: no answer within {timeout:g} s. The request may have been received and "
+                                 "acted on; look before trying again (a retry with the same request id is deduplicated "
+                                 "by the Idempotency-Key, if the API honours it).") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise OutcomeUnknown(f"{method} {host}: the connection failed after the request was sent "
+                                 f"({type(exc).__name__}); it may have been acted on. Look before trying again.") from exc
 
     async def close(self) -> None:
         if self._session is not None:

@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from bot.action_config import template_parts
 from bot.adapters.bounded import within
 from bot.config import Config, Providers, Webhooks
 from bot.errors import BackendUnavailable, ExecutionError, OutcomeUnknown
@@ -74,6 +75,24 @@ async def _limits(conn: psycopg.AsyncConnection[Obj], statement_ms: int = STATEM
     """``SET LOCAL statement_timeout``/``lock_timeout`` for the transaction that is open on ``conn``."""
     await conn.execute("SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
                        (f"{statement_ms}ms", f"{min(LOCK_TIMEOUT_MS, statement_ms)}ms"))
+
+
+def action_query(template: str, values: Obj) -> tuple[sql.SQL, Obj]:
+    """An action's SQL template (``{name}`` placeholders, ``{{``/``}}`` braces) as a psycopg query with
+    named placeholders, and the values it binds. A value never becomes part of the statement's text."""
+    text: list[str] = []
+    bound: Obj = {}
+    for literal, name in template_parts(template):
+        if name is None:
+            text.append(literal.replace("%", "%%"))
+        else:
+            text.append(f"%({name})s")
+            bound[name] = values[name]
+    return sql.SQL("".join(text)), bound  # type: ignore[arg-type]  # (the config's text: not a literal, by design)
+
+
+def _flag_table(table: tuple[str | None, str]) -> sql.Identifier:
+    return sql.Identifier(table[0], table[1]) if table[0] else sql.Identifier(table[1])
 
 
 def _table(spec: Providers | Webhooks) -> sql.Identifier:
@@ -142,6 +161,78 @@ class PlatformDbAdapter:
                 return None
             await enqueue(row)  # raises → the transaction rolls back: the row stays as it was
             return row
+
+    # ------------------------------------------------------------------ `actions:` (kinds sql and flag)
+
+    async def action_rows(self, database: str, query: str, values: Obj, *, max_rows: int, timeout: float) -> list[Obj]:
+        q, bound = action_query(query, values)
+
+        async def run() -> list[Obj]:
+            async with self._connect(database) as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION READ ONLY")
+                await _limits(conn, max(100, int(timeout * 1000) - 200))
+                cur = await conn.execute(q, bound)
+                return await cur.fetchmany(max_rows) if cur.description else []
+
+        return await within(timeout, run(), backend=f"database `{database}`")
+
+    async def run_statement(self, database: str, statement: str, values: Obj, *, rows: tuple[int, int], timeout: float,
+                            then: Callable[[list[Obj]], Awaitable[None]] | None = None) -> tuple[int, list[Obj]]:
+        q, bound = action_query(statement, values)
+        step = {"at": "connecting"}  # → "running" → "committing" → "committed"
+
+        async def run() -> tuple[int, list[Obj]]:
+            async with self._connect(database) as conn:
+                async with conn.transaction():
+                    await _limits(conn, int(timeout * 1000))
+                    step["at"] = "running"
+                    cur = await conn.execute(q, bound)
+                    count = cur.rowcount
+                    returned = await cur.fetchmany(1000) if cur.description else []
+                    lo, hi = rows
+                    if not lo <= count <= hi:
+                        expected = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+                        raise ExecutionError(f"the statement touched {count} row{'s' if count != 1 else ''}, expected {expected}; "
+                                             "it was rolled back, nothing changed.")
+                    if then is not None:
+                        await then(returned)  # raises → rolled back
+                    step["at"] = "committing"
+                step["at"] = "committed"
+                return count, returned
+
+        try:
+            return await within(timeout + 5, run(), backend=f"database `{database}`")
+        except (BackendUnavailable, ExecutionError) as exc:
+            if step["at"] == "committing" and (isinstance(exc, BackendUnavailable) or "connection" in str(exc).lower()):
+                raise OutcomeUnknown(f"the COMMIT was sent to database `{database}` and no answer came back ({exc}); the change "
+                                     "may or may not have been applied. Look before trying again.") from exc
+            raise
+
+    async def read_flag(self, database: str, table: tuple[str | None, str], key_column: str, value_column: str,
+                        key: str) -> tuple[bool, Any]:
+        q = sql.SQL("SELECT {v} AS value FROM {t} WHERE {k} = %s").format(
+            v=sql.Identifier(value_column), t=_flag_table(table), k=sql.Identifier(key_column))
+
+        async def run() -> tuple[bool, Any]:
+            async with self._connect(database) as conn, conn.transaction():
+                await _limits(conn)
+                found = await (await conn.execute(q, (key,))).fetchall()
+                if len(found) > 1:
+                    raise ExecutionError(f"{table[1]}.{key_column} = {key!r} matches {len(found)} rows; a flag is one row.")
+                return (True, found[0]["value"]) if found else (False, None)
+
+        return await within(STATEMENT_TIMEOUT_MS / 1000, run(), backend=f"database `{database}`")
+
+    async def write_flag(self, database: str, table: tuple[str | None, str], key_column: str, value_column: str, key: str,
+                         *, value: Any, expect: Any) -> bool:
+        q = sql.SQL("UPDATE {t} SET {v} = %s WHERE {k} = %s AND {v} IS NOT DISTINCT FROM %s").format(
+            v=sql.Identifier(value_column), t=_flag_table(table), k=sql.Identifier(key_column))
+        async with self._connect(database) as conn, conn.transaction():
+            await _limits(conn)
+            cur = await conn.execute(q, (value, key, expect))
+            if cur.rowcount > 1:
+                raise ExecutionError(f"{table[1]}.{key_column} = {key!r} matched {cur.rowcount} rows; refusing (rolled back).")
+            return cur.rowcount == 1
 
     # ------------------------------------------------------------------ pg_stat_activity (`/ops db …`)
 

@@ -62,12 +62,13 @@ class QueueAdapter:
             state = await self._queue(queue).getJobState(job_id)
         return None if state in (None, "unknown") else str(state)
 
-    async def add_job(self, queue: Queue, *, name: str, data: Obj, job_id: str, replace_finished: bool) -> str:
+    async def add_job(self, queue: Queue, *, name: str, data: Obj, job_id: str, replace_finished: bool,
+                      opts: Obj | None = None) -> str:
         q = self._queue(queue)
         async with redis_errors(f"Redis for queue {queue.name}"):
             if replace_finished and await q.getJobState(job_id) in ("completed", "failed"):
                 await q.remove(job_id)
-            await q.add(name, data, {"jobId": job_id, "attempts": 3, "backoff": {"type": "exponential", "delay": 5000}})
+            await q.add(name, data, {**(opts or {"attempts": 3, "backoff": {"type": "exponential", "delay": 5000}}), "jobId": job_id})
             return str(await q.getJobState(job_id))
 
     async def job_counts(self, queue: Queue) -> dict[str, int]:

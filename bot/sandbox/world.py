@@ -350,7 +350,7 @@ def make_tour(config: Config, people: dict[str, Person], *, channel: str, cluste
             inv = parse(text, config)
         except Exception: # a candidate this config does not take: try the next
             continue
-        plan = command(inv.command).locate(inv.params, config)
+        plan = command(inv.command, config).locate(inv.params, config)
         if plan is None:
             continue
         plan = replace(plan, facts={**plan.facts, **facts})

@@ -63,6 +63,19 @@ Seconds = Annotated[int, BeforeValidator(_duration)]
 # ---------------------------------------------------------------------------------------------- templates
 
 
+def _yaml_words(value: Any) -> Any:
+    """YAML 1.1 reads unquoted ``on``/``off`` (and yes/no/true/false) as booleans; as words (a flag's
+    values, an enum's values) they are meant as ``on``/``off``."""
+    def word(w: Any) -> Any:
+        return ("on" if w else "off") if isinstance(w, bool) else w
+
+    if isinstance(value, dict):
+        return {word(k): v for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [word(v) for v in value]
+    return value
+
+
 class TemplateError(ValueError):
     pass
 
@@ -131,7 +144,7 @@ class Param(_Model):
     """One positional parameter. Every value is checked before anything is read or planned."""
 
     type: Literal["int", "uuid", "enum", "string"]
-    values: tuple[str, ...] = ()  # enum: the accepted words
+    values: Annotated[tuple[str, ...], BeforeValidator(_yaml_words)] = ()  # enum: the accepted words
     pattern: str | None = None  # string: the whole value must match (required for strings)
     max_length: int = Field(100, ge=1, le=500)  # string
     min: int | None = None  # int
@@ -316,7 +329,8 @@ class FlagAction(_Action):
     value_column: str = "value"
     redis: str | None = None  # a key of `redis:`
     key: str  # template: the row's key or the Redis key
-    values: dict[str, Any] = Field(min_length=2)  # word → stored value, e.g. {on: true, off: false}
+    # word → stored value, e.g. {on: true, off: false}
+    values: Annotated[dict[str, Any], BeforeValidator(_yaml_words)] = Field(min_length=2)
     revert_after: Seconds | None = Field(None, ge=60, le=7 * 86400)  # put the old value back after this long
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

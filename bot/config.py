@@ -557,6 +557,8 @@ def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str
 
 
 def _error_path(loc: tuple[int | str, ...]) -> str:
+    if len(loc) > 2 and loc[0] == "actions" and loc[2] in ("sql", "http", "flag", "queue"):  # pydantic's union tag
+        loc = loc[:2] + loc[3:]
     out = ""
     for part in loc:
         if isinstance(part, int):

@@ -87,7 +87,9 @@ class SqlCommand(ActionCommand):
             details += [f"now: {row_line(r)}" for r in rows[:ROWS_SHOWN]]
             if len(rows) > ROWS_SHOWN:
                 details.append(f"… and {plural(len(rows) - ROWS_SHOWN, 'more row')}")
-            before["rows"] = rows
+            # One row (the usual "this event", "this payout"): its columns, so a stale check says which one
+            # changed ("last_error was …, now …"); several: the list.
+            before.update(rows[0] if len(rows) == 1 else {"rows": rows})
         after: dict[str, Any] = {"statement": spec.statement, "rows": describe_rows(spec.expect_rows)}
         if spec.enqueue is not None:
             job = jobs.render_job(spec.enqueue, {**values, **{f"{ROW_PREFIX}{c}": f"<{c}>" for c in _row_refs(spec)}})

@@ -142,7 +142,7 @@ actions:
           backoff: {type: exponential, delay: 5s}}
 """
     assert load(queue, "resend-receipt").actions["resend-receipt"].job.backoff.delay == 5  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match="job.queue: 'nope' is not defined under queues"):
+    with pytest.raises(ConfigError, match=r"job\.queue: 'nope' is not defined under queues"):
         load(queue.replace("queue: hooks", "queue: nope"), "resend-receipt")
     with pytest.raises(ConfigError, match="may not be empty or contain ':'"):
         load(queue.replace("receipt-{order}", "receipt:{order}"), "resend-receipt")

@@ -70,7 +70,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(slack_line)
     counted = f", {plural(len(warnings), 'warning')}" if warnings else ""
     print(f"{path}: OK ({plural(len(config.rules), 'rule')}, {plural(len(config.roles), 'role')}, "
-          f"{plural(len(config.deployments), 'deployment')}{counted})")
+          f"{plural(len(config.deployments), 'deployment')}"
+          + (f", {plural(len(config.actions), 'action')} ({', '.join(config.actions)})" if config.actions else "") + f"{counted})")
     return 0
 
 

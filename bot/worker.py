@@ -76,7 +76,12 @@ class Executor:
             return await self._run_locked(request)
 
     async def _run_locked(self, request: OpsRequest) -> str:
-        cmd = command(request.command, self.ctx.config)
+        try:
+            cmd = command(request.command, self.ctx.config)
+        except KeyError:  # an action removed from the config since the request was made
+            return await self._finish(request, RequestState.FAILED,
+                                      error=f"`{request.command}` is no longer a command in opsbot's config (it was removed or "
+                                            "renamed since this was requested); nothing was done.")
         try:
             fresh = await cmd.plan(dict(request.plan["params"]), self.ctx)
         except UserError as exc:
@@ -188,6 +193,9 @@ def _what_changed(approved: dict[str, Any], fresh: Plan) -> str:
     for key, now in {**fresh.before, **fresh.observed}.items():
         then = {**approved.get("before", {}), **approved.get("observed", {})}.get(key)
         if then == now:
+            continue
+        if key == "definition":  # an action's YAML (commands/actions/base.py)
+            changes.append("the action's definition in opsbot's config changed since it was approved")
             continue
         if isinstance(then, list) and isinstance(now, list):  # e.g. the ids of a batch: say which ones moved
             gone, new = [v for v in then if v not in now], [v for v in now if v not in then]

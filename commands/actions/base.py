@@ -27,7 +27,7 @@ from bot.action_config import (
     canonical_uuid,
 )
 from bot.config import Config
-from bot.domain import Plan
+from bot.domain import Plan, sha256_hex
 from bot.errors import UsageError
 from bot.ports import Context
 from bot.untrusted import char_name, non_ascii_hint, number_problem, whole_number
@@ -148,12 +148,22 @@ class ActionCommand(Command):
         return f"{' '.join(self.words)} {values}".strip()
 
     def skeleton(self, params: Params, config: Config, **fields: Any) -> Plan:
+        """A Plan of this action. ``observed`` always holds a hash of the action's definition, so an
+        approval covers *this* statement/URL/job: a config reloaded with another one makes it stale."""
+        fields["observed"] = {**fields.get("observed", {}), "definition": self.definition()}
         base: dict[str, Any] = {"command": self.name, "target": self.target_key(params), "target_label": self.label(params),
                                 "environment": action_environment(config, self.spec), "target_name": self.name,
                                 "target_kind": "actions", "params": params, "mutating": True,
                                 "summary": f"{self.label(params)} (not read)"}
         base.update(fields)
         return Plan(**base)
+
+    def definition(self) -> str:
+        """A short hash of the action's YAML; header values (secrets, rotated at will) are left out."""
+        spec = self.spec.model_dump(mode="json", by_alias=True)
+        if "headers" in spec:
+            spec["headers"] = sorted(spec["headers"])
+        return "sha256:" + sha256_hex(spec)[:16]
 
     def locate(self, params: Params, config: Config) -> Plan | None:
         return self.skeleton(params, config)

@@ -14,7 +14,8 @@ from commands.actions.sql import SqlCommand
 
 _KINDS: dict[type, type[ActionCommand]] = {SqlAction: SqlCommand, HttpAction: HttpCommand, FlagAction: FlagCommand,
                                            QueueAction: QueueCommand}
-_CACHE: OrderedDict[int, tuple[Config, tuple[ActionCommand, ...]]] = OrderedDict()
+# Keyed by the `actions` mapping itself (a loaded config is frozen; tests swap the mapping in place).
+_CACHE: OrderedDict[int, tuple[object, tuple[ActionCommand, ...]]] = OrderedDict()
 _CACHE_SIZE = 32
 
 
@@ -31,12 +32,13 @@ def make_command(name: str, spec: AnyAction) -> ActionCommand:
 def actions_of(config: Config) -> tuple[ActionCommand, ...]:
     if not config.actions:
         return ()
-    hit = _CACHE.get(id(config))
-    if hit is not None and hit[0] is config:
-        _CACHE.move_to_end(id(config))
+    key = id(config.actions)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is config.actions:
+        _CACHE.move_to_end(key)
         return hit[1]
     made = tuple(make_command(name, spec) for name, spec in config.actions.items())
-    _CACHE[id(config)] = (config, made)
+    _CACHE[key] = (config.actions, made)
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return made

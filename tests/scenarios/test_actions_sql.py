@@ -295,3 +295,31 @@ async def test_a_node_worker_takes_the_job_of_the_sql_replay(bot: Harness, redis
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[0]) == {
         "id": FAILED_EVENT, "name": "process", "data": {"eventId": FAILED_EVENT, "eventType": "invoice.paid"}, "attemptsMade": 0}
+
+
+# ---------------------------------------------------------------------------------------------- the config changes
+
+
+async def test_an_action_redefined_after_approval_was_asked_is_stale(bot: Harness, config: Config, platform_db: str) -> None:
+    await bot.slash(ALICE, f"/ops event retry {FAILED_EVENT}")
+    request = await bot.requested()
+    # Another replica started with a new config: same action name, another statement.
+    changed = config.actions["retry-event"].model_copy(update={"statement": "DELETE FROM billing_webhook_events WHERE id = {event_id}"})
+    object.__setattr__(bot.runtime.pipeline.ctx.config, "actions", {**config.actions, "retry-event": changed})
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale")
+    assert done.state.value == "stale"
+    assert "the action's definition in opsbot's config changed since it was approved" in (done.error or "")
+    assert status(platform_db, FAILED_EVENT)[0] == "failed"
+
+
+async def test_an_action_removed_after_approval_was_asked_fails_and_says_why(bot: Harness, config: Config,
+                                                                            platform_db: str) -> None:
+    await bot.slash(ALICE, f"/ops event retry {FAILED_EVENT}")
+    request = await bot.requested()
+    object.__setattr__(bot.runtime.pipeline.ctx.config, "actions", {k: v for k, v in config.actions.items() if k != "retry-event"})
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale")
+    assert done.state.value == "failed"
+    assert "`retry-event` is no longer a command in opsbot's config" in (done.error or "")
+    assert status(platform_db, FAILED_EVENT)[0] == "failed"

@@ -3,13 +3,18 @@ typed parameters of an action refuse hostile values before anything is read."""
 
 from __future__ import annotations
 
+import re
+import shlex
+import uuid
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bot.action_config import RESERVED_WORDS, render_json, render_text, template_parts
 from bot.config import Config, config_warnings, parse_config
-from bot.errors import ConfigError, UsageError
+from bot.errors import ConfigError, UsageError, UserError
 from commands.registry import COMMANDS, META_USAGE, command, commands_of, parse
 from tests.actions_support import config_with_actions
 
@@ -237,3 +242,46 @@ def test_control_characters_inside_a_quoted_value_are_refused(cfg: Config) -> No
     for bad in ("AB-1\x00", "AB-1\n2", "AB\u202e-1"):
         with pytest.raises(UsageError, match="retype it without that character"):
             check_value("order", p, bad, "usage")
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+
+
+FUZZ_CFG = config_with_actions("postgresql://x@127.0.0.1:1/x", "redis://127.0.0.1:1/0", "bull", """
+retry-outbox:
+  kind: sql
+  words: outbox retry
+  summary: Retry an outbox event
+  database: app
+  params:
+    event_id: {type: uuid}
+    tries: {type: int, min: 1, max: 5, default: "1"}
+  statement: "UPDATE billing_webhook_events SET status = 'pending' WHERE id = {event_id}"
+tag-order:
+  kind: sql
+  words: order tag
+  summary: Tag an order
+  database: app
+  params:
+    order: {type: string, pattern: '[A-Z]{2}-[0-9]{1,8}', max_length: 11}
+    tag: {type: enum, values: [fraud, vip]}
+  statement: "UPDATE orders SET tag = {tag} WHERE ref = {order}"
+""")
+VALUES = st.one_of(st.text(max_size=40), st.sampled_from(["AB-1", "vip", "VIP", "3", "٣", "AB-１", "8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51",
+                                                          "../x", "%2F", "'; --", "\x00", "\u202e", "vіp"]))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(words=st.sampled_from(["outbox retry", "order tag"]), values=st.lists(VALUES, max_size=4))
+def test_an_action_answers_any_value_with_typed_params_or_a_usage_error(words: str, values: list[str]) -> None:
+    text = " ".join([words, *(shlex.quote(v) for v in values)])
+    try:
+        inv = parse(text, FUZZ_CFG)
+    except UserError as exc:
+        assert str(exc).strip()
+        return
+    params = inv.params
+    if inv.command == "tag-order":
+        assert re.fullmatch(r"[A-Z]{2}-[0-9]{1,8}", params["order"]) and params["tag"] in ("fraud", "vip")
+    else:
+        assert str(uuid.UUID(params["event_id"])) == params["event_id"] and 1 <= params["tries"] <= 5

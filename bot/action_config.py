@@ -445,15 +445,7 @@ def check_actions(config: Config, known_commands: tuple[str, ...]) -> None:
             variables.add("value")
 
         def refs(field: str, templates: list[str], allowed: set[str], *, where: str = where) -> None:
-            for template in templates:
-                try:
-                    names = placeholders(template)
-                except TemplateError as exc:
-                    raise ValueError(f"{where}.{field}: {exc}") from None
-                for n in names:
-                    if n not in allowed:
-                        raise ValueError(f"{where}.{field}: {{{n}}} is not a parameter "
-                                         f"(parameters: {', '.join(sorted(allowed)) or 'none'})")
+            _refs(f"{where}.{field}", templates, allowed)
 
         plan_vars = variables - set(RUN_ONLY_VARS)
         plan = getattr(action, "plan", None)
@@ -504,6 +496,18 @@ def _all_names(job: QueueJob) -> list[str]:
     return out
 
 
+def _refs(where: str, templates: list[str], allowed: set[str]) -> None:
+    """Every placeholder of ``templates`` names one of ``allowed`` (ValueError at ``where`` if not)."""
+    for template in templates:
+        try:
+            names = placeholders(template)
+        except TemplateError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        for n in names:
+            if n not in allowed:
+                raise ValueError(f"{where}: {{{n}}} is not a parameter (parameters: {', '.join(sorted(allowed)) or 'none'})")
+
+
 def _database(config: Config, where: str, name: str) -> None:
     if name not in config.databases:
         raise ValueError(f"{where}: {name!r} is not defined under databases (defined: {', '.join(config.databases) or 'none'})")
@@ -513,13 +517,6 @@ def _queue(config: Config, where: str, job: QueueJob, variables: set[str]) -> No
     if job.queue not in config.queues:
         raise ValueError(f"{where}.queue: {job.queue!r} is not defined under queues (defined: {', '.join(config.queues) or 'none'})")
     for field, templates in (("name", [job.name]), ("job_id", [job.job_id]), ("data", list(json_strings(job.data)))):
-        for template in templates:
-            try:
-                names = placeholders(template)
-            except TemplateError as exc:
-                raise ValueError(f"{where}.{field}: {exc}") from None
-            for n in names:
-                if n not in variables:
-                    raise ValueError(f"{where}.{field}: {{{n}}} is not a parameter (parameters: {', '.join(sorted(variables))})")
+        _refs(f"{where}.{field}", templates, variables)
     if not job.job_id.strip() or ":" in job.job_id:
         raise ValueError(f"{where}.job_id: a BullMQ job id may not be empty or contain ':'")

@@ -166,9 +166,7 @@ def test_templates() -> None:
 # ---------------------------------------------------------------------------------------------- parameters
 
 
-@pytest.fixture
-def cfg() -> Config:
-    return config_with_actions("postgresql://x@127.0.0.1:1/x", "redis://127.0.0.1:1/0", "bull", """
+TWO_ACTIONS = """
 retry-outbox:
   kind: sql
   words: outbox retry
@@ -187,7 +185,12 @@ tag-order:
     order: {type: string, pattern: '[A-Z]{2}-[0-9]{1,8}', max_length: 11}
     tag: {type: enum, values: [fraud, vip]}
   statement: "UPDATE orders SET tag = {tag} WHERE ref = {order}"
-""")
+"""
+
+
+@pytest.fixture
+def cfg() -> Config:
+    return config_with_actions("postgresql://x@127.0.0.1:1/x", "redis://127.0.0.1:1/0", "bull", TWO_ACTIONS)
 
 
 UUID = "8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51"
@@ -247,26 +250,7 @@ def test_control_characters_inside_a_quoted_value_are_refused(cfg: Config) -> No
 # ---------------------------------------------------------------------------------------------- fuzzing
 
 
-FUZZ_CFG = config_with_actions("postgresql://x@127.0.0.1:1/x", "redis://127.0.0.1:1/0", "bull", """
-retry-outbox:
-  kind: sql
-  words: outbox retry
-  summary: Retry an outbox event
-  database: app
-  params:
-    event_id: {type: uuid}
-    tries: {type: int, min: 1, max: 5, default: "1"}
-  statement: "UPDATE billing_webhook_events SET status = 'pending' WHERE id = {event_id}"
-tag-order:
-  kind: sql
-  words: order tag
-  summary: Tag an order
-  database: app
-  params:
-    order: {type: string, pattern: '[A-Z]{2}-[0-9]{1,8}', max_length: 11}
-    tag: {type: enum, values: [fraud, vip]}
-  statement: "UPDATE orders SET tag = {tag} WHERE ref = {order}"
-""")
+FUZZ_CFG = config_with_actions("postgresql://x@127.0.0.1:1/x", "redis://127.0.0.1:1/0", "bull", TWO_ACTIONS)
 VALUES = st.one_of(st.text(max_size=40), st.sampled_from(["AB-1", "vip", "VIP", "3", "٣", "AB-１", "8f2c1b9e-5d4a-4c3b-9a1e-0f6d2c8b7a51",
                                                           "../x", "%2F", "'; --", "\x00", "\u202e", "vіp"]))
 

@@ -48,6 +48,7 @@ cache-mode:
   redis: cache
   key: "PREFIX:cache-mode"
   values: {fast: "fast", safe: "safe"}
+  revert_after: 2m
 """
 FLAGS = """CREATE TABLE feature_flags (key text PRIMARY KEY, enabled boolean NOT NULL);
            INSERT INTO feature_flags VALUES ('maintenance', false), ('checkout', false), ('search', true)"""
@@ -166,6 +167,26 @@ async def test_a_redis_flag_from_not_set_to_a_value_and_on(bot: Harness, redis_u
         assert fast.state.value == "succeeded", fast.error
         assert await r.get(key) == "fast"
         assert "cache mode: safe → fast" in fast.plan["summary"]
+    finally:
+        await r.delete(key)
+        await r.aclose()
+
+
+async def test_a_redis_flag_is_announced_at_once_and_put_back_to_not_set(bot: Harness, redis_url: str, queue_prefix: str,
+                                                                         state_db: str) -> None:
+    key = f"{queue_prefix}:cache-mode"
+    r = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        done = await approved_run(bot, "/ops cache mode safe")
+        assert done.state.value == "succeeded", done.error
+        assert "It will be put back to (not set) at" in await told(bot, done, "Done")
+        assert await bot.runtime.worker.reverts.run_due() == 0  # 2m is short: announced at once, not yet done
+        assert "cache mode will be put back to (not set) in 2 minutes" in await told(bot, done, "hourglass")
+        assert await r.get(key) == "safe"
+        make_due(state_db, done.id)
+        assert await bot.runtime.worker.reverts.run_due() == 1
+        assert await r.exists(key) == 0
+        assert "cache mode put back to (not set)" in await told(bot, done, "put back to (not set) (")
     finally:
         await r.delete(key)
         await r.aclose()
@@ -326,6 +347,11 @@ async def test_database_down_at_revert_time_is_retried_not_lost(flags_db: str, s
     reverts_step = bot.runtime.worker.reverts
     reverts_step.retry_every = 0.5
     try:
+        proxy.down()  # at plan time: refused, saying why, nothing asked
+        await bot.slash(ALICE, "/ops maintenance on")
+        reply = await bot.response(containing="unavailable")
+        assert "database `app`" in reply["text"] and await bot.last_request() is None
+        proxy.up()
         done = await approved_run(bot, "/ops maintenance on")
         assert done.state.value == "succeeded", done.error
         proxy.down()

@@ -160,7 +160,15 @@ class Executor:
         revert = outcome.details.get("revert")
         if not isinstance(revert, dict):
             return outcome
-        ended = await self.store.supersede_reverts(target=plan.target, value=plan.after, by=request.id)
+        try:
+            ended = await self.store.supersede_reverts(target=plan.target, value=plan.after, by=request.id)
+            if not ended:
+                await self.store.schedule_revert(request.id, due_at=datetime.fromisoformat(revert["due_at"]),
+                                                 announce_at=datetime.fromisoformat(revert["announce_at"]))
+        except BackendUnavailable as exc:  # the change is made; say loudly that nothing will undo it
+            log.error("request %s: auto-revert not scheduled: %s", request.id, exc)
+            return replace(outcome, message=f"{outcome.message} :rotating_light: Its auto-revert could NOT be scheduled "
+                                            f"({exc}): put it back by hand when it is time.")
         for old_id in ended:
             old = await self.store.get(old_id)
             if old is not None:
@@ -171,8 +179,6 @@ class Executor:
             note = (f" That ends {', '.join(f'`{i}`' for i in ended)} early: its auto-revert is cancelled, and none is "
                     "scheduled for this change.")
             return replace(outcome, message=outcome.message + note, details={**outcome.details, "revert": None})
-        await self.store.schedule_revert(request.id, due_at=datetime.fromisoformat(revert["due_at"]),
-                                         announce_at=datetime.fromisoformat(revert["announce_at"]))
         return replace(outcome, message=f"{outcome.message} {revert.get('text', '')}".strip())
 
     async def _heartbeat(self, request_id: str) -> None:

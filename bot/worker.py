@@ -20,6 +20,14 @@ re-running a rollback or a provider toggle blindly is worse than asking a human.
 The sweeper also expires requests whose approval window passed and re-enqueues approved requests
 whose job was lost (Redis down at the moment of approval): the job id is the request id, so this
 never makes two executions.
+
+Scheduled reverts (``Reverts``, a flag action's ``revert_after``): an outcome that carries
+``revert`` (when, and when to announce it) gets a row in ``scheduled_reverts`` before the success is
+recorded. The sweeper announces it in the request's thread shortly before it is due, then claims it
+(one conditional UPDATE: one replica), takes the target's lock and calls the command's ``revert``,
+which puts the old value back only if the flag still holds what the request set. Every step is on
+the original request's audit trail, by opsbot. A backend down at that moment unclaims the row for a
+later try (said once in the thread and the trail); it is never dropped.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from bullmq import Worker as BullWorker
 
@@ -39,7 +48,7 @@ from bot.adapters.redis_pools import worker_url
 from bot.adapters.store import Store
 from bot.approvals import Approvals, Enqueue
 from bot.audit import Audit
-from bot.domain import SYSTEM, OpsRequest, Plan, Progress, RequestState
+from bot.domain import SYSTEM, OpsRequest, Outcome, Plan, Progress, RequestState
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, OutcomeUnknown, UserError
 from bot.messages import thread_result
 from bot.metrics import Metrics
@@ -114,6 +123,7 @@ class Executor:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+        outcome = await self._schedule_revert(request, fresh, outcome)  # before the success is recorded: a crash keeps it
         final = await self._finish(request, RequestState.SUCCEEDED, result={"message": outcome.message, **outcome.details},
                                    started=started)
         steps = cmd.follow(fresh, outcome, self.ctx) if final == RequestState.SUCCEEDED.value else None
@@ -147,6 +157,34 @@ class Executor:
             task.cancel()
         if self.following:
             await asyncio.wait(set(self.following), timeout=5)
+
+    async def _schedule_revert(self, request: OpsRequest, plan: Plan, outcome: Outcome) -> Outcome:
+        """An outcome asking to be put back later (``revert``: due_at, announce_at, text) is kept in
+        ``scheduled_reverts``, unless it puts back what a pending revert on the same target would: then
+        that revert has been done by hand, early, and ends (its thread is told); none is scheduled."""
+        revert = outcome.details.get("revert")
+        if not isinstance(revert, dict):
+            return outcome
+        try:
+            ended = await self.store.supersede_reverts(target=plan.target, value=plan.after, by=request.id)
+            if not ended:
+                await self.store.schedule_revert(request.id, due_at=datetime.fromisoformat(revert["due_at"]),
+                                                 announce_at=datetime.fromisoformat(revert["announce_at"]))
+        except BackendUnavailable as exc:  # the change is made; say loudly that nothing will undo it
+            log.error("request %s: auto-revert not scheduled: %s", request.id, exc)
+            return replace(outcome, message=f"{outcome.message} :rotating_light: Its auto-revert could NOT be scheduled "
+                                            f"({exc}): put it back by hand when it is time.")
+        for old_id in ended:
+            old = await self.store.get(old_id)
+            if old is not None:
+                text = f":heavy_check_mark: Auto-revert of `{old_id}` cancelled: `{request.id}` put it back already ({plan.summary})."
+                await self._record("revert_superseded", old, result={"message": text, "by": request.id})
+                await self.notices.thread(old, text)
+        if ended:
+            note = (f" That ends {', '.join(f'`{i}`' for i in ended)} early: its auto-revert is cancelled, and none is "
+                    "scheduled for this change.")
+            return replace(outcome, message=outcome.message + note, details={**outcome.details, "revert": None})
+        return replace(outcome, message=f"{outcome.message} {revert.get('text', '')}".strip())
 
     async def _heartbeat(self, request_id: str) -> None:
         while True:
@@ -218,6 +256,7 @@ class ActionWorker:
         self.sweep_every, self.lease, self.requeue_after = sweep_every, lease, requeue_after
         self._worker: Any = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.reverts = Reverts(executor)
 
     async def _process(self, job: Any, token: str) -> str:
         return await self.executor.run(str(job.data["requestId"]))
@@ -235,6 +274,7 @@ class ActionWorker:
         await self.executor.mark_lost(self.lease)
         for request_id in await self.store.approved_waiting(self.requeue_after):
             await self.actions.enqueue(request_id)
+        await self.reverts.run_due()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -263,3 +303,108 @@ class ActionWorker:
                 log.warning("the action worker did not stop within %s s; closing it with force", grace)
                 forced = asyncio.ensure_future(self._worker.close(force=True))
                 await asyncio.wait({closing, forced}, timeout=grace)
+
+
+# ---------------------------------------------------------------------------------------------- scheduled reverts
+
+
+class Revertible(Protocol):
+    """What a command with an automatic revert offers the worker (commands/actions/flag.py)."""
+
+    def revert_notice(self, plan: dict[str, Any], request_id: str, seconds_left: float) -> str: ...
+
+    def revert_delayed_notice(self, plan: dict[str, Any], request_id: str, error: str) -> str: ...
+
+    async def revert(self, plan: dict[str, Any], ctx: Context, request_id: str) -> Outcome: ...
+
+
+_EMOJI = re.compile(r"^:[a-z0-9_+-]+:\s*")
+
+
+class Reverts:
+    """Announces and runs the due rows of ``scheduled_reverts`` (called from every replica's sweeper)."""
+
+    def __init__(self, executor: Executor, *, lease: timedelta = timedelta(minutes=5), retry_every: float = 30.0) -> None:
+        self.executor, self.lease, self.retry_every = executor, lease, retry_every
+
+    async def run_due(self, now: datetime | None = None) -> int:
+        """Announce what is due soon, then revert what is due; ``now`` lets tests move time. Returns how
+        many reverts this replica claimed."""
+        store = self.executor.store
+        for row in await store.reverts_to_announce(now):
+            await self._guarded(row["request_id"], self._announce(row["request_id"], float(row["seconds_left"])))
+        claimed = await store.claim_due_reverts(self.executor.worker_id, lease=self.lease, now=now)
+        for row in claimed:
+            await self._guarded(row["request_id"], self._revert(row))
+        return len(claimed)
+
+    async def _guarded(self, request_id: str, step: Any) -> None:
+        try:
+            await step
+        except BackendUnavailable as exc:  # opsbot's own database: the row is unchanged or still claimed, tried later
+            log.warning("revert of %s: %s; will try again", request_id, exc)
+        except Exception:
+            log.exception("revert of %s crashed; will try again", request_id)
+
+    async def _command(self, request: OpsRequest) -> Revertible | None:
+        try:
+            cmd = command(request.command, self.executor.ctx.config)
+        except KeyError:
+            return None
+        return cmd if hasattr(cmd, "revert") else None  # type: ignore[return-value]
+
+    async def _announce(self, request_id: str, seconds_left: float) -> None:
+        request = await self.executor.store.get(request_id)
+        cmd = await self._command(request) if request else None
+        if request is None or cmd is None:
+            return  # said when it is due (_revert)
+        text = cmd.revert_notice(request.plan, request.id, seconds_left)
+        await self.executor._record("revert_announced", request, result={"message": text})
+        await self.executor.notices.thread(request, text)
+
+    async def _revert(self, row: dict[str, Any]) -> None:
+        ex, worker = self.executor, self.executor.worker_id
+        request = await ex.store.get(row["request_id"])
+        assert request is not None  # a foreign key
+        cmd = await self._command(request)
+        if cmd is None:
+            await self._failed(request, f"the action `{request.command}` is no longer in opsbot's config, so opsbot cannot put "
+                                        f"it back; do it by hand (it was: {request.plan.get('summary', request.text)}).")
+            return
+        async with ex.store.target_lock(str(request.plan["target"]), wait=0) as locked:
+            if not locked:  # a request on the same flag is running: after it, not interleaved with it
+                await ex.store.revert_later(request.id, worker, "the flag is busy", delay=min(5.0, self.retry_every),
+                                            warned=False)
+                return
+            try:
+                outcome = await cmd.revert(request.plan, ex.ctx, request.id)
+            except (BackendUnavailable, OutcomeUnknown) as exc:  # a compare-and-set: trying again cannot do it twice
+                await ex.store.revert_later(request.id, worker, str(exc), delay=self.retry_every, warned=True)
+                if row["warned_at"] is None:  # said once, not every try
+                    await ex._record("revert_delayed", request, result={"error": str(exc)})
+                    await ex.notices.thread(request, cmd.revert_delayed_notice(request.plan, request.id, str(exc)))
+                return
+            except Exception as exc:
+                if not isinstance(exc, ExecutionError):
+                    log.exception("revert of %s crashed", request.id)
+                why = str(exc) if isinstance(exc, ExecutionError) else f"internal error ({type(exc).__name__}); see opsbot logs"
+                await self._failed(request, f"{request.plan.get('summary', request.text)} could not be put back "
+                                            f"(auto-revert of `{request.id}`): {why} Check it and put it back by hand.")
+                return
+            event, state = ("reverted", "reverted") if outcome.ok else ("revert_skipped", "skipped")
+            if not await ex.store.revert_done(request.id, worker, state):  # ended meanwhile (a request put it back by hand)
+                log.info("revert of %s was ended by another request meanwhile", request.id)
+                return
+        await ex._record(event, request, result={"message": outcome.message, **outcome.details})
+        await self._tell(request, outcome.message)
+
+    async def _failed(self, request: OpsRequest, why: str) -> None:
+        await self.executor.store.revert_done(request.id, self.executor.worker_id, "failed", why)
+        await self.executor._record("revert_failed", request, result={"error": why})
+        await self._tell(request, f":red_circle: {why}")
+
+    async def _tell(self, request: OpsRequest, text: str) -> None:
+        """In the thread, and on the card (its result line), how the revert ended."""
+        await self.executor.store.note_result(request.id, "Auto-revert: " + _EMOJI.sub("", text))
+        self.executor.notices.card_changed()
+        await self.executor.notices.thread(request, text)

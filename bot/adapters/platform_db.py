@@ -227,12 +227,26 @@ class PlatformDbAdapter:
                          *, value: Any, expect: Any) -> bool:
         q = sql.SQL("UPDATE {t} SET {v} = %s WHERE {k} = %s AND {v} IS NOT DISTINCT FROM %s").format(
             v=sql.Identifier(value_column), t=_flag_table(table), k=sql.Identifier(key_column))
-        async with self._connect(database) as conn, conn.transaction():
-            await _limits(conn)
-            cur = await conn.execute(q, (value, key, expect))
-            if cur.rowcount > 1:
-                raise ExecutionError(f"{table[1]}.{key_column} = {key!r} matched {cur.rowcount} rows; refusing (rolled back).")
-            return cur.rowcount == 1
+        step = {"at": "connecting"}  # → "committing": from then on a lost answer means "may have been written"
+
+        async def run() -> bool:
+            async with self._connect(database) as conn:
+                async with conn.transaction():
+                    await _limits(conn)
+                    cur = await conn.execute(q, (value, key, expect))
+                    if cur.rowcount > 1:
+                        raise ExecutionError(f"{table[1]}.{key_column} = {key!r} matched {cur.rowcount} rows; refusing (rolled back).")
+                    step["at"] = "committing"
+                step["at"] = "committed"
+                return cur.rowcount == 1
+
+        try:
+            return await within(STATEMENT_TIMEOUT_MS / 1000 + 2, run(), backend=f"database `{database}`")
+        except (BackendUnavailable, ExecutionError) as exc:
+            if step["at"] == "committing" and not isinstance(exc, OutcomeUnknown):
+                raise OutcomeUnknown(f"the COMMIT of the flag was sent to database `{database}` and no answer came back ({exc}); "
+                                     "it may or may not have been changed. Look before trying again.") from exc
+            raise
 
     # ------------------------------------------------------------------ pg_stat_activity (`/ops db …`)
 

@@ -17,6 +17,7 @@ from typing import Any
 from bot.adapters.bounded import within
 from bot.adapters.redis_pools import RedisPools, redis_errors
 from bot.config import Config
+from bot.errors import BackendUnavailable, OutcomeUnknown
 
 Obj = dict[str, Any]
 # KEYS[1]: the flag; ARGV: expected ("" + flag 0: not set), new value ("" + flag 0: delete).
@@ -74,10 +75,20 @@ class RedisTargetAdapter:
     async def set_value_if(self, target: str, key: str, *, value: str | None, expect: str | None, budget: float) -> bool:
         client = self._pools.client(self._config.redis[target].url)
 
+        sent = {"at": False}
+
         async def run() -> bool:
             async with redis_errors(self._what(target)):
+                await client.ping()  # so that a Redis that is down is "nothing was sent", not "may have been set"
+                sent["at"] = True
                 done = await client.eval(_CAS, 1, key, "0" if expect is None else "1", expect or "",  # type: ignore[misc]
                                          "0" if value is None else "1", value or "")
                 return bool(int(done))
 
-        return await within(budget, run(), backend=self._what(target))
+        try:
+            return await within(budget, run(), backend=self._what(target))
+        except BackendUnavailable as exc:
+            if sent["at"]:
+                raise OutcomeUnknown(f"the change of `{key}` was sent to {self._what(target)} and no answer came back ({exc}); "
+                                     "it may or may not have been set. Look before trying again.") from exc
+            raise

@@ -1,4 +1,4 @@
-"""opsbot's own PostgreSQL state: requests, approvals, the audit chain, target locks.
+"""opsbot's own PostgreSQL state: requests, approvals, the audit chain, target locks, scheduled reverts.
 
 Every state transition is one statement that names the state it leaves, so it happens once no
 matter how many replicas or clicks race (zero rows back: someone else got there first). Votes are
@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any
 
@@ -134,6 +134,7 @@ class Store:
                 "GRANT SELECT, INSERT, UPDATE ON ops_requests, ops_approvals, audit_outbox, audit_threads, chat_outbox TO {r}",
                 "GRANT USAGE ON SEQUENCE chat_outbox_id_seq TO {r}",
                 "GRANT SELECT ON opsbot_migrations TO {r}",
+                "GRANT SELECT, INSERT, UPDATE ON scheduled_reverts TO {r}",
                 "GRANT SELECT, INSERT ON audit_events TO {r}",
                 "GRANT SELECT ON audit_checkpoints TO {r}",
                 "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, audit_checkpoints FROM {r}",
@@ -419,6 +420,74 @@ class Store:
         """The card must be drawn again though the request did not change (e.g. its audit link appeared)."""
         async with self._conn() as conn:
             await conn.execute("UPDATE ops_requests SET card_version = card_version + 1 WHERE id = %s", (request_id,))
+
+    # ------------------------------------------------------------------ scheduled reverts (a flag's revert_after)
+
+    async def schedule_revert(self, request_id: str, *, due_at: datetime, announce_at: datetime) -> None:
+        async with self._conn() as conn:
+            await conn.execute("INSERT INTO scheduled_reverts (request_id, due_at, announce_at) VALUES (%s, %s, %s) "
+                               "ON CONFLICT (request_id) DO NOTHING", (request_id, due_at, announce_at))
+
+    async def supersede_reverts(self, *, target: str, value: dict[str, Any], by: str) -> list[str]:
+        """End the pending reverts on ``target`` that would put back ``value`` (a plan's ``before``):
+        request ``by`` just did (it holds the target's lock, so no revert on it is writing now: one that
+        claimed its row meanwhile finds it done)."""
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                """UPDATE scheduled_reverts s SET done_at = now(), outcome = 'superseded', last_error = 'ended by ' || %s
+                   FROM ops_requests r
+                   WHERE r.id = s.request_id AND s.done_at IS NULL AND r.target = %s
+                     AND r.plan->'before' = %s AND r.id <> %s
+                   RETURNING s.request_id""", (by, target, Jsonb(value), by))).fetchall()
+        return [r["request_id"] for r in rows]
+
+    async def reverts_to_announce(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Marks the reverts whose announcement is due as announced and returns them (request_id,
+        seconds_left): one statement, so among racing replicas each is announced by one."""
+        async with self._conn() as conn:
+            return await (await conn.execute(
+                """UPDATE scheduled_reverts SET announced_at = coalesce(%(now)s, now())
+                   WHERE announced_at IS NULL AND done_at IS NULL AND announce_at <= coalesce(%(now)s, now())
+                   RETURNING request_id, greatest(0, extract(epoch FROM due_at - coalesce(%(now)s, now())))::float AS seconds_left""",
+                {"now": now})).fetchall()
+
+    async def claim_due_reverts(self, worker: str, *, lease: timedelta, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Claims the reverts that are due (one conditional UPDATE: a row is claimed by one replica;
+        a claim older than ``lease`` — its replica was lost — is taken again)."""
+        async with self._conn() as conn:
+            return await (await conn.execute(
+                """UPDATE scheduled_reverts SET claimed_by = %(w)s, claimed_at = coalesce(%(now)s, now()), attempts = attempts + 1
+                   WHERE done_at IS NULL AND due_at <= coalesce(%(now)s, now()) AND next_attempt_at <= coalesce(%(now)s, now())
+                     AND (claimed_by IS NULL OR claimed_at < coalesce(%(now)s, now()) - %(lease)s)
+                   RETURNING *""", {"w": worker, "now": now, "lease": lease})).fetchall()
+
+    async def revert_done(self, request_id: str, worker: str, outcome: str, error: str | None = None) -> bool:
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "UPDATE scheduled_reverts SET done_at = now(), outcome = %s, last_error = coalesce(%s, last_error) "
+                "WHERE request_id = %s AND claimed_by = %s AND done_at IS NULL RETURNING request_id",
+                (outcome, error, request_id, worker))).fetchone()
+        return row is not None
+
+    async def revert_later(self, request_id: str, worker: str, error: str, *, delay: float, warned: bool) -> None:
+        """Not now (the backend was down, the flag busy): unclaimed again, tried after ``delay`` seconds
+        (the revert is kept). ``warned``: the thread and the trail were told (once)."""
+        async with self._conn() as conn:
+            await conn.execute(
+                """UPDATE scheduled_reverts SET claimed_by = NULL, claimed_at = NULL, last_error = %s,
+                       warned_at = CASE WHEN %s THEN coalesce(warned_at, now()) ELSE warned_at END,
+                       next_attempt_at = now() + make_interval(secs => %s)
+                   WHERE request_id = %s AND claimed_by = %s AND done_at IS NULL""",
+                (error[:500], warned, delay, request_id, worker))
+
+    async def note_result(self, request_id: str, note: str) -> None:
+        """Add a line to a finished request's result message (what its card shows), e.g. how its
+        auto-revert ended; the card_version trigger sees the change and the card is drawn again."""
+        async with self._conn() as conn:
+            await conn.execute(
+                """UPDATE ops_requests SET result = coalesce(result, '{}'::jsonb)
+                       || jsonb_build_object('message', concat_ws(' ', result->>'message', %s::text))
+                   WHERE id = %s""", (note, request_id))
 
     @contextlib.asynccontextmanager
     async def target_lock(self, target: str, *, wait: float) -> AsyncIterator[bool]:

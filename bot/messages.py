@@ -121,6 +121,13 @@ EVENT_LABEL = {
     "cancel_refused": "cancel refused",
     "followed": "change complete (rollout/job followed to its end)",
     "follow_failed": ":rotating_light: CHANGE DID NOT COMPLETE (rollout or job failed after it was applied)",
+    # A flag action's `revert_after` (commands/actions/flag.py, bot/worker.py Reverts)
+    "revert_announced": "auto-revert announced",
+    "reverted": "auto-reverted (old value put back)",
+    "revert_skipped": "auto-revert skipped (the flag had been changed since)",
+    "revert_delayed": "auto-revert delayed (backend unavailable; will retry)",
+    "revert_failed": ":rotating_light: AUTO-REVERT FAILED",
+    "revert_superseded": "auto-revert cancelled (a later request set the value back)",
 }
 
 

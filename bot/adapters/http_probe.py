@@ -101,6 +101,8 @@ class HttpProbeAdapter:
             async with asyncio.timeout(timeout):
                 resp = await self._action_client().request(
                     method, target, headers=headers, data=body, allow_redirects=False, trace_request_ctx=attempt,
+                    # no body: no made-up `Content-Type: application/octet-stream` either
+                    skip_auto_headers=() if body is not None else ("Content-Type",),
                     timeout=aiohttp.ClientTimeout(total=timeout + 1))  # the asyncio bound above is the one that counts
                 async for chunk in resp.content.iter_chunked(16384):
                     read += chunk

@@ -30,6 +30,7 @@ from bot.domain import Outcome, Plan
 from bot.errors import ExecutionError, Refused, UsageError
 from bot.messages import plural
 from bot.ports import Context, ProbeResponse
+from bot.redaction import scrub_text
 from commands.actions.base import ActionCommand, shown_value
 from commands.actions.sql import ROWS_SHOWN, plan_rows, row_line
 from commands.base import Params
@@ -68,21 +69,23 @@ def segment(value: Any) -> str:
     return text.replace(".", "%2E") if text and set(text) == {"."} else text
 
 
+def header_secrets(action: HttpAction) -> list[str]:
+    """Every literal part of the action's header values, and the credential after a scheme word
+    (``Bearer <token>``), which an API may echo alone; longest first, as scrubbing wants."""
+    out: set[str] = set()
+    for template in action.headers.values():
+        for text, name in template_parts(template):
+            if name is None and text.strip():
+                out.add(text.strip())
+                words = text.split()
+                if len(words) > 1:
+                    out.add(words[-1])
+    return sorted((s for s in out if len(s) >= 4), key=len, reverse=True)
+
+
 def secret_header_values(config: Config) -> list[str]:
-    """What bot/runtime.py scrubs from chat and the audit trail: every literal part of every http action's
-    header values, and the credential after a scheme word (``Bearer <token>``), which an API may echo alone."""
-    out: list[str] = []
-    for action in config.actions.values():
-        if not isinstance(action, HttpAction):
-            continue
-        for template in action.headers.values():
-            for text, name in template_parts(template):
-                if name is None and text.strip():
-                    out.append(text.strip())
-                    words = text.split()
-                    if len(words) > 1:
-                        out.append(words[-1])
-    return out
+    """What bot/runtime.py scrubs from the audit trail and chat, with the bot's own secrets."""
+    return [s for action in config.actions.values() if isinstance(action, HttpAction) for s in header_secrets(action)]
 
 
 class HttpCommand(ActionCommand):
@@ -190,7 +193,8 @@ class HttpCommand(ActionCommand):
         spec: HttpAction = self.spec
         if answer.status is None:  # the adapter raises instead; kept so that no answer is never a success
             raise ExecutionError(f"the admin API gave no status ({answer.error or 'no answer'}).")
-        excerpt = untrusted(answer.body, EXCERPT) if answer.body.strip() else "(empty body)"
+        # The answer is scrubbed of this action's own header values before it is cut: an API may echo them.
+        excerpt = untrusted(scrub_text(answer.body, tuple(header_secrets(spec))), EXCERPT) if answer.body.strip() else "(empty body)"
         said = f"the admin API answered {_status(answer.status)} to {spec.method}: `{excerpt}`"
         if answer.error:  # the status came, the rest of the body did not
             said += f" ({answer.error})"

@@ -85,6 +85,16 @@ async def approved(bot: Harness, text: str, *states: str) -> str:
     return done.id
 
 
+async def answer_to(bot: Harness, text: str) -> str:
+    """What the person sees for ``text``: a refusal at parse time comes in the slash command's ack."""
+    status, body = await bot.slash(ALICE, text)
+    assert status == 200
+    try:
+        return str(json.loads(body).get("text", body))
+    except ValueError:
+        return body
+
+
 def thread_text(bot: Harness, request_card: tuple[str, str]) -> str:
     return "\n".join(m.all_text() for m in bot.slack.thread(*request_card))
 
@@ -194,7 +204,7 @@ async def test_an_api_that_is_down_fails_with_nothing_sent(bot: Harness, admin: 
     (".. mtn 10 {b}", "`transaction_id`: `..` is `..`, which names another path"),
     ("a%2Fb mtn 10 {b}", "`transaction_id`: `a%2Fb` holds `%`"),
     ("a/b mtn 10 {b}", "holds `/`"),
-    ("a\\b mtn 10 {b}", "holds `\\`"),
+    ("a\\\\b mtn 10 {b}", "`a\\b` holds `\\`"),  # typed `a\\b`: the grammar reads `a\b`
     ("TX42?x=1 mtn 10 {b}", "holds `?`"),
     ("TX42#frag mtn 10 {b}", "holds `#`"),
     ("ТХ42 mtn 10 {b}", "U+0422 CYRILLIC CAPITAL LETTER TE"),  # Cyrillic Т and Х
@@ -204,24 +214,24 @@ async def test_an_api_that_is_down_fails_with_nothing_sent(bot: Harness, admin: 
     ("TX42 mtn 0 {b}", "outside 1–500000"),
 ])
 async def test_hostile_values_are_refused_and_nothing_is_asked(bot: Harness, admin: AdminApi, args: str, says: str) -> None:
-    await bot.slash(ALICE, "/ops retry payout " + args.format(b=BATCH))
-    reply = await bot.response(containing=says)
-    assert "Usage: `/ops retry payout <transaction_id> <channel> <amount> <batch>`" in reply["text"]
+    reply = await answer_to(bot, "/ops retry payout " + args.format(b=BATCH))
+    assert says in reply
+    assert "Usage: `/ops retry payout <transaction_id> <channel> <amount> <batch>`" in reply
     assert await bot.last_request() is None
     assert admin.requests == []
     assert not [m for m in bot.slack.in_channel(Harness.INCIDENT) if m.buttons()]
 
 
 @pytest.mark.parametrize(("text", "says"), [
-    ("/ops resend receipt '; DROP TABLE x;--", "`reference`: `';` is not text matching"),
+    ("""/ops resend receipt "'; DROP TABLE x;--" """, "`reference`: `'; DROP TABLE x;--` is not text matching"),
     ("/ops resend receipt PR12\x003456", "U+0000"),  # the Slack edge refuses control characters anywhere
     ("/ops resend receipt PR" + "1" * 200_000, "characters long"),
 ])
 async def test_sql_meta_characters_nul_and_huge_values_are_refused(bot: Harness, admin: AdminApi, platform_db: str,
                                                                    text: str, says: str) -> None:
-    await bot.slash(ALICE, text)
-    reply = await bot.response(containing=says)
-    assert "retype" in reply["text"] or "Usage:" in reply["text"] or "Shorten" in reply["text"]
+    reply = await answer_to(bot, text)
+    assert says in reply
+    assert "retype" in reply or "Usage:" in reply or "Shorten" in reply
     assert await bot.last_request() is None
     assert admin.requests == []
     with psycopg.connect(platform_db) as conn:

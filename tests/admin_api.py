@@ -4,7 +4,8 @@
 It records every request as it arrived on the wire — method, the path exactly as sent (still
 percent-encoded, query included), the headers and the body — and answers what the test told it:
 a status and body (default ``200 {"status": "queued"}``), or nothing at all (``hang``: the request is
-recorded, no answer comes), or no connection (``down``: the port is closed, connections are refused).
+recorded, no answer comes), a connection closed without an answer (``drop``), or no connection
+(``down``: the port is closed, connections are refused).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class AdminApi:
         self.requests: list[Seen] = []
         self.status, self.body, self.content_type = 200, '{"status": "queued"}', "application/json"
         self.hanging = False
+        self.dropping = False
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -67,6 +69,10 @@ class AdminApi:
         """Record requests and never answer (until ``stop``)."""
         self.hanging = True
 
+    def drop(self) -> None:
+        """Record requests, then close the connection without an answer (a crash mid-request)."""
+        self.dropping = True
+
     async def down(self) -> None:
         """Close the port: connections are refused, nothing can be received."""
         await self.stop()
@@ -79,4 +85,6 @@ class AdminApi:
                                   headers={k.lower(): v for k, v in request.headers.items()}, body=body))
         if self.hanging:
             await self._release.wait()
+        if self.dropping and request.transport is not None:
+            request.transport.close()
         return web.Response(status=self.status, text=self.body, content_type=self.content_type)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -309,19 +312,37 @@ async def test_dry_run_shows_the_plan_and_sends_nothing(bot: Harness, admin: Adm
     assert await bot.last_request() is None
 
 
-def test_policy_check_accepts_http_actions_without_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def nepxy_file(tmp_path: Path) -> Path:
+    """The example with these actions and a rule for them, as a file (for the `opsbot policy` commands)."""
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw["actions"] = yaml.safe_load(ACTIONS)
     raw["rules"].append({"name": "payouts", "commands": ["retry-payout", "resend-receipt"], "allow": ["engineer"],
                          "approval": {"from": ["approver"], "count": 1, "expires": "15m"}})
     path = tmp_path / "nepxy.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_policy_check_accepts_http_actions_without_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {"NOVA_DATABASE_URL": "postgresql://nova@db/nova", "NOVA_REDIS_URL": "redis://redis:6379/0",
                         "ADMIN_URL": "https://admin.nepxy.internal", "ADMIN_TOKEN": TOKEN}.items():
         monkeypatch.setenv(name, value)
-    code = opsbot_main(["policy", "check", "--config", str(path)])
+    code = opsbot_main(["policy", "check", "--config", str(nepxy_file(tmp_path))])
     out = capsys.readouterr()
     assert code == 0, out
     assert "warning" not in out.out + out.err and ": OK (" in out.out
     assert TOKEN not in out.out + out.err
+
+
+def test_policy_explain_plans_an_http_action_and_sends_nothing(tmp_path: Path, admin: AdminApi, platform_db: str,
+                                                                redis_url: str) -> None:
+    env = {**os.environ, "NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": redis_url, "ADMIN_URL": admin.url,
+           "ADMIN_TOKEN": TOKEN}
+    proc = subprocess.run([sys.executable, "-m", "bot", "policy", "explain", "--config", str(nepxy_file(tmp_path)), "--as",
+                           ALICE, f"/ops retry payout TX42 mtn 10 {BATCH}"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plan:     retry payout TX42 mtn 10 8f2c1e4a-3b5d-4c6e-9f70-1a2b3c4d5e6f: Retry a failed mobile-money payout" in proc.stdout
+    assert "decision: NEEDS APPROVAL — 1 approval from approver" in proc.stdout
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert admin.requests == []

@@ -43,6 +43,7 @@ from bot.slack.app import build_app
 from bot.slack.chat import SlackChat
 from bot.slack.payloads import shape_problem
 from bot.worker import ActionWorker, Executor
+from commands.actions.http import secret_header_values
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024  # the largest Slack payloads (block_actions with a full message) are tens of kB
@@ -84,7 +85,7 @@ class Runtime:
         secrets = secret_values([settings.slack_bot_token, settings.slack_signing_secret, settings.slack_app_token,
                                  settings.database_url, settings.redis_url,
                                  *(db.url for db in config.databases.values()), *(q.redis_url for q in config.queues.values()),
-                                 *(r.url for r in config.redis.values())])
+                                 *(r.url for r in config.redis.values()), *secret_header_values(config)])
         audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
                       spool=AuditSpool(settings.spool_dir, on_quarantine=metrics.spool_quarantined.inc))
         poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)

@@ -465,6 +465,10 @@ def check_actions(config: Config, known_commands: tuple[str, ...]) -> None:
             if problem:
                 raise ValueError(f"{where}.url: {problem}")
             refs("url", [action.url], variables)
+            for n in placeholders(action.url):
+                odd = [w for w in getattr(action.params.get(n), "values", ()) if ".." in w]
+                if odd:  # such a word could never be typed: a URL value refuses `..` (commands/actions/http.py)
+                    raise ValueError(f"{where}.params.{n}: {odd[0]!r} contains '..', which a value in the URL may not")
             refs("headers", list(action.headers.values()), variables)
             refs("body", list(json_strings(action.body)), variables)
             if action.idempotency_header.lower() in {h.lower() for h in action.headers}:

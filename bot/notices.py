@@ -38,6 +38,7 @@ from bot.domain import OpsRequest
 from bot.errors import BackendUnavailable, DeliveryUncertain, ExecutionError, OpsbotError, RateLimited
 from bot.metrics import Metrics
 from bot.ports import Chat, tell
+from bot.redaction import scrub_text
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class Notices:
     """The incident channel's outbox: ``thread()`` and ``card_changed()`` are what the request
     lifecycle calls; ``run_once()``/``start()`` post."""
 
-    def __init__(self, *, store: Store, chat: Chat, metrics: Metrics, interval: float = 1.0) -> None:
+    def __init__(self, *, store: Store, chat: Chat, metrics: Metrics, interval: float = 1.0, secrets: tuple[str, ...] = ()) -> None:
         self.store, self.chat, self.metrics, self.interval = store, chat, metrics, interval
+        self.secrets = secrets  # scrubbed from every thread notice (an error or an answer may quote one)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -88,6 +90,7 @@ class Notices:
         """A reply in the request's card thread, delivered eventually. If the outbox itself cannot
         be written (the database went away just after the state change), it is sent directly,
         best effort: the state is already recorded, and the card will show it when it is back."""
+        text = scrub_text(text, self.secrets)
         try:
             await self.store.add_thread_notice(request.id, text)
         except BackendUnavailable as exc:

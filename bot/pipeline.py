@@ -192,8 +192,8 @@ class Pipeline:
             note = await self._record("dry_run", req, text=inv.text, plan=plan.to_json(), post=False,
                                       result={"decision": decision.kind.value, "reason": decision.reason, "rule": decision.rule})
             where = f"• target: {code(plan.target_label or plan.target)} · environment: *{mrkdwn(plan.environment)}*"
-            await self._reply(req, f":mag: Dry run — nothing was changed.\n*{plan.summary}*\n"
-                              + "\n".join([where, *(f"• {d}" for d in plan.details)]) + f"\n• policy: {decision.reason}" + note)
+            await self._reply(req, f":mag: Dry run — nothing was changed.\n*{mrkdwn(plan.summary)}*\n"
+                              + "\n".join([where, *(f"• {mrkdwn(d)}" for d in plan.details)]) + f"\n• policy: {decision.reason}" + note)
             return
         refusal = await self._over_limits(req, inv, decision)
         if refusal:

@@ -89,7 +89,7 @@ class Runtime:
         audit = Audit(AuditLog(store), audit_channel=config.slack.audit_channel, secrets=secrets,
                       spool=AuditSpool(settings.spool_dir, on_quarantine=metrics.spool_quarantined.inc))
         poster = AuditPoster(audit=audit, store=store, chat=chat, metrics=metrics)
-        notices = Notices(store=store, chat=chat, metrics=metrics)
+        notices = Notices(store=store, chat=chat, metrics=metrics, secrets=secrets)
         probes = HttpProbeAdapter()
         ctx = Context(config=config, kube=kube, databases=PlatformDbAdapter(config), queues=queues,
                       redis=RedisTargetAdapter(config, redis), http=probes)

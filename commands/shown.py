@@ -19,13 +19,20 @@ def slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def one_line(text: str, limit: int) -> str:
+    """``text`` scrubbed, on one line, at most ``limit`` characters (… when cut), backticks turned into
+    quotes so that it can sit in a code span — not Slack-escaped: for a mutating plan's summary and
+    details and an Outcome's message, which the card, the dry-run answer and the thread escape when
+    they render them (bot/messages.py ``mrkdwn``); escaping here too would show ``&lt;``."""
+    line = _SPACE.sub(" ", scrub_text(text)).strip().replace("`", "'")
+    if len(line) > limit:
+        line = line[: limit - 1].rstrip() + "…"
+    return line
+
+
 def untrusted(text: str, limit: int) -> str:
-    """``text`` scrubbed, on one line, at most ``limit`` characters (… when cut), Slack-escaped,
-    with backticks turned into quotes so that it can sit in a code span."""
-    one_line = _SPACE.sub(" ", scrub_text(text)).strip().replace("`", "'")
-    if len(one_line) > limit:
-        one_line = one_line[: limit - 1].rstrip() + "…"
-    return slack_escape(one_line)
+    """``one_line``, Slack-escaped: for a read-only command's answer, which is sent as it is."""
+    return slack_escape(one_line(text, limit))
 
 
 def span(seconds: float | None) -> str:

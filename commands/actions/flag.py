@@ -36,7 +36,7 @@ from bot.untrusted import non_ascii_hint
 from commands.actions.base import MAX_SHOWN, ActionCommand, AnyAction, shown_value
 from commands.actions.sql import plain
 from commands.base import Params
-from commands.shown import untrusted
+from commands.shown import one_line, untrusted
 
 REDIS_BUDGET = 2.0  # seconds for one read or compare-and-set of a Redis flag
 NOT_SET = "(not set)"
@@ -97,7 +97,7 @@ class FlagCommand(ActionCommand):
 
     def where(self, params: Params) -> str:
         spec: FlagAction = self.spec
-        key = untrusted(self.flag_key(params), 200)
+        key = one_line(self.flag_key(params), 200)
         if spec.redis is not None:
             return f"Redis `{spec.redis}`, key `{key}`"
         table = f"{spec.schema_}.{spec.table}" if spec.schema_ else spec.table
@@ -110,7 +110,7 @@ class FlagCommand(ActionCommand):
         for word, value in self.spec.values.items():
             if same(value, stored):
                 return str(word)
-        return f"`{untrusted(repr(stored), 80)}`"
+        return f"`{one_line(repr(stored), 80)}`"
 
     def subject(self, params: Params) -> str:
         """What is typed before the value: ``maintenance``, ``flag checkout``."""

@@ -34,7 +34,7 @@ from bot.redaction import scrub_text
 from commands.actions.base import ActionCommand, shown_value
 from commands.actions.sql import ROWS_SHOWN, plan_rows, row_line
 from commands.base import Params
-from commands.shown import untrusted
+from commands.shown import one_line, untrusted
 
 MAX_URL = 2048  # characters of the rendered URL
 MAX_BODY = 64 * 1024  # bytes of the rendered JSON body
@@ -194,7 +194,7 @@ class HttpCommand(ActionCommand):
         if answer.status is None:  # the adapter raises instead; kept so that no answer is never a success
             raise ExecutionError(f"the admin API gave no status ({answer.error or 'no answer'}).")
         # The answer is scrubbed of this action's own header values before it is cut: an API may echo them.
-        excerpt = untrusted(scrub_text(answer.body, tuple(header_secrets(spec))), EXCERPT) if answer.body.strip() else "(empty body)"
+        excerpt = one_line(scrub_text(answer.body, tuple(header_secrets(spec))), EXCERPT) if answer.body.strip() else "(empty body)"
         said = f"the admin API answered {_status(answer.status)} to {spec.method}: `{excerpt}`"
         if answer.error:  # the status came, the rest of the body did not
             said += f" ({answer.error})"

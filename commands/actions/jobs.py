@@ -8,7 +8,7 @@ from typing import Any
 from bot.action_config import QueueJob, render_json, render_text
 from bot.errors import Refused
 from bot.ports import Context, Obj
-from commands.shown import untrusted
+from commands.shown import one_line, untrusted
 
 QUEUED = ("waiting", "active", "delayed", "prioritized", "waiting-children", "paused")
 FINISHED = ("completed", "failed")
@@ -35,10 +35,10 @@ def render_job(job: QueueJob, values: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_job(queue: str, rendered: dict[str, Any]) -> str:
-    data = untrusted(json.dumps(rendered["data"], separators=(",", ":"), ensure_ascii=False, default=str), 300)
+    data = one_line(json.dumps(rendered["data"], separators=(",", ":"), ensure_ascii=False, default=str), 300)
     tries = rendered["opts"]["attempts"]
-    return (f"queue `{queue}`: job `{untrusted(rendered['name'], 80)}` with data `{data}`, jobId "
-            f"`{untrusted(rendered['jobId'], 120)}`, {tries} attempt{'s' if tries != 1 else ''}")
+    return (f"queue `{queue}`: job `{one_line(rendered['name'], 80)}` with data `{data}`, jobId "
+            f"`{one_line(rendered['jobId'], 120)}`, {tries} attempt{'s' if tries != 1 else ''}")
 
 
 async def add(ctx: Context, job: QueueJob, rendered: dict[str, Any], *, replace_finished: bool) -> str:

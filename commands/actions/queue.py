@@ -19,7 +19,7 @@ from bot.ports import Context
 from commands.actions import jobs
 from commands.actions.base import ActionCommand
 from commands.base import Params
-from commands.shown import untrusted
+from commands.shown import one_line, untrusted
 
 
 class QueueCommand(ActionCommand):
@@ -39,7 +39,7 @@ class QueueCommand(ActionCommand):
             if state in jobs.QUEUED:
                 raise Refused(f"job `{untrusted(job['jobId'], 120)}` is already in `{queue.name}` ({state}); nothing to do.")
             if state in jobs.FINISHED:
-                details.append(f"the previous job `{untrusted(job['jobId'], 120)}` ({state}) will be replaced")
+                details.append(f"the previous job `{one_line(job['jobId'], 120)}` ({state}) will be replaced")
             observed["job_state"] = state
         return self.skeleton(params, ctx.config, summary=f"{self.label(params)}: {spec.summary}", details=tuple(details),
                              after={"queue": spec.job.queue, "name": job["name"], "data": job["data"]}, observed=observed)

@@ -23,7 +23,7 @@ from bot.ports import Context, Obj
 from commands.actions import jobs
 from commands.actions.base import ActionCommand
 from commands.base import Params
-from commands.shown import untrusted
+from commands.shown import one_line, untrusted
 
 ROWS_SHOWN = 10
 PLAN_TIMEOUT = 1.5  # seconds: the card is due quickly; a plan query is a look, not a report
@@ -47,7 +47,7 @@ def plain(value: Any) -> Any:
 
 
 def row_line(row: Obj) -> str:
-    return untrusted(", ".join(f"{k}={v}" for k, v in row.items()), 300)
+    return one_line(", ".join(f"{k}={v}" for k, v in row.items()), 300)
 
 
 def row_range(expect: int | RowCount) -> tuple[int, int]:
@@ -60,7 +60,7 @@ def describe_rows(expect: int | RowCount) -> str:
 
 
 def bound(values: dict[str, Any], names: list[str]) -> str:
-    return ", ".join(f"{n} = {untrusted(repr(values[n]), 120)}" for n in dict.fromkeys(names) if n in values)
+    return ", ".join(f"{n} = {one_line(repr(values[n]), 120)}" for n in dict.fromkeys(names) if n in values)
 
 
 async def plan_rows(ctx: Context, database: str, query: PlanQuery, params: Params) -> list[Obj]:
@@ -75,7 +75,7 @@ class SqlCommand(ActionCommand):
     async def plan(self, params: Params, ctx: Context) -> Plan:
         spec: SqlAction = self.spec
         values = self.variables(params, None, running=False)
-        details = [f"database `{spec.database}`: `{untrusted(spec.statement, 400)}`"
+        details = [f"database `{spec.database}`: `{one_line(spec.statement, 400)}`"
                    + (f" with {bound(values, placeholders(spec.statement))}" if placeholders(spec.statement) else ""),
                    f"expects {describe_rows(spec.expect_rows)}; anything else is rolled back"]
         before: dict[str, Any] = {}

@@ -32,7 +32,7 @@ from bot.ports import Context, Obj
 from bot.untrusted import number_problem, whole_number
 from commands.base import Command, Params
 from commands.db.common import PLAN_BUDGET, QUERY_SHOWN, SIGNAL_BUDGET, database, database_plan
-from commands.shown import span, untrusted
+from commands.shown import one_line, span
 
 MAX_PID = 2**31 - 1
 RUNNING = ("active", "fastpath function call")
@@ -93,7 +93,7 @@ class _SignalSession(Command):
         if row["is_self"] or str(row["application_name"] or "").startswith(OPSBOT_APPLICATION):
             return Refused(f"pid {pid} is one of opsbot's own connections; opsbot does not signal itself.")
         if row["superuser"]:
-            return Refused(f"pid {pid} belongs to superuser `{untrusted(str(row['usename']), 60)}`; opsbot does not signal "
+            return Refused(f"pid {pid} belongs to superuser `{one_line(str(row['usename']), 60)}`; opsbot does not signal "
                            "superuser sessions (a DBA can, in psql).")
         if row["state"] is None:
             return Refused(f"opsbot cannot see what pid {pid} runs (its database role needs `pg_read_all_stats`), "
@@ -113,13 +113,13 @@ class _SignalSession(Command):
             raise problem
         assert row is not None
         user, app = str(row["usename"] or "?"), str(row["application_name"] or "")
-        query = untrusted(str(row["query"] or ""), QUERY_SHOWN)
+        query = one_line(str(row["query"] or ""), QUERY_SHOWN)
         wait = f", waiting on {row['wait_event_type']}/{row['wait_event']}" if row.get("wait_event") and row["state"] == "active" else ""
         return database_plan(
             self.name, name, db, params, mutating=True, target=self._target(params), label=self._label(params),
-            summary=f"{self.verb} pid {pid} on {name}: {untrusted(user, 60)} / {untrusted(app or '(no name)', 60)}, "
+            summary=f"{self.verb} pid {pid} on {name}: {one_line(user, 60)} / {one_line(app or '(no name)', 60)}, "
                     f"{row['state']} for {span(row['query_seconds'])}",
-            details=(f"session {pid}: user `{untrusted(user, 60)}`, application `{untrusted(app or '(no name)', 60)}`, "
+            details=(f"session {pid}: user `{one_line(user, 60)}`, application `{one_line(app or '(no name)', 60)}`, "
                      f"client {row['client'] or 'local socket'}, connected {span(row['backend_seconds'])} ago",
                      f"state {row['state']}{wait}; its query started {span(row['query_seconds'])} ago",
                      f"query: `{query}`",

@@ -22,7 +22,7 @@ from bot.domain import Outcome, Plan
 from bot.errors import NotFound, Refused
 from bot.ports import Context, Obj
 from commands.base import Command, Params
-from commands.shown import untrusted
+from commands.shown import one_line
 
 _PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _QUEUED = ("waiting", "active", "delayed", "prioritized", "waiting-children")
@@ -93,7 +93,7 @@ class ReplayWebhook(Command):
         if job_state in _QUEUED:
             raise Refused(f"event `{job_id}` is already queued in `{queue.name}` (job state: {job_state}); nothing to do.")
         error = row.get(spec.error_column) if spec.error_column else None
-        shown = untrusted(json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str), 300)
+        shown = one_line(json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str), 300)
         details = [f"queue `{queue.name}`: job `{spec.job.name}` with data `{shown}`, jobId `{job_id}`"]
         if job_state in _FINISHED:
             details.append(f"the previous job `{job_id}` ({job_state}) will be replaced")

@@ -269,3 +269,9 @@ def test_an_action_answers_any_value_with_typed_params_or_a_usage_error(words: s
         assert re.fullmatch(r"[A-Z]{2}-[0-9]{1,8}", params["order"]) and params["tag"] in ("fraud", "vip")
     else:
         assert str(uuid.UUID(params["event_id"])) == params["event_id"] and 1 <= params["tries"] <= 5
+
+
+def test_an_enum_word_no_url_could_take_is_refused_when_the_config_loads() -> None:
+    bad = HTTP.replace("params: {transaction_id: {type: uuid}}", "params: {transaction_id: {type: enum, values: [ok, a..b]}}")
+    with pytest.raises(ConfigError, match=r"params\.transaction_id: 'a\.\.b' contains '\.\.'"):
+        load(bad, rule_for="retry-payout")

@@ -1,9 +1,11 @@
 """The demo platform the sandbox plays: Nova RMS (seed 003) — its Kubernetes namespace with revision
 history, its database (providers, billing webhook events, some failed), the HTTP health endpoints
-of its API and worker — used by the tests and by `opsbot dev`. Seeding is idempotent, so a reused
-data directory keeps working."""
+of its API and worker, and the admin endpoints the examples' http actions call — used by the tests
+and by `opsbot dev`. Seeding is idempotent, so a reused data directory keeps working."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from aiohttp import web
 
@@ -22,6 +24,24 @@ INSERT INTO billing_webhook_events (id, event_type, status, last_error) VALUES
     ('2b7c9d11-bbbb-4ccc-9ddd-000000000003', 'invoice.created', 'pending', NULL)
     ON CONFLICT (id) DO NOTHING;
 """
+
+
+# The tables the examples' plan queries read, by the name the query uses (bot/sandbox/world.py
+# ``seed_plan_tables``): a plan query is free SQL, so these cannot be derived from the config.
+DEMO_TABLES = {
+    # NepXy (seed 004) "Payouts stuck in SENT: inspect app.mobile_money_payouts for attempt_count and next_retry_at".
+    "app.mobile_money_payouts": """
+CREATE SCHEMA IF NOT EXISTS app;
+CREATE TABLE IF NOT EXISTS app.mobile_money_payouts (
+    transaction_id text PRIMARY KEY, provider text NOT NULL, status text NOT NULL,
+    attempt_count integer NOT NULL DEFAULT 0, next_retry_at timestamptz);
+INSERT INTO app.mobile_money_payouts (transaction_id, provider, status, attempt_count, next_retry_at) VALUES
+    ('tx-20260301-0042', 'tmoney', 'SENT', 3, '2026-03-01 10:15:00+00'),
+    ('tx-20260301-0043', 'flooz', 'FAILED', 5, NULL)
+    ON CONFLICT (transaction_id) DO NOTHING;
+""",
+}
+ADMIN_KEY: web.AppKey[list[dict[str, Any]]] = web.AppKey("admin_requests", list)
 
 
 def seed_cluster(cluster: Cluster) -> None:
@@ -69,7 +89,8 @@ def health_app(metrics: list[str] | None = None) -> web.Application:
     config's probe URLs point at it): Nova's API (`/health`, `/metrics`) and worker (`/healthz`,
     `/readyz`), and any other path a config's probe asks for — a path with "ready" in it answers
     ``{"ready": true}``, `…/metrics` a text exposition with a line for each of ``metrics`` (the
-    metric names the config's probes show), anything else ``{"status": "ok"}``."""
+    metric names the config's probes show), anything else ``{"status": "ok"}``. Any POST, PUT, PATCH
+    or DELETE is an http action's admin call: kept in ``app[ADMIN_KEY]`` and answered 200."""
     extra = "".join(f'# TYPE {m} counter\n{m}{{status="ok"}} 1841\n{m}{{status="failed"}} 1\n'
                     for m in dict.fromkeys(metrics or ()) if m not in DEMO_METRICS)
 
@@ -83,6 +104,19 @@ def health_app(metrics: list[str] | None = None) -> web.Application:
             return web.json_response({"ready": True, "queue": "billing-webhooks"})
         return web.json_response({"status": "ok", "version": "1.4.2", "checks": {"database": "ok", "redis": "ok"}})
 
+    async def admin(request: web.Request) -> web.Response:
+        """An admin endpoint an http action calls (`POST …/payouts/{id}/retry`, `/ops/outbox/{id}/retry`):
+        recorded (without the Authorization header's value) and answered 200 with a small JSON body."""
+        body = await request.read()
+        headers = {k: ("<set>" if k.lower() == "authorization" else v) for k, v in request.headers.items()}
+        requests.append({"method": request.method, "path": request.path_qs, "headers": headers,
+                         "body": body.decode("utf-8", "replace")[:2000]})
+        return web.json_response({"ok": True, "accepted": request.path, "note": "the demo platform recorded this request"})
+
     app = web.Application()
+    requests: list[dict[str, Any]] = []
+    app[ADMIN_KEY] = requests
     app.router.add_get("/{tail:.*}", any_path)
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        app.router.add_route(method, "/{tail:.*}", admin)
     return app

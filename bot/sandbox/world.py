@@ -6,7 +6,8 @@
 - ``cast``: the people — every user id under ``roles.*.users`` and, for every ``roles.*.usergroups``
   group, two made-up members — with readable names from their role (``sre-1``, ``engineer-3``).
 - ``seed_targets`` / ``seed_platform``: the config's deployments and cronjobs in the sandbox
-  cluster, its providers and webhook tables in the demo database, when they are not there yet.
+  cluster; its providers and webhook tables, its flag actions' tables and keys and the tables its
+  plan queries read, in the demo databases and Redis, when they are not there yet.
 - ``make_tour``: who to be and what to type — a requester, the approvers of the rule that applies,
   an auditor, and an example command — decided by the real policy engine on the config.
 - ``panel``: what the commands act on, read live (webhook events, providers, queues, deployments…),
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -27,15 +29,18 @@ import psycopg
 import yaml
 from psycopg import sql
 
+from bot.action_config import FlagAction, HttpAction, SqlAction, placeholders, render_text
 from bot.config import Config
 from bot.domain import Actor, DecisionKind, UserId
 from bot.messages import plural
 from bot.policy.engine import decide, may_approve
+from bot.sandbox.demo import DEMO_TABLES
 from bot.sandbox.kube_apiserver import CRONJOBS, DEPLOYMENTS, Cluster, cronjob_manifest, deployment_manifest
 
 # The demo platform's people (policies/examples/nova-rms.yaml) keep their names.
 DEMO_NAMES = {"U0ALICE": "alice", "U0BOTH": "bo", "U0CAROL": "carol", "U0DAN": "dan", "U0EVE": "eve"}
 GROUP_MEMBERS = 2  # made-up members per Slack user group
+DEMO_TOKEN = "opsbot-demo-token"  # what an http action's ${SECRET} header gets in the playground: not a secret
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -63,7 +68,8 @@ def env_refs(text: str) -> dict[str, str]:
 
 
 def env_kind(path: str) -> str | None:
-    """What a variable used at ``path`` must be: "database", "redis", "http", or None (unknown)."""
+    """What a variable used at ``path`` must be: "database", "redis", "http", "token" (an http
+    action's header, e.g. its Authorization), or None (unknown)."""
     top = path.split(".", 1)[0]
     if top == "databases":
         return "database"
@@ -71,6 +77,12 @@ def env_kind(path: str) -> str | None:
         return "redis"
     if top == "health":
         return "http"
+    if top == "actions":
+        parts = path.split(".")
+        if len(parts) == 3 and parts[2] == "url":
+            return "http"
+        if len(parts) == 4 and parts[2] == "headers":
+            return "token"
     return None
 
 
@@ -101,7 +113,9 @@ def demo_env(text: str, *, environ: Mapping[str, str], database: Callable[[str],
         elif kind == "redis":
             values[var], meaning[var] = redis_url, "the sandbox Redis"
         elif kind == "http":
-            values[var], meaning[var] = http_url, "the demo platform's health endpoints"
+            values[var], meaning[var] = http_url, "the demo platform's HTTP endpoints (health and admin)"
+        elif kind == "token":  # made up: the demo platform's admin endpoints take any token
+            values[var], meaning[var] = DEMO_TOKEN, "a made-up token the demo platform accepts"
         else:
             notes.append(f"{var} (used at {path}) is not set and the playground cannot tell what it is: "
                          "the config keeps `${" + var + "}` there, so that part will not work here")
@@ -252,6 +266,90 @@ def seed_platform(config: Config) -> list[str]:
                         table, sql.Identifier(hooks.id_column), sql.Identifier(hooks.status_column)),
                         (str(uuid.uuid5(uuid.NAMESPACE_URL, f"opsbot-demo/{hooks.table}/{n}")), "demo.event", status))
                 done.append(f"webhook events in {hooks.table}")
+    return done + seed_flags(config) + seed_plan_tables(config)
+
+
+def flag_keys(action: FlagAction) -> list[str]:
+    """The keys a flag action can name, when they can be listed: its literal key, or every combination
+    of the enum parameters its key names. None can be listed when a free parameter is in the key
+    (NexNum's `{provider}`: the rows are the table's own)."""
+    names = list(dict.fromkeys(placeholders(action.key)))
+    if any(n not in action.params or action.params[n].type != "enum" for n in names):
+        return []
+    return [render_text(action.key, dict(zip(names, combo, strict=True)))
+            for combo in itertools.product(*(action.params[n].values for n in names))]
+
+
+def _flag_column(values: dict[str, Any]) -> sql.SQL:
+    stored = list(values.values())
+    if all(isinstance(v, bool) for v in stored):
+        return sql.SQL("boolean")
+    return sql.SQL("bigint" if all(isinstance(v, int) for v in stored) else "text")
+
+
+def seed_flags(config: Config) -> list[str]:
+    """Each flag action's table (key column, value column typed by its values) and Redis keys, with every
+    key that can be listed (``flag_keys``) set to the action's *first* value — the examples list the
+    normal state first (`{"off": false, "on": true}` for maintenance). Rows and keys already there
+    are left as they are, so a reused data directory keeps what the playground changed."""
+    done = []
+    for name, action in config.actions.items():
+        if not isinstance(action, FlagAction):
+            continue
+        first = next(iter(action.values.values()))
+        keys = flag_keys(action)
+        if action.database is not None:
+            url = config.databases[action.database].url
+            if not url.startswith("postgres"):
+                continue
+            table = _table(action.schema_, str(action.table))
+            key_col, value_col = sql.Identifier(action.key_column), sql.Identifier(action.value_column)
+            with psycopg.connect(url, autocommit=True) as conn:
+                if action.schema_:
+                    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(action.schema_)))
+                conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} ({} text PRIMARY KEY, {} {} NOT NULL)").format(
+                    table, key_col, value_col, _flag_column(action.values)))
+                for key in keys:  # no ON CONFLICT: a table of the platform's own may have no unique key
+                    conn.execute(sql.SQL("INSERT INTO {} ({}, {}) SELECT %s, %s WHERE NOT EXISTS "
+                                         "(SELECT 1 FROM {} WHERE {} = %s)").format(table, key_col, value_col, table, key_col),
+                                 (key, first, key))
+            done.append(f"flag table {action.table} for {name}" + (f" ({', '.join(keys)})" if keys else ""))
+        elif keys:
+            import redis
+
+            client = redis.Redis.from_url(config.redis[str(action.redis)].url, socket_connect_timeout=2, socket_timeout=2)
+            try:
+                for key in keys:
+                    client.set(key, str(first), nx=True)
+            except redis.RedisError:
+                continue  # the sandbox Redis is not there: the flag reads will say so
+            finally:
+                client.close()
+            done.append(f"flags for {name} in Redis ({', '.join(keys)})")
+    return done
+
+
+def seed_plan_tables(config: Config) -> list[str]:
+    """The tables the examples' plan queries read (bot/sandbox/demo.py ``DEMO_TABLES``). A plan query is
+    free SQL, so its table cannot be derived from the config: the demo tables are explicit, one per
+    example platform, keyed by the table's name, and made in the plan's database when a plan query
+    of the config names that table."""
+    done: list[str] = []
+    made: set[tuple[str, str]] = set()
+    for action in config.actions.values():
+        plan = action.plan if isinstance(action, (SqlAction, HttpAction)) else None
+        if plan is None:
+            continue
+        database = plan.database or getattr(action, "database", None)
+        url = config.databases[str(database)].url if database in config.databases else ""
+        if not url.startswith("postgres"):
+            continue
+        for table, ddl in DEMO_TABLES.items():
+            if re.search(rf"(?<![\w.]){re.escape(table)}(?![\w.])", plan.query) and (url, table) not in made:
+                made.add((url, table))
+                with psycopg.connect(url, autocommit=True) as conn:
+                    conn.execute(ddl)
+                done.append(f"demo rows in {table}")
     return done
 
 

@@ -128,7 +128,8 @@ queues: {email: {redis_url: redis://x, name: email, environment: p}}
 EXAMPLE_ENV = {"NOVA_DATABASE_URL": "postgresql://nova@db/nova", "NOVA_REDIS_URL": "redis://cache:6379/0",
                "NEXUS_DATABASE_URL": "postgresql://nexus@db/nexus", "NEXUS_REDIS_URL": "redis://redis:6379/0",
                "NEPXY_DATABASE_URL": "postgresql://nepxy@db/nepxy", "NEXNUM_DATABASE_URL": "postgresql://nexnum@db/nexnum",
-               "NEXNUM_REDIS_URL": "redis://redis:6379/0", "NB_REDIS_URL": "redis://redis:6379/0"}
+               "NEXNUM_REDIS_URL": "redis://redis:6379/0", "NB_REDIS_URL": "redis://redis:6379/0",
+               "NEPXY_ADMIN_TOKEN": "not-a-real-token"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "policies" / "examples").glob("*.yaml")), ids=lambda p: p.name)

@@ -111,3 +111,127 @@ def test_a_closed_stdout_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------- the examples' actions
+
+
+def test_the_actions_variables_get_the_demo_http_server_and_a_made_up_token() -> None:
+    text = (EXAMPLES / "nepxy.yaml").read_text()
+    values, meaning, notes = world.demo_env(text, environ={}, database=lambda var: f"postgresql://db/{var}",
+                                            redis_url="redis://r", http_url="http://h")
+    assert notes == []
+    assert values["NEPXY_ADMIN_URL"] == "http://h" and values["NEPXY_ADMIN_TOKEN"] == world.DEMO_TOKEN
+    assert "made-up" in meaning["NEPXY_ADMIN_TOKEN"]
+    assert world.env_kind("actions.payout-retry.headers.Authorization") == "token"
+    assert world.env_kind("actions.payout-retry.body.note") is None  # only a header is taken for a token
+    # A token already in the environment is the user's and is kept.
+    values, meaning, _ = world.demo_env(text, environ={"NEPXY_ADMIN_TOKEN": "mine"}, database=str, redis_url="", http_url="")
+    assert "NEPXY_ADMIN_TOKEN" not in values and meaning["NEPXY_ADMIN_TOKEN"].startswith("yours")
+
+
+def _seeded_example(name: str, pg_admin: str, redis_url: str) -> Config:
+    """The example with each database variable on a fresh database and Redis on the tests' Redis, as
+    `opsbot dev` points them at its own."""
+    from tests.conftest import fresh_db
+
+    env = {}
+    for var, path in world.env_refs((EXAMPLES / f"{name}.yaml").read_text()).items():
+        kind = world.env_kind(path)
+        env[var] = (fresh_db(pg_admin) if kind == "database" else redis_url if kind == "redis" else
+                    world.DEMO_TOKEN if kind == "token" else "http://127.0.0.1:1")
+    return load_config(EXAMPLES / f"{name}.yaml", env=env)
+
+
+def _rows(url: str, query: str) -> list[tuple[object, ...]]:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return list(conn.execute(query).fetchall())
+
+
+def test_the_dev_world_seeds_the_nova_maintenance_flag_once(pg_admin: str, redis_url: str) -> None:
+    config = _seeded_example("nova-rms", pg_admin, redis_url)
+    db = config.databases["app"].url
+    seeded = world.seed_platform(config)
+    assert "flag table feature_flags for maintenance (support.maintenance_mode)" in seeded
+    assert _rows(db, "SELECT key, enabled FROM feature_flags") == [("support.maintenance_mode", False)]
+    # The flag as the playground left it survives a restart (seeding never resets it).
+    assert _rows(db, "UPDATE feature_flags SET enabled = true RETURNING key") == [("support.maintenance_mode",)]
+    world.seed_platform(config)
+    assert _rows(db, "SELECT key, enabled FROM feature_flags") == [("support.maintenance_mode", True)]
+
+
+async def test_the_dev_world_seeds_what_the_nepxy_payout_retry_plans_on(pg_admin: str, redis_url: str) -> None:
+    from bot.adapters.platform_db import PlatformDbAdapter
+
+    config = _seeded_example("nepxy", pg_admin, redis_url)
+    assert "demo rows in app.mobile_money_payouts" in world.seed_platform(config)
+    assert world.seed_platform(config) and len(_rows(config.databases["payouts"].url,
+                                                       "SELECT 1 FROM app.mobile_money_payouts")) == 2  # not twice
+    # The example's own plan query runs on the demo table: the columns the seed names exist.
+    spec = config.actions["payout-retry"]
+    assert spec.kind == "http" and spec.plan is not None and spec.plan.database is not None
+    rows = await PlatformDbAdapter(config).action_rows(spec.plan.database, spec.plan.query,
+                                                       {"transaction_id": "tx-20260301-0042"}, max_rows=5, timeout=5)
+    assert [(r["status"], r["attempt_count"], r["next_retry_at"] is not None) for r in rows] == [("SENT", 3, True)]
+    # Hostile text stays a bound value: it matches nothing and breaks nothing.
+    assert await PlatformDbAdapter(config).action_rows(spec.plan.database, spec.plan.query,
+                                                       {"transaction_id": "x' OR '1'='1"}, max_rows=5, timeout=5) == []
+
+
+async def test_the_dev_world_seeds_the_nexnum_provider_rows_the_override_switches(pg_admin: str, redis_url: str) -> None:
+    from bot.adapters.platform_db import PlatformDbAdapter
+
+    config = _seeded_example("nexnum", pg_admin, redis_url)
+    seeded = world.seed_platform(config)
+    assert "flag table Provider for provider-override" in seeded
+    spec = config.actions["provider-override"]
+    assert spec.kind == "flag" and world.flag_keys(spec) == []  # `{provider}`: the table's own rows
+    names = [r[0] for r in _rows(config.databases["app"].url, 'SELECT name FROM "Provider" ORDER BY 1')]
+    assert names == ["provider-a", "provider-b", "provider-c"]
+    assert await PlatformDbAdapter(config).read_flag("app", (spec.schema_, str(spec.table)), spec.key_column, spec.value_column,
+                                                     "provider-b") == (True, True)
+
+
+def test_the_dev_world_seeds_the_nearbybazaar_feature_flags_in_redis(pg_admin: str, redis_url: str) -> None:
+    import redis
+
+    config = _seeded_example("nearbybazaar", pg_admin, redis_url)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = ["flags:erp-sync", "flags:supplier-sync", "flags:captcha"]
+    try:
+        client.delete(*keys)
+        client.set("flags:captcha", "0")  # one someone switched off in an earlier run stays off
+        assert world.seed_platform(config) == [f"flags for feature in Redis ({', '.join(keys)})"]
+        assert [client.get(k) for k in keys] == ["1", "1", "0"]
+    finally:
+        client.delete(*keys)
+
+
+async def test_the_demo_platform_answers_and_records_the_admin_calls() -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from bot.sandbox.demo import ADMIN_KEY, health_app
+
+    app = health_app()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/v1/admin/mobile-money/payouts/tx-1/retry",
+                                 headers={"Authorization": f"Bearer {world.DEMO_TOKEN}", "Idempotency-Key": "opsbot-r-1"},
+                                 json={"why": "stuck"}) as r:
+                assert r.status == 200 and (await r.json())["ok"] is True
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:  # the health endpoints are as before
+                assert r.status == 200 and await r.json() == {"ok": True}
+        [call] = app[ADMIN_KEY]
+        assert (call["method"], call["path"], call["body"]) == ("POST", "/v1/admin/mobile-money/payouts/tx-1/retry",
+                                                                '{"why": "stuck"}')
+        assert call["headers"]["Authorization"] == "<set>" and call["headers"]["Idempotency-Key"] == "opsbot-r-1"
+    finally:
+        await runner.cleanup()

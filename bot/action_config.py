@@ -500,9 +500,14 @@ def _all_names(job: QueueJob) -> list[str]:
     return out
 
 
+_UNSET_ENV = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}")
+
+
 def _refs(where: str, templates: list[str], allowed: set[str]) -> None:
-    """Every placeholder of ``templates`` names one of ``allowed`` (ValueError at ``where`` if not)."""
+    """Every placeholder of ``templates`` names one of ``allowed`` (ValueError at ``where`` if not).
+    A ``${VAR}`` still there (`opsbot policy check` without the secrets) is not a placeholder."""
     for template in templates:
+        template = _UNSET_ENV.sub("", template)
         try:
             names = placeholders(template)
         except TemplateError as exc:

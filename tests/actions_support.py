@@ -16,7 +16,9 @@ def config_with_actions(platform_db: str, redis_url: str, queue_prefix: str, act
     ``rules`` (YAML list items) says otherwise, one rule: engineers and approvers run every action,
     one approver approves. ``extra``: more top-level YAML (e.g. a `redis:` section replacing the example's)."""
     raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    own = set(raw.get("actions") or {})  # the example's own actions make way, and so do the rules naming them
     raw["actions"] = yaml.safe_load(actions)
+    raw["rules"] = [r for r in raw["rules"] if not set(r["commands"]) & own]
     raw["rules"] = [*raw["rules"], *(yaml.safe_load(rules) if rules else [
         {"name": "actions", "commands": list(raw["actions"]), "allow": ["engineer", "approver"],
          "approval": {"from": ["approver"], "count": 1, "expires": "15m"}}])]

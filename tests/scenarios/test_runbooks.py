@@ -814,7 +814,7 @@ async def test_nepxy_provider_downtime_and_a_safe_rollback(tmp_path: Path, pg_ad
     }
     db = platform_db(pg_admin, NEPXY_SCHEMA)
     async with http_service(routes) as url:
-        config = example("nepxy", {"NEPXY_DATABASE_URL": db, "NEPXY_API_URL": url}, queue_prefix)
+        config = example("nepxy", {"NEPXY_DATABASE_URL": db, "NEPXY_API_URL": url, "NEPXY_ADMIN_TOKEN": "t"}, queue_prefix)
         with KubeApiServer() as api:
             nepxy_cluster(api.cluster)
             async with opsbot(config, api, slack=slack, state_db=state_db, redis_url=redis_url, queue_prefix=queue_prefix,

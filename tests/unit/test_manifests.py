@@ -39,6 +39,16 @@ def test_the_overlays_are_the_documented_ones() -> None:
     assert OVERLAYS == ["nova-rms", "production", "staging"]
 
 
+def test_the_file_a_403_names_leads_to_the_role() -> None:
+    """A refused call says "Grant it in <RBAC_FILE>": that file must exist and lead to the Role."""
+    from bot.adapters.kube import RBAC_FILE
+
+    text = (ROOT / RBAC_FILE).read_text()
+    assert (ROOT / "manifests/managed-namespace/role.yaml").is_file()
+    assert RBAC_FILE == "manifests/managed-namespace/role.yaml" or "manifests/managed-namespace/role.yaml" in text
+    assert "rbac.yaml" not in (ROOT / "manifests/base/kustomization.yaml").read_text()  # not a resource: it grants nothing
+
+
 @functools.cache
 def render(overlay: str) -> tuple[Obj, ...]:
     out = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests/overlays" / overlay)], capture_output=True, text=True,

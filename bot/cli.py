@@ -378,6 +378,11 @@ async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bo
                 socket_handler = AsyncSocketModeHandler(runtime.bolt, settings.slack_app_token)
                 await socket_handler.connect_async()
                 log.info("connected to Slack in Socket Mode")
+        else:  # `opsbot worker`: no Slack endpoint, but health, readiness and metrics for Kubernetes and Prometheus
+            runner = web.AppRunner(runtime.web_app(slack=False))
+            await runner.setup()
+            await web.TCPSite(runner, settings.host, settings.port).start()
+            log.info("worker health on http://%s:%s (/healthz, /readyz, /metrics)", settings.host, settings.port)
         if worker:
             log.info("worker %s consuming %s", settings.worker_id, settings.actions_queue)
         await stop.wait()

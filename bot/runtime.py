@@ -155,8 +155,9 @@ class Runtime:
         await asyncio.gather(check("database", self.store.ping), check("redis", self.actions.ping))
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
 
-    def web_app(self) -> web.Application:
+    def web_app(self, *, slack: bool = True) -> web.Application:
         """HTTP: Slack events (slash commands and interactivity), health, readiness, metrics.
+        ``slack=False`` (`opsbot worker`): health, readiness and metrics only, for the probes and scraping.
 
         Before Bolt sees a request: bodies over ``MAX_BODY`` get 413 (Slack's own payloads are far
         smaller; a huge body would otherwise be parsed on the event loop), and a body Bolt cannot
@@ -201,7 +202,8 @@ class Runtime:
         async def metrics(_: web.Request) -> web.Response:
             return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        app.router.add_post("/slack/events", slack_events)
+        if slack:
+            app.router.add_post("/slack/events", slack_events)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         app.router.add_get("/metrics", metrics)

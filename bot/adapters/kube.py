@@ -28,7 +28,7 @@ Why the calls look the way they do:
   …", "… is waiting to start") is ``NotFound`` carrying the cluster's words: it tells the user what
   there is no log of, it is not opsbot failing.
 * **Refusals name what is missing.** Each call carries the RBAC verb, resource and namespace it
-  needs, so a 403 says exactly which rule to add to ``manifests/base/rbac.yaml``; nothing is
+  needs, so a 403 says exactly which rule to add to ``manifests/managed-namespace/role.yaml``; nothing is
   parsed out of the server's message.
 """
 
@@ -54,7 +54,7 @@ from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound, O
 from bot.ports import Obj
 
 CLUSTER = "the Kubernetes API"
-RBAC_FILE = "manifests/base/rbac.yaml"
+RBAC_FILE = "manifests/managed-namespace/role.yaml"
 _RETRYABLE = frozenset({500, 502, 503, 504})
 # An attempt is not started with less time than this left before the deadline: it could not get
 # an answer, and a write sent that late would turn "nothing was sent" into "outcome unknown".
@@ -278,7 +278,7 @@ class KubeAdapter:
 
     async def ping(self, environment: str) -> None:
         # GET /version: every authenticated identity may read it (system:public-info-viewer), so a
-        # ping needs no RBAC beyond what manifests/base/rbac.yaml grants.
+        # ping needs no RBAC beyond what manifests/managed-namespace/role.yaml grants.
         version = client.VersionApi(self._api_client(environment))
         await self._call(_Call("read the API server's version", environment, "get", "/version", None), version.get_code)
 

@@ -129,6 +129,9 @@ class Store:
 
         r = sql.Identifier(role)
         async with self._conn() as conn, conn.transaction():
+            # The migrations' lock: several `migrate` init containers starting at once (one per replica)
+            # would otherwise race on the same catalog rows ("tuple concurrently updated").
+            await conn.execute("SELECT pg_advisory_xact_lock(7171717)")
             for stmt in (
                 "GRANT USAGE ON SCHEMA public TO {r}",
                 "GRANT SELECT, INSERT, UPDATE ON ops_requests, ops_approvals, audit_outbox, audit_threads, chat_outbox TO {r}",

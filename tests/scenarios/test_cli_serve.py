@@ -155,3 +155,42 @@ async def test_serve_as_the_app_role_with_a_pending_migration_says_what_to_do(sl
     assert code != 0, out
     assert "run `opsbot migrate` as the database owner" in out and "004_delivery.sql" in out, out
     assert "Traceback" not in out, out
+
+
+async def test_the_worker_process_serves_health_but_not_slack(slack: FakeSlack, pg_admin: str, platform_db: str, redis_url: str,
+                                                              kubeconfig: str) -> None:
+    """`opsbot worker` (its own Deployment): /healthz, /readyz and /metrics for the probes and
+    Prometheus, no Slack endpoint; SIGTERM stops it cleanly."""
+    owner_url = fresh_db(pg_admin)
+    port = free_port()
+    env = _env(slack, owner_url, redis_url, kubeconfig, platform_db, port)
+    code, out = await _run("migrate", env=env)
+    assert code == 0, out
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "worker", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.returncode is None, "opsbot worker exited"
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            checks = (await r.json())["checks"]
+                            assert checks["database"] == checks["redis"] == "ok", checks
+                            break
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, "opsbot worker did not become ready"
+                await asyncio.sleep(0.2)
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200 and "opsbot_" in await r.text()
+            async with http.post(f"http://127.0.0.1:{port}/slack/events", data="x") as r:
+                assert r.status in (404, 405)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, output.decode()[-2000:]

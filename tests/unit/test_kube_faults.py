@@ -113,7 +113,7 @@ async def test_403_names_the_verb_resource_and_namespace_opsbot_lacks(kube: Kube
     with pytest.raises(ExecutionError) as err:
         await kubectl.scale_deployment("production", "nova", "nova-worker", replicas=6, resource_version=d["metadata"]["resourceVersion"])
     assert str(err.value) == ("Kubernetes denied opsbot's service account: it may not patch deployments/scale in namespace nova "
-                              "(403 Forbidden). Grant it in manifests/base/rbac.yaml")
+                              "(403 Forbidden). Grant it in manifests/managed-namespace/role.yaml")
     assert not err.value.temporary
     with pytest.raises(ExecutionError, match=r"it may not list replicasets in namespace nova \(403 Forbidden\)"):
         await kubectl.list_replicasets("production", "nova", "app=nova-worker")
@@ -307,7 +307,7 @@ def replicas_template(kube: KubeApiServer) -> dict[str, Any]:
 async def test_403s_of_the_new_calls_name_what_opsbot_lacks(nova: KubeApiServer, make: Make) -> None:
     kubectl, pod = make(), worker_pod(nova)
     nova.faults.add(status=403, message="forbidden")
-    grant = r" in namespace nova \(403 Forbidden\)\. Grant it in manifests/base/rbac\.yaml"
+    grant = r" in namespace nova \(403 Forbidden\)\. Grant it in manifests/managed-namespace/role\.yaml"
     with pytest.raises(ExecutionError, match=r"it may not create jobs" + grant) as err:
         await kubectl.create_job("production", "nova", backup_job())
     assert not err.value.temporary and sent(nova, "POST", JOBS) == 1

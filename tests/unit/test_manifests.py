@@ -169,10 +169,12 @@ def test_probes_and_resources(overlay: str) -> None:
     assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert server["startupProbe"]["httpGet"]["path"] == "/healthz"
-    # `opsbot worker` serves no HTTP (cmd_worker runs _serve with http=False): a probe on a port
-    # nothing listens on would restart it for ever, so it has none, and no ports.
+    # `opsbot worker` serves /healthz, /readyz and /metrics (no /slack/events) on its own $PORT.
     worker = named(docs, "Deployment", "opsbot-worker")["spec"]["template"]["spec"]["containers"][0]
-    assert not {"livenessProbe", "readinessProbe", "startupProbe", "ports"} & set(worker)
+    port = {p["name"]: p["containerPort"] for p in worker["ports"]}["health"]
+    assert {"name": "PORT", "value": str(port)} in worker["env"]
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert worker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     for deployment, pod in pods(docs):
         for container in pod["initContainers"] + pod["containers"]:
             res = container["resources"]
@@ -257,10 +259,13 @@ def test_network_policies(overlay: str) -> None:
     assert deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny and "egress" not in deny
     assert all(selects(deny["podSelector"], pod) for pod in labels.values())
     ingress = {name: p for name, p in policies.items() if "Ingress" in p["policyTypes"]}
-    assert list(ingress) == ["opsbot-server-ingress"]
+    assert sorted(ingress) == ["opsbot-server-ingress", "opsbot-worker-ingress"]
     rule = ingress["opsbot-server-ingress"]
     assert selects(rule["podSelector"], labels["opsbot-server"]) and not selects(rule["podSelector"], labels["opsbot-worker"])
     assert rule["ingress"] == [{"ports": [{"protocol": "TCP", "port": 3000}]}]
+    rule = ingress["opsbot-worker-ingress"]  # the workers' /metrics only
+    assert selects(rule["podSelector"], labels["opsbot-worker"]) and not selects(rule["podSelector"], labels["opsbot-server"])
+    assert rule["ingress"] == [{"ports": [{"protocol": "TCP", "port": 3001}]}]
     egress_ports: dict[str, set[int]] = {}
     for name, spec in policies.items():
         if name in ingress:

@@ -10,15 +10,22 @@ from bot.config import Config, parse_config
 from tests.conftest import EXAMPLE
 
 
+def example_with_actions(actions: str) -> dict[str, Any]:
+    """The Nova example as YAML data with ``actions`` instead of its own (and without the rules that
+    name its own), for a test to add rules to and write out."""
+    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    own = set(raw.get("actions") or {})
+    raw["actions"] = yaml.safe_load(actions)
+    raw["rules"] = [r for r in raw["rules"] if not set(r["commands"]) & own]
+    return raw
+
+
 def config_with_actions(platform_db: str, redis_url: str, queue_prefix: str, actions: str, *, rules: str = "",
                         env: dict[str, str] | None = None, extra: str = "") -> Config:
     """policies/examples/nova-rms.yaml with ``actions`` (YAML of the `actions:` mapping) and, unless
     ``rules`` (YAML list items) says otherwise, one rule: engineers and approvers run every action,
     one approver approves. ``extra``: more top-level YAML (e.g. a `redis:` section replacing the example's)."""
-    raw: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    own = set(raw.get("actions") or {})  # the example's own actions make way, and so do the rules naming them
-    raw["actions"] = yaml.safe_load(actions)
-    raw["rules"] = [r for r in raw["rules"] if not set(r["commands"]) & own]
+    raw = example_with_actions(actions)
     raw["rules"] = [*raw["rules"], *(yaml.safe_load(rules) if rules else [
         {"name": "actions", "commands": list(raw["actions"]), "allow": ["engineer", "approver"],
          "approval": {"from": ["approver"], "count": 1, "expires": "15m"}}])]

@@ -19,9 +19,9 @@ import yaml
 
 from bot.cli import main as opsbot_main
 from bot.config import Config
-from tests.actions_support import config_with_actions
+from tests.actions_support import config_with_actions, example_with_actions
 from tests.admin_api import AdminApi
-from tests.conftest import ALICE, CAROL, DAN, EXAMPLE
+from tests.conftest import ALICE, CAROL, DAN
 from tests.harness import Harness
 
 TOKEN = "pay0ut-adm1n-7f3kq9zr"  # ADMIN_TOKEN: sent as `Authorization: Bearer …`, never shown or stored
@@ -314,8 +314,7 @@ async def test_dry_run_shows_the_plan_and_sends_nothing(bot: Harness, admin: Adm
 
 def nepxy_file(tmp_path: Path) -> Path:
     """The example with these actions and a rule for them, as a file (for the `opsbot policy` commands)."""
-    raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["actions"] = yaml.safe_load(ACTIONS)
+    raw = example_with_actions(ACTIONS)
     raw["rules"].append({"name": "payouts", "commands": ["retry-payout", "resend-receipt"], "allow": ["engineer"],
                          "approval": {"from": ["approver"], "count": 1, "expires": "15m"}})
     path = tmp_path / "nepxy.yaml"

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bot.config import Config
-from tests.actions_support import config_with_actions
-from tests.conftest import ALICE, CAROL, EVE, EXAMPLE, FAILED_EVENT
+from tests.actions_support import config_with_actions, example_with_actions
+from tests.conftest import ALICE, CAROL, EVE, FAILED_EVENT
 from tests.harness import Harness
 
 ACTIONS = """
@@ -85,8 +85,7 @@ async def test_the_audit_search_takes_an_action_name(bot: Harness) -> None:
 
 
 def config_file(tmp_path: Path) -> Path:
-    raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["actions"] = yaml.safe_load(ACTIONS)
+    raw = example_with_actions(ACTIONS)
     raw["rules"] += yaml.safe_load(RULES)
     path = tmp_path / "with-actions.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

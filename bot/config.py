@@ -536,18 +536,24 @@ class Config(_Model):
 
 def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str] | None) -> Any:
     if isinstance(value, str):
+        # Under `actions:` strings are templates ({name}); a variable's value is literal text there, so
+        # its braces are doubled (a token with a `{` stays that token, it does not become a placeholder).
+        literal = path.startswith("actions.")
+
         def repl(m: re.Match[str]) -> str:
             default = m.group(2)
             if default == "":
                 raise ConfigError(f"{path}: ${{{m.group(1)}:-}} has an empty default; give a value or drop the default")
             if m.group(1) not in env and default is not None:
-                return default
-            if m.group(1) not in env:
+                found = default
+            elif m.group(1) not in env:
                 if missing is None:
                     raise ConfigError(f"{path}: environment variable {m.group(1)} is not set")
                 missing.append(f"{path}: environment variable {m.group(1)} is not set (needed when opsbot runs)")
                 return m.group(0)
-            return env[m.group(1)]
+            else:
+                found = env[m.group(1)]
+            return found.replace("{", "{{").replace("}", "}}") if literal else found
         return _ENV_REF.sub(repl, value)
     if isinstance(value, dict):
         return {k: _substitute(v, f"{path}.{k}" if path else str(k), env, missing) for k, v in value.items()}

@@ -74,8 +74,15 @@ def header_secrets(action: HttpAction) -> list[str]:
     (``Bearer <token>``), which an API may echo alone; longest first, as scrubbing wants."""
     out: set[str] = set()
     for template in action.headers.values():
-        for text, name in template_parts(template):
-            if name is None and text.strip():
+        literals, run = [], ""
+        for text, name in template_parts(template):  # ("{{" comes as its own part: join the runs of text)
+            if name is None:
+                run += text
+            else:
+                literals.append(run)
+                run = ""
+        for text in [*literals, run]:
+            if text.strip():
                 out.add(text.strip())
                 words = text.split()
                 if len(words) > 1:

@@ -275,3 +275,16 @@ def test_an_enum_word_no_url_could_take_is_refused_when_the_config_loads() -> No
     bad = HTTP.replace("params: {transaction_id: {type: uuid}}", "params: {transaction_id: {type: enum, values: [ok, a..b]}}")
     with pytest.raises(ConfigError, match=r"params\.transaction_id: 'a\.\.b' contains '\.\.'"):
         load(bad, rule_for="retry-payout")
+
+
+def test_a_secret_with_braces_is_literal_text_in_an_action_and_still_scrubbed() -> None:
+    from commands.actions.http import header_secrets
+
+    yaml_text = BASE + HTTP.replace("Bearer s3cr3t", "Bearer ${ADMIN_TOKEN}") + RULE % "retry-payout"
+    config = parse_config(yaml_text, env={"ADMIN_TOKEN": "ab{c}d-{transaction_id}"})
+    action = config.actions["retry-payout"]
+    assert render_text(action.headers["Authorization"], {"transaction_id": "X"}) == "Bearer ab{c}d-{transaction_id}"  # type: ignore[union-attr]
+    assert "ab{c}d-{transaction_id}" in header_secrets(action)  # type: ignore[arg-type]
+    # Outside `actions:` a value is used as it is.
+    assert parse_config(BASE.replace("postgresql://x@127.0.0.1:1/x", "${DB}"), env={"DB": "postgresql://{x}"}).databases["app"].url \
+        == "postgresql://{x}"

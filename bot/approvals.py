@@ -85,7 +85,7 @@ class Approvals:
             state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
             approvals_required=decision.approvals_required, approver_roles=decision.approver_roles,
             approvals_each=decision.approvals_each, rule=decision.rule, expires_in=decision.expires_in_seconds,
-            break_glass=glass,
+            break_glass=glass, delivery_id=req.delivery_id,
         )
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,

@@ -33,6 +33,8 @@ class CommandRequest:
     text: str
     team_id: str = ""
     response_url: str = ""
+    # Slack's trigger_id: the same on every delivery of one invocation (a retry, a redelivered envelope).
+    delivery_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

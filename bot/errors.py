@@ -105,6 +105,14 @@ class RateLimited(ExecutionError):
         self.retry_after = retry_after
 
 
+class DuplicateDelivery(OpsbotError):
+    """A slash command delivered again (a Slack retry, a redelivered envelope): its request is open already."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"already received as request {request_id}")
+        self.request_id = request_id
+
+
 class CardNotPosted(ExecutionError):
     """The approval card could not be posted, so the request was ended (nobody could approve it)."""
 

@@ -23,7 +23,7 @@ from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
-from bot.errors import BackendUnavailable, Busy, CardNotPosted, ExecutionError, OpsbotError, PolicyDenied, UserError
+from bot.errors import BackendUnavailable, Busy, CardNotPosted, DuplicateDelivery, ExecutionError, OpsbotError, PolicyDenied, UserError
 from bot.messages import code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
@@ -204,6 +204,8 @@ class Pipeline:
             await self.approvals.open(req, inv, plan, decision)
         except CardNotPosted as exc:  # recorded as a failed request already
             await self._reply(req, f":x: {exc}")
+        except DuplicateDelivery as exc:  # the first delivery opened it, recorded it and answers: nothing more
+            log.info("slash command delivered again (trigger %s): %s", req.delivery_id, exc)
 
     async def _reply_with_attachment(self, req: CommandRequest, answer: str, attachment: str) -> None:
         """A read whose output is long (log lines): the answer in the channel, the output in its

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -104,7 +105,8 @@ class Runtime:
         pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter)
         executor = Executor(ctx=ctx, store=store, notices=notices, audit=audit, metrics=metrics, worker_id=settings.worker_id)
         worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
-                              queue_name=settings.actions_queue, prefix=settings.queue_prefix)
+                              queue_name=settings.actions_queue, prefix=settings.queue_prefix,
+                              lease=timedelta(seconds=settings.worker_lease))
         inflight: set[asyncio.Task[Any]] = set()
         bolt = build_app(client=client, signing_secret=settings.slack_signing_secret, pipeline=pipeline, approvals=approvals,
                          inflight=inflight)

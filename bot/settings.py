@@ -25,6 +25,8 @@ class Settings:
     actions_queue: str = "opsbot-actions"
     queue_prefix: str = "bull"
     spool_dir: str = ".opsbot/spool"  # audit rows kept while the database is down (bot/adapters/spool.py)
+    # A running request whose worker's heartbeat (every 5 s) stopped this long ago becomes `unknown`.
+    worker_lease: float = 120.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -38,6 +40,9 @@ class Settings:
         if not port.isdigit():
             raise ConfigError(f"PORT must be a number, got {port!r}")
         api_url = env.get("SLACK_API_URL", "https://slack.com/api/")
+        lease = env.get("OPSBOT_WORKER_LEASE", "120")
+        if not lease.isdigit() or not 15 <= int(lease) <= 3600:
+            raise ConfigError(f"OPSBOT_WORKER_LEASE is seconds between 15 and 3600 (3 heartbeats at least), got {lease!r}")
         return cls(
             slack_bot_token=env["SLACK_BOT_TOKEN"],
             slack_signing_secret=env["SLACK_SIGNING_SECRET"],
@@ -52,4 +57,5 @@ class Settings:
             worker_id=env.get("OPSBOT_WORKER_ID") or env.get("HOSTNAME") or f"pid-{os.getpid()}",
             actions_queue=env.get("OPSBOT_ACTIONS_QUEUE", "opsbot-actions"),
             spool_dir=env.get("OPSBOT_SPOOL_DIR", ".opsbot/spool"),
+            worker_lease=float(lease),
         )

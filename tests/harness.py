@@ -79,13 +79,15 @@ class Harness:
     # ------------------------------------------------------------------ talking like Slack
 
     async def post_signed(self, body: str, content_type: str = "application/x-www-form-urlencoded",
-                          *, signature: str | None = None, timestamp: int | None = None) -> tuple[int, str]:
+                          *, signature: str | None = None, timestamp: int | None = None,
+                          extra_headers: dict[str, str] | None = None) -> tuple[int, str]:
         assert self._http is not None
         ts = str(timestamp or int(time.time()))
         headers = {
             "Content-Type": content_type,
             "X-Slack-Request-Timestamp": ts,
             "X-Slack-Signature": signature or self.verifier.generate_signature(timestamp=ts, body=body),
+            **(extra_headers or {}),
         }
         async with self._http.post(self.url + "/slack/events", data=body.encode(), headers=headers) as resp:
             return resp.status, await resp.text()
@@ -95,13 +97,7 @@ class Harness:
         if text.startswith("/ops"):
             text = text[len("/ops"):].strip()
         self._responses_before = len(self.slack.responses)  # response() reads only what answers this command
-        key = uuid.uuid4().hex
-        body = urlencode({
-            "token": "legacy", "team_id": "T0FAKE", "team_domain": "fake", "channel_id": channel, "channel_name": "incident",
-            "user_id": user, "user_name": user.lower(), "command": "/ops", "text": text, "api_app_id": "A0OPS",
-            "is_enterprise_install": "false", "response_url": self.slack.response_url(key), "trigger_id": key,
-        })
-        return await self.post_signed(body)
+        return await self.post_signed(slash_body(self.slack, user, text, channel=channel))
 
     async def click(self, user: str, request_id: str, decision: str = "approve", *, channel: str = INCIDENT,
                     on_card_of: str | None = None, value: str | None = None, card_ts: str | None = None) -> tuple[int, str]:
@@ -111,26 +107,8 @@ class Harness:
         if card_ts is None:
             request = await self.runtime.store.get(on_card_of or request_id)
             card_ts = request.card_ts if request and request.card_ts else None
-        ts = card_ts or "1700000000.000001"
-        action_id = {"approve": "opsbot_approve", "deny": "opsbot_deny", "acknowledge": "opsbot_acknowledge"}[decision]
-        payload = {
-            "type": "block_actions",
-            "team": {"id": "T0FAKE", "domain": "fake"},
-            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"},
-            "api_app_id": "A0OPS",
-            "token": "legacy",
-            "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False},
-            "trigger_id": uuid.uuid4().hex,
-            "channel": {"id": channel, "name": "incident"},
-            "message": {"ts": ts, "text": "card"},
-            "response_url": self.slack.response_url("click-" + uuid.uuid4().hex),
-            "actions": [{
-                "action_id": action_id,
-                "block_id": f"opsbot_vote:{request_id}", "value": request_id if value is None else value, "type": "button",
-                "action_ts": str(time.time()),
-            }],
-        }
-        return await self.post_signed(urlencode({"payload": json.dumps(payload)}))
+        return await self.post_signed(click_body(self.slack, user, request_id, card_ts or "1700000000.000001", decision,
+                                                 channel=channel, value=value))
 
     # ------------------------------------------------------------------ waiting and reading
 
@@ -184,3 +162,39 @@ class Harness:
 
     async def audit_events(self, request_id: str | None = None) -> list[str]:
         return [r["event"] for r in await self.runtime.audit.log.rows(request_id)]
+
+
+def slash_body(slack: FakeSlack, user: str, text: str, *, channel: str = "C0INCIDENT", trigger_id: str | None = None) -> str:
+    """The form body Slack posts for ``/ops <text>`` (a new trigger_id each time unless given: a retry
+    of one invocation carries the same one)."""
+    key = trigger_id or uuid.uuid4().hex
+    return urlencode({
+        "token": "legacy", "team_id": "T0FAKE", "team_domain": "fake", "channel_id": channel, "channel_name": "incident",
+        "user_id": user, "user_name": user.lower(), "command": "/ops", "text": text, "api_app_id": "A0OPS",
+        "is_enterprise_install": "false", "response_url": slack.response_url(key), "trigger_id": key,
+    })
+
+
+def click_body(slack: FakeSlack, user: str, request_id: str, card_ts: str, decision: str = "approve", *,
+               channel: str = "C0INCIDENT", value: str | None = None) -> str:
+    """The form body Slack posts for a click on a card's button."""
+    ts = card_ts
+    action_id = {"approve": "opsbot_approve", "deny": "opsbot_deny", "acknowledge": "opsbot_acknowledge"}[decision]
+    payload = {
+        "type": "block_actions",
+        "team": {"id": "T0FAKE", "domain": "fake"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"},
+        "api_app_id": "A0OPS",
+        "token": "legacy",
+        "container": {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False},
+        "trigger_id": uuid.uuid4().hex,
+        "channel": {"id": channel, "name": "incident"},
+        "message": {"ts": ts, "text": "card"},
+        "response_url": slack.response_url("click-" + uuid.uuid4().hex),
+        "actions": [{
+            "action_id": action_id,
+            "block_id": f"opsbot_vote:{request_id}", "value": request_id if value is None else value, "type": "button",
+            "action_ts": str(time.time()),
+        }],
+    }
+    return urlencode({"payload": json.dumps(payload)})

@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
-from bot.errors import BackendUnavailable, MigrationsPending
+from bot.errors import BackendUnavailable, DuplicateDelivery, MigrationsPending
 
 log = logging.getLogger(__name__)
 
@@ -203,20 +203,25 @@ class Store:
     async def create_request(self, *, id: str, command: str, text: str, requester: Actor, channel_id: str,
                              plan: dict[str, Any], reason: str, state: RequestState, approvals_required: int,
                              approver_roles: tuple[str, ...], rule: str | None, expires_in: int,
-                             approvals_each: tuple[str, ...] = (), break_glass: str = "") -> OpsRequest:
+                             approvals_each: tuple[str, ...] = (), break_glass: str = "", delivery_id: str = "") -> OpsRequest:
+        """DuplicateDelivery when a request of this Slack delivery (``delivery_id``) exists already."""
         async with self._conn() as conn:
             row = await (await conn.execute(
                 """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
                        environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
-                       decided_at, approvals_each, break_glass, review_state)
+                       decided_at, approvals_each, break_glass, review_state, delivery_id)
                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
-                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s)
+                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s, %s)
+                   ON CONFLICT (delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
                    RETURNING *""",
                 (id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
                  Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
-                 expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None),
+                 expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None,
+                 delivery_id or None),
             )).fetchone()
-        assert row is not None
+            if row is None:
+                first = await (await conn.execute("SELECT id FROM ops_requests WHERE delivery_id = %s", (delivery_id,))).fetchone()
+                raise DuplicateDelivery(str(first["id"]) if first else "?")
         return _request(row)
 
     async def get(self, request_id: str) -> OpsRequest | None:

@@ -19,6 +19,7 @@ from bot.untrusted import storable
 
 _USER_ID = re.compile(r"[UWB][A-Z0-9]{1,20}")
 _CHANNEL_ID = re.compile(r"[CGD][A-Z0-9]{1,20}")
+_TRIGGER_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")  # Slack: "13345224609.738474920.8088930838d88f008e0"
 _MESSAGE_TS = re.compile(r"[0-9]{1,12}\.[0-9]{1,9}")
 
 
@@ -43,7 +44,13 @@ def command_request(body: dict[str, Any]) -> CommandRequest:
         text=(text if isinstance(text, str) else "").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"),
         team_id=_name(body.get("team_id")),
         response_url=body["response_url"] if isinstance(body.get("response_url"), str) else "",
+        delivery_id=_delivery_id(body.get("trigger_id")),
     )
+
+
+def _delivery_id(value: Any) -> str:
+    """Slack's trigger_id (``13345224609.738474920.8088930838d88f008e0``), or "" when it is not one."""
+    return value if isinstance(value, str) and _TRIGGER_ID.fullmatch(value) else ""
 
 
 def unchecked_request(body: dict[str, Any]) -> CommandRequest:

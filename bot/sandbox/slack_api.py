@@ -81,6 +81,7 @@ class FakeSlack:
         self.changed = asyncio.Event()
         self.sockets: list[web.WebSocketResponse] = []
         self.socket_acks: list[dict[str, Any]] = []
+        self._next_socket = 0
         self.tour: dict[str, Any] | None = None  # `opsbot dev`: who to be and what to type, for the page
         self.panel: Callable[[], Awaitable[dict[str, Any]]] | None = None  # `opsbot dev`: the side panel's data
 
@@ -243,10 +244,18 @@ class FakeSlack:
                 self._notify()
         return ws
 
-    async def socket_send(self, envelope: dict[str, Any]) -> None:
-        for ws in self.sockets:
-            if not ws.closed:
-                await ws.send_json(envelope)
+    async def socket_send(self, envelope: dict[str, Any], *, connection: int | None = None) -> int:
+        """Hand an envelope to ONE open connection, as Slack does when an app has several (round robin,
+        or the ``connection``-th open one: a retry of an envelope may go to another connection than the
+        first delivery). Returns the index of the connection used."""
+        open_ = [ws for ws in self.sockets if not ws.closed]
+        if not open_:
+            raise RuntimeError("no Socket Mode connection is open")
+        if connection is None:
+            connection = self._next_socket % len(open_)
+            self._next_socket += 1
+        await open_[connection % len(open_)].send_json(envelope)
+        return connection % len(open_)
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]

@@ -282,3 +282,45 @@ async def _settled(fleet: Fleet, request_id: str, clicks: int) -> list[str] | No
 
 async def _async(value: T) -> T:
     return value
+
+
+async def test_socket_mode_with_two_connections_opens_each_request_once(slack: FakeSlack, pg_admin: str, platform_db: str,
+                                                                         redis_url: str, kube: KubeApiServer, kubeconfig: str,
+                                                                         tmp_path: Path) -> None:
+    state_db = fresh_db(pg_admin)
+    own_redis = redis_url.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(own_redis).flushdb()
+    env = {**os.environ, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": slack.api_url,
+           "SLACK_APP_TOKEN": "xapp-test-token", "DATABASE_URL": state_db, "REDIS_URL": own_redis, "KUBECONFIG": kubeconfig,
+           "OPSBOT_CONFIG": str(EXAMPLE), "NOVA_DATABASE_URL": platform_db, "NOVA_REDIS_URL": own_redis, "HOST": "127.0.0.1"}
+    assert subprocess.run([sys.executable, "-m", "bot", "migrate"], env=env, capture_output=True, timeout=60).returncode == 0
+    fleet = Fleet(slack=slack, kube=kube, state_db=state_db, env=env)
+    servers = [fleet.process(f"socket-{i}", ["serve", "--no-worker"], OPSBOT_SPOOL_DIR=str(tmp_path / f"s{i}")) for i in (1, 2)]
+    await asyncio.gather(*(p.start() for p in servers))
+    try:
+        await eventually(lambda: _async(len([ws for ws in slack.sockets if not ws.closed]) == 2), what="two connections")
+        envelopes = []
+        for n in range(6):
+            envelope = {"envelope_id": str(uuid.uuid4()), "type": "slash_commands", "accepts_response_payload": True,
+                        "payload": {"team_id": "T0FAKE", "channel_id": INCIDENT, "user_id": (ALICE, BOTH)[n % 2],
+                                    "user_name": "someone", "command": "/ops", "text": f"scale worker {n + 4}", "api_app_id": "A0OPS",
+                                    "response_url": slack.response_url(f"sock-{n}"), "trigger_id": f"sock.{n}.{uuid.uuid4().hex}"}}
+            envelopes.append(envelope)
+            used = await slack.socket_send(envelope)
+            if n % 3 == 0:  # Slack hands some envelopes again, to the other connection, as a retry
+                await slack.socket_send({**envelope, "envelope_id": str(uuid.uuid4()), "retry_attempt": 1,
+                                         "retry_reason": "timeout"}, connection=used + 1)
+        acked = await eventually(lambda: _async(len(slack.socket_acks) >= 8 and slack.socket_acks), what="every envelope acked")
+        assert len(acked) == 8
+        try:
+            await eventually(lambda: _async(len([r for r in fleet.requests() if r[2]]) >= 6), what="six cards")
+        except AssertionError:
+            raise AssertionError(f"{fleet.requests()}\n{slack.responses}\n" + "\n".join(p.tail(2000) for p in servers)) from None
+        await asyncio.sleep(1.0)  # time for a duplicate to show up, if there were one
+        texts = [r[0] for r in fleet.rows("SELECT command_text FROM ops_requests ORDER BY created_at")]
+        assert sorted(texts) == sorted(e["payload"]["text"] for e in envelopes)  # type: ignore[index]
+        assert len(slack.in_channel(INCIDENT)) == 6
+    finally:
+        for p in servers:
+            assert await p.stop() == 0, p.tail()
+        await fleet.http.close()

@@ -396,10 +396,48 @@ def action_environment(config: Config, action: SqlAction | HttpAction | FlagActi
     return str(action.environment)
 
 
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def statements_problem(text: str) -> str | None:
+    """Why ``text`` is not exactly one SQL statement, or None. A ``;`` outside quotes, dollar quotes and
+    comments starts another statement, which PostgreSQL's simple protocol (used by psycopg when no value
+    is bound) would run too — after a plan query's READ ONLY, or past ``expect_rows``."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in ("'", '"'):
+            end = text.find(c, i + 1)
+            while end != -1 and end + 1 < n and text[end + 1] == c:  # '' and "" are escaped quotes
+                end = text.find(c, end + 2)
+            if end == -1:
+                return f"a {c} quote is not closed"
+            i = end + 1
+        elif text.startswith("--", i):
+            end = text.find("\n", i)
+            i = n if end == -1 else end + 1
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end == -1:
+                return "a /* comment is not closed"
+            i = end + 2
+        elif c == "$" and (m := _DOLLAR_TAG.match(text, i)) and not (i and (text[i - 1].isalnum() or text[i - 1] == "_")):
+            end = text.find(m.group(0), m.end())
+            if end == -1:
+                return f"the dollar quote {m.group(0)} is not closed"
+            i = end + len(m.group(0))
+        elif c == ";":
+            if text[i + 1:].strip():
+                return "it holds more than one statement (a `;` before the end); write one statement per action"
+            return None
+        else:
+            i += 1
+    return None
+
+
 def url_problem(url: str) -> str | None:
     """Why an http action's URL template cannot be used, or None (checked with the parameters' slots)."""
-    if "${" in url:
-        return None
+    # (No `${VAR}` is left here: in a URL one must have a default, and defaults are always filled in.)
     try:
         literal = "".join(text if name is None else "x" for text, name in template_parts(url))
     except TemplateError as exc:
@@ -449,6 +487,10 @@ def check_actions(config: Config, known_commands: tuple[str, ...]) -> None:
 
         plan_vars = variables - set(RUN_ONLY_VARS)
         plan = getattr(action, "plan", None)
+        for field, text in (("statement", getattr(action, "statement", None)), ("plan.query", plan.query if plan else None)):
+            problem = statements_problem(text) if text else None
+            if problem:
+                raise ValueError(f"{where}.{field}: {problem}")
         if isinstance(action, SqlAction):
             _database(config, f"{where}.database", action.database)
             refs("statement", [action.statement], variables)

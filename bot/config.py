@@ -539,11 +539,18 @@ def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str
         # Under `actions:` strings are templates ({name}); a variable's value is literal text there, so
         # its braces are doubled (a token with a `{` stays that token, it does not become a placeholder).
         literal = path.startswith("actions.")
+        # An http action's URL and body are on the card and in the audit trail: a `${VAR}` there is a
+        # location (with a default), never a secret; secrets go in `headers:`, which are never shown.
+        shown = literal and (path.endswith(".url") or ".body" in path)
 
         def repl(m: re.Match[str]) -> str:
             default = m.group(2)
             if default == "":
                 raise ConfigError(f"{path}: ${{{m.group(1)}:-}} has an empty default; give a value or drop the default")
+            if shown and default is None:
+                raise ConfigError(f"{path}: ${{{m.group(1)}}} has no default. The URL and the body are shown on the card and kept "
+                                  f"in the audit trail, so they may not carry secrets: put a secret in `headers:` (never shown); "
+                                  f"a base URL that differs per environment is written ${{{m.group(1)}:-http://default}}")
             if m.group(1) not in env and default is not None:
                 found = default
             elif m.group(1) not in env:

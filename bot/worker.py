@@ -50,7 +50,7 @@ from bot.approvals import Approvals, Enqueue
 from bot.audit import Audit
 from bot.domain import SYSTEM, OpsRequest, Outcome, Plan, Progress, RequestState
 from bot.errors import BackendUnavailable, ExecutionError, OpsbotError, OutcomeUnknown, UserError
-from bot.messages import thread_result
+from bot.messages import mrkdwn, thread_result
 from bot.metrics import Metrics
 from bot.notices import Notices
 from bot.ports import Context
@@ -179,7 +179,7 @@ class Executor:
             if old is not None:
                 text = f":heavy_check_mark: Auto-revert of `{old_id}` cancelled: `{request.id}` put it back already ({plan.summary})."
                 await self._record("revert_superseded", old, result={"message": text, "by": request.id})
-                await self.notices.thread(old, text)
+                await self.notices.thread(old, mrkdwn(text))
         if ended:
             note = (f" That ends {', '.join(f'`{i}`' for i in ended)} early: its auto-revert is cancelled, and none is "
                     "scheduled for this change.")
@@ -311,6 +311,8 @@ class ActionWorker:
 class Revertible(Protocol):
     """What a command with an automatic revert offers the worker (commands/actions/flag.py)."""
 
+    def target_key(self, params: dict[str, Any]) -> str: ...
+
     def revert_notice(self, plan: dict[str, Any], request_id: str, seconds_left: float) -> str: ...
 
     def revert_delayed_notice(self, plan: dict[str, Any], request_id: str, error: str) -> str: ...
@@ -360,7 +362,7 @@ class Reverts:
             return  # said when it is due (_revert)
         text = cmd.revert_notice(request.plan, request.id, seconds_left)
         await self.executor._record("revert_announced", request, result={"message": text})
-        await self.executor.notices.thread(request, text)
+        await self.executor.notices.thread(request, mrkdwn(text))
 
     async def _revert(self, row: dict[str, Any]) -> None:
         ex, worker = self.executor, self.executor.worker_id
@@ -370,6 +372,11 @@ class Reverts:
         if cmd is None:
             await self._failed(request, f"the action `{request.command}` is no longer in opsbot's config, so opsbot cannot put "
                                         f"it back; do it by hand (it was: {request.plan.get('summary', request.text)}).")
+            return
+        if cmd.target_key(dict(request.plan["params"])) != request.plan["target"]:  # the flag moved in the config
+            await self._failed(request, f"the action `{request.command}` now names another flag in opsbot's config than the "
+                                        "one this request set, so opsbot does not put it back (it would write where nobody "
+                                        f"approved); do it by hand (it was: {request.plan.get('summary', request.text)}).")
             return
         async with ex.store.target_lock(str(request.plan["target"]), wait=0) as locked:
             if not locked:  # a request on the same flag is running: after it, not interleaved with it
@@ -382,7 +389,7 @@ class Reverts:
                 await ex.store.revert_later(request.id, worker, str(exc), delay=self.retry_every, warned=True)
                 if row["warned_at"] is None:  # said once, not every try
                     await ex._record("revert_delayed", request, result={"error": str(exc)})
-                    await ex.notices.thread(request, cmd.revert_delayed_notice(request.plan, request.id, str(exc)))
+                    await ex.notices.thread(request, mrkdwn(cmd.revert_delayed_notice(request.plan, request.id, str(exc))))
                 return
             except Exception as exc:
                 if not isinstance(exc, ExecutionError):
@@ -407,4 +414,4 @@ class Reverts:
         """In the thread, and on the card (its result line), how the revert ended."""
         await self.executor.store.note_result(request.id, "Auto-revert: " + _EMOJI.sub("", text))
         self.executor.notices.card_changed()
-        await self.executor.notices.thread(request, text)
+        await self.executor.notices.thread(request, mrkdwn(text))  # it quotes the flag's values: platform text

@@ -172,7 +172,7 @@ class PlatformDbAdapter:
                 await conn.execute("SET TRANSACTION READ ONLY")
                 await _limits(conn, max(100, int(timeout * 1000) - 200))
                 cur = await conn.execute(q, bound)
-                return await cur.fetchmany(max_rows) if cur.description else []
+                return await cur.fetchmany(max_rows + 1) if cur.description else []  # one more: "more than max_rows"
 
         return await within(timeout, run(), backend=f"database `{database}`")
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from bot.action_config import FlagAction, render_text
 from bot.domain import Outcome, Plan
-from bot.errors import NotFound, Refused
+from bot.errors import NotFound, OutcomeUnknown, Refused
 from bot.ports import Context
 from bot.untrusted import non_ascii_hint
 from commands.actions.base import MAX_SHOWN, ActionCommand, AnyAction, shown_value
@@ -163,6 +163,10 @@ class FlagCommand(ActionCommand):
         subject, word, old = self.subject(plan.params), str(plan.params["value"]), self.word_of(current)
         if not await self.write(plan.params, ctx, value=wanted, expect=current):
             now = await self.read(plan.params, ctx)
+            if same(now, wanted):  # a client's retry of our own write finds it done, or someone set the same value
+                raise OutcomeUnknown(f"{subject} is {word} now, but opsbot cannot tell whether its own write did it (the "
+                                     "connection dropped and the write was retried) or someone else did; no auto-revert is "
+                                     "scheduled. Check it and set it back by hand if needed.")
             raise Refused(f"{subject} changed just before it was set (it was {old}, now {self.word_of(now)}); "
                           "nothing was overwritten.")
         message = f"{subject} set to {word} (was {old}) in {self.where(plan.params)}."

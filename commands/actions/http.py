@@ -11,9 +11,13 @@ the JSON body, the expected statuses and the timeout. With a ``plan:`` query its
 the plan's ``before``: a change before running makes the request stale, nothing is sent.
 
 Execute: the request is sent exactly once; opsbot never retries it. The ``Idempotency-Key`` header is
-``opsbot-<request id>``, so if a person retries after a crash or an unknown outcome, an API that honours
-the key does not act twice (pay twice). A status in ``expect`` is success; any other status fails and
-says so; no answer within the timeout is an unknown outcome (the API may have acted: a human looks).
+derived from the plan (``opsbot-`` + its fingerprint: the action's definition, the values, and the plan
+query's rows), not from the request id: a person who requests the same thing again after a crash or an
+unknown outcome, on a target that has not changed, sends the same key, so an API that honours it does not
+act twice (pay twice). Once the target changed (the payout's attempt count moved), the key is new. A
+status in ``expect`` is success; a 5xx is an unknown outcome (a gateway's 502/504 says nothing about
+whether the API behind it acted); any other status fails and says so; no answer within the timeout is
+an unknown outcome too (a human looks).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from urllib.parse import quote
 from bot.action_config import BUILTIN_VARS, HttpAction, placeholders, render_json, render_text, template_parts
 from bot.config import Config
 from bot.domain import Outcome, Plan
-from bot.errors import ExecutionError, Refused, UsageError
+from bot.errors import ExecutionError, OutcomeUnknown, Refused, UsageError
 from bot.messages import plural
 from bot.ports import Context, ProbeResponse
 from bot.redaction import scrub_text
@@ -45,8 +49,9 @@ NOT_IN_URL = ("/", "\\", "..", "%", "?", "#")
 HIDDEN = "(not shown)"
 
 
-def idempotency_key(request_id: str) -> str:
-    return f"opsbot-{request_id}"
+def idempotency_key(fingerprint: str) -> str:
+    """The same for the same plan: same action definition, values and plan rows (see the module docstring)."""
+    return f"opsbot-{fingerprint[:32]}"
 
 
 def url_value_problem(value: str) -> str | None:
@@ -54,6 +59,8 @@ def url_value_problem(value: str) -> str | None:
     if not value.isascii() or not value.isprintable():
         odd = next(c for c in value if not (c.isascii() and c.isprintable()))
         return f"holds {ascii(odd)[1:-1]} (not printable ASCII)"
+    if not value:
+        return "is empty, which would leave an empty path segment (`//`)"
     if value in (".", ".."):
         return f"is `{value}`, which names another path"
     for bad in NOT_IN_URL:
@@ -153,7 +160,8 @@ class HttpCommand(ActionCommand):
         if body is not None:
             details.append(f"JSON body: `{_shown(body.decode())}`")
         details.append(f"expects status {_statuses(spec.expect)} within {spec.timeout} s; sent once, never retried by "
-                       f"opsbot (a retry by a person is recognised by the {spec.idempotency_header})")
+                       f"opsbot; the {spec.idempotency_header} is the same for the same request on an unchanged target, so "
+                       "an API that honours it does not act twice")
         before: dict[str, Any] = {}
         if spec.plan is not None:
             rows = await plan_rows(ctx, spec.plan.database or "", spec.plan, params)
@@ -175,7 +183,7 @@ class HttpCommand(ActionCommand):
         spec: HttpAction = self.spec
         for name in spec.headers:
             yield f"{name} {HIDDEN}"
-        yield f"{spec.idempotency_header}: {idempotency_key('<request id>')}"
+        yield f"{spec.idempotency_header}: opsbot-<derived from this plan>"
         if spec.body is not None and not _has_header(spec, "Content-Type"):
             yield "Content-Type: application/json"
 
@@ -190,7 +198,7 @@ class HttpCommand(ActionCommand):
         if problem:
             raise ExecutionError(f"{problem}; nothing was sent.")
         headers = {name: render_text(template, values) for name, template in spec.headers.items()}
-        headers[spec.idempotency_header] = idempotency_key(str(ctx.request_id))
+        headers[spec.idempotency_header] = idempotency_key(plan.fingerprint)
         if body is not None and not _has_header(spec, "Content-Type"):
             headers["Content-Type"] = "application/json"
         answer = await ctx.http.send(spec.method, url, headers=headers, body=body, timeout=spec.timeout, max_bytes=MAX_RESPONSE)
@@ -205,6 +213,10 @@ class HttpCommand(ActionCommand):
         said = f"the admin API answered {_status(answer.status)} to {spec.method}: `{excerpt}`"
         if answer.error:  # the status came, the rest of the body did not
             said += f" ({answer.error})"
+        if answer.status not in spec.expect and answer.status >= 500:
+            raise OutcomeUnknown(f"{said}, not {_statuses(spec.expect)}. A 5xx does not say whether the API (or the one "
+                                 "behind its gateway) acted before failing: check the target before requesting again (the "
+                                 f"same request on an unchanged target sends the same {spec.idempotency_header}).")
         if answer.status not in spec.expect:
             why = " It refused the request as a conflict with the target's current state (409)." if answer.status == 409 else ""
             raise ExecutionError(f"{said}, not {_statuses(spec.expect)}.{why} opsbot changed nothing beyond that one call "

@@ -35,7 +35,7 @@ class QueueCommand(ActionCommand):
         details = [jobs.describe_job(queue.name, job)]
         observed: dict[str, Any] = {}
         if not set(placeholders(spec.job.job_id)) & set(RUN_ONLY_VARS):
-            state = await ctx.queues.job_state(queue, job["jobId"])
+            state = await jobs.state_of(ctx, spec.job, job["jobId"])
             if state in jobs.QUEUED:
                 raise Refused(f"job `{untrusted(job['jobId'], 120)}` is already in `{queue.name}` ({state}); nothing to do.")
             if state in jobs.FINISHED:

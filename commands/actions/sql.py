@@ -17,7 +17,7 @@ from uuid import UUID
 
 from bot.action_config import ROW_PREFIX, PlanQuery, RowCount, SqlAction, json_strings, placeholders
 from bot.domain import Outcome, Plan
-from bot.errors import ExecutionError, Refused
+from bot.errors import ExecutionError, OutcomeUnknown, Refused
 from bot.messages import plural
 from bot.ports import Context, Obj
 from commands.actions import jobs
@@ -66,6 +66,9 @@ def bound(values: dict[str, Any], names: list[str]) -> str:
 async def plan_rows(ctx: Context, database: str, query: PlanQuery, params: Params) -> list[Obj]:
     rows = await ctx.databases.action_rows(query.database or database, query.query, dict(params),
                                            max_rows=query.max_rows, timeout=PLAN_TIMEOUT)
+    if len(rows) > query.max_rows:  # rows nobody would see on the card, nor the stale check compare
+        raise Refused(f"the plan query found more than {query.max_rows} rows; a change to rows nobody sees is not asked "
+                      "for. Narrow the values (or raise the action's `plan.max_rows`, at most 100).")
     return [{str(k): plain(v) for k, v in row.items()} for row in rows]
 
 
@@ -117,8 +120,15 @@ class SqlCommand(ActionCommand):
             state = await jobs.add(ctx, spec.enqueue, job, replace_finished=True)
             added.append(f"job `{job['jobId']}` on `{ctx.config.queues[spec.enqueue.queue].name}` ({state})")
 
-        count, _ = await ctx.databases.run_statement(spec.database, spec.statement, values, rows=row_range(spec.expect_rows),
-                                                     timeout=spec.timeout, then=enqueue if spec.enqueue is not None else None)
+        try:
+            count, _ = await ctx.databases.run_statement(spec.database, spec.statement, values, rows=row_range(spec.expect_rows),
+                                                         timeout=spec.timeout, then=enqueue if spec.enqueue is not None else None)
+        except OutcomeUnknown as exc:  # say what is known about the other half
+            if added:
+                raise OutcomeUnknown(f"{exc} The job was queued: {added[0]}.") from exc
+            if spec.enqueue is not None and "while job" in str(exc):
+                raise OutcomeUnknown(f"{exc} The statement was rolled back: no row was changed.") from exc
+            raise
         message = f"{plural(count, 'row')} changed in database `{spec.database}`" + (f"; queued {added[0]}" if added else "") + "."
         return Outcome(ok=True, message=message, details={"rows": count, **({"job": added[0]} if added else {})})
 

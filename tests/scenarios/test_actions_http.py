@@ -19,6 +19,7 @@ import yaml
 
 from bot.cli import main as opsbot_main
 from bot.config import Config
+from bot.domain import OpsRequest
 from tests.actions_support import config_with_actions, example_with_actions
 from tests.admin_api import AdminApi
 from tests.conftest import ALICE, CAROL, DAN
@@ -81,8 +82,13 @@ def config(platform_db: str, redis_url: str, queue_prefix: str, admin: AdminApi)
 
 async def approved(bot: Harness, text: str, *states: str) -> str:
     """``text`` asked by Alice, approved by Carol; the request's id once it reached one of ``states``."""
+    before = await bot.last_request()
     await bot.slash(ALICE, text)
-    request = await bot.requested()
+
+    async def opened() -> OpsRequest | None:
+        r = await bot.last_request()
+        return r if r is not None and r.card_ts and (before is None or r.id != before.id) else None
+    request = await bot.eventually(opened, what="a new request")
     await bot.click(CAROL, request.id)
     done = await bot.state_of(request.id, *states, timeout=20)
     return done.id
@@ -121,7 +127,7 @@ async def test_retry_payout_sends_one_post_and_reports_the_answer(bot: Harness, 
     card = bot.slack.in_channel(Harness.INCIDENT)[-1].all_text()
     assert f"POST {admin.url}{PATH.format('TX%3A42%40mm%2B1', 'mtn')}" in card
     assert "Authorization (not shown)" in card and TOKEN not in card
-    assert "Idempotency-Key: opsbot-&lt;request id&gt;" in card
+    assert "Idempotency-Key: opsbot-&lt;derived from this plan&gt;" in card
     assert '"amount":5000' in card and '"batch":"8f2c1e4a-3b5d-4c6e-9f70-1a2b3c4d5e6f"' in card
     assert "expects status 200 or 202 within 2 s" in card
     assert admin.requests == []  # planning sends nothing
@@ -132,7 +138,7 @@ async def test_retry_payout_sends_one_post_and_reports_the_answer(bot: Harness, 
     [seen] = admin.requests
     assert seen.method == "POST"
     assert seen.raw_path == PATH.format("TX%3A42%40mm%2B1", "mtn")
-    assert seen.headers["idempotency-key"] == f"opsbot-{request.id}"
+    assert seen.headers["idempotency-key"] == f"opsbot-{request.plan['fingerprint'][:32]}"
     assert seen.headers["authorization"] == f"Bearer {TOKEN}"
     assert seen.headers["content-type"] == "application/json"
     assert seen.json() == {"transaction_id": "TX:42@mm+1", "channel": "mtn", "amount": 5000,
@@ -160,7 +166,7 @@ async def test_the_header_secret_is_scrubbed_even_when_the_api_echoes_it(bot: Ha
 
 @pytest.mark.parametrize(("status", "body", "words"), [
     (409, {"error": "payout TX42 is already being retried"}, "409 Conflict"),
-    (500, "upstream wallet provider timeout", "500 Internal Server Error"),
+    (422, "upstream wallet provider refused the amount", "422 Unprocessable"),
 ])
 async def test_an_unexpected_status_fails_with_the_excerpt(bot: Harness, admin: AdminApi, status: int, body: object,
                                                           words: str) -> None:
@@ -170,11 +176,29 @@ async def test_an_unexpected_status_fails_with_the_excerpt(bot: Harness, admin: 
     assert done is not None and done.state.value == "failed"
     assert len(admin.requests) == 1  # sent once, not retried
     error = done.error or ""
-    assert words in error and ("already being retried" if status == 409 else "wallet provider timeout") in error
+    assert words in error and ("already being retried" if status == 409 else "refused the amount") in error
     assert "opsbot changed nothing beyond that one call" in error
     if status == 409:
         assert "conflict" in error
     assert "Failed:" in thread_text(bot, (done.card_channel or "", done.card_ts or ""))
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_a_5xx_is_an_unknown_outcome_and_a_repeat_sends_the_same_key(bot: Harness, admin: AdminApi, status: int) -> None:
+    # A gateway's 502/504 says nothing about whether the API behind it paid: a human looks, and if they
+    # ask again on an unchanged target, the API sees the same Idempotency-Key and does not pay twice.
+    admin.answer(status, "upstream wallet provider timeout", content_type="text/plain")
+    first = await approved(bot, f"/ops retry payout TX42 mtn 10 {BATCH}", "succeeded", "failed", "unknown")
+    done = await bot.runtime.store.get(first)
+    assert done is not None and done.state.value == "unknown", done and done.error
+    assert "does not say whether the API" in (done.error or "") and "wallet provider timeout" in (done.error or "")
+    admin.answer(200, {"status": "already done"})
+    second = await approved(bot, f"/ops retry payout TX42 mtn 10 {BATCH}", "succeeded", "failed", "unknown")
+    assert second != first
+    keys = [r.headers["idempotency-key"] for r in admin.requests]
+    assert len(keys) == 2 and keys[0] == keys[1], "the same request on an unchanged target carries the same key"
+    third = await approved(bot, f"/ops retry payout TX42 mtn 11 {BATCH}", "succeeded", "failed", "unknown")
+    assert third not in (first, second) and admin.requests[-1].headers["idempotency-key"] != keys[0]  # another amount
 
 
 async def test_a_hanging_api_is_an_unknown_outcome_sent_once(bot: Harness, admin: AdminApi) -> None:

@@ -8,16 +8,20 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from bullmq import Queue, Worker
 
 from bot.config import Config
+from bot.sandbox.slack_api import FakeSlack
 from tests.actions_support import config_with_actions
 from tests.conftest import ALICE, CAROL, DAN
+from tests.faults.proxy import TcpProxy
 from tests.harness import Harness
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
@@ -169,3 +173,36 @@ async def test_a_node_worker_takes_the_job(bot: Harness, redis_url: str, queue_p
     assert json.loads(proc.stdout.strip().splitlines()[0]) == {
         "id": "invoice-4711", "name": "invoice.resend", "attemptsMade": 0,
         "data": {"invoiceId": 4711, "via": "email", "requestedBy": ALICE, "note": ""}}
+
+
+@pytest_asyncio.fixture
+async def slow_world(platform_db: str, redis_url: str, queue_prefix: str, slack: FakeSlack, state_db: str,
+                     kubeconfig: str) -> AsyncIterator[tuple[Harness, TcpProxy]]:
+    """The platform's Redis behind a proxy that can freeze (the bot's own Redis stays direct)."""
+    proxy, via = await TcpProxy.for_url(redis_url)
+    config = config_with_actions(platform_db, via, queue_prefix, ACTIONS)
+    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                              queue_prefix=queue_prefix)
+    yield bot, proxy
+    proxy.up()
+    await asyncio.wait_for(bot.stop(), timeout=60)
+    await proxy.stop()
+
+
+async def test_a_frozen_platform_redis_is_answered_in_time(slow_world: tuple[Harness, TcpProxy], queue: Queue) -> None:
+    bot, proxy = slow_world
+    proxy.pause()
+    started = time.monotonic()
+    await bot.slash(ALICE, "/ops invoice resend 77")
+    reply = await bot.response(containing="Redis for queue billing-webhooks", timeout=15)
+    assert "no answer within 3 s" in reply["text"] and time.monotonic() - started < 8
+    assert await bot.last_request() is None
+
+    proxy.up()
+    await bot.slash(ALICE, "/ops billing nudge")
+    request = await bot.requested()
+    proxy.pause()  # frozen while the job is being added: it may or may not be there
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "unknown", timeout=30)
+    assert done.state.value == "unknown", done.error
+    assert "may or may not be queued" in (done.error or "") and f"opsbot-{request.id}" in (done.error or "")

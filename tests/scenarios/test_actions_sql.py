@@ -323,3 +323,31 @@ async def test_an_action_removed_after_approval_was_asked_fails_and_says_why(bot
     assert done.state.value == "failed"
     assert "`retry-event` is no longer a command in opsbot's config" in (done.error or "")
     assert status(platform_db, FAILED_EVENT)[0] == "failed"
+
+
+@pytest_asyncio.fixture
+async def redis_proxied(platform_db: str, redis_url: str, queue_prefix: str, slack: FakeSlack, state_db: str,
+                        kubeconfig: str) -> AsyncIterator[DownWorld]:
+    proxy, via = await TcpProxy.for_url(redis_url)
+    with psycopg.connect(platform_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE counters (name text PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES ('retries', 0)")
+    config = config_with_actions(platform_db, via, queue_prefix, ACTIONS)
+    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                              queue_prefix=queue_prefix)
+    yield DownWorld(bot, proxy)
+    proxy.up()
+    await asyncio.wait_for(bot.stop(), timeout=60)
+    await proxy.stop()
+
+
+async def test_replay_as_sql_with_redis_frozen_is_unknown_and_says_the_row_was_rolled_back(redis_proxied: DownWorld,
+                                                                                            platform_db: str) -> None:
+    bot = redis_proxied.bot
+    await bot.slash(ALICE, f"/ops event replay {FAILED_EVENT}")
+    request = await bot.requested()
+    redis_proxied.proxy.pause()
+    await bot.click(CAROL, request.id)
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale", "unknown", timeout=30)
+    assert done.state.value == "unknown", done.error
+    assert "may or may not be queued" in (done.error or "") and "The statement was rolled back: no row was changed" in (done.error or "")
+    assert status(platform_db, FAILED_EVENT) == ("failed", "ECONNRESET talking to ledger")

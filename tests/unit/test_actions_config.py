@@ -288,3 +288,59 @@ def test_a_secret_with_braces_is_literal_text_in_an_action_and_still_scrubbed() 
     # Outside `actions:` a value is used as it is.
     assert parse_config(BASE.replace("postgresql://x@127.0.0.1:1/x", "${DB}"), env={"DB": "postgresql://{x}"}).databases["app"].url \
         == "postgresql://{x}"
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("UPDATE t SET a = 1 WHERE id = {id}", None),
+    ("UPDATE t SET a = 1 WHERE id = {id};  ", None),
+    ("UPDATE t SET note = 'a; b' WHERE id = {id}", None),
+    ("UPDATE t SET note = $x$a; b$x$ WHERE id = {id} -- a; comment", None),
+    ("SELECT 1 /* ; */ FROM t", None),
+    ("SELECT 1; COMMIT; UPDATE t SET a = 99", "more than one statement"),
+    ("UPDATE t SET a = 1; DELETE FROM t", "more than one statement"),
+    ("UPDATE t SET note = 'open", "quote is not closed"),
+])
+def test_a_template_is_one_statement(text: str, problem: str | None) -> None:
+    from bot.action_config import statements_problem
+
+    found = statements_problem(text)
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def test_a_second_statement_is_refused_when_the_config_loads() -> None:
+    # psycopg uses the simple protocol when nothing is bound: `SELECT 1; COMMIT; UPDATE …` would write
+    # from a "READ ONLY" plan query, before anyone approved.
+    bad = SQL.replace('query: "SELECT id, status FROM outbox WHERE id = {event_id}"', 'query: "SELECT 1; COMMIT; UPDATE outbox SET a = 99"')
+    with pytest.raises(ConfigError, match=r"plan\.query: it holds more than one statement"):
+        load(bad)
+
+
+def test_a_secret_may_not_be_in_an_http_actions_url_or_body() -> None:
+    url = HTTP.replace("https://admin.example/v1", "https://hooks.example/${HOOK_SECRET}")
+    with pytest.raises(ConfigError, match=r"url: \$\{HOOK_SECRET\} has no default.*put a secret in `headers:`"):
+        parse_config(BASE + url + RULE % "retry-payout", env={"HOOK_SECRET": "abc"})
+    body = HTTP + '    body: {token: "${HOOK_SECRET}"}\n'
+    with pytest.raises(ConfigError, match=r"body\.token: \$\{HOOK_SECRET\} has no default"):
+        parse_config(BASE + body + RULE % "retry-payout", env={"HOOK_SECRET": "abc"})
+    ok = HTTP.replace("https://admin.example", "${ADMIN_URL:-https://admin.example}")
+    assert parse_config(BASE + ok + RULE % "retry-payout", env={}).actions["retry-payout"].url.startswith("https://admin")  # type: ignore[union-attr]
+
+
+def test_url_checks_also_run_in_policy_check_without_the_variables() -> None:
+    host = HTTP.replace("https://admin.example/v1/payouts", "${ADMIN_URL:-https://admin.example}/v1/{transaction_id}.x/payouts")
+    assert parse_config(BASE + host + RULE % "retry-payout", env={}, missing_env=[]).actions  # a default is filled in
+    bad = HTTP.replace("https://admin.example/v1/payouts", "${ADMIN_URL:-https://admin.example}#x/payouts")
+    with pytest.raises(ConfigError, match="#fragment"):
+        parse_config(BASE + bad + RULE % "retry-payout", env={}, missing_env=[])
+
+
+def test_a_job_id_may_not_be_one_of_the_queues_own_keys() -> None:
+    from bot.action_config import QueueJob
+    from bot.errors import Refused
+    from commands.actions.jobs import render_job
+
+    job = QueueJob(queue="q", name="n", job_id="{ref}")
+    for reserved in ("marker", "meta", "Delayed", "pc", "events"):
+        with pytest.raises(Refused, match="queue's own key names"):
+            render_job(job, {"ref": reserved})
+    assert render_job(job, {"ref": "order-7"})["jobId"] == "order-7"

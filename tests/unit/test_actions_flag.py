@@ -210,3 +210,37 @@ async def test_redis_down_is_unavailable_not_unknown(redis_config: Config, redis
     finally:
         await pools.close()
         await proxy.stop()
+
+
+class RetriedWrite(RedisTargetAdapter):
+    """The real adapter, but every compare-and-set is sent twice, as a client retry after a dropped reply
+    does: the first one writes (its answer is lost), the retry finds the value changed and says 0."""
+
+    async def set_value_if(self, target: str, key: str, *, value: str | None, expect: str | None, budget: float) -> bool:
+        await super().set_value_if(target, key, value=value, expect=expect, budget=budget)
+        return await super().set_value_if(target, key, value=value, expect=expect, budget=budget)
+
+
+async def test_a_write_whose_answer_was_lost_is_an_unknown_outcome_not_a_stale_one(redis_config: Config, redis_url: str,
+                                                                                  queue_prefix: str) -> None:
+    from bot.domain import Plan
+    from bot.errors import OutcomeUnknown
+    from bot.ports import Context
+
+    spec = FlagAction.model_validate({"kind": "flag", "summary": "m", "redis": "cache", "key": f"{queue_prefix}:maint",
+                                      "values": {"off": "0", "on": "1"}, "revert_after": "30m"})
+    cmd = make_command("maint", spec)
+    pools = RedisPools()
+    direct = aioredis.from_url(redis_url, decode_responses=True)
+    try:
+        await direct.set(f"{queue_prefix}:maint", "0")
+        ctx = Context(config=redis_config, kube=None, databases=None, queues=None,  # type: ignore[arg-type]
+                      redis=RetriedWrite(redis_config, pools), http=None)  # type: ignore[arg-type]
+        plan: Plan = await cmd.plan({"value": "on"}, ctx)
+        with pytest.raises(OutcomeUnknown, match="cannot tell whether its own write did it"):
+            await cmd.execute(plan, ctx)
+        assert await direct.get(f"{queue_prefix}:maint") == "1"  # it was set: "nothing was overwritten" would be a lie
+    finally:
+        await direct.delete(f"{queue_prefix}:maint")
+        await direct.aclose()
+        await pools.close()

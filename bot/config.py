@@ -539,18 +539,19 @@ def _substitute(value: Any, path: str, env: Mapping[str, str], missing: list[str
         # Under `actions:` strings are templates ({name}); a variable's value is literal text there, so
         # its braces are doubled (a token with a `{` stays that token, it does not become a placeholder).
         literal = path.startswith("actions.")
-        # An http action's URL and body are on the card and in the audit trail: a `${VAR}` there is a
-        # location (with a default), never a secret; secrets go in `headers:`, which are never shown.
+        # An http action's URL and body are on the card and in the audit trail: a `${VAR}` there is the
+        # URL's base (at its start) or has a default, never a secret; secrets go in `headers:` (never shown).
         shown = literal and (path.endswith(".url") or ".body" in path)
 
         def repl(m: re.Match[str]) -> str:
             default = m.group(2)
             if default == "":
                 raise ConfigError(f"{path}: ${{{m.group(1)}:-}} has an empty default; give a value or drop the default")
-            if shown and default is None:
+            if shown and default is None and not (path.endswith(".url") and m.start() == 0):  # a base URL: a location
                 raise ConfigError(f"{path}: ${{{m.group(1)}}} has no default. The URL and the body are shown on the card and kept "
-                                  f"in the audit trail, so they may not carry secrets: put a secret in `headers:` (never shown); "
-                                  f"a base URL that differs per environment is written ${{{m.group(1)}:-http://default}}")
+                                  "in the audit trail, so they may not carry secrets: put a secret in `headers:` (never shown). "
+                                  "A variable may start the URL (its base, e.g. ${ADMIN_URL}/v1/…); elsewhere it needs a "
+                                  f"default: ${{{m.group(1)}:-value}}")
             if m.group(1) not in env and default is not None:
                 found = default
             elif m.group(1) not in env:

@@ -324,6 +324,8 @@ def test_a_secret_may_not_be_in_an_http_actions_url_or_body() -> None:
         parse_config(BASE + body + RULE % "retry-payout", env={"HOOK_SECRET": "abc"})
     ok = HTTP.replace("https://admin.example", "${ADMIN_URL:-https://admin.example}")
     assert parse_config(BASE + ok + RULE % "retry-payout", env={}).actions["retry-payout"].url.startswith("https://admin")  # type: ignore[union-attr]
+    base = HTTP.replace("https://admin.example", "${ADMIN_URL}")  # the base of the URL: a location
+    assert parse_config(BASE + base + RULE % "retry-payout", env={"ADMIN_URL": "https://a.example"}).actions
 
 
 def test_url_checks_also_run_in_policy_check_without_the_variables() -> None:

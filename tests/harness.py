@@ -10,6 +10,7 @@ platform database and Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import tempfile
 import time
@@ -45,6 +46,7 @@ class Harness:
         self._http: aiohttp.ClientSession | None = None
         self.verifier = SignatureVerifier(SIGNING_SECRET)
         self._responses_before = 0
+        self._last_before: str | None = None
 
     @classmethod
     async def start(cls, *, config: Config, slack: FakeSlack, database_url: str, redis_url: str, kubeconfig: str,
@@ -97,6 +99,10 @@ class Harness:
         if text.startswith("/ops"):
             text = text[len("/ops"):].strip()
         self._responses_before = len(self.slack.responses)  # response() reads only what answers this command
+        self._last_before = None  # requested() waits for a request newer than this one
+        with contextlib.suppress(Exception):  # (a test may have taken opsbot's database down on purpose)
+            last = await asyncio.wait_for(self.last_request(), timeout=2)
+            self._last_before = last.id if last is not None else None
         return await self.post_signed(slash_body(self.slack, user, text, channel=channel))
 
     async def click(self, user: str, request_id: str, decision: str = "approve", *, channel: str = INCIDENT,
@@ -128,10 +134,11 @@ class Harness:
         return await self.runtime.store.get(ids[-1]) if ids else None
 
     async def requested(self, *, timeout: float = 10.0) -> OpsRequest:
-        """The request the last slash command opened (waits for the card to be posted)."""
+        """The request the last slash command opened (waits for the card to be posted; a request that
+        was the last one before that command does not count)."""
         async def probe() -> OpsRequest | None:
             r = await self.last_request()
-            return r if r is not None and r.card_ts else None
+            return r if r is not None and r.card_ts and r.id != self._last_before else None
         return await self.eventually(probe, timeout=timeout, what="a request to be opened")
 
     async def state_of(self, request_id: str, *states: str, timeout: float = 15.0, followed: bool = True) -> OpsRequest:

@@ -250,6 +250,20 @@ class AuditLog:
             await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = %s",
                                (ts, seq))
 
+    async def mark_posted_many(self, seqs: list[int], ts: str) -> None:
+        """Rows posted together in one message (its ts)."""
+        async with self.store.connection() as conn:
+            await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)",
+                               (ts, seqs))
+
+    async def next_due_in(self) -> float:
+        """Seconds until the oldest unposted row may be tried (0 when it may now; 3600 when none waits)."""
+        async with self.store.connection() as conn:
+            row = await (await conn.execute(
+                """SELECT greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS s FROM audit_outbox
+                   WHERE posted_ts IS NULL AND NOT gave_up ORDER BY seq LIMIT 1""")).fetchone()
+        return float(row["s"]) if row else 3600.0
+
     async def mark_failed(self, seq: int, error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
         async with self.store.connection() as conn:
             await conn.execute(

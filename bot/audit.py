@@ -45,8 +45,9 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credenti
 # backlog; a message carries at most LINES_PER_MESSAGE audit lines and CHARS_PER_MESSAGE characters
 # (Slack truncates text past 40,000; a few thousand stay readable), a long line alone if need be.
 BATCH_ROWS = 500
-LINES_PER_MESSAGE = 20
-CHARS_PER_MESSAGE = 6000
+LINES_PER_MESSAGE = 60
+CHARS_PER_MESSAGE = 15_000
+HEADLINES_PER_MESSAGE = 20
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -233,39 +234,62 @@ class AuditPoster:
             if request_id and request_id not in requests:
                 requests[request_id] = await self.store.get(request_id)
             groups.setdefault(request_id if request_id and requests[request_id] is not None else None, []).append(row)
-        posted = 0
-        for request_id, group in groups.items():
+        threads: dict[str, str] = {}  # request id → its headline's ts
+        new: list[str] = []
+        for request_id in groups:
+            if request_id is not None:
+                thread = await self.audit.log.thread(request_id)
+                if thread is None:
+                    new.append(request_id)
+                else:
+                    threads[request_id] = str(thread["ts"])
+        for i in range(0, len(new), HEADLINES_PER_MESSAGE):
+            part = new[i:i + HEADLINES_PER_MESSAGE]
             try:
-                thread_ts = None if request_id is None else await self._thread_of(channel, requests[request_id], group)
-                for chunk in _chunks(group):
-                    try:
-                        ts = await deliver(self.chat, channel=channel, text="\n".join(audit_line(r) for r in chunk),
-                                           thread_ts=thread_ts, needle=chunk[0]["hash"], uncertain=chunk[0]["uncertain"])
-                    except OpsbotError as exc:
-                        for r in chunk:
-                            await self._failed(r, exc)
-                        return posted, True
-                    await self.audit.log.mark_posted_many([int(r["seq"]) for r in chunk], ts)
-                    posted += len(chunk)
-            except OpsbotError as exc:  # the headline could not be posted: its first row waits
-                await self._failed(group[0], exc)
-                return posted, True
+                ts = await self._headline(channel, [(requests[r], groups[r]) for r in part])
+            except OpsbotError as exc:  # not posted: the first row of each of its requests waits
+                for request_id in part:
+                    await self._failed(groups[request_id][0], exc)
+                return 0, True
+            threads.update(dict.fromkeys(part, ts))
+        # Requests sharing a headline share its thread: their rows go out together, request by request.
+        by_thread: dict[str | None, list[dict[str, Any]]] = {}
+        for request_id, group in groups.items():
+            by_thread.setdefault(None if request_id is None else threads[request_id], []).extend(group)
+        posted = 0
+        for thread_ts, group in by_thread.items():
+            for chunk in _chunks(group):
+                try:
+                    ts = await deliver(self.chat, channel=channel, text="\n".join(audit_line(r) for r in chunk),
+                                       thread_ts=thread_ts, needle=chunk[0]["hash"], uncertain=chunk[0]["uncertain"])
+                except OpsbotError as exc:
+                    for r in chunk:
+                        await self._failed(r, exc)
+                    return posted, True
+                await self.audit.log.mark_posted_many([int(r["seq"]) for r in chunk], ts)
+                posted += len(chunk)
         return posted, False
 
-    async def _thread_of(self, channel: str, request: OpsRequest | None, group: list[dict[str, Any]]) -> str:
-        """The ts of the request's headline, posted first if it has none yet (showing the group's
-        last row, so the headline needs no update for the rows posted with it)."""
-        assert request is not None
-        thread = await self.audit.log.thread(request.id)
-        if thread is not None:
-            return str(thread["ts"])
-        last = group[-1]
-        headline = audit_headline(request, last, await self._card_link(request))
-        ts = await deliver(self.chat, channel=channel, text=headline, thread_ts=None, needle=f"`{request.id}`",
-                           uncertain=group[0]["uncertain"])
-        await self.audit.log.save_thread(request.id, channel, ts, await self.permalinks.get(channel, ts))
-        await self.audit.log.headline_shown(request.id, int(last["seq"]))
-        await self.store.touch_card(request.id)  # the approval card now links to its audit record
+    async def _headline(self, channel: str, new: list[tuple[OpsRequest | None, list[dict[str, Any]]]]) -> str:
+        """Post the headline of requests that have none yet; returns its ts. One request gets a
+        message of its own; several new in one backlog share one (each with its own headline
+        lines, so every approval card still links to its record): Slack's pace per channel, not
+        opsbot, decides how fast a backlog drains. Each shows its group's last row, so it needs no
+        update for the rows posted with it."""
+        parts = []
+        for request, group in new:
+            assert request is not None
+            parts.append(audit_headline(request, group[-1], await self._card_link(request)))
+        first = new[0][0]
+        assert first is not None
+        ts = await deliver(self.chat, channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
+                           uncertain=any(g[0]["uncertain"] for _, g in new))
+        link = await self.permalinks.get(channel, ts)
+        for request, group in new:
+            assert request is not None
+            await self.audit.log.save_thread(request.id, channel, ts, link)
+            await self.audit.log.headline_shown(request.id, int(group[-1]["seq"]))
+            await self.store.touch_card(request.id)  # the approval card now links to its audit record
         return ts
 
     async def _failed(self, row: dict[str, Any], exc: OpsbotError) -> None:
@@ -291,19 +315,28 @@ class AuditPoster:
 
     async def _headlines(self, channel: str) -> None:
         """Each request's headline follows its last posted row (state, last hash). A failed update
-        is simply tried again next round: the headline is behind, never lost."""
-        for stale in await self.audit.log.stale_headlines():
-            request = await self.store.get(stale["request_id"])
-            last = await self.audit.log.row(stale["seq"])
-            if request is None or last is None:
+        is simply tried again next round: the headline is behind, never lost. A message that is the
+        headline of several requests is drawn again whole, each request as it is now."""
+        messages: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for behind in await self.audit.log.stale_headlines():
+            messages.setdefault((str(behind["channel"]), str(behind["ts"])), []).append(behind)
+        for (message_channel, ts), stale in messages.items():
+            members = await self.audit.log.thread_members(message_channel, ts)
+            parts = []
+            for member in members:
+                request = await self.store.get(member["request_id"])
+                last = await self.audit.log.row(member["seq"]) if member["seq"] else None
+                if request is not None and last is not None:
+                    parts.append(audit_headline(request, last, await self._card_link(request)))
+            if not parts:
                 continue
             try:
-                await self.chat.update_message(channel_id=stale["channel"], ts=stale["ts"],
-                                               text=audit_headline(request, last, await self._card_link(request)))
+                await self.chat.update_message(channel_id=message_channel, ts=ts, text="\n\n".join(parts))
             except OpsbotError as exc:
-                log.warning("audit headline of %s not updated yet: %s", stale["request_id"], exc)
+                log.warning("audit headline of %s not updated yet: %s", ", ".join(item["request_id"] for item in stale), exc)
                 return
-            await self.audit.log.headline_shown(stale["request_id"], stale["seq"])
+            for item in stale:
+                await self.audit.log.headline_shown(item["request_id"], item["seq"])
 
     async def _loop(self) -> None:
         while True:

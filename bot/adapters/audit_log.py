@@ -280,6 +280,17 @@ class AuditLog:
                                        WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL) last
                    WHERE last.seq > t.headline_seq LIMIT 50""")).fetchall()
 
+    async def thread_members(self, channel: str, ts: str) -> list[dict[str, Any]]:
+        """The requests whose headline is the message ``ts`` (several when a backlog shared one), in
+        the order they were posted, each with the row its headline is to show."""
+        async with self.store.connection() as conn:
+            return await (await conn.execute(
+                """SELECT t.request_id, greatest(t.headline_seq, (SELECT max(o.seq) FROM audit_outbox o
+                       WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL)) AS seq
+                   FROM audit_threads t WHERE t.channel = %s AND t.ts = %s
+                   ORDER BY (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id), t.request_id""",
+                (channel, ts))).fetchall()
+
     async def headline_shown(self, request_id: str, seq: int) -> None:
         async with self.store.connection() as conn:
             await conn.execute("UPDATE audit_threads SET headline_seq = greatest(headline_seq, %s) WHERE request_id = %s",

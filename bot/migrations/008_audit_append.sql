@@ -63,3 +63,7 @@ BEGIN
 END $$;
 
 GRANT EXECUTE ON FUNCTION audit_append(text, text, text, text, text, text, jsonb, jsonb, bytea, bytea, boolean, text) TO PUBLIC;
+
+-- The audit poster: under a backlog several requests share one headline message (Slack posts about
+-- one message per second per channel); redrawing it finds its requests by the message.
+CREATE INDEX audit_threads_message ON audit_threads (channel, ts);

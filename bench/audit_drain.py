@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -138,6 +139,8 @@ async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int)
     elapsed = time.perf_counter() - started
     assert poster._task is not None
     poster._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poster._task
     left = await log.unposted()
     async with store.connection() as conn:
         done = await (await conn.execute(

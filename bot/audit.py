@@ -43,11 +43,12 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credenti
 # A backlog goes out in few messages. Slack lets an app post about one message per second per
 # channel (short bursts allowed, then 429 with Retry-After), so rows per message is what drains a
 # backlog; a message carries at most LINES_PER_MESSAGE audit lines and CHARS_PER_MESSAGE characters
-# (Slack truncates text past 40,000; a few thousand stay readable), a long line alone if need be.
-BATCH_ROWS = 500
-LINES_PER_MESSAGE = 60
-CHARS_PER_MESSAGE = 15_000
-HEADLINES_PER_MESSAGE = 20
+# (Slack truncates text past 40,000), a long line alone if need be; a headline message is shared
+# by at most HEADLINES_PER_MESSAGE requests new in the same backlog.
+BATCH_ROWS = 1000
+LINES_PER_MESSAGE = 120
+CHARS_PER_MESSAGE = 30_000
+HEADLINES_PER_MESSAGE = 25
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

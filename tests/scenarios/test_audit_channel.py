@@ -223,3 +223,40 @@ async def _uncertain(bot: Harness) -> bool:
     async with bot.runtime.store.connection() as conn:
         row = await (await conn.execute("SELECT bool_or(uncertain) AS u FROM audit_outbox")).fetchone()
     return bool(row and row["u"])
+
+
+async def test_a_backlog_drains_in_few_messages_at_slacks_pace(bot: Harness, state_db: str, platform_db: str,
+                                                               redis_url: str) -> None:
+    # A backlog builds up while the poster is held off (another replica's lock): two requests and
+    # three attempts that never became one.
+    async with bot.runtime.audit.log.store.target_lock(f"audit-outbox-{0x0A0D18}", wait=10) as held:
+        assert held
+        await bot.slash(ALICE, "/ops scale worker 5")
+        first = await bot.requested()
+        await bot.slash(ALICE, "/ops scale api 4")
+        await bot.eventually(lambda: _events_at_least(bot, 2), what="audit rows")
+        second = await bot.requested()
+        for text in ("/ops scale wrkr 3", "/ops scale", "/ops rollback api"):
+            await bot.slash(MALLORY, text)
+        await bot.eventually(lambda: _events_at_least(bot, 5), what="audit rows")
+        requests = [first, second]
+        assert first.id != second.id and hashes_in_channel(bot) == []
+        # Slack at its pace: past one message per 2 s in a channel it answers 429 with Retry-After.
+        bot.slack.channel_rate = {"chat.postMessage": (0.5, 1), "chat.update": (0.5, 1)}
+    bot.runtime.audit.appended.set()
+    await bot.eventually(lambda: all_posted(bot), what="the backlog to drain", timeout=40)
+    rows = await bot.runtime.audit.log.rows()
+    posted = hashes_in_channel(bot)
+    assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
+    assert bot.slack.throttled >= 1, "Slack said to wait at least once"
+    audit_posts = [a for a in bot.slack.calls_to("chat.postMessage") if a["channel"] == "C0AUDIT"]
+    assert len(audit_posts) - bot.slack.throttled <= 3 < len(rows)  # lines of their own, one shared headline, its thread
+    shared = [m for m in bot.slack.in_channel("C0AUDIT") if all(f"`{r.id}`" in m.text for r in requests)]
+    assert len(shared) == 1 and shared[0].text.count("last record `#") == 2
+    # Each approval card links to its record; the links were built, not asked for one by one.
+    for r in requests:
+        again = await bot.runtime.store.get(r.id)
+        assert again is not None and again.audit_permalink and again.audit_permalink.endswith(shared[0].ts.replace(".", ""))
+    assert len([a for a in bot.slack.calls_to("chat.getPermalink") if a["channel"] == "C0AUDIT"]) <= 1
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout

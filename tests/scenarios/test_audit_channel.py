@@ -260,3 +260,26 @@ async def test_a_backlog_drains_in_few_messages_at_slacks_pace(bot: Harness, sta
     assert len([a for a in bot.slack.calls_to("chat.getPermalink") if a["channel"] == "C0AUDIT"]) <= 1
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
     assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout
+
+
+async def test_permalinks_are_learned_once_and_built_after() -> None:
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.audit import Permalinks
+    from bot.sandbox.slack_api import FakeSlack
+    from bot.slack.chat import SlackChat
+
+    slack = await FakeSlack().start()
+    try:
+        slack.permalink_base = "https://acme.slack.com"
+        links = Permalinks(SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url)))
+        slack.fail_methods["chat.getPermalink"] = "channel_not_found"
+        assert await links.get("C1", "1700000001.000100") is None  # not remembered: asked again next time
+        slack.fail_methods.clear()
+        got = [await links.get(c, ts) for c, ts in (("C1", "1700000001.000100"), ("C2", "1700000002.000200"),
+                                                      ("C1", "1700000003.000300"))]
+        assert got == ["https://acme.slack.com/archives/C1/p1700000001000100", "https://acme.slack.com/archives/C2/p1700000002000200",
+                       "https://acme.slack.com/archives/C1/p1700000003000300"]
+        assert len(slack.calls_to("chat.getPermalink")) == 2  # the failed one, then one that taught the workspace URL
+    finally:
+        await slack.stop()

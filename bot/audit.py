@@ -40,6 +40,60 @@ log = logging.getLogger(__name__)
 
 _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credential")
 
+# A backlog goes out in few messages. Slack lets an app post about one message per second per
+# channel (short bursts allowed, then 429 with Retry-After), so rows per message is what drains a
+# backlog; a message carries at most LINES_PER_MESSAGE audit lines and CHARS_PER_MESSAGE characters
+# (Slack truncates text past 40,000), a long line alone if need be; a headline message is shared
+# by at most HEADLINES_PER_MESSAGE requests new in the same backlog.
+BATCH_ROWS = 1000
+LINES_PER_MESSAGE = 120
+CHARS_PER_MESSAGE = 30_000
+HEADLINES_PER_MESSAGE = 25
+
+
+def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    chunks: list[list[dict[str, Any]]] = []
+    size = 0
+    for row in rows:
+        n = len(audit_line(row)) + 1
+        if not chunks or len(chunks[-1]) >= LINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += n
+    return chunks
+
+
+class Permalinks:
+    """Message links without a chat.getPermalink per message. A workspace's links are
+    ``<workspace URL>/archives/<channel>/p<ts without the dot>``; the first answer that has that
+    form teaches the workspace URL, and links are built from it from then on. Until then (or if
+    Slack's answer has another form, e.g. on an Enterprise Grid) each link is asked for once and
+    remembered."""
+
+    def __init__(self, chat: Chat, *, remember: int = 10_000) -> None:
+        self.chat, self.remember = chat, remember
+        self.base: str | None = None
+        self._known: dict[tuple[str, str], str] = {}
+
+    @staticmethod
+    def _path(channel: str, ts: str) -> str:
+        return f"/archives/{channel}/p{ts.replace('.', '')}"
+
+    async def get(self, channel: str, ts: str) -> str | None:
+        if self.base is not None:
+            return self.base + self._path(channel, ts)
+        if (channel, ts) in self._known:
+            return self._known[(channel, ts)]
+        link = await self.chat.permalink(channel_id=channel, ts=ts)
+        if link is None:
+            return None  # not remembered: a link is a convenience, asked again next time
+        if "." in ts and link.endswith(self._path(channel, ts)) and link.startswith("https://"):
+            self.base = link[: -len(self._path(channel, ts))]
+        elif len(self._known) < self.remember:
+            self._known[(channel, ts)] = link
+        return link
+
 
 def secret_values(values: Iterable[str | None]) -> tuple[str, ...]:
     """The strings to scrub: each secret, and the password inside each URL."""
@@ -127,6 +181,8 @@ class AuditPoster:
     def __init__(self, *, audit: Audit, store: Store, chat: Chat, metrics: Metrics | None = None, interval: float = 2.0) -> None:
         self.audit, self.store, self.chat, self.metrics, self.interval = audit, store, chat, metrics, interval
         self._task: asyncio.Task[None] | None = None
+        self.permalinks = Permalinks(chat)
+        self._held_back = False  # a post failed: new rows do not wake the loop before the retry time
 
     @property
     def channel(self) -> str | None:
@@ -134,7 +190,12 @@ class AuditPoster:
 
     async def run_once(self) -> int:
         """Post what is due; returns how many rows were posted. Stops at the first row that fails
-        or is not due yet, so that the channel never shows rows out of order."""
+        or is not due yet, so that the channel never shows rows out of order.
+
+        A backlog goes out in few messages: the due rows of one request's thread become one reply
+        (several audit lines, each exactly as ``audit_line`` writes it, which is what `opsbot audit
+        verify --against-channel` reads line by line), and so do the rows that are lines of their
+        own. A row whose last post is uncertain is delivered alone, looked for first by its hash."""
         try:
             await self.audit.drain_spool()
         except BackendUnavailable:
@@ -147,19 +208,93 @@ class AuditPoster:
         async with await self.audit.log.poster_lock() as mine:
             if not mine:  # another replica is posting
                 return 0
-            for row in await self.audit.log.due_posts():
+            due: list[dict[str, Any]] = []
+            for row in await self.audit.log.due_posts(BATCH_ROWS):
                 if not row["due"]:
                     break
-                try:
-                    await self._post(self.channel, row)
-                except OpsbotError as exc:
-                    await self._failed(row, exc)
+                due.append(row)
+            while due:
+                if due[0]["uncertain"]:
+                    batch, due = due[:1], due[1:]
+                else:  # up to the next uncertain row
+                    cut = next((i for i, r in enumerate(due) if r["uncertain"]), len(due))
+                    batch, due = due[:cut], due[cut:]
+                done, failed = await self._post_batch(self.channel, batch)
+                posted += done
+                if failed:
                     break
-                posted += 1
             await self._headlines(self.channel)
         return posted
 
+    async def _post_batch(self, channel: str, rows: list[dict[str, Any]]) -> tuple[int, bool]:
+        """Post ``rows`` (seq order) grouped by where they go; (rows posted, whether one failed)."""
+        groups: dict[str | None, list[dict[str, Any]]] = {}  # a thread's request id, or None: lines of their own
+        requests: dict[str, OpsRequest | None] = {}
+        for row in rows:
+            request_id = row["request_id"]
+            if request_id and request_id not in requests:
+                requests[request_id] = await self.store.get(request_id)
+            groups.setdefault(request_id if request_id and requests[request_id] is not None else None, []).append(row)
+        threads: dict[str, str] = {}  # request id → its headline's ts
+        new: list[str] = []
+        for request_id in groups:
+            if request_id is not None:
+                thread = await self.audit.log.thread(request_id)
+                if thread is None:
+                    new.append(request_id)
+                else:
+                    threads[request_id] = str(thread["ts"])
+        for i in range(0, len(new), HEADLINES_PER_MESSAGE):
+            part = new[i:i + HEADLINES_PER_MESSAGE]
+            try:
+                ts = await self._headline(channel, [(requests[r], groups[r]) for r in part])
+            except OpsbotError as exc:  # not posted: the first row of each of its requests waits
+                for request_id in part:
+                    await self._failed(groups[request_id][0], exc)
+                return 0, True
+            threads.update(dict.fromkeys(part, ts))
+        # Requests sharing a headline share its thread: their rows go out together, request by request.
+        by_thread: dict[str | None, list[dict[str, Any]]] = {}
+        for request_id, group in groups.items():
+            by_thread.setdefault(None if request_id is None else threads[request_id], []).extend(group)
+        posted = 0
+        for thread_ts, group in by_thread.items():
+            for chunk in _chunks(group):
+                try:
+                    ts = await deliver(self.chat, channel=channel, text="\n".join(audit_line(r) for r in chunk),
+                                       thread_ts=thread_ts, needle=chunk[0]["hash"], uncertain=chunk[0]["uncertain"])
+                except OpsbotError as exc:
+                    for r in chunk:
+                        await self._failed(r, exc)
+                    return posted, True
+                await self.audit.log.mark_posted_many([int(r["seq"]) for r in chunk], ts)
+                posted += len(chunk)
+        return posted, False
+
+    async def _headline(self, channel: str, new: list[tuple[OpsRequest | None, list[dict[str, Any]]]]) -> str:
+        """Post the headline of requests that have none yet; returns its ts. One request gets a
+        message of its own; several new in one backlog share one (each with its own headline
+        lines, so every approval card still links to its record): Slack's pace per channel, not
+        opsbot, decides how fast a backlog drains. Each shows its group's last row, so it needs no
+        update for the rows posted with it."""
+        parts = []
+        for request, group in new:
+            assert request is not None
+            parts.append(audit_headline(request, group[-1], await self._card_link(request)))
+        first = new[0][0]
+        assert first is not None
+        ts = await deliver(self.chat, channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
+                           uncertain=any(g[0]["uncertain"] for _, g in new))
+        link = await self.permalinks.get(channel, ts)
+        for request, group in new:
+            assert request is not None
+            await self.audit.log.save_thread(request.id, channel, ts, link)
+            await self.audit.log.headline_shown(request.id, int(group[-1]["seq"]))
+            await self.store.touch_card(request.id)  # the approval card now links to its audit record
+        return ts
+
     async def _failed(self, row: dict[str, Any], exc: OpsbotError) -> None:
+        self._held_back = True
         attempts = int(row["attempts"]) + 1
         uncertain = bool(row["uncertain"]) or isinstance(exc, DeliveryUncertain)
         give_up = permanent(exc) or (uncertain and attempts >= MAX_UNCERTAIN)
@@ -174,53 +309,35 @@ class AuditPoster:
         await self.audit.log.mark_failed(row["seq"], str(exc), uncertain=uncertain, delay=retry_delay(attempts, exc),
                                          give_up=give_up)
 
-    async def _post(self, channel: str, row: dict[str, Any]) -> None:
-        request_id = row["request_id"]
-        if not request_id:
-            ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=None, needle=row["hash"],
-                               uncertain=row["uncertain"])
-            await self.audit.log.mark_posted(row["seq"], ts)
-            return
-        request = await self.store.get(request_id)
-        thread = await self.audit.log.thread(request_id)
-        if thread is None:
-            if request is None:  # a refused click naming a request that does not exist is posted as a line of its own
-                ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=None, needle=row["hash"],
-                                   uncertain=row["uncertain"])
-                await self.audit.log.mark_posted(row["seq"], ts)
-                return
-            card_link = await self._card_link(request)
-            headline = audit_headline(request, row, card_link)
-            ts = await deliver(self.chat, channel=channel, text=headline, thread_ts=None, needle=f"`{request_id}`",
-                               uncertain=row["uncertain"])
-            await self.audit.log.save_thread(request_id, channel, ts, await self.chat.permalink(channel_id=channel, ts=ts))
-            thread = await self.audit.log.thread(request_id)
-            assert thread is not None
-            await self.store.touch_card(request_id)  # the approval card now links to its audit record
-        ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=thread["ts"], needle=row["hash"],
-                           uncertain=row["uncertain"])
-        await self.audit.log.mark_posted(row["seq"], ts)
-
     async def _card_link(self, request: OpsRequest | None) -> str | None:
         if request and request.card_channel and request.card_ts:
-            return await self.chat.permalink(channel_id=request.card_channel, ts=request.card_ts)
+            return await self.permalinks.get(request.card_channel, request.card_ts)
         return None
 
     async def _headlines(self, channel: str) -> None:
         """Each request's headline follows its last posted row (state, last hash). A failed update
-        is simply tried again next round: the headline is behind, never lost."""
-        for stale in await self.audit.log.stale_headlines():
-            request = await self.store.get(stale["request_id"])
-            last = await self.audit.log.row(stale["seq"])
-            if request is None or last is None:
+        is simply tried again next round: the headline is behind, never lost. A message that is the
+        headline of several requests is drawn again whole, each request as it is now."""
+        messages: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for behind in await self.audit.log.stale_headlines():
+            messages.setdefault((str(behind["channel"]), str(behind["ts"])), []).append(behind)
+        for (message_channel, ts), stale in messages.items():
+            members = await self.audit.log.thread_members(message_channel, ts)
+            parts = []
+            for member in members:
+                request = await self.store.get(member["request_id"])
+                last = await self.audit.log.row(member["seq"]) if member["seq"] else None
+                if request is not None and last is not None:
+                    parts.append(audit_headline(request, last, await self._card_link(request)))
+            if not parts:
                 continue
             try:
-                await self.chat.update_message(channel_id=stale["channel"], ts=stale["ts"],
-                                               text=audit_headline(request, last, await self._card_link(request)))
+                await self.chat.update_message(channel_id=message_channel, ts=ts, text="\n\n".join(parts))
             except OpsbotError as exc:
-                log.warning("audit headline of %s not updated yet: %s", stale["request_id"], exc)
+                log.warning("audit headline of %s not updated yet: %s", ", ".join(item["request_id"] for item in stale), exc)
                 return
-            await self.audit.log.headline_shown(stale["request_id"], stale["seq"])
+            for item in stale:
+                await self.audit.log.headline_shown(item["request_id"], item["seq"])
 
     async def _loop(self) -> None:
         while True:
@@ -231,9 +348,19 @@ class AuditPoster:
                 log.warning("audit poster: %s; will try again", exc)
             except Exception:
                 log.exception("audit poster failed; will try again")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.audit.appended.wait(), timeout=self.interval)
-            self.audit.appended.clear()
+            # Rows not due yet (Slack said to wait, or a retry's backoff) are waited for, not polled:
+            # each new row wakes the loop, but while Slack said to wait it only waits on.
+            wait = self.interval
+            with contextlib.suppress(Exception):
+                wait = min(wait, max(0.05, await self.audit.log.next_due_in()))
+            pause_until = time.monotonic() + wait
+            while (left := pause_until - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.audit.appended.wait(), timeout=left)
+                self.audit.appended.clear()
+                if not self._held_back:
+                    break
+            self._held_back = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

@@ -13,7 +13,8 @@ and ``canonical_json`` is JSON with sorted keys, ``","``/``":"`` separators, no 
 The first row's ``prev_hash`` is 64 zeros (or, after ``prune``, the last pruned row's hash, kept in
 ``audit_checkpoints``). Anyone can recompute it from an export with ``sha256sum`` and ``jq -cS``.
 
-Appends take a transaction-scoped advisory lock, read the last row and insert the next: two bot
+Appends take a transaction-scoped advisory lock, read the last row and insert the next, all in one
+server-side call (``audit_append``, migration 008, one round trip): two bot
 replicas appending at once still produce one chain with no gaps. The table refuses UPDATE, DELETE
 and TRUNCATE with a trigger, and the bot's own role is granted only SELECT and INSERT on it.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +34,8 @@ from psycopg.types.json import Jsonb
 
 from bot.adapters.store import Store
 from bot.domain import canonical_json
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 _AUDIT_LOCK = 0x0A0D17  # advisory lock: audit appends
@@ -54,6 +58,27 @@ def audit_record(row: dict[str, Any]) -> dict[str, Any]:
 
 def audit_hash(prev_hash: str, record: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical_json(record)).encode()).hexdigest()
+
+
+def _hash_parts(record: dict[str, Any]) -> tuple[str, str]:
+    """``canonical_json`` of a record without ``at`` and ``seq``, cut where those two go:
+    ``canonical_json(record) == head + canonical_json(at) + mid + str(seq) + "}"``. Keys sort so
+    that ``at`` is the third and ``seq`` the last; each value is encoded on its own exactly as
+    json.dumps encodes it inside the object (same separators, same options)."""
+    def item(key: str) -> str:
+        return canonical_json(key) + ":" + canonical_json(record.get(key))
+
+    keys = sorted(FIELDS)
+    at, seq = keys.index("at"), keys.index("seq")
+    assert at < seq == len(keys) - 1, "the SQL side appends seq last"
+    head = "{" + "".join(item(k) + "," for k in keys[:at]) + '"at":'
+    mid = "," + "".join(item(k) + "," for k in keys[at + 1:seq]) + '"seq":'
+    return head, mid
+
+
+def _joined_hash(prev_hash: str, head: str, mid: str, row: dict[str, Any]) -> str:
+    text = head + canonical_json(_iso(row["at"])) + mid + str(int(row["seq"])) + "}"
+    return hashlib.sha256((prev_hash + text).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,32 +138,28 @@ class AuditLog:
                      unless_spooled_id: str | None = None) -> dict[str, Any]:
         """Append one row (and, when ``post``, its outbox entry) in one transaction. With
         ``unless_spooled_id``, nothing is appended (and ``{}`` returned) if a row with that spool id
-        is already in the trail."""
-        async with self.store.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_AUDIT_LOCK,))
-            if unless_spooled_id and await (await conn.execute(
-                    "SELECT 1 FROM audit_events WHERE result ? 'spooled' AND result->'spooled'->>'id' = %s",
-                    (unless_spooled_id,))).fetchone():
-                return {}
-            last = await (await conn.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")).fetchone()
-            if last is None:
-                cp = await (await conn.execute("SELECT upto_seq, last_hash FROM audit_checkpoints ORDER BY upto_seq DESC LIMIT 1"))\
-                    .fetchone()
-                seq, prev = ((cp["upto_seq"] + 1, cp["last_hash"]) if cp else (1, GENESIS))
-            else:
-                seq, prev = last["seq"] + 1, last["hash"]
-            row = {"seq": seq, "at": datetime.now(UTC), "event": event, "actor_id": actor_id, "actor_name": actor_name,
-                   "channel_id": channel_id, "request_id": request_id, "command_text": command_text, "plan": plan, "result": result}
-            digest = audit_hash(prev, audit_record(row))
-            await conn.execute(
-                """INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text,
-                       plan, result, prev_hash, hash) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (seq, row["at"], event, actor_id, actor_name, channel_id, request_id, command_text,
-                 Jsonb(plan) if plan is not None else None, Jsonb(result) if result is not None else None, prev, digest),
-            )
-            if post:
-                await conn.execute("INSERT INTO audit_outbox (seq, request_id) VALUES (%s, %s)", (seq, request_id))
-        return {**row, "prev_hash": prev, "hash": digest}
+        is already in the trail.
+
+        One statement, one round trip (``audit_append``, migration 008): the chain's lock is held
+        only while the server reads the head, hashes and inserts, never while Python works."""
+        row: dict[str, Any] = {"event": event, "actor_id": actor_id, "actor_name": actor_name, "channel_id": channel_id,
+                               "request_id": request_id, "command_text": command_text, "plan": plan, "result": result}
+        head, mid = _hash_parts(row)
+        async with self.store.connection() as conn:
+            got = await (await conn.execute(
+                "SELECT o_seq, o_at, o_prev_hash, o_hash FROM audit_append(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (event, actor_id, actor_name, channel_id, request_id, command_text,
+                 Jsonb(plan) if plan is not None else None, Jsonb(result) if result is not None else None,
+                 head.encode(), mid.encode(), post, unless_spooled_id or None))).fetchone()
+        if got is None:
+            return {}
+        row = {"seq": got["o_seq"], "at": got["o_at"], **row, "prev_hash": got["o_prev_hash"], "hash": got["o_hash"]}
+        # A tripwire, not a second opinion: the server hashed the bytes Python gave it (plus ASCII);
+        # if Python's own hash ever differed, verify would report this row, so say so now, loudly.
+        if _joined_hash(row["prev_hash"], head, mid, row) != row["hash"]:
+            log.error("audit row %s: PostgreSQL's hash %s differs from Python's; `opsbot audit verify` will report it",
+                      row["seq"], row["hash"])
+        return row
 
     async def append_once(self, **entry: Any) -> bool:
         """Append a spooled entry unless it is already in the trail; True if it was appended."""
@@ -229,6 +250,20 @@ class AuditLog:
             await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = %s",
                                (ts, seq))
 
+    async def mark_posted_many(self, seqs: list[int], ts: str) -> None:
+        """Rows posted together in one message (its ts)."""
+        async with self.store.connection() as conn:
+            await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)",
+                               (ts, seqs))
+
+    async def next_due_in(self) -> float:
+        """Seconds until the oldest unposted row may be tried (0 when it may now; 3600 when none waits)."""
+        async with self.store.connection() as conn:
+            row = await (await conn.execute(
+                """SELECT greatest(0, extract(epoch FROM next_attempt_at - now()))::float8 AS s FROM audit_outbox
+                   WHERE posted_ts IS NULL AND NOT gave_up ORDER BY seq LIMIT 1""")).fetchone()
+        return float(row["s"]) if row else 3600.0
+
     async def mark_failed(self, seq: int, error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
         async with self.store.connection() as conn:
             await conn.execute(
@@ -244,6 +279,17 @@ class AuditLog:
                    CROSS JOIN LATERAL (SELECT max(o.seq) AS seq FROM audit_outbox o
                                        WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL) last
                    WHERE last.seq > t.headline_seq LIMIT 50""")).fetchall()
+
+    async def thread_members(self, channel: str, ts: str) -> list[dict[str, Any]]:
+        """The requests whose headline is the message ``ts`` (several when a backlog shared one), in
+        the order they were posted, each with the row its headline is to show."""
+        async with self.store.connection() as conn:
+            return await (await conn.execute(
+                """SELECT t.request_id, greatest(t.headline_seq, (SELECT max(o.seq) FROM audit_outbox o
+                       WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL)) AS seq
+                   FROM audit_threads t WHERE t.channel = %s AND t.ts = %s
+                   ORDER BY (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id), t.request_id""",
+                (channel, ts))).fetchall()
 
     async def headline_shown(self, request_id: str, seq: int) -> None:
         async with self.store.connection() as conn:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -74,6 +75,12 @@ class FakeSlack:
         self.slow_methods: dict[str, float] = {}  # method → seconds: the call is handled, but the answer comes late
         self.down = False  # refuse connections' worth: every call gets HTTP 503
         self.rate_limited: dict[str, int] = {}  # method → Retry-After seconds: the call gets HTTP 429, as Slack answers
+        # method → (messages per second, burst), per channel, as Slack limits chat.postMessage (about 1/s
+        # sustained per channel, short bursts allowed): past it, HTTP 429 with the Retry-After that
+        # Slack would send (whole seconds until the next message is allowed).
+        self.channel_rate: dict[str, tuple[float, int]] = {}
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (method, channel) → (tokens, when)
+        self.throttled = 0  # calls answered 429 by channel_rate
         self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
@@ -270,6 +277,10 @@ class FakeSlack:
         if request.headers.get("Authorization", "") != f"Bearer {self.token}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
         self.calls.append((method, args))
+        retry = self._over_rate(method, str(args.get("channel", "")))
+        if retry:
+            self.throttled += 1
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry)})
         if method in self.rate_limited:
             self._notify()
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
@@ -282,6 +293,20 @@ class FakeSlack:
         if method in self.slow_methods:
             await asyncio.sleep(self.slow_methods[method])
         return web.json_response(result)
+
+    def _over_rate(self, method: str, channel: str) -> int:
+        """0 when the call may go through (a token bucket per method and channel), else Retry-After."""
+        if method not in self.channel_rate:
+            return 0
+        rate, burst = self.channel_rate[method]
+        now = time.monotonic()
+        tokens, when = self._buckets.get((method, channel), (float(burst), now))
+        tokens = min(float(burst), tokens + (now - when) * rate)
+        if tokens >= 1:
+            self._buckets[(method, channel)] = (tokens - 1, now)
+            return 0
+        self._buckets[(method, channel)] = (tokens, now)
+        return max(1, math.ceil((1 - tokens) / rate))
 
     def _handle(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         if method == "auth.test":

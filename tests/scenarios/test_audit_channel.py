@@ -48,7 +48,10 @@ async def test_outbox_catches_up_after_an_outage_without_duplicates(bot: Harness
     posted = hashes_in_channel(bot)
     assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
     heads = [m for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text]
-    assert len(heads) == 1 and len(bot.slack.thread("C0AUDIT", heads[0].ts)) == len(rows)
+    # The backlog goes out batched: one reply may carry several rows, one audit line each.
+    thread = bot.slack.thread("C0AUDIT", heads[0].ts)
+    assert len(heads) == 1 and sum(len(m.text.splitlines()) for m in thread) == len(rows)
+    assert len(thread) < len(rows), "the rows kept during the outage went out together"
 
 
 async def test_a_post_whose_answer_was_lost_is_not_posted_again(bot: Harness) -> None:
@@ -70,7 +73,8 @@ async def test_invalid_and_denied_attempts_are_one_line_each(bot: Harness) -> No
     await bot.slash(MALLORY, "/ops rollback api")
     await bot.eventually(lambda: _events_at_least(bot, 2), what="audit rows")
     await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
-    lines = [m.text for m in bot.slack.in_channel("C0AUDIT")]
+    # One line each (two rows due at once may share one message, a line each).
+    lines = [line for m in bot.slack.in_channel("C0AUDIT") for line in m.text.splitlines()]
     assert len(lines) == 2
     assert "*invalid command* by <@U0ALICE> in <#C0INCIDENT>: `/ops scale wrkr 3`" in lines[0]
     assert "unknown deployment `wrkr`" in lines[0]
@@ -219,3 +223,63 @@ async def _uncertain(bot: Harness) -> bool:
     async with bot.runtime.store.connection() as conn:
         row = await (await conn.execute("SELECT bool_or(uncertain) AS u FROM audit_outbox")).fetchone()
     return bool(row and row["u"])
+
+
+async def test_a_backlog_drains_in_few_messages_at_slacks_pace(bot: Harness, state_db: str, platform_db: str,
+                                                               redis_url: str) -> None:
+    # A backlog builds up while the poster is held off (another replica's lock): two requests and
+    # three attempts that never became one.
+    async with bot.runtime.audit.log.store.target_lock(f"audit-outbox-{0x0A0D18}", wait=10) as held:
+        assert held
+        await bot.slash(ALICE, "/ops scale worker 5")
+        first = await bot.requested()
+        await bot.slash(ALICE, "/ops scale api 4")
+        await bot.eventually(lambda: _events_at_least(bot, 2), what="audit rows")
+        second = await bot.requested()
+        for text in ("/ops scale wrkr 3", "/ops scale", "/ops rollback api"):
+            await bot.slash(MALLORY, text)
+        await bot.eventually(lambda: _events_at_least(bot, 5), what="audit rows")
+        requests = [first, second]
+        assert first.id != second.id and hashes_in_channel(bot) == []
+        # Slack at its pace: past one message per 2 s in a channel it answers 429 with Retry-After.
+        bot.slack.channel_rate = {"chat.postMessage": (0.5, 1), "chat.update": (0.5, 1)}
+    bot.runtime.audit.appended.set()
+    await bot.eventually(lambda: all_posted(bot), what="the backlog to drain", timeout=40)
+    rows = await bot.runtime.audit.log.rows()
+    posted = hashes_in_channel(bot)
+    assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
+    assert bot.slack.throttled >= 1, "Slack said to wait at least once"
+    audit_posts = [a for a in bot.slack.calls_to("chat.postMessage") if a["channel"] == "C0AUDIT"]
+    assert len(audit_posts) - bot.slack.throttled <= 3 < len(rows)  # lines of their own, one shared headline, its thread
+    shared = [m for m in bot.slack.in_channel("C0AUDIT") if all(f"`{r.id}`" in m.text for r in requests)]
+    assert len(shared) == 1 and shared[0].text.count("last record `#") == 2
+    # Each approval card links to its record; the links were built, not asked for one by one.
+    for r in requests:
+        again = await bot.runtime.store.get(r.id)
+        assert again is not None and again.audit_permalink and again.audit_permalink.endswith(shared[0].ts.replace(".", ""))
+    assert len([a for a in bot.slack.calls_to("chat.getPermalink") if a["channel"] == "C0AUDIT"]) <= 1
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout
+
+
+async def test_permalinks_are_learned_once_and_built_after() -> None:
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.audit import Permalinks
+    from bot.sandbox.slack_api import FakeSlack
+    from bot.slack.chat import SlackChat
+
+    slack = await FakeSlack().start()
+    try:
+        slack.permalink_base = "https://acme.slack.com"
+        links = Permalinks(SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url)))
+        slack.fail_methods["chat.getPermalink"] = "channel_not_found"
+        assert await links.get("C1", "1700000001.000100") is None  # not remembered: asked again next time
+        slack.fail_methods.clear()
+        got = [await links.get(c, ts) for c, ts in (("C1", "1700000001.000100"), ("C2", "1700000002.000200"),
+                                                      ("C1", "1700000003.000300"))]
+        assert got == ["https://acme.slack.com/archives/C1/p1700000001000100", "https://acme.slack.com/archives/C2/p1700000002000200",
+                       "https://acme.slack.com/archives/C1/p1700000003000300"]
+        assert len(slack.calls_to("chat.getPermalink")) == 2  # the failed one, then one that taught the workspace URL
+    finally:
+        await slack.stop()

@@ -1,0 +1,201 @@
+"""How fast the audit channel catches up with a backlog, against a rate-limited fake Slack (issue 13,
+item 2).
+
+Reported: the poster drained ~20 rows/s, and each mutating command cost 7 Slack calls (3
+chat.postMessage, 2 chat.getPermalink, 2 chat.update), so a burst of commands left the audit channel
+minutes behind. This fills one PostgreSQL with a backlog of ``--requests`` requests of ``--rows``
+audit rows each (their approval cards posted, so headlines link to them), then lets a poster drain
+it for at most ``--seconds`` against the fake Slack with Slack's per-channel pace for
+chat.postMessage (``--rate`` messages/s sustained, bursts of ``--burst``, 429 with Retry-After past
+it) and chat.update (the same), through the real SlackChat and AsyncWebClient:
+
+* ``before``: the poster as it was (one message per row, a getPermalink per headline and per
+  card link, a headline update after each row), copied below;
+* ``after``: ``bot.audit.AuditPoster``.
+
+    .venv/bin/python bench/audit_drain.py                          # 200 requests × 5 rows, 30 s each, ~1.5 min
+    .venv/bin/python bench/audit_drain.py --requests 20 --seconds 10   # smoke run
+    .venv/bin/python bench/audit_drain.py --rate 0                 # no rate limit: the poster's own speed
+
+Prints one JSON object per poster, then a table: rows and whole requests drained per second, Slack
+calls per request by method, 429s received. Both posters run in the same invocation; compare them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from slack_sdk.web.async_client import AsyncWebClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bot.adapters.audit_log import AuditLog  # noqa: E402
+from bot.adapters.store import Store  # noqa: E402
+from bot.audit import Audit, AuditPoster  # noqa: E402
+from bot.domain import Actor, OpsRequest, RequestState, UserId  # noqa: E402
+from bot.errors import OpsbotError  # noqa: E402
+from bot.messages import audit_headline, audit_line  # noqa: E402
+from bot.notices import deliver  # noqa: E402
+from bot.sandbox.servers import postgres_server  # noqa: E402
+from bot.sandbox.slack_api import FakeSlack  # noqa: E402
+from bot.slack.chat import SlackChat  # noqa: E402
+
+CHANNEL, INCIDENT = "C0AUDIT", "C0INCIDENT"
+EVENTS = ("requested", "approved", "started", "succeeded", "followed", "revert_scheduled", "reverted")
+
+
+class LegacyAuditPoster(AuditPoster):
+    """The poster before issue 13: one message per row, links asked for every time."""
+
+    async def run_once(self) -> int:
+        if not self.channel:
+            return 0
+        posted = 0
+        async with await self.audit.log.poster_lock() as mine:
+            if not mine:
+                return 0
+            for row in await self.audit.log.due_posts():
+                if not row["due"]:
+                    break
+                try:
+                    await self._post(self.channel, row)
+                except OpsbotError as exc:
+                    await self._failed(row, exc)
+                    break
+                posted += 1
+            await self._headlines(self.channel)
+        return posted
+
+    async def _post(self, channel: str, row: dict[str, Any]) -> None:
+        request_id = row["request_id"]
+        request = await self.store.get(request_id)
+        thread = await self.audit.log.thread(request_id)
+        if thread is None:
+            assert request is not None
+            headline = audit_headline(request, row, await self._card_link(request))
+            ts = await deliver(self.chat, channel=channel, text=headline, thread_ts=None, needle=f"`{request_id}`",
+                               uncertain=row["uncertain"])
+            await self.audit.log.save_thread(request_id, channel, ts, await self.chat.permalink(channel_id=channel, ts=ts))
+            thread = await self.audit.log.thread(request_id)
+            assert thread is not None
+            await self.store.touch_card(request_id)
+        ts = await deliver(self.chat, channel=channel, text=audit_line(row), thread_ts=thread["ts"], needle=row["hash"],
+                           uncertain=row["uncertain"])
+        await self.audit.log.mark_posted(row["seq"], ts)
+
+    async def _card_link(self, request: OpsRequest | None) -> str | None:
+        if request and request.card_channel and request.card_ts:
+            return await self.chat.permalink(channel_id=request.card_channel, ts=request.card_ts)
+        return None
+
+
+async def fill(url: str, requests: int, rows: int) -> None:
+    store = Store(url, max_size=4)
+    await store.open()
+    log = AuditLog(store)
+    ids = [f"r-{uuid.uuid4().hex[:8]}" for _ in range(requests)]
+    for i, request_id in enumerate(ids):
+        plan = {"command": "scale", "target": f"deployment/nova/svc-{i}", "target_label": f"svc-{i}", "environment": "production",
+                "summary": f"svc-{i}: 3 → 4 replicas", "fingerprint": f"fp-{i}", "params": {}}
+        await store.create_request(id=request_id, command="scale", text=f"scale svc-{i} 4", requester=Actor(UserId("U0ALICE"), "alice"),
+                                   channel_id=INCIDENT, plan=plan, reason="incident", state=RequestState.SUCCEEDED,
+                                   approvals_required=1, approver_roles=("sre",), rule=None, expires_in=3600)
+        await store.set_card(request_id, INCIDENT, f"{1600000000 + i}.000100")
+    for step in range(rows):  # interleaved, as a burst of commands writes them
+        for i, request_id in enumerate(ids):
+            await log.append(event=EVENTS[step % len(EVENTS)], actor_id="U0CAROL" if step == 1 else "opsbot", actor_name="",
+                             channel_id=INCIDENT, request_id=request_id, command_text=f"scale svc-{i} 4",
+                             plan={"summary": f"svc-{i}: 3 → 4 replicas", "environment": "production"},
+                             result={"message": "scaled"} if step >= 3 else None)
+    await store.close()
+
+
+async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int) -> dict[str, Any]:
+    slack = await FakeSlack().start()
+    if rate > 0:
+        slack.channel_rate = {"chat.postMessage": (rate, burst), "chat.update": (rate, burst)}
+    store = Store(url, max_size=4)
+    await store.open()
+    log = AuditLog(store)
+    total = await log.unposted()
+    chat = SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url))
+    audit = Audit(log, audit_channel=CHANNEL)
+    poster = (LegacyAuditPoster if kind == "before" else AuditPoster)(audit=audit, store=store, chat=chat)
+    started = time.perf_counter()
+    poster.start()
+    while time.perf_counter() - started < seconds and await log.unposted():
+        await asyncio.sleep(0.2)
+    elapsed = time.perf_counter() - started
+    assert poster._task is not None
+    poster._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poster._task
+    left = await log.unposted()
+    async with store.connection() as conn:
+        done = await (await conn.execute(
+            """SELECT count(DISTINCT request_id) AS n FROM audit_outbox o WHERE NOT EXISTS
+                   (SELECT 1 FROM audit_outbox u WHERE u.request_id = o.request_id AND u.posted_ts IS NULL)""")).fetchone()
+    await store.close()
+    await slack.stop()
+    calls = Counter(m for m, _ in slack.calls)
+    drained_requests = int(done["n"]) if done else 0
+    per = max(1, drained_requests)
+    return {"poster": kind, "backlog_rows": total, "seconds": round(elapsed, 2), "rows_posted": total - left,
+            "rows_per_s": round((total - left) / elapsed, 1), "requests_drained": drained_requests,
+            "requests_per_s": round(drained_requests / elapsed, 2), "http_429": slack.throttled,
+            "calls_per_request": {m: round(n / per, 2) for m, n in sorted(calls.items())}}
+
+
+def fresh(admin: str, template: str) -> str:
+    name = "drain_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
+    return admin.rpartition("/")[0] + "/" + name
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rows", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=1.0, help="chat.postMessage/chat.update per second per channel; 0: no limit")
+    ap.add_argument("--burst", type=int, default=3)
+    args = ap.parse_args()
+    with postgres_server(env_var=None) as admin:
+        template = "drain_template"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {template}")
+        url = admin.rpartition("/")[0] + "/" + template
+        store = Store(url, max_size=1)
+        await store.open()
+        await store.migrate()
+        await store.close()
+        await fill(url, args.requests, args.rows)
+        results = []
+        for kind in ("before", "after"):
+            r = await drain(fresh(admin, template), kind, seconds=args.seconds, rate=args.rate, burst=args.burst)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    limit = f"{args.rate:g} msg/s per channel, bursts of {args.burst}" if args.rate > 0 else "no rate limit"
+    print(f"\naudit channel drain: backlog of {args.requests} requests × {args.rows} rows, fake Slack at {limit}, "
+          f"at most {args.seconds:g} s each")
+    print(f"{'poster':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5}  Slack calls per drained request")
+    for r in results:
+        calls = ", ".join(f"{m.removeprefix('chat.')} {n}" for m, n in r["calls_per_request"].items())
+        print(f"{r['poster']:<8} {r['rows_per_s']:>7.1f} {r['requests_per_s']:>6.2f} {r['requests_drained']:>8} "
+              f"{r['http_429']:>5}  {calls}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

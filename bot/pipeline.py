@@ -8,12 +8,20 @@ Order of the checks, cheapest and least revealing first: who you are (roles, use
 where you are (channel allowlist) before anything is read from a target; then the plan; then the
 full decision (frozen environments, conditions, approvals, break-glass); then the limits (rate,
 open requests) just before a request is opened, so that refused attempts do not use up a quota.
+
+How much work one process takes on after the ack is bounded (``Admission``): past the bound a
+command is answered at once, honestly, that opsbot is busy, and the attempt is audited (``busy``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,7 +32,7 @@ from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, Busy, CardNotPosted, DuplicateDelivery, ExecutionError, OpsbotError, PolicyDenied, UserError
-from bot.messages import code, mrkdwn, plural, user_ref
+from bot.messages import busy_text, code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -59,11 +67,77 @@ def _chunks(text: str, size: int) -> list[str]:
     return out
 
 
+# How many `/ops` commands one process works on at once after their ack. Sized from the
+# PostgreSQL pool (bot/adapters/store.py, 10 connections, 10 s wait): an admitted command checks a
+# connection out ~8 times (the limits, the request row, its audit row, the card), ~1–3 ms each, so
+# with 100 in flight a checkout waits for at most ~100 others, a few tens of ms: far below the pool's
+# 10 s wait, which is then only ever reached when the database stopped answering, never because of
+# a burst. Redis (32 connections, one round trip at a time) is further from its bound. The bound
+# is also the latency under overload: on 2 shared cores one process opens ~60–150 requests/s, so
+# 100 in flight wait at most ~1–2 s each, instead of the unbounded queue that grew to tens of
+# seconds and ended in false "unavailable" pool timeouts (issue 13). Clicks are not counted: an
+# approver's Approve must not be refused because requesters are typing; there are few of them.
+MAX_IN_FLIGHT = 10 * 10
+# Busy refusals are audited after they are answered, at most this many appends at a time, so that
+# refusing does not compete with the work admitted for the database (the rest wait in memory).
+BUSY_RECORDERS = 2
+
+
+@dataclass(frozen=True)
+class Load:
+    """What ``Admission`` saw when it refused a command."""
+
+    in_flight: int
+    limit: int
+    retry_after: int  # seconds, estimated from how fast commands finished lately
+
+
+class Admission:
+    """The bound on commands in flight in one process (each replica has its own). ``enter``
+    admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``."""
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT, *, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if limit < 1:
+            raise ValueError("the admission limit is at least 1")
+        self.limit, self.window, self.clock = limit, window, clock
+        self.in_flight = 0
+        self._finished: collections.deque[float] = collections.deque()  # when admitted commands finished, last ``window`` s
+
+    def enter(self) -> Load | None:
+        if self.in_flight >= self.limit:
+            return Load(in_flight=self.in_flight, limit=self.limit, retry_after=self.retry_after())
+        self.in_flight += 1
+        return None
+
+    def leave(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        now = self.clock()
+        self._finished.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._finished and self._finished[0] < now - self.window:
+            self._finished.popleft()
+
+    def retry_after(self) -> int:
+        """Seconds until the commands in flight now are likely done (at the rate they finished over
+        the last ``window`` seconds); 1 to 60."""
+        self._trim(self.clock())
+        rate = len(self._finished) / self.window
+        if rate <= 0:
+            return 5  # nothing finished lately: no estimate, so a modest wait
+        return max(1, min(60, math.ceil(self.in_flight / rate)))
+
+
 class Pipeline:
     def __init__(self, *, config: Config, ctx: Context, chat: Chat, audit: Audit, approvals: Approvals, metrics: Metrics,
-                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 admission: Admission | None = None) -> None:
         self.config, self.ctx, self.chat, self.audit, self.approvals, self.metrics = config, ctx, chat, audit, approvals, metrics
         self.limiter, self.clock = limiter, clock
+        self.admission = admission or Admission()
+        self._busy_recorders = asyncio.Semaphore(BUSY_RECORDERS)
+        metrics.in_flight.set_function(lambda: self.admission.in_flight)
 
     def parse(self, req: CommandRequest) -> Invocation:
         """Pure and fast: the edge calls it before the ack to answer usage errors at once."""
@@ -117,12 +191,28 @@ class Pipeline:
                                   result={"why": "backend_unavailable", "backend": error.backend, "error": str(error),
                                           "request_id_given": given[:64]})
 
+    async def refuse_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
+        """A command past the admission bound: answered at once, then audited (``busy``, with the
+        attempt's text; not posted to the audit channel, which would add Slack calls to an
+        overload; counted in ``opsbot_busy_total``)."""
+        self.metrics.busy.labels("admission").inc()
+        self.metrics.requests.labels(inv.command, "busy").inc()
+        await self._reply(req, busy_text(load.in_flight, load.retry_after))
+        async with self._busy_recorders:
+            note = await self._record("busy", req, text=inv.text, post=False,
+                                      result={"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
+                                              "retry_after": load.retry_after})
+        if note:
+            log.warning("busy refusal of %r by %s: %s", inv.text[:200], req.actor.user_id, note.strip())
+
     async def handle(self, req: CommandRequest, inv: Invocation) -> None:
         try:
             await self._handle(req, inv)
-        except Busy as exc:
+        except Busy as exc:  # a pool stayed exhausted for its whole wait (the backend is up): busy, not down
+            self.metrics.busy.labels(exc.backend).inc()
             self.metrics.requests.labels(inv.command, "busy").inc()
-            note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend, "busy": True})
+            note = await self._record("busy", req, text=inv.text, post=False,
+                                      result={"why": "pool", "error": str(exc), "backend": exc.backend})
             await self._reply(req, f":hourglass: {exc}. Nothing was changed; try again in a moment.{note}")
         except BackendUnavailable as exc:
             self.metrics.requests.labels(inv.command, "backend_unavailable").inc()
@@ -228,7 +318,7 @@ class Pipeline:
     async def _over_limits(self, req: CommandRequest, inv: Invocation, decision: Decision) -> tuple[str, str] | None:
         limits = self.config.limits
         cap = min(limits.max_open_requests_per_user, decision.max_open_per_user or limits.max_open_requests_per_user)
-        open_ids = await self.approvals.store.open_requests_of(req.actor.user_id)
+        open_ids = await self.approvals.store.open_requests_of(req.actor.user_id, limit=cap)
         if len(open_ids) >= cap:
             return (f"you already have {plural(len(open_ids), 'open request')} ({', '.join(f'`{i}`' for i in open_ids)}); "
                     f"the limit is {cap}. "

@@ -120,9 +120,18 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
             await pipeline.record_invalid(req, UserError("internal error while reading the command"))
             return
         await ack()
-        await _telling_if_slow(pipeline.handle(req, inv),
-                               lambda: approvals.chat.respond(response_url=req.response_url, channel_id=req.channel_id,
-                                                              user_id=req.actor.user_id, text=SLOW_COMMAND))
+        # Admission: past the bound the command is answered at once that opsbot is busy (and
+        # audited) rather than queued behind work that cannot finish in time (bot/pipeline.py).
+        load = pipeline.admission.enter()
+        if load is not None:
+            await pipeline.refuse_busy(req, inv, load)
+            return
+        try:
+            await _telling_if_slow(pipeline.handle(req, inv),
+                                   lambda: approvals.chat.respond(response_url=req.response_url, channel_id=req.channel_id,
+                                                                  user_id=req.actor.user_id, text=SLOW_COMMAND))
+        finally:
+            pipeline.admission.leave()
 
     @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

@@ -206,10 +206,15 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                                                    "WHERE card_ts IS NOT NULL AND delivery_id IS NOT NULL")).fetchall()
                     return {r["delivery_id"]: r["card_ts"] for r in rows}
 
+                async def audited() -> int:  # requested or busy rows of this run's commands (the warm-up's are reads)
+                    row = await (await db.execute("SELECT count(*) AS n FROM audit_events WHERE event IN ('requested', 'busy')"
+                                                  )).fetchone()
+                    return int(row["n"]) if row else 0
+
                 while True:
                     got = await cards()
                     done = {k for k in keys if k in got or k in slack.answered_at}
-                    if len(done) >= len(keys) or time.monotonic() > deadline:
+                    if (len(done) >= len(keys) and await audited() >= len(keys)) or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.5)
                 audit = await (await db.execute("SELECT event, count(*) AS n FROM audit_events GROUP BY event")).fetchall()
@@ -269,6 +274,10 @@ def row(r: dict[str, Any]) -> str:
     return " ".join(f"{'-' if r[k] is None else r[k]!s:>{w}}" for k, _, w in COLUMNS)
 
 
+def _trees(spec: str) -> list[tuple[str, Path]]:
+    return [(c.split("=", 1)[0], Path(c.split("=", 1)[1]).resolve()) for c in spec.split(",")]
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="50,150,300", help="commands per second, comma-separated")
@@ -280,7 +289,7 @@ async def main() -> int:
     ap.add_argument("--code", default=f"this={ROOT}", help="label=path of opsbot trees to compare, comma-separated")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
-    trees = [(c.split("=", 1)[0], Path(os.path.abspath(c.split("=", 1)[1]))) for c in args.code.split(",")]
+    trees = _trees(args.code)
     users = [f"U0LOAD{i:04d}" for i in range(args.users)]
     slack = await TimedSlack().start()
     slack.usergroups = {"S0ONCALL": users}

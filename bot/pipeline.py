@@ -78,6 +78,10 @@ def _chunks(text: str, size: int) -> list[str]:
 # seconds and ended in false "unavailable" pool timeouts (issue 13). Clicks are not counted: an
 # approver's Approve must not be refused because requesters are typing; there are few of them.
 MAX_IN_FLIGHT = 10 * 10
+# ...and at most what it finishes in this many seconds (see ``Admission``): the "still working"
+# notice (bot/slack/app.py) comes after 2 s, so a command admitted is normally answered before it.
+MAX_WAIT = 1.5
+ADMISSION_FLOOR = 10
 # Busy refusals are audited after they are answered, at most this many appends at a time, so that
 # refusing does not compete with the work admitted for the database (the rest wait in memory).
 BUSY_RECORDERS = 2
@@ -94,18 +98,34 @@ class Load:
 
 class Admission:
     """The bound on commands in flight in one process (each replica has its own). ``enter``
-    admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``."""
+    admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``.
 
-    def __init__(self, limit: int = MAX_IN_FLIGHT, *, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    Two limits: ``limit`` commands at most (sized from the pools, above), and, once the process
+    has a measure of its own speed, no more than it finishes in ``max_wait`` seconds at the rate it
+    finished them over the last ``window`` seconds (never fewer than ``floor``): on a machine
+    whose cores are taken by something else, a command admitted is still answered within about
+    ``max_wait`` s, and the rest hear at once that opsbot is busy instead of waiting longer."""
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT, *, max_wait: float | None = MAX_WAIT, floor: int = ADMISSION_FLOOR,
+                 window: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         if limit < 1:
             raise ValueError("the admission limit is at least 1")
-        self.limit, self.window, self.clock = limit, window, clock
+        self.limit, self.max_wait, self.floor, self.window, self.clock = limit, max_wait, min(floor, limit), window, clock
         self.in_flight = 0
+        self._started = clock()
         self._finished: collections.deque[float] = collections.deque()  # when admitted commands finished, last ``window`` s
 
+    def bound(self) -> int:
+        """How many may be in flight now."""
+        rate = self._rate()
+        if self.max_wait is None or rate is None:
+            return self.limit
+        return max(self.floor, min(self.limit, math.floor(rate * self.max_wait)))
+
     def enter(self) -> Load | None:
-        if self.in_flight >= self.limit:
-            return Load(in_flight=self.in_flight, limit=self.limit, retry_after=self.retry_after())
+        bound = self.bound()
+        if self.in_flight >= bound:
+            return Load(in_flight=self.in_flight, limit=bound, retry_after=self.retry_after())
         self.in_flight += 1
         return None
 
@@ -119,13 +139,21 @@ class Admission:
         while self._finished and self._finished[0] < now - self.window:
             self._finished.popleft()
 
+    def _rate(self) -> float | None:
+        """Commands finished per second over the last ``window`` s; None until there is a measure
+        (a full window since start, and something finished in it)."""
+        now = self.clock()
+        self._trim(now)
+        if now - self._started < self.window or not self._finished:
+            return None
+        return len(self._finished) / self.window
+
     def retry_after(self) -> int:
-        """Seconds until the commands in flight now are likely done (at the rate they finished over
-        the last ``window`` seconds); 1 to 60."""
-        self._trim(self.clock())
-        rate = len(self._finished) / self.window
-        if rate <= 0:
-            return 5  # nothing finished lately: no estimate, so a modest wait
+        """Seconds until the commands in flight now are likely done, at the rate they finished
+        lately; 1 to 60."""
+        rate = self._rate()
+        if not rate:
+            return 5  # no measure yet: a modest wait
         return max(1, min(60, math.ceil(self.in_flight / rate)))
 
 

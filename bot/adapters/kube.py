@@ -8,6 +8,11 @@ copied back during a rollback.
 
 Why the calls look the way they do:
 
+* **The kubeconfig is loaded off the event loop.** Loading it reads and parses the file and may
+  write the certificates it holds to temporary files: ~300 ms the first time, which used to stall
+  every request in the process (the first `status` ack took 300 ms). ``load`` reads every
+  environment's at start-up in the client threads, and a call only ever touches it from a client
+  thread (``_ClientOf``), so a kubeconfig that could not be read at start is read there later.
 * **Their own threads.** The calls run in a small ``ThreadPoolExecutor`` of their own (threads
   named ``kube_…``), not in asyncio's default executor: that one also runs aiohttp's DNS lookups
   and every ``asyncio.to_thread``, so a hung API server used to starve unrelated replies (``/ops
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +59,7 @@ from bot.config import Config
 from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound, OpsbotError, OutcomeUnknown
 from bot.ports import Obj
 
+log = logging.getLogger(__name__)
 CLUSTER = "the Kubernetes API"
 RBAC_FILE = "manifests/managed-namespace/role.yaml"
 _RETRYABLE = frozenset({500, 502, 503, 504})
@@ -121,6 +128,18 @@ def _never_sent(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.ConnectTimeoutError | ConnectionRefusedError)
 
 
+class _ClientOf:
+    """Stands in for an environment's ``ApiClient`` in the generated API classes (``AppsV1Api`` …),
+    which only ever call methods on it, and only from inside a call, in a client thread: the first
+    such use builds the real client (loading the kubeconfig) there, never on the event loop."""
+
+    def __init__(self, adapter: KubeAdapter, environment: str) -> None:
+        self._adapter, self._environment = adapter, environment
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter._api_client(self._environment), name)
+
+
 class KubeAdapter:
     def __init__(self, config: Config, *, kubeconfig: str | None, connect_timeout: float = 3.05, read_timeout: float = 15.0,
                  deadline: float = 20.0, threads: int = 8, read_retries: int = 2, retry_backoff: float = 0.2) -> None:
@@ -155,17 +174,30 @@ class KubeAdapter:
                 self._clients[environment] = api
         return api
 
+    async def load(self, *, timeout: float = 10.0) -> None:
+        """Load every environment's kubeconfig now, in the client threads (at start-up, before the
+        process says it is ready). One that cannot be loaded is reported by the calls that need it."""
+        futures = [self._executor.submit(self._api_client, env) for env in self._config.environments]
+        if not futures:
+            return
+        done, pending = await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout)
+        for f in pending:
+            f.cancel()  # still loading (a slow disk, an exec plugin): the first call waits for it instead
+        for f in done:
+            if f.exception() is not None:
+                log.warning("Kubernetes client not ready at start: %s", f.exception())
+
     def _apps(self, environment: str) -> client.AppsV1Api:
-        return client.AppsV1Api(self._api_client(environment))
+        return client.AppsV1Api(_ClientOf(self, environment))
 
     def _core(self, environment: str) -> client.CoreV1Api:
-        return client.CoreV1Api(self._api_client(environment))
+        return client.CoreV1Api(_ClientOf(self, environment))
 
     def _autoscaling(self, environment: str) -> client.AutoscalingV2Api:
-        return client.AutoscalingV2Api(self._api_client(environment))
+        return client.AutoscalingV2Api(_ClientOf(self, environment))
 
     def _batch(self, environment: str) -> client.BatchV1Api:
-        return client.BatchV1Api(self._api_client(environment))
+        return client.BatchV1Api(_ClientOf(self, environment))
 
     async def _call(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
         """A call whose answer is a JSON object."""
@@ -279,7 +311,7 @@ class KubeAdapter:
     async def ping(self, environment: str) -> None:
         # GET /version: every authenticated identity may read it (system:public-info-viewer), so a
         # ping needs no RBAC beyond what manifests/managed-namespace/role.yaml grants.
-        version = client.VersionApi(self._api_client(environment))
+        version = client.VersionApi(_ClientOf(self, environment))
         await self._call(_Call("read the API server's version", environment, "get", "/version", None), version.get_code)
 
     async def read_deployment(self, environment: str, namespace: str, name: str) -> Obj:

@@ -32,7 +32,7 @@ from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
 from bot.errors import BackendUnavailable, Busy, CardNotPosted, DuplicateDelivery, ExecutionError, OpsbotError, PolicyDenied, UserError
-from bot.messages import busy_text, code, mrkdwn, plural, user_ref
+from bot.messages import code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
@@ -219,13 +219,13 @@ class Pipeline:
                                   result={"why": "backend_unavailable", "backend": error.backend, "error": str(error),
                                           "request_id_given": given[:64]})
 
-    async def refuse_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
-        """A command past the admission bound: answered at once, then audited (``busy``, with the
-        attempt's text; not posted to the audit channel, which would add Slack calls to an
-        overload; counted in ``opsbot_busy_total``)."""
+    async def record_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
+        """A command past the admission bound, already answered in its ack (``busy_text``: no
+        extra Slack call, so refusing stays far cheaper than the work refused): audited as ``busy``
+        with the attempt's text, at most ``BUSY_RECORDERS`` appends at a time, not posted to the
+        audit channel (that would add Slack calls to an overload; ``opsbot_busy_total`` counts them)."""
         self.metrics.busy.labels("admission").inc()
         self.metrics.requests.labels(inv.command, "busy").inc()
-        await self._reply(req, busy_text(load.in_flight, load.retry_after))
         async with self._busy_recorders:
             note = await self._record("busy", req, text=inv.text, post=False,
                                       result={"why": "admission", "in_flight": load.in_flight, "limit": load.limit,

@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -156,6 +157,8 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
     url = f"http://127.0.0.1:{port}"
     sent: dict[str, float] = {}
     acked: dict[str, int] = {}
+    ack_text: dict[str, str] = {}
+    ack_at: dict[str, float] = {}
     try:
         await wait_ready(url, proc, tries=600)
         n = int(rate * seconds)
@@ -176,8 +179,11 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 sent[key] = time.time()
                 try:
                     async with http.post(url + "/slack/events", data=body, headers=_sign(verifier, body)) as r:
-                        await r.read()
+                        raw = await r.read()
                         acked[key] = r.status
+                    if raw:  # an answer in the ack itself (opsbot answers "busy" there)
+                        ack_text[key] = str(json.loads(raw).get("text", ""))
+                        ack_at[key] = time.time()
                 except (aiohttp.ClientError, TimeoutError):
                     acked[key] = 0
 
@@ -213,12 +219,13 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
 
                 while True:
                     got = await cards()
-                    done = {k for k in keys if k in got or k in slack.answered_at}
+                    done = {k for k in keys if k in got or k in slack.answered_at or k in ack_text}
                     if (len(done) >= len(keys) and await audited() >= len(keys)) or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.5)
                 audit = await (await db.execute("SELECT event, count(*) AS n FROM audit_events GROUP BY event")).fetchall()
-        answers: dict[str, str] = {}
+        answers: dict[str, str] = dict(ack_text)
+        answered_at = {**slack.answered_at, **ack_at}
         for r in slack.responses:
             if r["key"] in keys and STILL_WORKING not in r.get("text", ""):
                 answers.setdefault(r["key"], r.get("text", ""))
@@ -228,7 +235,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
         other = [k for k, t in answers.items() if k not in carded and k not in busy and k not in unavailable]
         lost = [k for k in keys if k not in carded and k not in answers]
         latency = [(slack.posted_at[ts] - sent[k]) * 1000 for k, ts in carded.items() if ts in slack.posted_at]
-        busy_answer = [(slack.answered_at[k] - sent[k]) * 1000 for k in busy if k in slack.answered_at]
+        busy_answer = [(answered_at[k] - sent[k]) * 1000 for k in busy if k in answered_at]
         events = {r["event"]: r["n"] for r in audit}
         samples = sorted({answers[k][:160] for k in unavailable + other})[:3]
         return {"code": label, "rate": rate, "seconds": seconds, "send_seconds": round(send_seconds, 2), "sent": len(keys),
@@ -321,4 +328,5 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers it started (the finally blocks) on SIGTERM too
     sys.exit(asyncio.run(main()))

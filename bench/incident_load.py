@@ -182,7 +182,10 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                         raw = await r.read()
                         acked[key] = r.status
                     if raw:  # an answer in the ack itself (opsbot answers "busy" there)
-                        ack_text[key] = str(json.loads(raw).get("text", ""))
+                        try:
+                            ack_text[key] = str(json.loads(raw).get("text", ""))
+                        except (ValueError, AttributeError):
+                            ack_text[key] = raw.decode("utf-8", "replace")
                         ack_at[key] = time.time()
                 except (aiohttp.ClientError, TimeoutError):
                     acked[key] = 0

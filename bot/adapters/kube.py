@@ -48,16 +48,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
-from kubernetes import client
-from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
 
 from bot.config import Config
 from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound, OpsbotError, OutcomeUnknown
 from bot.ports import Obj
+
+if TYPE_CHECKING:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
 log = logging.getLogger(__name__)
 CLUSTER = "the Kubernetes API"
@@ -128,6 +130,22 @@ def _never_sent(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.ConnectTimeoutError | ConnectionRefusedError)
 
 
+def _k8s() -> ModuleType:
+    """The ``kubernetes`` package, imported on first use rather than with this module: it imports
+    every model class, google-auth, oauthlib and YAML (~0.4 s, most of ``import bot.runtime``), which
+    `opsbot policy check`, `audit verify` and the tests that never touch a cluster do not need.
+    ``KubeAdapter.load`` imports it at start-up, in a client thread."""
+    import kubernetes.client
+    import kubernetes.config
+
+    return kubernetes
+
+
+def _api_exception() -> type[ApiException]:
+    exc: type[ApiException] = _k8s().client.exceptions.ApiException
+    return exc
+
+
 class _ClientOf:
     """Stands in for an environment's ``ApiClient`` in the generated API classes (``AppsV1Api`` …),
     which only ever call methods on it, and only from inside a call, in a client thread: the first
@@ -161,16 +179,17 @@ class KubeAdapter:
             if api is None:
                 env = self._config.environments.get(environment)
                 context = env.kube_context if env else None
-                cfg = client.Configuration()
+                k8s = _k8s()
+                cfg = k8s.client.Configuration()
                 try:
                     if self._kubeconfig:
-                        kube_config.load_kube_config(config_file=self._kubeconfig, context=context, client_configuration=cfg)
+                        k8s.config.load_kube_config(config_file=self._kubeconfig, context=context, client_configuration=cfg)
                     else:
-                        kube_config.load_incluster_config(client_configuration=cfg)
-                except (kube_config.ConfigException, OSError) as exc:
+                        k8s.config.load_incluster_config(client_configuration=cfg)
+                except (k8s.config.ConfigException, OSError) as exc:
                     raise BackendUnavailable(f"the Kubernetes cluster for {environment}", f"no usable kubeconfig: {exc}") from exc
                 cfg.retries = False  # retries are decided here, per verb, not by urllib3
-                api = client.ApiClient(cfg)
+                api = k8s.client.ApiClient(cfg)
                 self._clients[environment] = api
         return api
 
@@ -188,16 +207,20 @@ class KubeAdapter:
                 log.warning("Kubernetes client not ready at start: %s", f.exception())
 
     def _apps(self, environment: str) -> client.AppsV1Api:
-        return client.AppsV1Api(_ClientOf(self, environment))
+        api: client.AppsV1Api = _k8s().client.AppsV1Api(_ClientOf(self, environment))
+        return api
 
     def _core(self, environment: str) -> client.CoreV1Api:
-        return client.CoreV1Api(_ClientOf(self, environment))
+        api: client.CoreV1Api = _k8s().client.CoreV1Api(_ClientOf(self, environment))
+        return api
 
     def _autoscaling(self, environment: str) -> client.AutoscalingV2Api:
-        return client.AutoscalingV2Api(_ClientOf(self, environment))
+        api: client.AutoscalingV2Api = _k8s().client.AutoscalingV2Api(_ClientOf(self, environment))
+        return api
 
     def _batch(self, environment: str) -> client.BatchV1Api:
-        return client.BatchV1Api(_ClientOf(self, environment))
+        api: client.BatchV1Api = _k8s().client.BatchV1Api(_ClientOf(self, environment))
+        return api
 
     async def _call(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
         """A call whose answer is a JSON object."""
@@ -216,10 +239,10 @@ class KubeAdapter:
             attempt += 1
             try:
                 return await self._attempt(call, start, decode, fn, *args, **kwargs)
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            except (_api_exception(), urllib3.exceptions.HTTPError, OSError) as exc:
                 # A read that timed out is not tried again: the server is hung, not flapping, and
                 # another attempt would only spend the rest of the deadline the same way.
-                retry = exc.status in _RETRYABLE if isinstance(exc, ApiException) else (
+                retry = exc.status in _RETRYABLE if isinstance(exc, _api_exception()) else (
                     not isinstance(exc, urllib3.exceptions.ReadTimeoutError))
                 pause = self._retry_backoff * 2 ** (attempt - 1)
                 if not retry or attempt >= attempts or time.monotonic() + pause + _LEAST_TIME >= deadline:
@@ -272,7 +295,7 @@ class KubeAdapter:
 
     def _error(self, call: _Call, exc: BaseException, *, attempts: int, waited: float) -> OpsbotError:
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        if isinstance(exc, ApiException):
+        if isinstance(exc, _api_exception()):
             status, message = int(exc.status or 0), _status_message(exc)
             if status == 0:  # the client's own failures, e.g. TLS
                 return BackendUnavailable(CLUSTER, f"{call.what}: {message}")
@@ -311,7 +334,7 @@ class KubeAdapter:
     async def ping(self, environment: str) -> None:
         # GET /version: every authenticated identity may read it (system:public-info-viewer), so a
         # ping needs no RBAC beyond what manifests/managed-namespace/role.yaml grants.
-        version = client.VersionApi(_ClientOf(self, environment))
+        version = _k8s().client.VersionApi(_ClientOf(self, environment))
         await self._call(_Call("read the API server's version", environment, "get", "/version", None), version.get_code)
 
     async def read_deployment(self, environment: str, namespace: str, name: str) -> Obj:

@@ -23,7 +23,11 @@ ALICE, BOTH = "U0ALICE", "U0BOTH"  # engineers in the Nova example
 
 
 def _text(ack_body: str) -> str:
-    return str(json.loads(ack_body).get("text", "")) if ack_body else ""
+    """What the ack shows the person: Bolt sends a text-only ack as the plain body."""
+    try:
+        return str(json.loads(ack_body).get("text", "")) if ack_body else ""
+    except ValueError:
+        return ack_body
 
 
 async def _busy_rows(bot: Harness) -> list[dict[str, Any]]:

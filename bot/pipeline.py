@@ -84,14 +84,10 @@ MAX_IN_FLIGHT = 10 * 10
 # with as many cards opened (~410 in 10 s): the rate is set by the CPU, not by how many wait.
 MAX_WAIT = 0.75
 ADMISSION_FLOOR = 10
-# Busy refusals are audited after they are answered, one append at a time, and while the bound is
-# reached only every BUSY_YIELD s: every append takes the audit chain's one lock, and busy rows
-# written as fast as they come took most of it from the requests admitted (measured: 1082 busy rows
-# against 418 requests opened at 150/s). They wait in memory meanwhile; each row says when the
-# attempt was made (``result.attempted_at``), the row's own ``at`` is when it was written.
+# Busy refusals are audited after they are answered, one append at a time (every append takes the
+# audit chain's one lock, which the requests admitted need too); the others wait in memory, and each
+# row says when the attempt was made (``result.attempted_at``; the row's ``at`` is when it was written).
 BUSY_RECORDERS = 1
-BUSY_YIELD = 0.05
-BUSY_DEFER_AT_MOST = 30.0
 
 
 @dataclass(frozen=True)
@@ -229,15 +225,12 @@ class Pipeline:
     async def record_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
         """A command past the admission bound, already answered in its ack (``busy_text``: no
         extra Slack call, so refusing stays far cheaper than the work refused): audited as ``busy``
-        with the attempt's text, at most ``BUSY_RECORDERS`` appends at a time, not posted to the
+        with the attempt's text, ``BUSY_RECORDERS`` appends at a time, not posted to the
         audit channel (that would add Slack calls to an overload; ``opsbot_busy_total`` counts them)."""
         self.metrics.busy.labels("admission").inc()
         self.metrics.requests.labels(inv.command, "busy").inc()
         attempted_at = self.clock().isoformat()
         async with self._busy_recorders:
-            deadline = time.monotonic() + BUSY_DEFER_AT_MOST
-            while self.admission.in_flight >= self.admission.bound() and time.monotonic() < deadline:
-                await asyncio.sleep(BUSY_YIELD)  # the admitted work first (see BUSY_RECORDERS)
             note = await self._record("busy", req, text=inv.text, post=False,
                                       result={"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
                                               "retry_after": load.retry_after, "attempted_at": attempted_at})

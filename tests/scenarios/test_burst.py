@@ -1,7 +1,7 @@
 """Bursts (issue #8, #13): many `/ops` commands at once are served up to the admission bound and
-told honestly that opsbot is busy past it, never refused as "Redis is unavailable"; every one is audited,
-and the user-group directory costs Redis
-one round trip per lookup, not one per group per command. A pool that really stays exhausted says
+told honestly that opsbot is busy past it, never refused as "Redis is unavailable"; every one is
+audited, and the user-group directory costs Redis one round trip per lookup, not one per group per
+command. A pool that really stays exhausted says
 opsbot is busy, not that Redis is down; Redis really down still refuses within seconds, naming it."""
 
 from __future__ import annotations

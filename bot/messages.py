@@ -26,6 +26,14 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n:,} {many}"
 
 
+def busy_text(in_flight: int, retry_after: int) -> str:
+    """The answer to a command opsbot had no room for (bot/pipeline.py ``Admission``): honest about
+    why (not a backend down), what happened (nothing) and when to try again."""
+    return (f":hourglass: opsbot is busy ({plural(in_flight, 'command')} in flight), try again in {retry_after} s. "
+            "Nothing was done and nothing is queued: send the command again then. opsbot's backends are fine; "
+            "it is taking no more work at once than it can finish.")
+
+
 def mrkdwn(text: Any) -> str:
     """User-supplied text (a --reason, a command, an error that quotes them) made inert in Slack
     mrkdwn, at render time only (what is parsed and stored stays as typed): ``&``, ``<`` and ``>``
@@ -113,6 +121,7 @@ EVENT_LABEL = {
     "break_glass": ":rotating_light: BREAK-GLASS (ran without approval)",
     "break_glass_reviewed": "break-glass reviewed",
     "refused": "refused",
+    "busy": "refused: opsbot busy",
     "error": "internal error",
     "dry_run": "dry run",
     "malformed": "malformed request refused",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -25,5 +25,11 @@ class Metrics:
             "missing_scope: the app lacks usergroups:read; plan_upgrade_required): a configuration error, the group grants "
             "nothing. At most once per group per slack.usergroup_cache; logged once per process.",
             ["usergroup", "error"], registry=self.registry)
+        self.busy = Counter("opsbot_busy_total",
+                            "Commands answered \"opsbot is busy\" (each audited as a `busy` event), by why: admission (more "
+                            "commands in flight than this process takes at once) or the backend whose connection pool stayed "
+                            "exhausted for its whole wait (the backend is up).", ["why"], registry=self.registry)
+        self.in_flight = Gauge("opsbot_commands_in_flight", "`/ops` commands this process is working on after their ack.",
+                               registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)

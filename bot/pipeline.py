@@ -8,12 +8,20 @@ Order of the checks, cheapest and least revealing first: who you are (roles, use
 where you are (channel allowlist) before anything is read from a target; then the plan; then the
 full decision (frozen environments, conditions, approvals, break-glass); then the limits (rate,
 open requests) just before a request is opened, so that refused attempts do not use up a quota.
+
+How much work one process takes on after the ack is bounded (``Admission``): past the bound a
+command is answered at once, honestly, that opsbot is busy, and the attempt is audited (``busy``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
+import math
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,11 +67,108 @@ def _chunks(text: str, size: int) -> list[str]:
     return out
 
 
+# How many `/ops` commands one process works on at once after their ack. Sized from the
+# PostgreSQL pool (bot/adapters/store.py, 10 connections, 10 s wait): an admitted command checks a
+# connection out ~8 times (the limits, the request row, its audit row, the card), ~1–3 ms each, so
+# with 100 in flight a checkout waits for at most ~100 others, a few tens of ms: far below the pool's
+# 10 s wait, which is then only ever reached when the database stopped answering, never because of
+# a burst. Redis (32 connections, one round trip at a time) is further from its bound. The bound
+# is also the latency under overload: on 2 shared cores one process opens ~60–150 requests/s, so
+# 100 in flight wait at most ~1–2 s each, instead of the unbounded queue that grew to tens of
+# seconds and ended in false "unavailable" pool timeouts (issue 13). Clicks are not counted: an
+# approver's Approve must not be refused because requesters are typing; there are few of them.
+MAX_IN_FLIGHT = 10 * 10
+# ...and at most what it finishes in this many seconds (see ``Admission``): a command admitted is
+# answered well before the "still working" notice (bot/slack/app.py, 2 s). Measured at 150/s on 2
+# shared cores (bench/incident_load.py): 1.5 s gave command → card p50 0.95 s, 0.75 s gave 0.64 s,
+# with as many cards opened (~410 in 10 s): the rate is set by the CPU, not by how many wait.
+MAX_WAIT = 0.75
+ADMISSION_FLOOR = 10
+# Busy refusals are audited after they are answered, one append at a time (every append takes the
+# audit chain's one lock, which the requests admitted need too); the others wait in memory, and each
+# row says when the attempt was made (``result.attempted_at``; the row's ``at`` is when it was written).
+BUSY_RECORDERS = 1
+
+
+@dataclass(frozen=True)
+class Load:
+    """What ``Admission`` saw when it refused a command."""
+
+    in_flight: int
+    limit: int
+    retry_after: int  # seconds, estimated from how fast commands finished lately
+
+
+class Admission:
+    """The bound on commands in flight in one process (each replica has its own). ``enter``
+    admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``.
+
+    Two limits: ``limit`` commands at most (sized from the pools, above), and, once the process
+    has a measure of its own speed, no more than it finishes in ``max_wait`` seconds at the rate it
+    finished them over the last ``window`` seconds (never fewer than ``floor``): on a machine
+    whose cores are taken by something else, a command admitted is still answered within about
+    ``max_wait`` s, and the rest hear at once that opsbot is busy instead of waiting longer."""
+
+    def __init__(self, limit: int = MAX_IN_FLIGHT, *, max_wait: float | None = MAX_WAIT, floor: int = ADMISSION_FLOOR,
+                 window: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if limit < 1:
+            raise ValueError("the admission limit is at least 1")
+        self.limit, self.max_wait, self.floor, self.window, self.clock = limit, max_wait, min(floor, limit), window, clock
+        self.in_flight = 0
+        self._started = clock()
+        self._finished: collections.deque[float] = collections.deque()  # when admitted commands finished, last ``window`` s
+
+    def bound(self) -> int:
+        """How many may be in flight now."""
+        rate = self._rate()
+        if self.max_wait is None or rate is None:
+            return self.limit
+        return max(self.floor, min(self.limit, math.floor(rate * self.max_wait)))
+
+    def enter(self) -> Load | None:
+        bound = self.bound()
+        if self.in_flight >= bound:
+            return Load(in_flight=self.in_flight, limit=bound, retry_after=self.retry_after())
+        self.in_flight += 1
+        return None
+
+    def leave(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        now = self.clock()
+        self._finished.append(now)
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._finished and self._finished[0] < now - self.window:
+            self._finished.popleft()
+
+    def _rate(self) -> float | None:
+        """Commands finished per second over the last ``window`` s; None until there is a measure
+        (a full window since start, and something finished in it)."""
+        now = self.clock()
+        self._trim(now)
+        if now - self._started < self.window or not self._finished:
+            return None
+        return len(self._finished) / self.window
+
+    def retry_after(self) -> int:
+        """Seconds until the commands in flight now are likely done, at the rate they finished
+        lately; 1 to 60."""
+        rate = self._rate()
+        if not rate:
+            return 5  # no measure yet: a modest wait
+        return max(1, min(60, math.ceil(self.in_flight / rate)))
+
+
 class Pipeline:
     def __init__(self, *, config: Config, ctx: Context, chat: Chat, audit: Audit, approvals: Approvals, metrics: Metrics,
-                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 limiter: RateLimiter, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 admission: Admission | None = None) -> None:
         self.config, self.ctx, self.chat, self.audit, self.approvals, self.metrics = config, ctx, chat, audit, approvals, metrics
         self.limiter, self.clock = limiter, clock
+        self.admission = admission or Admission()
+        self._busy_recorders = asyncio.Semaphore(BUSY_RECORDERS)
+        metrics.in_flight.set_function(lambda: self.admission.in_flight)
 
     def parse(self, req: CommandRequest) -> Invocation:
         """Pure and fast: the edge calls it before the ack to answer usage errors at once."""
@@ -117,12 +222,29 @@ class Pipeline:
                                   result={"why": "backend_unavailable", "backend": error.backend, "error": str(error),
                                           "request_id_given": given[:64]})
 
+    async def record_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
+        """A command past the admission bound, already answered in its ack (``busy_text``: no
+        extra Slack call, so refusing stays far cheaper than the work refused): audited as ``busy``
+        with the attempt's text, ``BUSY_RECORDERS`` appends at a time, not posted to the
+        audit channel (that would add Slack calls to an overload; ``opsbot_busy_total`` counts them)."""
+        self.metrics.busy.labels("admission").inc()
+        self.metrics.requests.labels(inv.command, "busy").inc()
+        attempted_at = self.clock().isoformat()
+        async with self._busy_recorders:
+            note = await self._record("busy", req, text=inv.text, post=False,
+                                      result={"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
+                                              "retry_after": load.retry_after, "attempted_at": attempted_at})
+        if note:
+            log.warning("busy refusal of %r by %s: %s", inv.text[:200], req.actor.user_id, note.strip())
+
     async def handle(self, req: CommandRequest, inv: Invocation) -> None:
         try:
             await self._handle(req, inv)
-        except Busy as exc:
+        except Busy as exc:  # a pool stayed exhausted for its whole wait (the backend is up): busy, not down
+            self.metrics.busy.labels(exc.backend).inc()
             self.metrics.requests.labels(inv.command, "busy").inc()
-            note = await self._record("refused", req, text=inv.text, result={"error": str(exc), "backend": exc.backend, "busy": True})
+            note = await self._record("busy", req, text=inv.text, post=False,
+                                      result={"why": "pool", "error": str(exc), "backend": exc.backend})
             await self._reply(req, f":hourglass: {exc}. Nothing was changed; try again in a moment.{note}")
         except BackendUnavailable as exc:
             self.metrics.requests.labels(inv.command, "backend_unavailable").inc()
@@ -228,7 +350,7 @@ class Pipeline:
     async def _over_limits(self, req: CommandRequest, inv: Invocation, decision: Decision) -> tuple[str, str] | None:
         limits = self.config.limits
         cap = min(limits.max_open_requests_per_user, decision.max_open_per_user or limits.max_open_requests_per_user)
-        open_ids = await self.approvals.store.open_requests_of(req.actor.user_id)
+        open_ids = await self.approvals.store.open_requests_of(req.actor.user_id, limit=cap)
         if len(open_ids) >= cap:
             return (f"you already have {plural(len(open_ids), 'open request')} ({', '.join(f'`{i}`' for i in open_ids)}); "
                     f"the limit is {cap}. "

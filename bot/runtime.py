@@ -115,6 +115,7 @@ class Runtime:
                    metrics=metrics, inflight=inflight, poster=poster, notices=notices, redis=redis, probes=probes)
 
     async def start(self, *, with_worker: bool = True) -> None:
+        await self.kube.load()  # the kubeconfig, in the client threads: no request ever waits for it on the loop
         await self.store.open()
         self.poster.start()
         self.notices.start()

@@ -8,6 +8,11 @@ copied back during a rollback.
 
 Why the calls look the way they do:
 
+* **The kubeconfig is loaded off the event loop.** Loading it reads and parses the file and may
+  write the certificates it holds to temporary files: ~300 ms the first time, which used to stall
+  every request in the process (the first `status` ack took 300 ms). ``load`` reads every
+  environment's at start-up in the client threads, and a call only ever touches it from a client
+  thread (``_ClientOf``), so a kubeconfig that could not be read at start is read there later.
 * **Their own threads.** The calls run in a small ``ThreadPoolExecutor`` of their own (threads
   named ``kube_…``), not in asyncio's default executor: that one also runs aiohttp's DNS lookups
   and every ``asyncio.to_thread``, so a hung API server used to starve unrelated replies (``/ops
@@ -36,23 +41,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
-from kubernetes import client
-from kubernetes import config as kube_config
-from kubernetes.client.exceptions import ApiException
 
 from bot.config import Config
 from bot.errors import BackendUnavailable, Conflict, ExecutionError, NotFound, OpsbotError, OutcomeUnknown
 from bot.ports import Obj
 
+if TYPE_CHECKING:
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
 CLUSTER = "the Kubernetes API"
 RBAC_FILE = "manifests/managed-namespace/role.yaml"
 _RETRYABLE = frozenset({500, 502, 503, 504})
@@ -121,6 +130,34 @@ def _never_sent(exc: BaseException) -> bool:
     return isinstance(exc, urllib3.exceptions.ConnectTimeoutError | ConnectionRefusedError)
 
 
+def _k8s() -> ModuleType:
+    """The ``kubernetes`` package, imported on first use rather than with this module: it imports
+    every model class, google-auth, oauthlib and YAML (~0.4 s, most of ``import bot.runtime``), which
+    `opsbot policy check`, `audit verify` and the tests that never touch a cluster do not need.
+    ``KubeAdapter.load`` imports it at start-up, in a client thread."""
+    import kubernetes.client
+    import kubernetes.config
+
+    return kubernetes
+
+
+def _api_exception() -> type[ApiException]:
+    exc: type[ApiException] = _k8s().client.exceptions.ApiException
+    return exc
+
+
+class _ClientOf:
+    """Stands in for an environment's ``ApiClient`` in the generated API classes (``AppsV1Api`` …),
+    which only ever call methods on it, and only from inside a call, in a client thread: the first
+    such use builds the real client (loading the kubeconfig) there, never on the event loop."""
+
+    def __init__(self, adapter: KubeAdapter, environment: str) -> None:
+        self._adapter, self._environment = adapter, environment
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter._api_client(self._environment), name)
+
+
 class KubeAdapter:
     def __init__(self, config: Config, *, kubeconfig: str | None, connect_timeout: float = 3.05, read_timeout: float = 15.0,
                  deadline: float = 20.0, threads: int = 8, read_retries: int = 2, retry_backoff: float = 0.2) -> None:
@@ -142,30 +179,53 @@ class KubeAdapter:
             if api is None:
                 env = self._config.environments.get(environment)
                 context = env.kube_context if env else None
-                cfg = client.Configuration()
+                k8s = _k8s()
+                cfg = k8s.client.Configuration()
                 try:
                     if self._kubeconfig:
-                        kube_config.load_kube_config(config_file=self._kubeconfig, context=context, client_configuration=cfg)
+                        k8s.config.load_kube_config(config_file=self._kubeconfig, context=context, client_configuration=cfg)
                     else:
-                        kube_config.load_incluster_config(client_configuration=cfg)
-                except (kube_config.ConfigException, OSError) as exc:
+                        k8s.config.load_incluster_config(client_configuration=cfg)
+                except (k8s.config.ConfigException, OSError) as exc:
                     raise BackendUnavailable(f"the Kubernetes cluster for {environment}", f"no usable kubeconfig: {exc}") from exc
                 cfg.retries = False  # retries are decided here, per verb, not by urllib3
-                api = client.ApiClient(cfg)
+                api = k8s.client.ApiClient(cfg)
                 self._clients[environment] = api
         return api
 
+    def load(self, *, timeout: float = 10.0) -> Awaitable[None]:
+        """Load every environment's kubeconfig now, in the client threads (at start-up, before the
+        process says it is ready). One that cannot be loaded is reported by the calls that need it.
+        (A plain method returning the awaitable: the adapter's public coroutines are its API calls,
+        each of which tests/unit/test_kube_rbac.py checks against the Role; this one calls nothing.)"""
+        return self._load(timeout)
+
+    async def _load(self, timeout: float) -> None:
+        futures = [self._executor.submit(self._api_client, env) for env in self._config.environments]
+        if not futures:
+            return
+        done, pending = await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout)
+        for f in pending:
+            f.cancel()  # still loading (a slow disk, an exec plugin): the first call waits for it instead
+        for f in done:
+            if f.exception() is not None:
+                log.warning("Kubernetes client not ready at start: %s", f.exception())
+
     def _apps(self, environment: str) -> client.AppsV1Api:
-        return client.AppsV1Api(self._api_client(environment))
+        api: client.AppsV1Api = _k8s().client.AppsV1Api(_ClientOf(self, environment))
+        return api
 
     def _core(self, environment: str) -> client.CoreV1Api:
-        return client.CoreV1Api(self._api_client(environment))
+        api: client.CoreV1Api = _k8s().client.CoreV1Api(_ClientOf(self, environment))
+        return api
 
     def _autoscaling(self, environment: str) -> client.AutoscalingV2Api:
-        return client.AutoscalingV2Api(self._api_client(environment))
+        api: client.AutoscalingV2Api = _k8s().client.AutoscalingV2Api(_ClientOf(self, environment))
+        return api
 
     def _batch(self, environment: str) -> client.BatchV1Api:
-        return client.BatchV1Api(self._api_client(environment))
+        api: client.BatchV1Api = _k8s().client.BatchV1Api(_ClientOf(self, environment))
+        return api
 
     async def _call(self, call: _Call, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj:
         """A call whose answer is a JSON object."""
@@ -184,10 +244,10 @@ class KubeAdapter:
             attempt += 1
             try:
                 return await self._attempt(call, start, decode, fn, *args, **kwargs)
-            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            except (_api_exception(), urllib3.exceptions.HTTPError, OSError) as exc:
                 # A read that timed out is not tried again: the server is hung, not flapping, and
                 # another attempt would only spend the rest of the deadline the same way.
-                retry = exc.status in _RETRYABLE if isinstance(exc, ApiException) else (
+                retry = exc.status in _RETRYABLE if isinstance(exc, _api_exception()) else (
                     not isinstance(exc, urllib3.exceptions.ReadTimeoutError))
                 pause = self._retry_backoff * 2 ** (attempt - 1)
                 if not retry or attempt >= attempts or time.monotonic() + pause + _LEAST_TIME >= deadline:
@@ -240,7 +300,7 @@ class KubeAdapter:
 
     def _error(self, call: _Call, exc: BaseException, *, attempts: int, waited: float) -> OpsbotError:
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-        if isinstance(exc, ApiException):
+        if isinstance(exc, _api_exception()):
             status, message = int(exc.status or 0), _status_message(exc)
             if status == 0:  # the client's own failures, e.g. TLS
                 return BackendUnavailable(CLUSTER, f"{call.what}: {message}")
@@ -279,7 +339,7 @@ class KubeAdapter:
     async def ping(self, environment: str) -> None:
         # GET /version: every authenticated identity may read it (system:public-info-viewer), so a
         # ping needs no RBAC beyond what manifests/managed-namespace/role.yaml grants.
-        version = client.VersionApi(self._api_client(environment))
+        version = _k8s().client.VersionApi(_ClientOf(self, environment))
         await self._call(_Call("read the API server's version", environment, "get", "/version", None), version.get_code)
 
     async def read_deployment(self, environment: str, namespace: str, name: str) -> Obj:

@@ -21,11 +21,14 @@ How many connections. Who draws from the pool of ``REDIS_URL`` at the same momen
 * not bullmq's ``Worker``: it builds its own two single-connection clients from the URL (one of
   them sits in a blocking ``BZPOPMIN``), outside this pool, from ``worker_url`` (below).
 
-That is about 6 steady users plus the burst. ``MAX_CONNECTIONS = 32`` leaves the burst 26
-connections: at ~1 ms a round trip that is over 20 000 round trips a second, far more than one
-process's Slack edge accepts, so nobody waits long; and it bounds what one replica may open, so
-ten replicas stay far below Redis's default ``maxclients`` (10 000). Raise it only if
-``opsbot is busy`` is ever seen with Redis healthy.
+That is about 6 steady users plus the burst, and the burst is bounded before it gets here: at
+most 100 commands per process are in flight after their ack (bot/pipeline.py ``Admission``), each
+using at most one connection at a time, for a round trip, between its other steps. ``MAX_CONNECTIONS
+= 32`` leaves the burst 26 connections: at ~1 ms a round trip that is over 20 000 round trips a
+second, far more than 100 commands in flight ask for (~3 round trips each), so a command waits for a
+connection a few ms at most, against the 5 s wait; and it bounds what one replica may open, so ten
+replicas stay far below Redis's default ``maxclients`` (10 000). Raise it only if ``opsbot is busy:
+all 32 Redis connections …`` is ever seen with Redis healthy.
 
 Failing closed. A connection that cannot be made fails within ``socket_connect_timeout`` (3 s;
 at once when the port is closed) with one retry, as before: ``BackendUnavailable`` naming Redis.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,7 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
-from bot.errors import BackendUnavailable, DuplicateDelivery, MigrationsPending
+from bot.errors import BackendUnavailable, Busy, DuplicateDelivery, MigrationsPending
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,45 @@ STATE_DATABASE = "the opsbot database"
 
 
 @contextlib.asynccontextmanager
-async def _db_errors() -> AsyncIterator[None]:
+async def _db_errors(exhausted: Callable[[], BackendUnavailable] | None = None) -> AsyncIterator[None]:
+    """psycopg's errors → ours. ``exhausted`` says what a pool timeout means (``_Pool.exhausted``);
+    PoolTimeout is an OperationalError, so it is told apart first."""
     try:
         yield
+    except PoolTimeout as exc:
+        if exhausted is not None:
+            raise exhausted() from exc
+        raise BackendUnavailable(STATE_DATABASE, "no connection could be had in time (pool timeout)") from exc
     except psycopg.OperationalError as exc:
         raise BackendUnavailable(STATE_DATABASE, str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    except PoolTimeout as exc:
-        raise BackendUnavailable(STATE_DATABASE, "no connection available (pool timeout)") from exc
+
+
+class _Pool(AsyncConnectionPool):  # type: ignore[type-arg]  # built with row_factory=dict_row (see Store)
+    """psycopg_pool's pool, telling a pool whose connections were all in use for its whole wait
+    (``Busy``: the database answers, there was more work than connections) apart from a database
+    that cannot be reached or stopped answering (``BackendUnavailable``). psycopg_pool raises the
+    same ``PoolTimeout`` for both; what happened during the wait tells them apart: a connection
+    attempt that failed (down), no connection given back at all (hung: every holder is waiting on
+    it), or connections coming and going, just never free when this request's turn came (busy)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.returned_at = float("-inf")  # when a connection last came back to the pool
+
+    async def putconn(self, conn: Any) -> None:
+        self.returned_at = time.monotonic()
+        await super().putconn(conn)
+
+    def connect_errors(self) -> int:
+        return int(self.get_stats().get("connections_errors", 0))
+
+    def exhausted(self, *, started: float, errors_before: int) -> BackendUnavailable:
+        waited = f"{self.timeout:g} s"
+        if self.connect_errors() > errors_before or self.get_stats().get("pool_size", 0) == 0:
+            return BackendUnavailable(STATE_DATABASE, f"no connection could be made to it for {waited}")
+        if self.returned_at < started:
+            return BackendUnavailable(STATE_DATABASE, f"it did not answer for {waited} on any of opsbot's {self.max_size} connections")
+        return Busy(STATE_DATABASE, f"all {self.max_size} connections to {STATE_DATABASE} were in use for {waited}")
 
 
 _SELECT_REQUEST = """SELECT r.*, t.permalink AS audit_permalink FROM ops_requests r
@@ -85,18 +118,24 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
 
 
 class Store:
-    # 10 connections, 10 s wait, on purpose. Every command ends in an audit append, and appends are
-    # serialised by the chain's advisory lock (audit_log.py), so more connections would add PostgreSQL
-    # backends waiting on that lock, not throughput; waiting in the pool's queue is cheaper. Measured
-    # (tests/scenarios/test_burst.py, 2 shared cores): 500 concurrent `/ops status` → 75 of 1312
-    # checkouts waited, ~0.1 s on average, none near the 10 s timeout; 1000 → 161 waited, ~0.2 s.
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    # The pool: 10 connections, a 10 s wait, on purpose.
+    # * Why not more: every command ends in an audit append, and appends are serialised by the
+    #   chain's advisory lock (audit_log.py), so more connections would add PostgreSQL backends
+    #   waiting on that lock, not throughput; waiting in the pool's queue is cheaper. Ten per replica
+    #   also keeps ten replicas (plus workers) well inside PostgreSQL's default max_connections (100).
+    # * Why the wait cannot be reached by a burst: how much work is in flight is bounded before it
+    #   gets here (bot/pipeline.py ``Admission``, 100 commands per process; the worker runs 4 jobs),
+    #   so at most ~100 checkouts of ~1–3 ms each are ever queued: tens of ms against 10 s. The wait
+    #   is for a database that stopped answering, and a pool timeout says which it was (``_Pool``).
+    # Measured (tests/scenarios/test_burst.py, 2 shared cores): 500 concurrent `/ops status` → 75 of
+    # 1312 checkouts waited, ~0.1 s on average, none near the 10 s timeout; 1000 → 161 waited, ~0.2 s.
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0) -> None:
         self.url = url
         # check: a connection is tested when it is taken from the pool (one round trip), so that after
         # the database restarted or the network dropped, no request gets a dead connection.
-        self.pool = AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                                        kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5}, timeout=10,
-                                        check=AsyncConnectionPool.check_connection)
+        self.pool = _Pool(url, min_size=min_size, max_size=max_size, open=False,
+                          kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5}, timeout=timeout,
+                          check=AsyncConnectionPool.check_connection)
 
     async def open(self) -> None:
         async with _db_errors():
@@ -113,7 +152,8 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
-        async with _db_errors(), self.pool.connection() as conn:
+        started, errors = time.monotonic(), self.pool.connect_errors()
+        async with _db_errors(lambda: self.pool.exhausted(started=started, errors_before=errors)), self.pool.connection() as conn:
             yield conn  # type: ignore[misc]  # the pool is built with row_factory=dict_row
 
     async def ping(self) -> None:
@@ -317,11 +357,14 @@ class Store:
                 (request_id, requester_id))).fetchone()
             return await self._reload(conn, request_id) if row else None
 
-    async def open_requests_of(self, user_id: str) -> list[str]:
+    async def open_requests_of(self, user_id: str, *, limit: int) -> list[str]:
+        """The oldest ``limit`` open requests of ``user_id`` (pending approval, approved or running):
+        the caller's cap is all it needs to know, so this stays one bounded read however many the
+        user has open (the partial index ``ops_requests_requester_open`` serves it)."""
         async with self._conn() as conn:
             rows = await (await conn.execute(
                 "SELECT id FROM ops_requests WHERE requester_id = %s AND state IN ('pending_approval', 'approved', 'running') "
-                "ORDER BY created_at", (user_id,))).fetchall()
+                "ORDER BY created_at LIMIT %s", (user_id, limit))).fetchall()
         return [r["id"] for r in rows]
 
     async def pending(self) -> list[OpsRequest]:

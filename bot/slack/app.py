@@ -28,6 +28,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.approvals import Approvals
 from bot.domain import Actor, Invocation, UserId
 from bot.errors import BackendUnavailable, MalformedPayload, UserError
+from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
 from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY
@@ -119,10 +120,20 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
             await ack(text=INTERNAL)
             await pipeline.record_invalid(req, UserError("internal error while reading the command"))
             return
+        # Admission: past the bound the command is answered in its ack that opsbot is busy (and
+        # audited) rather than queued behind work that cannot finish in time (bot/pipeline.py).
+        load = pipeline.admission.enter()
+        if load is not None:
+            await ack(text=busy_text(load.in_flight, load.retry_after))
+            await pipeline.record_busy(req, inv, load)
+            return
         await ack()
-        await _telling_if_slow(pipeline.handle(req, inv),
-                               lambda: approvals.chat.respond(response_url=req.response_url, channel_id=req.channel_id,
-                                                              user_id=req.actor.user_id, text=SLOW_COMMAND))
+        try:
+            await _telling_if_slow(pipeline.handle(req, inv),
+                                   lambda: approvals.chat.respond(response_url=req.response_url, channel_id=req.channel_id,
+                                                                  user_id=req.actor.user_id, text=SLOW_COMMAND))
+        finally:
+            pipeline.admission.leave()
 
     @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

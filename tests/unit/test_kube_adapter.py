@@ -191,3 +191,77 @@ async def test_read_cronjob_create_job_and_read_it(shop: tuple[KubeApiServer, Ku
         await kube.read_cronjob("prod", "shop", "nope")
     with pytest.raises(NotFound, match=r'jobs\.batch "nope" not found'):
         await kube.read_job("prod", "shop", "nope")
+
+
+async def test_the_kubeconfig_is_loaded_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a kubeconfig takes a while (a file read, YAML, certificates written to temporary
+    files). It is made slow here (0.3 s); a ticker on the loop must keep ticking during the first
+    call, and the loading must happen in a client thread, not on the loop's."""
+    import asyncio
+    import threading
+
+    from kubernetes import config as kube_config
+
+    real = kube_config.load_kube_config
+    loaded_in: list[str] = []
+
+    def slow_load(*args: object, **kwargs: object) -> None:
+        loaded_in.append(threading.current_thread().name)
+        time.sleep(0.3)  # blocks whichever thread runs it
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kube_config, "load_kube_config", slow_load)
+    with KubeApiServer() as server:
+        server.cluster.create_deployment("shop", deployment_manifest("web", "nginx:1", replicas=2, namespace="shop"))
+        kube = KubeAdapter(CONFIG, kubeconfig=server.kubeconfig(str(tmp_path / "kc")))
+        ticks = 0
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            nonlocal ticks
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last, ticks = now, ticks + 1
+
+        tick = asyncio.ensure_future(ticker())
+        try:
+            await asyncio.sleep(0.02)
+            before = ticks
+            d = await kube.read_deployment("prod", "shop", "web")  # the first call: loads the kubeconfig
+            during = ticks - before
+        finally:
+            tick.cancel()
+        assert d["spec"]["replicas"] == 2
+        assert loaded_in and all(name.startswith("kube") for name in loaded_in), loaded_in
+        # the load alone took 0.3 s; a blocked loop would have ticked at most once meanwhile
+        assert during >= 5, (during, max(gaps))
+        kube.close()
+
+
+async def test_load_at_start_reads_every_kubeconfig_in_a_client_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from kubernetes import config as kube_config
+
+    real = kube_config.load_kube_config
+    loaded_in: list[str] = []
+
+    def recording(*args: object, **kwargs: object) -> None:
+        loaded_in.append(threading.current_thread().name)
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kube_config, "load_kube_config", recording)
+    config = parse_config("environments: {prod: {kube_context: emulator}, eu: {kube_context: missing-context}}")
+    with KubeApiServer() as server:
+        server.cluster.create_deployment("shop", deployment_manifest("web", "nginx:1", replicas=2, namespace="shop"))
+        kube = KubeAdapter(config, kubeconfig=server.kubeconfig(str(tmp_path / "kc")))
+        await kube.load()  # a context that is not in the kubeconfig is logged, not raised
+        assert len(loaded_in) == 2 and all(name.startswith("kube") for name in loaded_in), loaded_in
+        await kube.read_deployment("prod", "shop", "web")
+        assert len(loaded_in) == 2  # loaded once, at start
+        with pytest.raises(BackendUnavailable, match="no usable kubeconfig"):  # still said by the call that needs it
+            await kube.read_deployment("eu", "shop", "web")
+        kube.close()

@@ -1,0 +1,176 @@
+"""Admission control (issue 13): past the bound on commands in flight, a command is answered at
+once, in its ack, that opsbot is busy, and the attempt is audited once as ``busy`` with what was
+typed; never "unavailable" while the backends are healthy. A pool timeout says busy or down from
+what happened during the wait. Each replica applies its own bound."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from bot.adapters.store import Store
+from bot.config import Config
+from bot.errors import BackendUnavailable, Busy
+from bot.pipeline import Admission
+from bot.sandbox.servers import free_port
+from bot.sandbox.slack_api import FakeSlack
+from tests.harness import Harness
+
+ALICE, BOTH = "U0ALICE", "U0BOTH"  # engineers in the Nova example
+
+
+def _text(ack_body: str) -> str:
+    """What the ack shows the person: Bolt sends a text-only ack as the plain body."""
+    try:
+        return str(json.loads(ack_body).get("text", "")) if ack_body else ""
+    except ValueError:
+        return ack_body
+
+
+async def _busy_rows(bot: Harness) -> list[dict[str, Any]]:
+    return [r for r in await bot.runtime.audit.log.rows() if r["event"] == "busy"]
+
+
+def _busy_count(bot: Harness) -> float:
+    return bot.runtime.metrics.registry.get_sample_value("opsbot_busy_total", {"why": "admission"}) or 0.0
+
+
+async def test_commands_past_the_bound_are_told_busy_in_the_ack_and_each_audited_once(bot: Harness) -> None:
+    bot.runtime.pipeline.admission = admission = Admission(limit=3, max_wait=None)
+    held = [admission.enter() for _ in range(3)]  # three commands in flight that take their time
+    assert held == [None, None, None]
+    texts = [f"scale worker {n} --reason 'incident <!channel> #{n}'" for n in (4, 5, 6, 7, 8)]
+    acks = await asyncio.gather(*(bot.slash(ALICE, t) for t in texts))
+    assert [status for status, _ in acks] == [200] * 5
+    answers = [_text(body) for _, body in acks]
+    assert answers == [":hourglass: opsbot is busy (3 commands in flight), try again in 5 s. Nothing was done and nothing is "
+                       "queued: send the command again then. opsbot's backends are fine; it is taking no more work at once "
+                       "than it can finish."] * 5
+    rows = await bot.eventually(lambda: _rows_if(bot, 5), what="5 busy audit rows")
+    assert sorted(r["command_text"] for r in rows) == sorted(texts)  # what was typed, each once
+    assert all(r["actor_id"] == ALICE and r["result"]["why"] == "admission" and r["result"]["in_flight"] == 3 for r in rows)
+    assert _busy_count(bot) == 5
+    assert not await bot.runtime.store.open_requests_of(ALICE, limit=10)  # nothing was opened
+    assert not [r for r in bot.slack.responses if "unavailable" in r.get("text", "")]
+    # once the work in flight is done, the same command is taken
+    for _ in held:
+        admission.leave()
+    status, body = await bot.slash(ALICE, "scale worker 6")
+    assert status == 200 and not _text(body)
+    request = await bot.requested()
+    assert request.text == "scale worker 6" and admission.in_flight == 0
+
+
+async def _rows_if(bot: Harness, n: int) -> list[dict[str, Any]] | None:
+    rows = await _busy_rows(bot)
+    return rows if len(rows) >= n else None
+
+
+async def test_a_real_burst_beyond_the_bound_gets_an_answer_and_one_audit_row_each(bot: Harness) -> None:
+    bot.runtime.pipeline.admission = Admission(limit=4, max_wait=None)
+    n = 60
+    acks = await asyncio.gather(*(bot.slash([ALICE, BOTH][i % 2], "status worker") for i in range(n)))
+    busy = [b for _, b in acks if "opsbot is busy" in _text(b)]
+    served = n - len(busy)
+
+    async def answers() -> list[dict[str, Any]] | None:
+        got = [r for r in bot.slack.responses if "nova-worker" in r.get("text", "")]
+        return got if len(got) >= served else None
+
+    await bot.eventually(answers, timeout=60, what=f"{served} status answers")
+
+    async def audited() -> list[dict[str, Any]] | None:
+        rows = [r for r in await bot.runtime.audit.log.rows() if r["event"] in ("read", "busy")]
+        return rows if len(rows) >= n else None
+
+    rows = await bot.eventually(audited, timeout=60, what=f"{n} audit rows")
+    assert len(rows) == n and sum(1 for r in rows if r["event"] == "busy") == len(busy)
+    assert served >= 4 and bot.runtime.pipeline.admission.in_flight == 0
+    assert not [r for r in bot.slack.responses if "unavailable" in r.get("text", "")]
+
+
+async def test_two_replicas_each_apply_their_own_bound(config: Config, slack: FakeSlack, state_db: str, redis_url: str,
+                                                       kubeconfig: str, queue_prefix: str) -> None:
+    a = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                            queue_prefix=queue_prefix)
+    b = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                            queue_prefix=queue_prefix, with_worker=False)
+    try:
+        a.runtime.pipeline.admission = full = Admission(limit=2, max_wait=None)
+        b.runtime.pipeline.admission = Admission(limit=2, max_wait=None)
+        full.enter(), full.enter()  # replica a is at its bound; b is idle
+        _, on_a = await a.slash(ALICE, "scale worker 7")
+        _, on_b = await b.slash(ALICE, "scale worker 7")
+        assert "opsbot is busy (2 commands in flight)" in _text(on_a)
+        assert not _text(on_b)
+        request = await b.requested()
+        assert request.text == "scale worker 7"
+        rows = await a.runtime.audit.log.rows()  # one database, one trail: a's refusal and b's request
+        assert [r["event"] for r in rows if r["command_text"] == "scale worker 7"] == ["busy", "requested"]
+    finally:
+        await asyncio.wait_for(b.stop(), timeout=60)
+        await asyncio.wait_for(a.stop(), timeout=60)
+
+
+async def test_an_exhausted_pool_is_busy_a_hung_database_is_not(state_db: str) -> None:
+    store = Store(state_db, min_size=1, max_size=1, timeout=0.35)
+    await store.open()
+    try:
+        async def query(seconds: float) -> str:
+            async with store.connection() as conn:
+                await conn.execute("SELECT pg_sleep(%s)", (seconds,))
+            return "served"
+
+        # connections come and go (0.1 s each), there are just more requests than connections
+        results = await asyncio.gather(*(query(0.1) for _ in range(12)), return_exceptions=True)
+        busy = [r for r in results if isinstance(r, Busy)]
+        assert busy and results.count("served") >= 2 and results.count("served") + len(busy) == 12
+        assert str(busy[0]) == "opsbot is busy: all 1 connections to the opsbot database were in use for 0.35 s"
+        # the one connection does not come back for the whole wait: that is a database not answering
+        holder = asyncio.ensure_future(query(1.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(BackendUnavailable) as hung:
+            await query(0)
+        assert not isinstance(hung.value, Busy)
+        assert str(hung.value) == ("the opsbot database is unavailable: it did not answer for 0.35 s on any of opsbot's "
+                                   "1 connections")
+        await holder
+    finally:
+        await store.close()
+
+
+async def test_a_database_that_is_down_is_unavailable_not_busy() -> None:
+    store = Store(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing", min_size=0, max_size=2, timeout=0.5)
+    await store.open()
+    try:
+        with pytest.raises(BackendUnavailable) as down:
+            await store.ping()
+        assert not isinstance(down.value, Busy)
+        assert str(down.value) == "the opsbot database is unavailable: no connection could be made to it for 0.5 s"
+    finally:
+        await store.close()
+
+
+def test_the_bound_follows_how_fast_commands_finish() -> None:
+    now = [0.0]
+    admission = Admission(limit=100, max_wait=1.5, floor=10, window=5.0, clock=lambda: now[0])
+    assert admission.bound() == 100  # no measure yet: the pools' bound
+    for _ in range(50):  # 50 finished over 5 s: 10 a second
+        assert admission.enter() is None
+        now[0] += 0.1
+        admission.leave()
+    now[0] += 0.01  # a full window since start
+    assert admission.bound() == 15  # what it finishes in 1.5 s
+    for _ in range(15):
+        assert admission.enter() is None
+    load = admission.enter()
+    assert load is not None and load.in_flight == 15 and load.limit == 15 and load.retry_after == 2
+    now[0] += 4.0  # few finish now (the cores are taken): 3 in the last 5 s → the floor, not fewer
+    for _ in range(3):
+        admission.leave()
+    assert admission.bound() == 10
+    now[0] += 60  # nothing finished for a minute: no measure, so the pools' bound again
+    assert admission.bound() == 100

@@ -29,7 +29,7 @@ from bot.adapters.audit_log import AuditLog
 from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.domain import Actor, OpsRequest
-from bot.errors import BackendUnavailable, DeliveryUncertain, OpsbotError
+from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError
 from bot.messages import audit_headline, audit_line
 from bot.metrics import Metrics
 from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay
@@ -152,7 +152,8 @@ class Audit:
         except BackendUnavailable as exc:
             if self.spool is None:
                 raise
-            self.database_down(str(exc))
+            if not isinstance(exc, Busy):  # a busy pool is not a database that is down: spool this row only
+                self.database_down(str(exc))
             return await self._spool(entry, str(exc))
         self.appended.set()
         return row

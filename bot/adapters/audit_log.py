@@ -175,38 +175,12 @@ class AuditLog:
         Keyset paging: ``before_seq`` starts below that seq (each filter has an index ending in seq,
         migration 007, so a page reads about ``limit`` index entries however deep it is). ``offset``
         still works for the UI's ``--page N`` and is bounded by the caller (``SEARCH_MAX_OFFSET``)."""
-        where: list[sql.Composable] = []
-        args: list[Any] = []
-        if user:
-            # a user id, or @name as Slack sends it when mentions are not escaped
-            where.append(sql.SQL("(actor_id = %s OR actor_name = %s)"))
-            args += [user, user.removeprefix("@")]
-        if command:
-            where.append(sql.SQL("(plan->>'command' = %s OR split_part(command_text, ' ', 1) = %s)"))
-            args += [command, command]
-        if target:
-            where.append(sql.SQL("(plan->>'target_name' = %s OR plan->>'target_label' ILIKE %s OR plan->>'target' ILIKE %s)"))
-            like = "%" + target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            args += [target, like, like]
-        if since:
-            where.append(sql.SQL("at >= %s"))
-            args.append(since)
-        if outcome:
-            where.append(sql.SQL("event = %s"))
-            args.append(outcome)
-        page_where = [*where, sql.SQL("seq < %s")] if before_seq is not None else where
-        page_args = [*args, before_seq] if before_seq is not None else args
-
-        def cond(parts: list[sql.Composable]) -> sql.Composable:
-            return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
-
+        (page, page_args), (count, args) = search_queries(user=user, command=command, target=target, since=since, outcome=outcome,
+                                                          limit=limit, offset=offset, before_seq=before_seq)
         async with self.store.connection() as conn:
-            rows = await (await conn.execute(sql.SQL("SELECT * FROM audit_events") + cond(page_where)
-                                             + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"),
-                                             [*page_args, limit, max(0, offset)])).fetchall()
+            rows = await (await conn.execute(page, page_args)).fetchall()
             # A bounded count: an index scan of at most SEARCH_COUNT_CAP + 1 entries, never the whole filtered set.
-            total = await (await conn.execute(sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM audit_events") + cond(where)
-                                              + sql.SQL(" ORDER BY seq DESC LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1])).fetchone()
+            total = await (await conn.execute(count, args)).fetchone()
         return rows, int(total["n"]) if total else 0
 
     async def verify(self, *, batch: int = BATCH) -> ChainReport:
@@ -316,6 +290,41 @@ class AuditLog:
             await conn.execute("DELETE FROM audit_outbox WHERE seq <= %s", (last["seq"],))
             await conn.execute("DELETE FROM audit_events WHERE seq <= %s", (last["seq"],))
         return cp
+
+
+def search_queries(*, user: str | None = None, command: str | None = None, target: str | None = None,
+                   since: datetime | None = None, outcome: str | None = None, limit: int = 20, offset: int = 0,
+                   before_seq: int | None = None) -> tuple[tuple[sql.Composed, list[Any]], tuple[sql.Composed, list[Any]]]:
+    """``AuditLog.search``'s two statements (the page, the bounded count) with their arguments."""
+    where: list[sql.Composable] = []
+    args: list[Any] = []
+    if user:
+        # a user id, or @name as Slack sends it when mentions are not escaped
+        where.append(sql.SQL("(actor_id = %s OR actor_name = %s)"))
+        args += [user, user.removeprefix("@")]
+    if command:
+        where.append(sql.SQL("(plan->>'command' = %s OR split_part(command_text, ' ', 1) = %s)"))
+        args += [command, command]
+    if target:
+        where.append(sql.SQL("(plan->>'target_name' = %s OR plan->>'target_label' ILIKE %s OR plan->>'target' ILIKE %s)"))
+        like = "%" + target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        args += [target, like, like]
+    if since:
+        where.append(sql.SQL("at >= %s"))
+        args.append(since)
+    if outcome:
+        where.append(sql.SQL("event = %s"))
+        args.append(outcome)
+    page_where = [*where, sql.SQL("seq < %s")] if before_seq is not None else where
+    page_args = [*args, before_seq] if before_seq is not None else args
+
+    def cond(parts: list[sql.Composable]) -> sql.Composable:
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
+
+    return ((sql.SQL("SELECT * FROM audit_events") + cond(page_where) + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"),
+             [*page_args, limit, max(0, offset)]),
+            (sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM audit_events") + cond(where)
+             + sql.SQL(" ORDER BY seq DESC LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1]))
 
 
 def export_line(row: dict[str, Any]) -> str:

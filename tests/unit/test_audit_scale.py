@@ -74,7 +74,8 @@ async def test_streamed_verify_and_export_match_the_originals_byte_for_byte(log:
     writer.writerow(audit_log.CSV_HEADER)
     for r in rows:
         rec = json.loads(export_line(r))
-        writer.writerow([rec["seq"], rec["at"], rec["event"], rec["actor_id"], rec["actor_name"], rec["channel_id"], rec["request_id"] or "",
+        writer.writerow([rec["seq"], rec["at"], rec["event"], rec["actor_id"], rec["actor_name"], rec["channel_id"],
+                         rec["request_id"] or "",
                          rec["command_text"], json.dumps(rec["plan"], sort_keys=True), json.dumps(rec["result"], sort_keys=True),
                          rec["prev_hash"], rec["hash"]])
     assert buf.getvalue() == old.getvalue()
@@ -158,9 +159,11 @@ def big_db(state_db: str) -> str:
     with psycopg.connect(state_db, autocommit=True) as conn:
         conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
         conn.execute("""
-            INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text, plan, result, prev_hash, hash)
+            INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text, plan, result,
+                                      prev_hash, hash)
             SELECT g, now() - make_interval(secs => 50000 - g), (ARRAY['requested','approved','succeeded','failed','read'])[1 + g % 5],
-                   'U' || (g % 500), 'user' || (g % 500), 'C1', 'r-' || (g / 4), (ARRAY['scale','restart','status'])[1 + g % 3] || ' w' || (g % 97),
+                   'U' || (g % 500), 'user' || (g % 500), 'C1', 'r-' || (g / 4),
+                   (ARRAY['scale','restart','status'])[1 + g % 3] || ' w' || (g % 97),
                    jsonb_build_object('command', (ARRAY['scale','restart','status'])[1 + g % 3], 'target_name', 'w' || (g % 97),
                                       'target_label', 'ns/w' || (g % 97), 'target', 'deployment/prod/ns/w' || (g % 97)),
                    NULL, md5(g::text) || md5(g::text), md5(g::text || 'h') || md5(g::text)

@@ -3,7 +3,7 @@
 Builds a chain of ``--rows`` audit rows (default 1,000,000) straight into a private PostgreSQL
 (COPY, hashes computed as ``AuditLog.append`` does: requests of 4–5 steps sharing a plan, as the
 bot writes them), migrated by the opsbot checkout under test, then times, with that checkout's CLI
-as a subprocess (its peak RSS from ``wait4``):
+as a subprocess (its peak RSS: VmHWM):
 
 * ``opsbot audit verify``, ``audit export`` (jsonl, csv), ``audit verify --file`` of the export;
 * every ``/ops audit`` filter (``AuditLog.search`` in a subprocess of the checkout: median of 5).
@@ -97,15 +97,25 @@ def build(url: str, rows: int) -> None:
 
 
 def run_measured(checkout: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    # Popen + wait4 so that the rusage is this child's own (RUSAGE_CHILDREN would be the maximum over all).
+    """One CLI run of the checkout: seconds, peak RSS (MiB) and the end of its output. The peak is
+    the child's VmHWM, polled from /proc: its rusage would carry this (big) process's RSS, which a
+    vfork'd child inherits as its high-water mark."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bot", *args], cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"s": round(time.perf_counter() - t0, 2), "rss_mib": round(usage.ru_maxrss / 1024, 1), "rc": proc.returncode,
-            "out": (out.decode()[-160:] + " " + err.decode()[-160:]).strip()}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bot", *args], cwd=checkout, env=env, stdout=out, stderr=err)
+        peak_kib = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as fh:
+                    peak_kib = max(peak_kib, *(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        tail = (out.read().decode()[-160:] + " " + err.read().decode()[-160:]).strip()
+    return {"s": round(seconds, 2), "rss_mib": round(peak_kib / 1024, 1), "rc": proc.returncode, "out": tail}
 
 
 def main() -> int:

@@ -107,7 +107,7 @@ def run_measured(checkout: str, args: list[str], env: dict[str, str]) -> dict[st
         while proc.poll() is None:
             try:
                 with open(f"/proc/{proc.pid}/status") as fh:
-                    peak_kib = max(peak_kib, *(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")))
+                    peak_kib = max([peak_kib, *(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))])
             except (OSError, ValueError):
                 pass
             time.sleep(0.05)

@@ -185,20 +185,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    import csv
-    import json
-
-    from bot.adapters.audit_log import AuditLog, export_line, verify_rows
+    # Streamed end to end (issue 13): verify and export hold one batch of rows at a time, whatever the size of the trail.
+    from bot.adapters.audit_log import AuditLog, export_csv, export_jsonl, verify_lines
     from bot.adapters.store import Store
     from bot.config import parse_since
 
     if args.audit_cmd == "verify" and args.file:
         with open(args.file) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        report = verify_rows(rows, prev_hash=None, start_seq=None)
+            report, anchor = verify_lines(fh)
         print(f"{args.file}: {report.summary()}")
-        if report.ok and rows:
-            print(f"anchored at prev_hash {rows[0]['prev_hash']} (compare with row {rows[0]['seq'] - 1} in the database or channel)")
+        if report.ok and report.first_seq is not None:
+            print(f"anchored at prev_hash {anchor} (compare with row {report.first_seq - 1} in the database or channel)")
         return 0 if report.ok else 1
     store = Store(_database_url(), min_size=1, max_size=2)
     await store.open()
@@ -214,26 +211,14 @@ async def _audit(args: argparse.Namespace) -> int:
         if args.audit_cmd == "export":
             since = parse_since(args.since) if args.since else None
             until = parse_since(args.until) if args.until else None
-            rows = await log.rows(since=since, until=until)
             out = open(args.output, "w", newline="") if args.output else sys.stdout
             try:
-                if args.format == "jsonl":
-                    for row in rows:
-                        out.write(export_line(row) + "\n")
-                else:
-                    writer = csv.writer(out)
-                    writer.writerow(["seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text",
-                                     "plan", "result", "prev_hash", "hash"])
-                    for row in rows:
-                        record = json.loads(export_line(row))
-                        writer.writerow([record["seq"], record["at"], record["event"], record["actor_id"], record["actor_name"],
-                                         record["channel_id"], record["request_id"] or "", record["command_text"],
-                                         json.dumps(record["plan"], sort_keys=True), json.dumps(record["result"], sort_keys=True),
-                                         record["prev_hash"], record["hash"]])
+                export = export_jsonl if args.format == "jsonl" else export_csv
+                n = await export(log, out, since=since, until=until)
             finally:
                 if args.output:
                     out.close()
-            print(f"exported {plural(len(rows), 'row')}", file=sys.stderr)
+            print(f"exported {plural(n, 'row')}", file=sys.stderr)
             return 0
         if args.audit_cmd == "prune":
             cp = await log.prune(parse_since(args.before))
@@ -257,7 +242,7 @@ async def _verify_channel(log: object) -> bool:
     from slack_sdk.errors import SlackApiError
     from slack_sdk.web.async_client import AsyncWebClient
 
-    from bot.adapters.audit_log import AuditLog
+    from bot.adapters.audit_log import AuditLog, stored_hashes
 
     assert isinstance(log, AuditLog)
     settings = Settings.from_env()
@@ -311,16 +296,24 @@ async def _verify_channel(log: object) -> bool:
     if ignored:
         who = ", ".join(f"{poster} ({n})" for poster, n in ignored.most_common(10))
         print(f"channel: ignored {plural(sum(ignored.values()), 'message')} with audit lines not posted by opsbot ({bot_user}): from {who}")
-    rows = {int(r["seq"]): r["hash"] for r in await log.rows()}
+    # The database's hashes streamed past what the channel showed: memory grows with the channel, not the table.
+    bad: list[int] = []
+    present: set[int] = set()
+    unposted = 0
+    async for seq, digest in stored_hashes(log):
+        if seq in posted:
+            present.add(seq)
+            if posted[seq] != digest:
+                bad.append(seq)
+        else:
+            unposted += 1
     checkpoint = await log.latest_checkpoint()
     pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0
-    bad = sorted(seq for seq, h in posted.items() if seq in rows and rows[seq] != h)
     if checkpoint and posted.get(pruned_upto, checkpoint["last_hash"]) != checkpoint["last_hash"]:
         bad = sorted({*bad, pruned_upto})  # the checkpoint claims a last hash the channel never showed
-    gone = sorted(seq for seq in posted if seq not in rows)
+    gone = sorted(seq for seq in posted if seq not in present)
     pruned = [seq for seq in gone if seq <= pruned_upto]
     missing = [seq for seq in gone if seq > pruned_upto]  # deleted: the chain in the database was cut
-    unposted = len([seq for seq in rows if seq not in posted])
     if bad:
         print(f"channel: BROKEN: the database differs from what was posted at seq {_seqs(bad)}")
     if missing:

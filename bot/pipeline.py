@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.adapters.audit_log import SEARCH_COUNT_CAP
 from bot.adapters.ratelimit import RateLimiter
 from bot.adapters.store import STATE_DATABASE
 from bot.approvals import Approvals
@@ -401,18 +402,31 @@ class Pipeline:
             return
         p = inv.params
         page, size = int(p.get("page", 1)), 15
+        # Matches are counted up to SEARCH_COUNT_CAP (an index scan of that many entries at most), and
+        # --page N goes no deeper than the count: past it, narrowing the search is the honest answer.
+        deepest = SEARCH_COUNT_CAP // size
+        if page > deepest:
+            await self._reply(req, f"Page {page} is deeper than opsbot pages ({deepest} pages of {size}, the newest "
+                              f"{SEARCH_COUNT_CAP} rows): narrow {code('/ops ' + inv.text)} with --since, --user, --command, "
+                              "--target or --outcome.")
+            return
         rows, total = await self.audit.log.search(
             user=p.get("user"), command=p.get("command"), target=p.get("target"),
             since=parse_since(p["since"], self.clock()) if p.get("since") else None, outcome=p.get("outcome"),
             limit=size, offset=(page - 1) * size)
+        capped = total > SEARCH_COUNT_CAP
         # Reading the record is itself recorded (not posted: auditors' searches are not news).
         await self.audit.record("read", actor=req.actor, channel_id=req.channel_id, text=inv.text,
-                                result={"audit_query": {k: v for k, v in p.items()}, "matches": total}, post=False)
-        pages = max(1, -(-total // size))
+                                result={"audit_query": {k: v for k, v in p.items()}, "matches": min(total, SEARCH_COUNT_CAP),
+                                        **({"more_than": SEARCH_COUNT_CAP} if capped else {})}, post=False)
+        pages = deepest if capped else max(1, -(-total // size))
+        of_pages = f"page {page}" if capped else f"page {page} of {pages}"
         if not rows:
-            await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" (page {page} of {pages})." if total else "."))
+            await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" ({of_pages})." if total else "."))
             return
-        lines = [f"*{plural(total, 'audit row')} {'matches' if total == 1 else 'match'}* — page {page} of {pages}, newest first"]
+        many = f"More than {SEARCH_COUNT_CAP:,} audit rows match" if capped else \
+            f"{plural(total, 'audit row')} {'matches' if total == 1 else 'match'}"
+        lines = [f"*{many}* — {of_pages}, newest first"]
         for r in rows:
             plan = r["plan"] or {}
             what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {r['command_text']}")

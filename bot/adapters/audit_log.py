@@ -21,15 +21,17 @@ and TRUNCATE with a trigger, and the bot's own role is granted only SELECT and I
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 from psycopg import sql
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from bot.adapters.store import Store
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 _AUDIT_LOCK = 0x0A0D17  # advisory lock: audit appends
 _OUTBOX_LOCK = 0x0A0D18  # advisory lock: one poster at a time across replicas
+BATCH = 5000  # rows per FETCH of the server-side cursors of verify/export: memory is bounded by this, not by the table
+SEARCH_COUNT_CAP = 1000  # `/ops audit` counts matches up to this, then says "more than 1,000"
 FIELDS = ("seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text", "plan", "result")
 
 
@@ -185,35 +189,24 @@ class AuditLog:
 
     async def search(self, *, user: str | None = None, command: str | None = None, target: str | None = None,
                      since: datetime | None = None, outcome: str | None = None, limit: int = 20,
-                     offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """Rows matching all the filters, newest first, and how many match in all."""
-        where: list[sql.Composable] = []
-        args: list[Any] = []
-        if user:
-            # a user id, or @name as Slack sends it when mentions are not escaped
-            where.append(sql.SQL("(actor_id = %s OR actor_name = %s)"))
-            args += [user, user.removeprefix("@")]
-        if command:
-            where.append(sql.SQL("(plan->>'command' = %s OR split_part(command_text, ' ', 1) = %s)"))
-            args += [command, command]
-        if target:
-            where.append(sql.SQL("(plan->>'target_name' = %s OR plan->>'target_label' ILIKE %s OR plan->>'target' ILIKE %s)"))
-            args += [target, f"%{target}%", f"%{target}%"]
-        if since:
-            where.append(sql.SQL("at >= %s"))
-            args.append(since)
-        if outcome:
-            where.append(sql.SQL("event = %s"))
-            args.append(outcome)
-        cond = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL("")
+                     offset: int = 0, before_seq: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Rows matching all the filters, newest first, and how many match, counted up to
+        ``SEARCH_COUNT_CAP`` + 1 at most (more than the cap: "more than SEARCH_COUNT_CAP").
+
+        Keyset paging: ``before_seq`` starts below that seq (each filter has an index ending in seq,
+        migration 007, so a page reads about ``limit`` index entries however deep it is). ``offset``
+        still works for the UI's ``--page N`` and is bounded by the caller (``SEARCH_MAX_OFFSET``)."""
+        (page, page_args), (count, args) = search_queries(user=user, command=command, target=target, since=since, outcome=outcome,
+                                                          limit=limit, offset=offset, before_seq=before_seq)
         async with self.store.connection() as conn:
-            total = await (await conn.execute(sql.SQL("SELECT count(*) AS n FROM audit_events") + cond, args)).fetchone()
-            rows = await (await conn.execute(sql.SQL("SELECT * FROM audit_events") + cond
-                                             + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"), [*args, limit, offset])).fetchall()
+            rows = await (await conn.execute(page, page_args)).fetchall()
+            # A bounded count: an index scan of at most SEARCH_COUNT_CAP + 1 entries, never the whole filtered set.
+            total = await (await conn.execute(count, args)).fetchone()
         return rows, int(total["n"]) if total else 0
 
-    async def verify(self) -> ChainReport:
-        """The whole chain in the database, from the genesis or the latest pruning checkpoint."""
+    async def verify(self, *, batch: int = BATCH) -> ChainReport:
+        """The whole chain in the database, from the genesis or the latest pruning checkpoint,
+        streamed in batches of ``batch`` rows (constant memory)."""
         async with self.store.connection() as conn:
             cps = await (await conn.execute("SELECT * FROM audit_checkpoints ORDER BY upto_seq")).fetchall()
         prev_cp = GENESIS
@@ -222,7 +215,7 @@ class AuditLog:
                 return ChainReport(False, 0, None, None, int(cp["upto_seq"]), f"checkpoint up to {cp['upto_seq']} was altered")
             prev_cp = cp["hash"]
         start_prev, start_seq = (cps[-1]["last_hash"], cps[-1]["upto_seq"] + 1) if cps else (GENESIS, 1)
-        return verify_rows(await self.rows(), prev_hash=start_prev, start_seq=start_seq)
+        return await verify_stored(self, prev_hash=start_prev, start_seq=start_seq, batch=batch)
 
     async def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest pruning checkpoint (rows up to its ``upto_seq`` were deleted on purpose), or None."""
@@ -345,6 +338,234 @@ class AuditLog:
         return cp
 
 
+def search_queries(*, user: str | None = None, command: str | None = None, target: str | None = None,
+                   since: datetime | None = None, outcome: str | None = None, limit: int = 20, offset: int = 0,
+                   before_seq: int | None = None) -> tuple[tuple[sql.Composed, list[Any]], tuple[sql.Composed, list[Any]]]:
+    """``AuditLog.search``'s two statements (the page, the bounded count) with their arguments."""
+    where: list[sql.Composable] = []
+    args: list[Any] = []
+    if user:
+        # a user id, or @name as Slack sends it when mentions are not escaped
+        where.append(sql.SQL("(actor_id = %s OR actor_name = %s)"))
+        args += [user, user.removeprefix("@")]
+    if command:
+        where.append(sql.SQL("(plan->>'command' = %s OR split_part(command_text, ' ', 1) = %s)"))
+        args += [command, command]
+    if target:
+        where.append(sql.SQL("(plan->>'target_name' = %s OR plan->>'target_label' ILIKE %s OR plan->>'target' ILIKE %s)"))
+        like = "%" + target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        args += [target, like, like]
+    if since:
+        where.append(sql.SQL("at >= %s"))
+        args.append(since)
+    if outcome:
+        where.append(sql.SQL("event = %s"))
+        args.append(outcome)
+    page_where = [*where, sql.SQL("seq < %s")] if before_seq is not None else where
+    page_args = [*args, before_seq] if before_seq is not None else args
+
+    def cond(parts: list[sql.Composable]) -> sql.Composable:
+        return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
+
+    return ((sql.SQL("SELECT * FROM audit_events") + cond(page_where) + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"),
+             [*page_args, limit, max(0, offset)]),
+            (sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM audit_events") + cond(where)
+             + sql.SQL(" ORDER BY seq DESC LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1]))
+
+
 def export_line(row: dict[str, Any]) -> str:
     """One JSON line of an export: the hashed record plus both hashes, enough to verify on its own."""
     return json.dumps({**audit_record(row), "prev_hash": row["prev_hash"], "hash": row["hash"]}, ensure_ascii=False, sort_keys=True)
+
+
+# ------------------------------------------------------------------ streaming reads (issue 13)
+#
+# `audit verify` and `audit export` read the trail in bounded batches through a server-side cursor,
+# so memory does not grow with the table. They also skip the decode → re-encode of each row where
+# they can: PostgreSQL writes the JSON of the scalar columns (its escaping of strings is the same
+# as Python's json with ensure_ascii=False: \" \\ \b \f \n \r \t, \u00XX for other control
+# characters) and `at` in the canonical form, and only plan/result are re-encoded in Python (their
+# keys must be sorted as Python sorts them), memoised by their stored text: the steps of one request
+# carry the same plan.
+#
+# A hash computed this way that matches the stored hash is proof enough: every piece is a faithful
+# JSON encoding of the stored value, so equal bytes mean equal content. When it does not match, the
+# row is checked again the original way (`audit_record` → `audit_hash`) before it is called broken,
+# so an odd value (a float PostgreSQL writes differently, a year before 1000) is never a false alarm.
+
+_COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)  # == canonical_json
+_EXPORT = json.JSONEncoder(sort_keys=True, ensure_ascii=False)  # == export_line's nested values
+_CSV = json.JSONEncoder(sort_keys=True)  # == the csv export's plan/result columns (json.dumps(v, sort_keys=True))
+
+
+def _js(column: str) -> str:
+    return f"to_json({column})::text"
+
+
+_AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
+# The canonical record around plan and result: {"actor_id":…,…,"plan":<plan>,"request_id":…,"result":<result>,"seq":N}
+_VERIFY_SELECT = (
+    "SELECT seq, prev_hash, hash, '{\"actor_id\":' || " + _js("actor_id") + " || ',\"actor_name\":' || " + _js("actor_name")
+    + " || ',\"at\":\"' || " + _AT + " || '\",\"channel_id\":' || " + _js("channel_id") + " || ',\"command_text\":' || "
+    + _js("command_text") + " || ',\"event\":' || " + _js("event") + " || ',\"plan\":', plan::text, "
+    "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":', result::text, "
+    "',\"seq\":' || seq || '}' FROM audit_events")
+# export_line's form: sorted keys, ", " and ": ", the hashes among the fields
+_EXPORT_SELECT = (
+    "SELECT seq, '{\"actor_id\": ' || " + _js("actor_id") + " || ', \"actor_name\": ' || " + _js("actor_name")
+    + " || ', \"at\": \"' || " + _AT + " || '\", \"channel_id\": ' || " + _js("channel_id") + " || ', \"command_text\": ' || "
+    + _js("command_text") + " || ', \"event\": ' || " + _js("event") + " || ', \"hash\": ' || " + _js("hash")
+    + " || ', \"plan\": ', plan::text, ', \"prev_hash\": ' || " + _js("prev_hash") + " || ', \"request_id\": ' || coalesce("
+    + _js("request_id") + ", 'null') || ', \"result\": ', result::text, ', \"seq\": ' || seq || '}' FROM audit_events")
+_CSV_SELECT = ("SELECT seq, " + _AT + ", event, actor_id, actor_name, channel_id, coalesce(request_id, ''), command_text, "
+               "plan::text, result::text, prev_hash, hash FROM audit_events")
+CSV_HEADER = ("seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text", "plan", "result",
+              "prev_hash", "hash")
+
+
+class _Reencode:
+    """Stored JSON text (jsonb's own form) → ``encoder``'s form, memoised (bounded) by the text."""
+
+    def __init__(self, encoder: json.JSONEncoder, size: int = 4096) -> None:
+        self.encode, self.size, self.memo = encoder.encode, size, dict[str, str]()
+
+    def __call__(self, text: str | None) -> str:
+        if text is None:
+            return "null"
+        done = self.memo.get(text)
+        if done is None:
+            done = self.encode(json.loads(text))
+            if len(self.memo) >= self.size:
+                self.memo.clear()
+            self.memo[text] = done
+        return done
+
+
+def _range(since: datetime | None, until: datetime | None, from_seq: int | None) -> tuple[str, list[Any]]:
+    where, args = [], list[Any]()
+    for cond, value in (("seq >= %s", from_seq), ("at >= %s", since), ("at < %s", until)):
+        if value is not None:
+            where.append(cond)
+            args.append(value)
+    return (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq", args
+
+
+async def _batches(store: Store, query: str, args: list[Any], *, name: str,
+                   batch: int = BATCH) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction)."""
+    async with store.connection() as conn, conn.transaction():
+        cur = conn.cursor(name, row_factory=tuple_row)
+        try:
+            await cur.execute(query, args)
+            while rows := await cur.fetchmany(batch):
+                yield rows
+        finally:
+            await cur.close()
+
+
+class ChainWalk:
+    """The chain checks of ``verify_rows``, one row at a time, for streams of any length."""
+
+    def __init__(self, *, prev_hash: str | None, start_seq: int | None) -> None:
+        self.prev, self.expected = prev_hash, start_seq
+        self.checked, self.first, self.last = 0, None, None  # type: tuple[int, int | None, int | None]
+        self.broken: ChainReport | None = None
+
+    def link(self, seq: int, prev_hash: str) -> bool:
+        """False (and ``broken`` set) when row ``seq`` is not where the chain expects it."""
+        self.first = seq if self.first is None else self.first
+        expected = self.expected
+        if expected is not None and seq != expected:
+            if seq > expected:
+                missing = f"row {expected}" if seq == expected + 1 else f"rows {expected}..{seq - 1}"
+                return self._break(expected, f"{missing} missing (deleted?): the chain goes from {expected - 1} to {seq}")
+            return self._break(seq, f"row {seq} is out of order (expected {expected})")
+        if self.prev is not None and prev_hash != self.prev:
+            return self._break(seq, f"row {seq} does not link to row {seq - 1} (that row was rewritten, or rows were reordered)")
+        return True
+
+    def content_differs(self, seq: int) -> bool:
+        return self._break(seq, f"row {seq}'s content does not match its hash (edited)")
+
+    def done(self, seq: int, digest: str) -> None:
+        self.prev, self.expected, self.last = digest, seq + 1, seq
+        self.checked += 1
+
+    def _break(self, seq: int, problem: str) -> bool:
+        self.broken = ChainReport(False, self.checked, self.first, self.last, seq, problem)
+        return False
+
+    def report(self) -> ChainReport:
+        return self.broken or ChainReport(True, self.checked, self.first, self.last)
+
+
+async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch: int = BATCH) -> ChainReport:
+    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``)."""
+    walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
+    canon = _Reencode(_COMPACT)
+    sha256 = hashlib.sha256
+    query, args = _range(None, None, None)
+    async for rows in _batches(log.store, _VERIFY_SELECT + query, args, name="audit_verify", batch=batch):
+        for seq, prev, digest, head, plan, mid, result, tail in rows:
+            if not walk.link(seq, prev):
+                return walk.report()
+            if sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() != digest:
+                row = await log.row(seq)  # the original way, before calling it broken
+                if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
+                    walk.content_differs(seq)
+                    return walk.report()
+            walk.done(seq, digest)
+    return walk.report()
+
+
+def verify_lines(lines: Iterable[str]) -> tuple[ChainReport, str | None]:
+    """An export (JSON lines) on its own, line by line, anchored at its first row's ``prev_hash``
+    (returned with the report)."""
+    walk = ChainWalk(prev_hash=None, start_seq=None)
+    anchor: str | None = None
+    loads, encode, sha256 = json.loads, _COMPACT.encode, hashlib.sha256
+    for line in lines:
+        if not line.strip():
+            continue
+        row = loads(line)
+        seq, prev, digest = int(row["seq"]), row["prev_hash"], row["hash"]
+        anchor = prev if anchor is None else anchor
+        if not walk.link(seq, prev):
+            break
+        record = {k: row.get(k) for k in FIELDS}
+        if sha256((prev + encode(record)).encode()).hexdigest() != digest and audit_hash(prev, audit_record(row)) != digest:
+            walk.content_differs(seq)
+            break
+        walk.done(seq, digest)
+    return walk.report(), anchor
+
+
+async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
+                       batch: int = BATCH) -> int:
+    """Write ``export_line`` for each row in the range, streamed; the number of rows."""
+    canon, n = _Reencode(_EXPORT), 0
+    query, args = _range(since, until, None)
+    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch):
+        out.write("".join([f"{head}{canon(plan)}{mid}{canon(result)}{tail}\n" for _, head, plan, mid, result, tail in rows]))
+        n += len(rows)
+    return n
+
+
+async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
+                     batch: int = BATCH) -> int:
+    """The csv export (``CSV_HEADER``), streamed; the number of rows."""
+    canon, n = _Reencode(_CSV), 0
+    writer = csv.writer(out)
+    writer.writerow(CSV_HEADER)
+    query, args = _range(since, until, None)
+    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch):
+        writer.writerows([(*r[:8], canon(r[8]), canon(r[9]), r[10], r[11]) for r in rows])
+        n += len(rows)
+    return n
+
+
+async def stored_hashes(log: AuditLog, *, batch: int = BATCH) -> AsyncIterator[tuple[int, str]]:
+    """(seq, hash) of every row, in order, streamed."""
+    async for rows in _batches(log.store, "SELECT seq, hash FROM audit_events ORDER BY seq", [], name="audit_hashes", batch=batch):
+        for seq, digest in rows:
+            yield seq, digest

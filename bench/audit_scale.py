@@ -1,0 +1,159 @@
+"""The audit trail's read paths at scale (issue 13, items 4 and 5).
+
+Builds a chain of ``--rows`` audit rows (default 1,000,000) straight into a private PostgreSQL
+(COPY, hashes computed as ``AuditLog.append`` does: requests of 4–5 steps sharing a plan, as the
+bot writes them), migrated by the opsbot checkout under test, then times, with that checkout's CLI
+as a subprocess (its peak RSS: VmHWM):
+
+* ``opsbot audit verify``, ``audit export`` (jsonl, csv), ``audit verify --file`` of the export;
+* every ``/ops audit`` filter (``AuditLog.search`` in a subprocess of the checkout: median of 5).
+
+    .venv/bin/python bench/audit_scale.py                        # 1M rows, this checkout
+    .venv/bin/python bench/audit_scale.py --rows 20000           # quick run
+    .venv/bin/python bench/audit_scale.py --checkout /work/main  # the same against another checkout (before)
+
+Prints one JSON object, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from bot.domain import canonical_json
+from bot.sandbox.servers import postgres_server
+
+EVENTS = ("requested", "approval_given", "approved", "succeeded")
+SEARCH = """
+import asyncio, json, statistics, sys, time
+from datetime import UTC, datetime, timedelta
+from bot.adapters.store import Store
+from bot.adapters.audit_log import AuditLog
+FILTERS = {"--user U7": {"user": "U7"}, "--user @user7 --since 7d": {"user": "@user7", "since": "7d"},
+           "--command restart": {"command": "restart"}, "--target w42": {"target": "w42"}, "--since 1h": {"since": "1h"},
+           "--outcome failed": {"outcome": "failed"}, "--outcome failed --page 5": {"outcome": "failed", "page": 5},
+           "--command scale --outcome failed": {"command": "scale", "outcome": "failed"}}
+async def main():
+    store = Store(sys.argv[1], max_size=1); await store.open(); log = AuditLog(store); out = {}
+    for name, f in FILTERS.items():
+        f = dict(f); page = f.pop("page", 1)
+        if "since" in f:
+            f["since"] = datetime.now(UTC) - (timedelta(days=7) if f["since"] == "7d" else timedelta(hours=1))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter(); rows, total = await log.search(**f, limit=15, offset=(page - 1) * 15)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"ms": round(statistics.median(times) * 1000, 1), "rows": len(rows), "total": total}
+    await store.close(); print(json.dumps(out))
+asyncio.run(main())
+"""
+
+
+def build(url: str, rows: int) -> None:
+    """``rows`` chained rows, written with COPY in chunks (hashes as AuditLog.append computes them)."""
+    start = datetime.now(UTC) - timedelta(seconds=rows)
+    prev = "0" * 64
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
+        seq = 0
+        while seq < rows:
+            buf = io.StringIO()
+            for _ in range(min(50_000, rows - seq)):
+                seq += 1
+                req = seq // 4
+                cmd = ("scale", "restart", "status")[req % 3]
+                plan = {"command": cmd, "target": f"deployment/prod/payments/w{req % 97}", "target_label": f"payments/w{req % 97}",
+                        "environment": "prod", "params": {"replicas": req % 10, "name": f"w{req % 97}"},
+                        "summary": f"w{req % 97}: 3 → {req % 10} replicas", "details": ["current: 3 replicas", "ready: 3"],
+                        "before": {"replicas": 3}, "after": {"replicas": req % 10}, "observed": None, "mutating": True,
+                        "target_name": f"w{req % 97}", "target_kind": "deployment", "facts": {}, "fingerprint": f"{req:016x}"}
+                event = "failed" if seq % 4 == 3 and req % 10 == 0 else EVENTS[seq % 4]
+                result = {"approvers": [f"U{(req + 1) % 500}"]} if event == "approved" else \
+                    ({"message": "scaled", "replicas": req % 10} if event == "succeeded" else None)
+                row = {"seq": seq, "at": (start + timedelta(seconds=seq)).isoformat(timespec="microseconds"), "event": event,
+                       "actor_id": f"U{req % 500}", "actor_name": f"user{req % 500}", "channel_id": "C0OPS", "request_id": f"r-{req}",
+                       "command_text": f"{cmd} w{req % 97} {req % 10}", "plan": plan, "result": result}
+                digest = hashlib.sha256((prev + canonical_json(row)).encode()).hexdigest()
+                fields = [str(seq), row["at"], event, row["actor_id"], row["actor_name"], "C0OPS", row["request_id"], row["command_text"],
+                          json.dumps(plan, ensure_ascii=False), json.dumps(result) if result is not None else "\\N", prev, digest]
+                buf.write("\t".join(f.replace("\\", "\\\\") if f != "\\N" else f for f in fields) + "\n")
+                prev = digest
+            with conn.cursor().copy("COPY audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text, "
+                                    "plan, result, prev_hash, hash) FROM STDIN") as copy:
+                copy.write(buf.getvalue())
+        conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
+        conn.execute("VACUUM ANALYZE audit_events")
+
+
+def run_measured(checkout: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """One CLI run of the checkout: seconds, peak RSS (MiB) and the end of its output. The peak is
+    the child's VmHWM, polled from /proc: its rusage would carry this (big) process's RSS, which a
+    vfork'd child inherits as its high-water mark."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bot", *args], cwd=checkout, env=env, stdout=out, stderr=err)
+        peak_kib = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as fh:
+                    peak_kib = max([peak_kib, *(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))])
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        tail = (out.read().decode()[-160:] + " " + err.read().decode()[-160:]).strip()
+    return {"s": round(seconds, 2), "rss_mib": round(peak_kib / 1024, 1), "rc": proc.returncode, "out": tail}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--checkout", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    help="the opsbot checkout whose CLI and migrations are measured (default this one)")
+    a = ap.parse_args()
+    checkout = os.path.abspath(a.checkout)
+    with postgres_server(env_var=None) as admin, tempfile.TemporaryDirectory(prefix="opsbot-audit-bench-") as tmp:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE audit_bench")
+        url = admin.rsplit("/", 1)[0] + "/audit_bench"
+        env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": checkout}
+        subprocess.run([sys.executable, "-m", "bot", "migrate"], cwd=checkout, env=env, check=True, capture_output=True)
+        t0 = time.perf_counter()
+        build(url, a.rows)
+        built = time.perf_counter() - t0
+        jsonl, csvf = os.path.join(tmp, "audit.jsonl"), os.path.join(tmp, "audit.csv")
+        cli = {"verify": run_measured(checkout, ["audit", "verify"], env),
+               "export jsonl": run_measured(checkout, ["audit", "export", "-o", jsonl], env),
+               "export csv": run_measured(checkout, ["audit", "export", "--format", "csv", "-o", csvf], env),
+               "verify --file": run_measured(checkout, ["audit", "verify", "--file", jsonl], env)}
+        for r in cli.values():
+            r["rows_per_s"] = round(a.rows / r["s"]) if r["s"] else None
+        search = subprocess.run([sys.executable, "-c", SEARCH, url], cwd=checkout, env=env, capture_output=True, text=True)
+        result = {"rows": a.rows, "checkout": checkout, "build_s": round(built, 1), "cli": cli,
+                  "search": json.loads(search.stdout) if search.returncode == 0 else {"error": search.stderr[-500:]}}
+    print(json.dumps(result, indent=1))
+    print(f"\n{a.rows:,} rows, checkout {checkout}")
+    print(f"{'command':<36}{'seconds':>9}{'rows/s':>11}{'peak RSS MiB':>14}  rc")
+    for name, r in cli.items():
+        print(f"{'opsbot audit ' + name:<36}{r['s']:>9}{r['rows_per_s'] or 0:>11,}{r['rss_mib']:>14}  {r['rc']}")
+    for name, r in result["search"].items():
+        if isinstance(r, dict):
+            print(f"{'/ops audit ' + name:<36}{r['ms']:>8}ms  ({r['rows']} rows, total {r['total']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The audit trail's read paths at scale (issue 13): every `/ops audit` filter is served by an index
+(EXPLAIN on a table big enough for the planner to care), verify and export stream in bounded
+batches and give the same answers and bytes as the row-by-row originals, hostile search input, a
+database that is down, and a verify while another replica appends."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from bot.adapters import audit_log
+from bot.adapters.audit_log import AuditLog, export_csv, export_jsonl, export_line, search_queries, verify_lines, verify_rows
+from bot.adapters.store import Store
+from tests.unit.test_audit_chain import tamper
+
+# Values whose JSON is easy to get subtly wrong: escapes, non-ASCII, big integers, nesting, empty
+# containers. (Not floats Python writes with an exponent, 1e-07 or 1e16: jsonb stores them as
+# 0.0000001 and 10000000000000000, so such a row never verifies, before issue 13 as after: the hash
+# is computed over Python's text at append time. A write-path matter, reported.)
+ODD_PLANS: list[dict[str, Any] | None] = [
+    None,
+    {"command": "scale", "target": "deployment/p/n/w", "summary": "w: 1 → 2", "params": {"replicas": 2, "b": [1, {"z": 1, "a": 2}]}},
+    {"quote\"back\\slash": "tab\tnl\ncr\r\x01\x1f\x7f", "ü": "日本語 \u2028 \u2029", "emoji": "🚀", "": ""},
+    {"float": 0.25, "big": 12345678901234567890123, "neg": -0.5, "e": 1.0, "t": True, "f": False, "n": None, "empty": {}, "arr": []},
+    {"bb": 1, "a": 2, "ccc": {"y": [3, 2, 1], "x": "ok"}},
+]
+
+
+@pytest_asyncio.fixture
+async def log(state_db: str) -> AsyncIterator[AuditLog]:
+    store = Store(state_db, max_size=4)
+    await store.open()
+    yield AuditLog(store)
+    await store.close()
+
+
+async def fill_odd(log: AuditLog, rounds: int = 3) -> None:
+    for i in range(rounds):
+        for n, plan in enumerate(ODD_PLANS):
+            await log.append(event=["requested", "failed"][n % 2], actor_id=f"U{n}", actor_name=f"nämé \"{n}\"", channel_id="C\\1",
+                             request_id=None if n == 0 else f"r-{i}-{n}", command_text=f"scale w {n} --reason 'a\nb'",
+                             plan=plan, result=None if n == 3 else {"i": i, "nested": {"k": [n, "v"]}})
+
+
+async def test_streamed_verify_and_export_match_the_originals_byte_for_byte(log: AuditLog) -> None:
+    await fill_odd(log)
+    rows = await log.rows()
+    assert verify_rows(rows).ok  # the original way
+    report = await log.verify(batch=4)  # several batches, the last one short
+    assert report.ok and report.checked == len(rows) == 3 * len(ODD_PLANS), report.summary()
+    out = io.StringIO()
+    assert await export_jsonl(log, out, batch=4) == len(rows)
+    # (split at "\n" only: U+2028 in a line is a line break to str.splitlines, not to JSON lines)
+    assert out.getvalue().split("\n") == [*(export_line(r) for r in rows), ""]
+    assert verify_lines(out.getvalue().split("\n"))[0].ok
+    buf = io.StringIO()
+    assert await export_csv(log, buf, batch=4) == len(rows)
+    # What the csv export wrote before issue 13, from each export line.
+    old = io.StringIO()
+    writer = csv.writer(old)
+    writer.writerow(audit_log.CSV_HEADER)
+    for r in rows:
+        rec = json.loads(export_line(r))
+        writer.writerow([rec["seq"], rec["at"], rec["event"], rec["actor_id"], rec["actor_name"], rec["channel_id"],
+                         rec["request_id"] or "",
+                         rec["command_text"], json.dumps(rec["plan"], sort_keys=True), json.dumps(rec["result"], sort_keys=True),
+                         rec["prev_hash"], rec["hash"]])
+    assert buf.getvalue() == old.getvalue()
+
+
+async def test_a_fast_hash_that_misses_is_checked_the_original_way_and_an_edit_is_still_found(
+        log: AuditLog, state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_odd(log, rounds=2)
+    # Make every fast hash miss (a space PostgreSQL adds): each row is then confirmed the original way.
+    monkeypatch.setattr(audit_log, "_VERIFY_SELECT", audit_log._VERIFY_SELECT.replace('\'{"actor_id":\'', '\'{"actor_id": \''))
+    assert (await log.verify(batch=3)).ok
+    monkeypatch.undo()
+    tamper(state_db, "UPDATE audit_events SET plan = jsonb_set(plan, '{ccc,x}', '\"edited\"') WHERE seq = 5")
+    report = await log.verify(batch=3)
+    assert not report.ok and report.broken_at == 5 and "content does not match" in report.problem
+
+
+async def test_verify_and_export_read_in_bounded_batches(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_odd(log, rounds=4)
+    seen: list[int] = []
+    real = audit_log._batches
+
+    async def counting(*args: Any, **kwargs: Any) -> AsyncIterator[list[tuple[Any, ...]]]:
+        async for rows in real(*args, **kwargs):
+            seen.append(len(rows))
+            yield rows
+
+    monkeypatch.setattr(audit_log, "_batches", counting)
+    assert (await log.verify(batch=6)).ok
+    assert seen == [6, 6, 6, 2]  # never more than one batch of rows in memory
+    seen.clear()
+    await export_jsonl(log, io.StringIO(), batch=7)
+    assert seen == [7, 7, 6]
+
+
+async def test_verify_while_another_replica_appends_sees_one_consistent_chain(log: AuditLog, state_db: str) -> None:
+    await fill_odd(log, rounds=20)
+    other = Store(state_db, max_size=2)
+    await other.open()
+    try:
+        async def append_more() -> None:
+            for i in range(60):
+                await AuditLog(other).append(event="requested", actor_id="U9", actor_name="", channel_id="C", request_id=f"x{i}",
+                                             command_text="x", plan={"i": i}, result=None)
+        reports = await asyncio.gather(append_more(), *(log.verify(batch=5) for _ in range(3)))
+    finally:
+        await other.close()
+    assert all(r.ok for r in reports[1:]), [r.summary() for r in reports[1:]]
+    assert (await log.verify()).checked == 20 * len(ODD_PLANS) + 60
+
+
+async def test_verify_file_streams_and_finds_an_edit(log: AuditLog, state_db: str, tmp_path: Path) -> None:
+    await fill_odd(log)
+    out = tmp_path / "e.jsonl"
+    env = {**os.environ, "DATABASE_URL": state_db}
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "export", "-o", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--file", str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "OK: 15 rows, seq 1..15" in proc.stdout, proc.stdout
+    lines = out.read_text().split("\n")
+    edited = json.loads(lines[2])
+    edited["plan"]["emoji"] = "🛑"
+    report, _ = verify_lines([*lines[:2], json.dumps(edited), *lines[3:]])
+    assert not report.ok and report.broken_at == 3
+    report, _ = verify_lines([*lines[:5], *lines[6:]])
+    assert not report.ok and report.broken_at == 6 and "missing" in report.problem
+
+
+def test_verify_with_the_database_down_says_so_and_does_not_hang() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "verify"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/postgres"})
+    assert proc.returncode == 1 and "database" in proc.stderr.lower() and "OK" not in proc.stdout, (proc.stdout, proc.stderr)
+
+
+# ------------------------------------------------------------------ search
+
+
+@pytest.fixture
+def big_db(state_db: str) -> str:
+    """50,000 rows written straight in SQL (their hashes are not a chain: search does not care), analysed."""
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
+        conn.execute("""
+            INSERT INTO audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text, plan, result,
+                                      prev_hash, hash)
+            SELECT g, now() - make_interval(secs => 50000 - g), (ARRAY['requested','approved','succeeded','failed','read'])[1 + g % 5],
+                   'U' || (g % 500), 'user' || (g % 500), 'C1', 'r-' || (g / 4),
+                   (ARRAY['scale','restart','status'])[1 + g % 3] || ' w' || (g % 97),
+                   jsonb_build_object('command', (ARRAY['scale','restart','status'])[1 + g % 3], 'target_name', 'w' || (g % 97),
+                                      'target_label', 'ns/w' || (g % 97), 'target', 'deployment/prod/ns/w' || (g % 97)),
+                   NULL, md5(g::text) || md5(g::text), md5(g::text || 'h') || md5(g::text)
+            FROM generate_series(1, 50000) g""")
+        conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
+        conn.execute("ANALYZE audit_events")
+    return state_db
+
+
+FILTERS: list[dict[str, Any]] = [
+    {"user": "U7"}, {"user": "@user7"}, {"command": "restart"}, {"target": "w42"}, {"target": "ns/w4"},
+    {"since": datetime.now(UTC) - timedelta(minutes=5)}, {"outcome": "failed"},
+    {"user": "U7", "since": datetime.now(UTC) - timedelta(days=7)}, {"outcome": "failed", "command": "scale"},
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=[",".join(f) for f in FILTERS])
+async def test_every_search_filter_uses_an_index(big_db: str, filters: dict[str, Any]) -> None:
+    (page, page_args), (count, count_args) = search_queries(**filters, limit=15, offset=30)
+    with psycopg.connect(big_db) as conn:
+        for query, args in ((page, page_args), (count, count_args), search_queries(**filters, limit=15, before_seq=40000)[0]):
+            plan = "\n".join(r[0] for r in conn.execute(psycopg.sql.SQL("EXPLAIN ") + query, args).fetchall())
+            assert "Seq Scan on audit_events" not in plan, plan
+            assert "audit_events_" in plan, plan  # an index of audit_events (the filter's own, or seq's for the newest rows)
+
+
+async def test_search_pages_by_keyset_and_counts_only_up_to_the_cap(big_db: str) -> None:
+    store = Store(big_db, max_size=2)
+    await store.open()
+    try:
+        log = AuditLog(store)
+        rows, total = await log.search(outcome="failed", limit=15)
+        assert total == audit_log.SEARCH_COUNT_CAP + 1  # 10,000 match: "more than 1,000", not a count of them all
+        nxt, _ = await log.search(outcome="failed", limit=15, before_seq=rows[-1]["seq"])
+        by_offset, _ = await log.search(outcome="failed", limit=15, offset=15)
+        assert [r["seq"] for r in nxt] == [r["seq"] for r in by_offset] and nxt[0]["seq"] < rows[-1]["seq"]
+        few, n = await log.search(user="U7", command="scale", limit=15)
+        assert 0 < n < audit_log.SEARCH_COUNT_CAP and all(r["actor_id"] == "U7" for r in few)
+    finally:
+        await store.close()
+
+
+async def test_hostile_target_wildcards_match_literally(big_db: str) -> None:
+    store = Store(big_db, max_size=2)
+    await store.open()
+    try:
+        log = AuditLog(store)
+        for hostile in ("%", "_", "w4%", "\\", "'; DROP TABLE audit_events; --"):
+            rows, total = await log.search(target=hostile, limit=15)
+            assert (rows, total) == ([], 0), hostile
+        assert (await log.search(target="w42", limit=15))[1] > 0
+    finally:
+        await store.close()

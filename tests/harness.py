@@ -167,6 +167,12 @@ class Harness:
             return next((r for r in reversed(fresh) if containing in r.get("text", "")), None)
         return await self.eventually(probe, timeout=timeout, what=f"a response containing {containing!r}")
 
+    def audit_lines(self, channel: str = "C0AUDIT", thread_ts: str | None = None) -> list[str]:
+        """The audit lines (`` `#N` … hash `…` ``) in the audit channel (or one thread of it), in order:
+        the poster may put several rows in one message."""
+        messages = self.slack.thread(channel, thread_ts) if thread_ts else self.slack.in_channel(channel)
+        return [line for m in messages for line in m.text.splitlines() if line.startswith("`#")]
+
     async def audit_events(self, request_id: str | None = None) -> list[str]:
         return [r["event"] for r in await self.runtime.audit.log.rows(request_id)]
 

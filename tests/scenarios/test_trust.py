@@ -128,7 +128,7 @@ async def test_slack_429_retry_after_is_honoured_per_method(bot: Harness, state_
         return await bot.runtime.audit.log.unposted() == 0
 
     await bot.eventually(posted, timeout=10, what="the audit channel to catch up after Retry-After")
-    lines = [m.text for m in bot.slack.in_channel("C0AUDIT")]
+    lines = bot.audit_lines()
     assert [int(t.split("`#")[1].split("`")[0]) for t in lines] == [1, 2, 3]
 
 
@@ -151,8 +151,8 @@ async def test_the_audit_channel_keeps_seq_order_after_an_outage(bot: Harness, s
         return await bot.runtime.audit.log.unposted() == 0
 
     await bot.eventually(posted, timeout=10, what="the audit channel to catch up")
-    lines = [m.text for m in bot.slack.in_channel("C0AUDIT")]
-    assert "`#1`" in lines[0] and "`#2`" in lines[1], lines
+    lines = bot.audit_lines()
+    assert len(lines) == 2 and "`#1`" in lines[0] and "`#2`" in lines[1], lines
 
 
 # ---------------------------------------------------------------------------- 6. bounded retries of uncertain posts
@@ -484,7 +484,7 @@ async def test_bad_spool_lines_are_quarantined_and_the_rest_is_drained(config: C
         invalid = await wait_rows(bot, "invalid", 2)
         assert [r["command_text"] for r in invalid] == ["scale wrkr 1", "scale wrkr 2"]
         await bot.eventually(lambda: _all_posted(bot), what="the drained rows to be posted")
-        assert len([m for m in bot.slack.in_channel("C0AUDIT") if "scale wrkr" in m.text]) == 2
+        assert len([line for line in bot.audit_lines() if "scale wrkr" in line]) == 2
         assert not (spool / "spool-1-deadbeef.jsonl").exists()
         quarantined = [json.loads(line) for line in (spool / "quarantine.jsonl").read_text().splitlines()]
         assert [q["raw"] for q in quarantined] == bad

@@ -32,13 +32,12 @@ from bot.action_config import BUILTIN_VARS, HttpAction, placeholders, render_jso
 from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import ExecutionError, OutcomeUnknown, Refused, UsageError
-from bot.messages import plural
 from bot.ports import Context, ProbeResponse
 from bot.redaction import scrub_text
 from commands.actions.base import ActionCommand, shown_value
-from commands.actions.sql import ROWS_SHOWN, plan_rows, row_line
+from commands.actions.sql import looked_at
 from commands.base import Params
-from commands.shown import one_line, untrusted
+from commands.shown import one_line
 
 MAX_URL = 2048  # characters of the rendered URL
 MAX_BODY = 64 * 1024  # bytes of the rendered JSON body
@@ -164,13 +163,8 @@ class HttpCommand(ActionCommand):
                        "an API that honours it does not act twice")
         before: dict[str, Any] = {}
         if spec.plan is not None:
-            rows = await plan_rows(ctx, spec.plan.database or "", spec.plan, params)
-            if not rows and spec.plan.require_rows:
-                raise Refused(f"nothing matches `{untrusted(self.label(params), 200)}`: the plan query found no row, so there is "
-                              "nothing to do. Check the values.")
-            details += [f"now: {row_line(r)}" for r in rows[:ROWS_SHOWN]]
-            if len(rows) > ROWS_SHOWN:
-                details.append(f"… and {plural(len(rows) - ROWS_SHOWN, 'more row')}")
+            rows, lines = await looked_at(ctx, spec.plan.database or "", spec.plan, params, self.label(params))
+            details += lines
             before["rows"] = rows
         # Header names only: the values are secrets and a plan is stored in the audit trail.
         after: dict[str, Any] = {"method": spec.method, "url": url, "headers": [*spec.headers, spec.idempotency_header],

@@ -72,6 +72,19 @@ async def plan_rows(ctx: Context, database: str, query: PlanQuery, params: Param
     return [{str(k): plain(v) for k, v in row.items()} for row in rows]
 
 
+async def looked_at(ctx: Context, database: str, query: PlanQuery, params: Params, label: str) -> tuple[list[Obj], list[str]]:
+    """A plan query's rows and the card's lines for them ("now: …", at most ``ROWS_SHOWN``); Refused when
+    it found no row and the action requires one (nobody is asked to approve a no-op)."""
+    rows = await plan_rows(ctx, database, query, params)
+    if not rows and query.require_rows:
+        raise Refused(f"nothing matches `{untrusted(label, 200)}`: the plan query found no row, so there is "
+                      "nothing to do. Check the values.")
+    lines = [f"now: {row_line(r)}" for r in rows[:ROWS_SHOWN]]
+    if len(rows) > ROWS_SHOWN:
+        lines.append(f"… and {plural(len(rows) - ROWS_SHOWN, 'more row')}")
+    return rows, lines
+
+
 class SqlCommand(ActionCommand):
     backend = "the platform database"
 
@@ -83,13 +96,8 @@ class SqlCommand(ActionCommand):
                    f"expects {describe_rows(spec.expect_rows)}; anything else is rolled back"]
         before: dict[str, Any] = {}
         if spec.plan is not None:
-            rows = await plan_rows(ctx, spec.database, spec.plan, params)
-            if not rows and spec.plan.require_rows:
-                raise Refused(f"nothing matches `{untrusted(self.label(params), 200)}`: the plan query found no row, so there is "
-                              "nothing to do. Check the values.")
-            details += [f"now: {row_line(r)}" for r in rows[:ROWS_SHOWN]]
-            if len(rows) > ROWS_SHOWN:
-                details.append(f"… and {plural(len(rows) - ROWS_SHOWN, 'more row')}")
+            rows, lines = await looked_at(ctx, spec.database, spec.plan, params, self.label(params))
+            details += lines
             # One row (the usual "this event", "this payout"): its columns, so a stale check says which one
             # changed ("last_error was …, now …"); several: the list.
             before.update(rows[0] if len(rows) == 1 else {"rows": rows})

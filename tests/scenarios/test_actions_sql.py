@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import psycopg
@@ -202,19 +203,32 @@ class DownWorld:
         self.bot, self.proxy = bot, proxy
 
 
+@asynccontextmanager
+async def proxied(behind: str, *, platform_db: str, redis_url: str, queue_prefix: str, slack: FakeSlack, state_db: str,
+                  kubeconfig: str) -> AsyncIterator[DownWorld]:
+    """The bot with the platform's database (``behind="db"``) or its Redis (``"redis"``) behind a proxy
+    that can go down or freeze; opsbot's own database and Redis stay direct."""
+    proxy, via = await TcpProxy.for_url(platform_db if behind == "db" else redis_url)
+    with psycopg.connect(platform_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE counters (name text PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES ('retries', 0)")
+    config = config_with_actions(via if behind == "db" else platform_db, via if behind == "redis" else redis_url, queue_prefix,
+                                 ACTIONS)
+    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                              queue_prefix=queue_prefix)
+    try:
+        yield DownWorld(bot, proxy)
+    finally:
+        proxy.up()
+        await asyncio.wait_for(bot.stop(), timeout=60)
+        await proxy.stop()
+
+
 @pytest_asyncio.fixture
 async def through_proxy(platform_db: str, redis_url: str, queue_prefix: str, slack: FakeSlack, state_db: str,
                         kubeconfig: str) -> AsyncIterator[DownWorld]:
-    proxy, url = await TcpProxy.for_url(platform_db)
-    with psycopg.connect(platform_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE counters (name text PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES ('retries', 0)")
-    config = config_with_actions(url, redis_url, queue_prefix, ACTIONS)
-    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
-                              queue_prefix=queue_prefix)
-    yield DownWorld(bot, proxy)
-    proxy.up()
-    await asyncio.wait_for(bot.stop(), timeout=60)
-    await proxy.stop()
+    async with proxied("db", platform_db=platform_db, redis_url=redis_url, queue_prefix=queue_prefix, slack=slack,
+                       state_db=state_db, kubeconfig=kubeconfig) as world:
+        yield world
 
 
 async def test_platform_database_down_at_the_command_is_a_refusal_that_names_it(through_proxy: DownWorld) -> None:
@@ -328,16 +342,9 @@ async def test_an_action_removed_after_approval_was_asked_fails_and_says_why(bot
 @pytest_asyncio.fixture
 async def redis_proxied(platform_db: str, redis_url: str, queue_prefix: str, slack: FakeSlack, state_db: str,
                         kubeconfig: str) -> AsyncIterator[DownWorld]:
-    proxy, via = await TcpProxy.for_url(redis_url)
-    with psycopg.connect(platform_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE counters (name text PRIMARY KEY, n int NOT NULL); INSERT INTO counters VALUES ('retries', 0)")
-    config = config_with_actions(platform_db, via, queue_prefix, ACTIONS)
-    bot = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
-                              queue_prefix=queue_prefix)
-    yield DownWorld(bot, proxy)
-    proxy.up()
-    await asyncio.wait_for(bot.stop(), timeout=60)
-    await proxy.stop()
+    async with proxied("redis", platform_db=platform_db, redis_url=redis_url, queue_prefix=queue_prefix, slack=slack,
+                       state_db=state_db, kubeconfig=kubeconfig) as world:
+        yield world
 
 
 async def test_replay_as_sql_with_redis_frozen_is_unknown_and_says_the_row_was_rolled_back(redis_proxied: DownWorld,

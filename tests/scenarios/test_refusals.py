@@ -52,7 +52,7 @@ async def test_malformed_commands_say_what_to_type(bot: Harness) -> None:
 
     assert await bot.eventually(all_recorded, what="audit rows") == ["invalid"] * len(cases)
     async def lines():  # type: ignore[no-untyped-def]
-        posted = bot.slack.in_channel("C0AUDIT")
+        posted = bot.audit_lines()  # (the poster may put several rows in one message)
         return posted if len(posted) >= len(cases) else None
 
     assert len(await bot.eventually(lines, what="the audit lines")) == len(cases), "one line per invalid attempt"

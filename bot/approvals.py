@@ -76,7 +76,8 @@ class Approvals:
         naming = {g: [r for r, role in self.config.roles.items() if g in role.usergroups] for g in problems}
         return "".join(f"\n:warning: {line}" for line in usergroup_problems(problems, naming))
 
-    async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision) -> OpsRequest:
+    async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision, *,
+                   undo_of: str | None = None, undo_of_link: str | None = None) -> OpsRequest:
         needs_approval = decision.kind is DecisionKind.NEEDS_APPROVAL
         glass = inv.flags.break_glass if decision.kind is DecisionKind.BREAK_GLASS else ""
         request = await self.store.create_request(
@@ -85,11 +86,12 @@ class Approvals:
             state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
             approvals_required=decision.approvals_required, approver_roles=decision.approver_roles,
             approvals_each=decision.approvals_each, rule=decision.rule, expires_in=decision.expires_in_seconds,
-            break_glass=glass, delivery_id=req.delivery_id,
+            break_glass=glass, delivery_id=req.delivery_id, undo_of=undo_of, undo_of_link=undo_of_link,
         )
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
-                                result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason})
+                                result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason,
+                                        **({"undo_of": undo_of} if undo_of else {})})
         try:
             channel, ts = await self.chat.post_card(request)
         except OpsbotError as exc:

@@ -190,7 +190,9 @@ def request_status(request: OpsRequest) -> str:
 
 def thread_result(request: OpsRequest) -> str:
     if request.state is RequestState.SUCCEEDED:
-        return f":large_green_circle: Done: {mrkdwn((request.result or {}).get('message', ''))}"
+        undo = (request.result or {}).get("undo")
+        hint = f" Undo: {code('/ops undo ' + request.id)} (or Undo on the card)." if isinstance(undo, dict) and undo.get("offered") else ""
+        return f":large_green_circle: Done: {mrkdwn((request.result or {}).get('message', ''))}{hint}"
     if request.state is RequestState.FAILED:
         return f":red_circle: Failed: {mrkdwn(request.error)}"
     if request.state is RequestState.STALE:

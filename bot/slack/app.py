@@ -26,13 +26,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.approvals import Approvals
-from bot.domain import Actor, Invocation, UserId
+from bot.domain import Actor, ChannelId, CommandRequest, Invocation, UserId
 from bot.errors import BackendUnavailable, MalformedPayload, UserError
 from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
-from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY
+from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY, UNDO
 from bot.slack.payloads import click, click_user, command_request, unchecked_request
+from bot.undo import undo_text
 
 log = logging.getLogger(__name__)
 INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
@@ -179,6 +180,26 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 log.exception("a review click on %r failed", c.value[:80])
                 await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,
                                                          text=f"{INTERNAL} Your review was not recorded."))
+
+    @app.action(UNDO)
+    async def undo(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Undo on a succeeded card: `/ops undo <id>` typed by the clicker, in the card's channel;
+        they are answered privately (no response_url: an ephemeral message), the new card is posted."""
+        with _tracked(inflight):
+            await ack()
+            try:
+                c = click(body, action)
+            except MalformedPayload as exc:
+                await _malformed_click(body, exc)
+                return
+            req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=undo_text(c.value))
+            try:
+                inv = pipeline.parse(req)
+            except UserError as exc:
+                await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=f":x: {exc}"))
+                await pipeline.record_invalid(req, exc)
+                return
+            await pipeline.handle(req, inv)
 
     @app.action(re.compile(".*"))
     async def other_button(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from bot.domain import OpsRequest, RequestState
 from bot.messages import approvals_line, code, mrkdwn, request_status
 
 APPROVE, DENY, ACKNOWLEDGE = "opsbot_approve", "opsbot_deny", "opsbot_acknowledge"
+UNDO = "opsbot_undo"  # value: the request id to undo (bot/undo.py); the click is `/ops undo <id>` by the clicker
 
 
 def _text(s: str) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def card_fallback(request: OpsRequest) -> str:
 
 def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     plan = request.plan
-    lines = [f"*{mrkdwn(plan.get('summary', request.text))}*",
+    lines = [undo_of_line(request) + f"*{mrkdwn(plan.get('summary', request.text))}*",
              f"target: {code(plan.get('target_label', plan.get('target')))} · environment: *{mrkdwn(plan.get('environment'))}*"]
     lines += [f"• {mrkdwn(d)}" for d in plan.get("details") or []]
     context = [f"requested by {request.requester.mention()}: {code('/ops ' + request.text)}"]
@@ -65,6 +66,7 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     elif request.state.final and (request.error or request.result):
         outcome = request.error or (request.result or {}).get("message", "")
         blocks.append({"type": "context", "elements": [_text(mrkdwn(outcome))]})
+        blocks += undo_blocks(request)
     if request.review_state == "needed":
         blocks.append({"type": "actions", "block_id": f"opsbot_review:{request.id}", "elements": [
             {"type": "button", "action_id": ACKNOWLEDGE, "value": request.id, "style": "primary",
@@ -74,3 +76,27 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     elif request.review_state == "acknowledged":
         blocks.append({"type": "context", "elements": [_text(f"break-glass reviewed by <@{request.reviewed_by}>")]})
     return blocks
+
+
+def undo_of_line(request: OpsRequest) -> str:
+    """The start of an undo's summary: "Undo of `r-…` (its card):"."""
+    if not request.undo_of:
+        return ""
+    card = f" (<{request.undo_of_link}|its card>)" if request.undo_of_link else ""
+    return f":leftwards_arrow_with_hook: *Undo of* `{request.undo_of}`{card}: "
+
+
+def undo_blocks(request: OpsRequest) -> list[dict[str, Any]]:
+    """A succeeded request's Undo button, or why it has none (``result.undo``, set by the worker)."""
+    offer = (request.result or {}).get("undo") if request.state is RequestState.SUCCEEDED else None
+    if not isinstance(offer, dict):
+        return []
+    if not offer.get("offered"):
+        return [{"type": "context", "elements": [_text(f"No undo: {mrkdwn(offer.get('why') or 'it has no safe inverse')}.")]}]
+    return [{"type": "actions", "block_id": f"opsbot_undo:{request.id}", "elements": [
+        {"type": "button", "action_id": UNDO, "value": request.id, "text": {"type": "plain_text", "text": "Undo"},
+         "confirm": {"title": {"type": "plain_text", "text": "Undo this change?"},
+                     "text": _text(f"Requests {mrkdwn(offer.get('why') or 'its inverse')} (undo of `{request.id}`), with "
+                                   "the same approvals as any request."),
+                     "confirm": {"type": "plain_text", "text": "Request undo"},
+                     "deny": {"type": "plain_text", "text": "Cancel"}}}]}]

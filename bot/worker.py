@@ -207,7 +207,7 @@ class Executor:
         self.metrics.requests.labels(request.command, state.value).inc()
         await self._record(state.value, done, result=result or {"error": error})
         self.notices.card_changed()
-        await self.notices.thread(done, thread_result(done))
+        await self.notices.thread(done, thread_result(done), undo_button=bool(((done.result or {}).get("undo") or {}).get("offered")))
         return state.value
 
     async def _record(self, event: str, request: OpsRequest, result: dict[str, Any] | None = None) -> None:

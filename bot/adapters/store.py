@@ -436,9 +436,10 @@ class Store:
 
     # ------------------------------------------------------------------ what the incident channel is told
 
-    async def add_thread_notice(self, request_id: str, text: str) -> None:
+    async def add_thread_notice(self, request_id: str, text: str, *, undo_button: str | None = None) -> None:
         async with self._conn() as conn:
-            await conn.execute("INSERT INTO chat_outbox (request_id, text) VALUES (%s, %s)", (request_id, text))
+            await conn.execute("INSERT INTO chat_outbox (request_id, text, undo_button) VALUES (%s, %s, %s)",
+                               (request_id, text, undo_button))
 
     async def due_thread_notices(self, limit: int = 100) -> list[dict[str, Any]]:
         """Unposted thread replies, oldest first, with where they go (the card's thread) and
@@ -446,7 +447,7 @@ class Store:
         reply is not due waits)."""
         async with self._conn() as conn:
             return await (await conn.execute(
-                """SELECT o.id, o.request_id, o.text, o.attempts, o.uncertain, o.next_attempt_at <= now() AS due,
+                """SELECT o.id, o.request_id, o.text, o.undo_button, o.attempts, o.uncertain, o.next_attempt_at <= now() AS due,
                           coalesce(r.card_channel, r.channel_id) AS channel, r.card_ts AS thread_ts
                    FROM chat_outbox o JOIN ops_requests r ON r.id = o.request_id
                    WHERE o.posted_ts IS NULL AND NOT o.gave_up ORDER BY o.id LIMIT %s""", (limit,))).fetchall()

@@ -8,3 +8,6 @@ ALTER TABLE ops_requests
     ADD COLUMN undo_of_link text;
 CREATE UNIQUE INDEX ops_requests_one_undo ON ops_requests (undo_of)
     WHERE undo_of IS NOT NULL AND state IN ('pending_approval', 'approved', 'running', 'succeeded');
+
+-- A thread reply may carry the Undo button of its request (the "Done" of a request that has an inverse).
+ALTER TABLE chat_outbox ADD COLUMN undo_button text;

@@ -93,10 +93,20 @@ def undo_blocks(request: OpsRequest) -> list[dict[str, Any]]:
         return []
     if not offer.get("offered"):
         return [{"type": "context", "elements": [_text(f"No undo: {mrkdwn(offer.get('why') or 'it has no safe inverse')}.")]}]
-    return [{"type": "actions", "block_id": f"opsbot_undo:{request.id}", "elements": [
-        {"type": "button", "action_id": UNDO, "value": request.id, "text": {"type": "plain_text", "text": "Undo"},
+    return [undo_button(request.id, f"Requests {mrkdwn(offer.get('why') or 'its inverse')} (undo of `{request.id}`), with "
+                                    "the same approvals as any request.")]
+
+
+def undo_button(request_id: str, explain: str = "") -> dict[str, Any]:
+    """The actions block with the Undo button of ``request_id`` (its click: `/ops undo <id>` by the clicker)."""
+    return {"type": "actions", "block_id": f"opsbot_undo:{request_id}", "elements": [
+        {"type": "button", "action_id": UNDO, "value": request_id, "text": {"type": "plain_text", "text": "Undo"},
          "confirm": {"title": {"type": "plain_text", "text": "Undo this change?"},
-                     "text": _text(f"Requests {mrkdwn(offer.get('why') or 'its inverse')} (undo of `{request.id}`), with "
-                                   "the same approvals as any request."),
+                     "text": _text(explain or f"Requests the inverse of `{request_id}`, with the same approvals as any request."),
                      "confirm": {"type": "plain_text", "text": "Request undo"},
-                     "deny": {"type": "plain_text", "text": "Cancel"}}}]}]
+                     "deny": {"type": "plain_text", "text": "Cancel"}}}]}
+
+
+def message_with_undo(text: str, request_id: str) -> list[dict[str, Any]]:
+    """A thread reply (already mrkdwn-safe) with the Undo button of its request under it."""
+    return [{"type": "section", "text": _text(text)}, undo_button(request_id)]

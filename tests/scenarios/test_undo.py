@@ -111,11 +111,14 @@ async def test_undo_of_a_scale_by_the_button_goes_through_approval(bot: Harness,
     c = card(bot, original)
     assert [b["text"]["text"] for b in c.buttons()] == ["Undo"]
     assert c.buttons()[0]["value"] == original.id and c.buttons()[0]["action_id"] == "opsbot_undo"
-    thread = [m.text for m in bot.slack.thread(Harness.INCIDENT, original.card_ts or "")]
-    assert any(t.startswith(":large_green_circle: Done") and f"/ops undo {original.id}" in t for t in thread), thread
+    done_reply = next(m for m in bot.slack.thread(Harness.INCIDENT, original.card_ts or "")
+                      if m.text.startswith(":large_green_circle: Done"))
+    assert f"/ops undo {original.id}" in done_reply.text
+    assert [(b["text"]["text"], b["value"]) for b in done_reply.buttons()] == [("Undo", original.id)]
 
-    # Dan (an approver) clicks Undo: a new request by Dan, through the production policy: it needs an approval.
-    status, _ = await click_undo(bot, DAN, original)
+    # Dan (an approver) clicks Undo under the "Done" in the thread: a new request by Dan, through the
+    # production policy: it needs an approval.
+    status, _ = await bot.post_signed(undo_click_body(bot, DAN, original.id, card_ts=done_reply.ts))
     assert status == 200
     undo = await the_undo(bot, original)
     assert undo.requester.user_id == DAN and undo.undo_of == original.id
@@ -258,8 +261,8 @@ async def test_commands_without_a_safe_inverse_get_no_button_and_a_clear_refusal
     c = card(bot, original)
     assert c.buttons() == []
     assert "No undo: a restart has no inverse" in c.all_text()
-    thread = [m.text for m in bot.slack.thread(Harness.INCIDENT, original.card_ts or "")]
-    assert not any("/ops undo" in t for t in thread)
+    thread = bot.slack.thread(Harness.INCIDENT, original.card_ts or "")
+    assert not any("/ops undo" in m.text or m.buttons() for m in thread)
     before = await request_count(bot)
     said = await answer(bot, ALICE, f"/ops undo {original.id}", "Not undone")
     assert "cannot be undone: a restart has no inverse" in said and "Nothing was requested" in said

@@ -137,6 +137,9 @@ EVENT_LABEL = {
     "revert_delayed": "auto-revert delayed (backend unavailable; will retry)",
     "revert_failed": ":rotating_light: AUTO-REVERT FAILED",
     "revert_superseded": "auto-revert cancelled (a later request set the value back)",
+    # Undo (bot/undo.py): on the original's trail
+    "undo_requested": "undo requested",
+    "undo_refused": "undo refused",
 }
 
 

@@ -137,7 +137,8 @@ class Undos:
         """The undo request is open: the original's trail says so, and the person is told."""
         await self.audit.record("undo_requested", actor=req.actor, channel_id=req.channel_id, request_id=start.original.id,
                                 text=start.asked.text, plan=start.original.plan,
-                                result={"undo": new.id, "as": start.invocation.text})
+                                result={"undo": new.id, "as": start.invocation.text,
+                                        "message": f"undo requested as `{new.id}`: /ops {start.invocation.text}"})
         where = new.card_channel or req.channel_id
         await self._reply(req, f":leftwards_arrow_with_hook: Undo of `{start.original.id}` requested as `{new.id}`: "
                                f"{mrkdwn(new.summary)} ({code('/ops ' + start.invocation.text)}). Its card is in <#{where}>.")

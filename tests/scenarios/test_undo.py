@@ -18,7 +18,7 @@ import pytest
 from bot.domain import OpsRequest
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.slack_api import Message
-from tests.conftest import ALICE, BOTH, CAROL, DAN, MALLORY
+from tests.conftest import ALICE, BOTH, CAROL, DAN, EVE, MALLORY
 from tests.harness import Harness
 
 
@@ -139,6 +139,12 @@ async def test_undo_of_a_scale_by_the_button_goes_through_approval(bot: Harness,
     assert requested[0]["result"]["undo_of"] == original.id
     linked = await rows(bot, original.id, "undo_requested")
     assert len(linked) == 1 and linked[0]["result"]["undo"] == undo.id and linked[0]["actor_id"] == DAN
+
+    async def in_audit_channel() -> bool:  # in the original's thread of the audit channel
+        heads = [m for m in bot.slack.in_channel("C0AUDIT") if original.id in m.text]
+        return bool(heads) and any("*undo requested*" in line and undo.id in line and linked[0]["hash"] in line
+                                   for line in bot.audit_lines(thread_ts=heads[0].ts))
+    await bot.eventually(in_audit_channel, what="the undo_requested row in the audit channel")
 
     # Dan cannot approve his own undo; Carol can.
     await bot.click(DAN, undo.id, "approve")
@@ -370,3 +376,40 @@ async def test_two_fast_undo_clicks_open_one_undo(bot: Harness, kube: KubeApiSer
         return found[-1] if len(found) == 2 and found[-1].card_ts else None
     again = await bot.eventually(second, what="a new undo after the denied one")
     assert again.state.value == "pending_approval"
+
+
+# ---------------------------------------------------------------------------------------------- a flag action
+
+
+async def test_undo_of_a_flag_sets_back_the_value_it_found_and_ends_its_auto_revert(bot: Harness, platform_db: str) -> None:
+    with psycopg.connect(platform_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE feature_flags (key text PRIMARY KEY, enabled boolean NOT NULL);"
+                     "INSERT INTO feature_flags VALUES ('support.maintenance_mode', false)")
+
+    def enabled() -> bool:
+        with psycopg.connect(platform_db) as conn:
+            row = conn.execute("SELECT enabled FROM feature_flags WHERE key = 'support.maintenance_mode'").fetchone()
+        assert row is not None
+        return bool(row[0])
+
+    original = await done(bot, ALICE, "/ops maintenance on")
+    assert enabled() is True
+    await click_undo(bot, ALICE, original)
+    undo = await the_undo(bot, original)
+    assert undo.text == "maintenance off" and "maintenance: on → off" in card(bot, undo).all_text()
+    await bot.click(CAROL, undo.id, "approve")
+    assert (await bot.state_of(undo.id, "succeeded", "failed", "stale")).state.value == "succeeded"
+    assert enabled() is False
+    async with bot.runtime.store.connection() as conn:
+        row = await (await conn.execute("SELECT outcome FROM scheduled_reverts WHERE request_id = %s", (original.id,))).fetchone()
+    assert row is not None and row["outcome"] == "superseded", "the undo put it back: the 2h auto-revert ends, none is added"
+
+
+async def test_someone_the_policy_does_not_let_scale_cannot_undo_a_scale(bot: Harness, kube: KubeApiServer) -> None:
+    original = await done(bot, ALICE, "/ops scale worker 6")
+    before = await request_count(bot)
+    await click_undo(bot, EVE, original)  # an auditor: may read, may not scale
+    said = await ephemeral(bot, EVE, "Not allowed")
+    assert "scale" in said[0]
+    assert await request_count(bot) == before and replicas(kube) == 6
+    assert len(await undo_of(bot, original)) == 0

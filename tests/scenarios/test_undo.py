@@ -17,9 +17,10 @@ import pytest
 
 from bot.domain import OpsRequest
 from bot.sandbox.kube_apiserver import KubeApiServer
-from bot.sandbox.slack_api import Message
+from bot.sandbox.slack_api import FakeSlack, Message
 from tests.conftest import ALICE, BOTH, CAROL, DAN, EVE, MALLORY
-from tests.harness import Harness
+from tests.harness import Harness, click_body, slash_body
+from tests.scenarios.test_replicas import Fleet, eventually, fleet  # noqa: F401  (the two-replica fixture)
 
 
 def replicas(kube: KubeApiServer, name: str = "nova-worker") -> int:
@@ -34,7 +35,7 @@ def card(bot: Harness, request: OpsRequest) -> Message:
     return next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == request.card_ts)
 
 
-def undo_click_body(bot: Harness, user: str, value: str, *, card_ts: str, channel: str = Harness.INCIDENT) -> str:
+def undo_click_body(slack: FakeSlack, user: str, value: str, *, card_ts: str, channel: str = Harness.INCIDENT) -> str:
     """What Slack posts when ``user`` clicks Undo on the card ``card_ts`` (``value``: the button's value)."""
     payload = {
         "type": "block_actions", "team": {"id": "T0FAKE", "domain": "fake"},
@@ -42,7 +43,7 @@ def undo_click_body(bot: Harness, user: str, value: str, *, card_ts: str, channe
         "api_app_id": "A0OPS", "token": "legacy",
         "container": {"type": "message", "message_ts": card_ts, "channel_id": channel, "is_ephemeral": False},
         "trigger_id": uuid.uuid4().hex, "channel": {"id": channel, "name": "incident"},
-        "message": {"ts": card_ts, "text": "card"}, "response_url": bot.slack.response_url("click-" + uuid.uuid4().hex),
+        "message": {"ts": card_ts, "text": "card"}, "response_url": slack.response_url("click-" + uuid.uuid4().hex),
         "actions": [{"action_id": "opsbot_undo", "block_id": f"opsbot_undo:{value[:40]}", "value": value, "type": "button",
                      "action_ts": str(time.time())}],
     }
@@ -50,7 +51,7 @@ def undo_click_body(bot: Harness, user: str, value: str, *, card_ts: str, channe
 
 
 async def click_undo(bot: Harness, user: str, request: OpsRequest, *, value: str | None = None) -> tuple[int, str]:
-    return await bot.post_signed(undo_click_body(bot, user, request.id if value is None else value, card_ts=request.card_ts or ""))
+    return await bot.post_signed(undo_click_body(bot.slack, user, request.id if value is None else value, card_ts=request.card_ts or ""))
 
 
 async def ephemeral(bot: Harness, user: str, text: str, *, count: int = 1) -> list[str]:
@@ -118,7 +119,7 @@ async def test_undo_of_a_scale_by_the_button_goes_through_approval(bot: Harness,
 
     # Dan (an approver) clicks Undo under the "Done" in the thread: a new request by Dan, through the
     # production policy: it needs an approval.
-    status, _ = await bot.post_signed(undo_click_body(bot, DAN, original.id, card_ts=done_reply.ts))
+    status, _ = await bot.post_signed(undo_click_body(bot.slack, DAN, original.id, card_ts=done_reply.ts))
     assert status == 200
     undo = await the_undo(bot, original)
     assert undo.requester.user_id == DAN and undo.undo_of == original.id
@@ -413,3 +414,27 @@ async def test_someone_the_policy_does_not_let_scale_cannot_undo_a_scale(bot: Ha
     assert "scale" in said[0]
     assert await request_count(bot) == before and replicas(kube) == 6
     assert len(await undo_of(bot, original)) == 0
+
+
+async def test_two_replicas_each_given_an_undo_click_open_one_undo(fleet: Fleet) -> None:  # noqa: F811
+    one, two = fleet.servers
+    assert await fleet.post(one, slash_body(fleet.slack, ALICE, "scale worker 4")) == 200
+    first, card_ts = await fleet.new_request(0)
+    assert await fleet.post(two, click_body(fleet.slack, CAROL, first, card_ts)) == 200
+    assert await fleet.state(first, "succeeded", "failed", "stale", "unknown") == "succeeded"
+    # Dan on one replica, Carol on the other, at the same instant.
+    assert await asyncio.gather(fleet.post(one, undo_click_body(fleet.slack, DAN, first, card_ts=card_ts)),
+                                fleet.post(two, undo_click_body(fleet.slack, CAROL, first, card_ts=card_ts))) == [200, 200]
+
+    async def both_answered() -> list[tuple[Any, ...]] | None:
+        refused = fleet.rows("SELECT result->>'undo' FROM audit_events WHERE request_id = %s AND event = 'undo_refused'", first)
+        undos = fleet.rows("SELECT id FROM ops_requests WHERE undo_of = %s", first)
+        return undos if refused and undos else None
+
+    undos = await eventually(both_answered, what="one undo opened and the other click refused")
+    await asyncio.sleep(1.0)  # time for a second undo to show up, if there were one
+    assert len(fleet.rows("SELECT id FROM ops_requests WHERE undo_of = %s", first)) == 1
+    refused = fleet.rows("SELECT result->>'undo', result->>'why' FROM audit_events WHERE request_id = %s AND event = 'undo_refused'",
+                         first)
+    assert refused == [(undos[0][0], "duplicate")]
+    assert fleet.events(first).count("undo_requested") == 1

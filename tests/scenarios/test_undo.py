@@ -182,6 +182,16 @@ async def test_undo_of_a_rollback_goes_back_to_the_revision_it_replaced(bot: Har
     assert api_image(kube) == "ghcr.io/nova/api:1.4.2"
 
 
+async def test_undo_of_a_rollback_is_stale_once_another_image_runs(bot: Harness, kube: KubeApiServer) -> None:
+    original = await done(bot, ALICE, "/ops rollback api")
+    await done(bot, BOTH, "/ops rollback api --to-revision 1")
+    assert api_image(kube) == "ghcr.io/nova/api:1.4.0"
+    said = await answer(bot, ALICE, f"/ops undo {original.id}", "Not undone")
+    assert (f"api runs nova-api=ghcr.io/nova/api:1.4.0 now, not the nova-api=ghcr.io/nova/api:1.4.1 that `{original.id}` "
+            "rolled back to; nothing was requested") in said
+    assert len(await undo_of(bot, original)) == 0 and api_image(kube) == "ghcr.io/nova/api:1.4.0"
+
+
 async def test_a_second_rollback_says_it_reapplies_what_was_rolled_back_from(bot: Harness, kube: KubeApiServer) -> None:
     await done(bot, ALICE, '/ops rollback api --reason "1.4.2 breaks checkout"')
     await bot.slash(ALICE, "/ops rollback api")

@@ -110,7 +110,7 @@ class Undos:
                                                     f"{exc} Nothing was requested.", why="inverse_invalid")
             return None
         reason = asked.flags.reason or f"undo of {original.id}"
-        inv = replace(inv, flags=Flags(reason=reason))
+        inv = replace(inv, flags=Flags(reason=reason, dry_run=asked.flags.dry_run))
         return UndoStart(original=original, command=cmd, invocation=inv, asked=asked)
 
     async def still_as_left(self, req: CommandRequest, start: UndoStart, plan: Plan) -> bool:

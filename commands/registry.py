@@ -32,7 +32,7 @@ The grammar (kept exactly; it is part of the product):
     /ops health [<service>]
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
-    /ops undo <request-id> [--reason "…"]   request the inverse of a request that succeeded (bot/undo.py)
+    /ops undo <request-id> [--reason "…"] [--dry-run]   request the inverse of a request that succeeded (bot/undo.py)
     /ops help [<command>]
     /ops <words of an action> <its parameters>    the config's own `actions:` (commands/actions/)
 
@@ -93,7 +93,7 @@ HELP_USAGE = "/ops help"
 META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
               "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]"}
 AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
-UNDO_USAGE = '/ops undo <request-id> [--reason "…"]'
+UNDO_USAGE = '/ops undo <request-id> [--reason "…"] [--dry-run]'
 MAX_AUDIT_PAGE = 1_000_000
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 
@@ -147,8 +147,10 @@ def _parse_audit(tokens: list[str], text: str, config: Config) -> Invocation:
 
 
 def _parse_undo(tokens: list[str], text: str) -> Invocation:
-    """`/ops undo <request-id> [--reason "…"]`: the id is checked here, before anything is read."""
+    """`/ops undo <request-id> [--reason "…"] [--dry-run]`: the id is checked here, before anything is read."""
     reason = ""
+    dry_run = "--dry-run" in tokens
+    tokens = [t for t in tokens if t != "--dry-run"]
     if len(tokens) >= 2 and tokens[-2].partition("=")[0] == "--reason":
         reason, tokens = tokens[-1].strip(), tokens[:-2]
         if not reason:
@@ -165,7 +167,7 @@ def _parse_undo(tokens: list[str], text: str) -> Invocation:
         shown = "".join(c if c.isprintable() else "?" for c in given[:40]).replace("`", "'")
         raise UsageError(f"`{shown}`{'…' if len(given) > 40 else ''} is not an opsbot request id{non_ascii_hint(given[:40])}; "
                          "ids look like `r-7kq2m9xa` (on each card, and in `/ops audit`).", usage=UNDO_USAGE)
-    return Invocation(command="undo", params={"request_id": given}, flags=Flags(reason=reason), text=text.strip())
+    return Invocation(command="undo", params={"request_id": given}, flags=Flags(reason=reason, dry_run=dry_run), text=text.strip())
 
 
 def command(name: str, config: Config | None = None) -> Command:

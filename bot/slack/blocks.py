@@ -28,6 +28,8 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     context = [f"requested by {request.requester.mention()}: {code('/ops ' + request.text)}"]
     if request.audit_permalink:
         context.append(f"<{request.audit_permalink}|audit record>")
+    if request.undo_of_link:
+        context.append(f"<{request.undo_of_link}|card of the request it undoes>")
     if request.reason:
         context.append(f"reason: {mrkdwn(request.reason)}")
     if request.rule:
@@ -82,8 +84,7 @@ def undo_of_line(request: OpsRequest) -> str:
     """The start of an undo's summary: "Undo of `r-…` (its card):"."""
     if not request.undo_of:
         return ""
-    card = f" (<{request.undo_of_link}|its card>)" if request.undo_of_link else ""
-    return f":leftwards_arrow_with_hook: *Undo of* `{request.undo_of}`{card}: "
+    return f":leftwards_arrow_with_hook: Undo of `{request.undo_of}`: "
 
 
 def undo_blocks(request: OpsRequest) -> list[dict[str, Any]]:

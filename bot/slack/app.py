@@ -193,13 +193,25 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 await _malformed_click(body, exc)
                 return
             req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=undo_text(c.value))
+
+            def private(text: str) -> Awaitable[None]:
+                return approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=text)
             try:
                 inv = pipeline.parse(req)
             except UserError as exc:
-                await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=f":x: {exc}"))
+                await tell(private(f":x: {exc}"))
                 await pipeline.record_invalid(req, exc)
                 return
-            await pipeline.handle(req, inv)
+            # Unlike a vote, an Undo is a new request (it plans): it is admitted like a typed command.
+            load = pipeline.admission.enter()
+            if load is not None:
+                await tell(private(busy_text(load.in_flight, load.retry_after)))
+                await pipeline.record_busy(req, inv, load)
+                return
+            try:
+                await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
+            finally:
+                pipeline.admission.leave()
 
     @app.action(re.compile(".*"))
     async def other_button(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

@@ -458,3 +458,14 @@ async def test_two_replicas_each_given_an_undo_click_open_one_undo(fleet: Fleet)
                          first)
     assert refused == [(undos[0][0], "duplicate")]
     assert fleet.events(first).count("undo_requested") == 1
+
+
+async def test_a_slow_cluster_at_undo_time_is_said_and_the_undo_still_opens(bot: Harness, kube: KubeApiServer) -> None:
+    original = await done(bot, ALICE, "/ops scale worker 6")
+    kube.faults.add(method="GET", path_re=r"/deployments/nova-worker$", hang=3.0, times=1)
+    await click_undo(bot, ALICE, original)
+    await ephemeral(bot, ALICE, "Still working on it")
+    undo = await the_undo(bot, original)
+    assert undo.plan["after"] == {"replicas": 3}
+    said = await ephemeral(bot, ALICE, f"requested as `{undo.id}`")
+    assert len(said) == 1

@@ -194,7 +194,8 @@ async def test_undo_of_a_rollback_is_stale_once_another_image_runs(bot: Harness,
 
 
 async def test_a_second_rollback_says_it_reapplies_what_was_rolled_back_from(bot: Harness, kube: KubeApiServer) -> None:
-    await done(bot, ALICE, '/ops rollback api --reason "1.4.2 breaks checkout"')
+    first = await done(bot, ALICE, '/ops rollback api --reason "1.4.2 breaks checkout"')
+    assert "just rolled back from" not in card(bot, first).all_text(), "a first rollback re-applies nothing"
     await bot.slash(ALICE, "/ops rollback api")
     again = await bot.requested()
     text = card(bot, again).all_text()
@@ -202,9 +203,11 @@ async def test_a_second_rollback_says_it_reapplies_what_was_rolled_back_from(bot
     assert "revision 3 (nova-api=ghcr.io/nova/api:1.4.2) is the one that was just rolled back from" in text
     assert "Rolling back again re-applies nova-api=ghcr.io/nova/api:1.4.2" in text
     assert "`/ops rollback api --to-revision 1`" in text
-    assert again.plan["facts"]["reapplies_rolled_back"] is True
-    # A first rollback says nothing of the kind (tests/scenarios/test_rollback.py's card).
-    assert again.state.value == "pending_approval"
+    assert again.plan["facts"]["reapplies_rolled_back"] is True and again.state.value == "pending_approval"
+    # Asked for by revision, it is what was meant: no warning.
+    await bot.slash(BOTH, "/ops rollback api --to-revision 3")
+    explicit = await bot.requested()
+    assert "just rolled back from" not in card(bot, explicit).all_text()
 
 
 # ---------------------------------------------------------------------------------------------- provider, hpa, queue, flag

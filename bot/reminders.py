@@ -153,7 +153,9 @@ class Reminders:
                 return
             told.append(user)
             await self._told(row, user)
-        result: dict[str, Any] = {"told": [u for u in told if u not in unreachable], "roles": list(roles), "link": link}
+        reached = [u for u in told if u not in unreachable]
+        result: dict[str, Any] = {"told": reached, "roles": list(roles), "link": link,
+                                  "message": f"told {', '.join(reached) or 'nobody (no eligible approver left)'}"}
         if unreachable:
             result["unreachable"] = unreachable
         if kind == "review":

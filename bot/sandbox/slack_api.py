@@ -83,7 +83,8 @@ class FakeSlack:
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (method, channel) → (tokens, when)
         self.throttled = 0  # calls answered 429 by channel_rate
         self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
-        self.views: list[dict[str, Any]] = []  # views.open: {"id", "trigger_id", "view", "open"}; see view_submission_body
+        self.views: list[dict[str, Any]] = []  # views.open: {"id", "trigger_id", "view", "open", "user"}; see view_submission_body
+        self._triggers: dict[str, str] = {}  # the playground's clicks: trigger_id → who clicked (whose modal it opens)
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -112,6 +113,8 @@ class FakeSlack:
         app.router.add_post("/playground/command", self._command)
         app.router.add_post("/playground/action", self._action)
         app.router.add_post("/playground/view", self._submit_view)
+        app.router.add_post("/playground/view/close", self._close_view)
+        app.router.add_get("/playground/personal", self._personal)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -238,6 +241,7 @@ class FakeSlack:
             "actions": [{"action_id": data["action_id"], "block_id": data.get("block_id", ""), "value": data.get("value", ""),
                          "type": "button", "action_ts": str(time.time())}],
         }
+        self._triggers[payload["trigger_id"]] = user
         status, _ = await self._forward(urlencode({"payload": json.dumps(payload)}))
         return web.json_response({"status": status})
 
@@ -374,7 +378,8 @@ class FakeSlack:
             view = json.loads(view)
         if not args.get("trigger_id") or not isinstance(view, dict):
             return {"ok": False, "error": "invalid_arguments"}
-        opened = {"id": f"V{len(self.views) + 1:08d}", "trigger_id": args["trigger_id"], "view": view, "open": True}
+        opened = {"id": f"V{len(self.views) + 1:08d}", "trigger_id": args["trigger_id"], "view": view, "open": True,
+                  "user": self._triggers.get(args["trigger_id"])}
         self.views.append(opened)
         return {"ok": True, "view": {"id": opened["id"], **view}}
 
@@ -414,6 +419,19 @@ class FakeSlack:
             self.close_view(str(data["view_id"]))
         self._notify()
         return web.json_response({"status": status, "errors": errors})
+
+    async def _close_view(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        self.close_view(str(data["view_id"]))
+        self._notify()
+        return web.json_response({"ok": True})
+
+    async def _personal(self, request: web.Request) -> web.Response:
+        """The playground's person: the modal open for them, and their direct messages from opsbot."""
+        user = request.query.get("user", "")
+        views = [{"id": v["id"], "view": v["view"]} for v in self.views if v["open"] and v.get("user") == user]
+        dms = [{"ts": m.ts, "text": m.text} for m in self.messages if m.channel == user and m.user is None]
+        return web.json_response({"views": views[-1:], "dms": dms[-20:]})
 
     def close_view(self, view_id: str) -> None:
         for v in self.views:

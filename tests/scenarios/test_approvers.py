@@ -452,3 +452,45 @@ def test_defaults_remind_after_ten_minutes_and_never_escalate() -> None:
     assert approval is not None and (approval.remind_after, approval.escalate_after, approval.escalate_to) == (600, None, ())
     off = parse_config(text.replace("{from: [approver]}", "{from: [approver], remind_after: 0}"), env={}).rules[1].approval
     assert off is not None and off.remind_after == 0
+
+
+# ---------------------------------------------------------------------------- the playground
+
+
+async def test_the_playground_shows_the_deny_dialog_and_direct_messages(bot: Harness) -> None:
+    import aiohttp
+
+    from tests.harness import SIGNING_SECRET
+
+    bot.slack.bot_events_url, bot.slack.signing_secret = bot.url + "/slack/events", SIGNING_SECRET
+    request = await open_request(bot)
+    base = f"http://127.0.0.1:{bot.slack.port}/playground"
+    async with aiohttp.ClientSession() as http:
+        await http.post(f"{base}/action", json={"user": CAROL, "channel": Harness.INCIDENT, "message_ts": request.card_ts,
+                                                "action_id": "opsbot_deny", "value": request.id})
+
+        async def personal(user: str) -> dict[str, Any]:
+            async with http.get(f"{base}/personal", params={"user": user}) as r:
+                return dict(await r.json())
+
+        shown = await bot.eventually(lambda: _views(personal(CAROL)), what="CAROL's dialog in the playground")
+        assert shown["views"][0]["view"]["title"]["text"] == "Deny request"
+        assert (await personal(DAN))["views"] == [], "the dialog is CAROL's alone"
+        async with http.post(f"{base}/view", json={"view_id": shown["views"][0]["id"], "user": CAROL,
+                                                   "values": {"reason": "bad\x00reason"}}) as r:
+            assert "U+0000 NULL" in (await r.json())["errors"]["reason"]
+        assert (await personal(CAROL))["views"], "an error keeps the dialog open"
+        async with http.post(f"{base}/view", json={"view_id": shown["views"][0]["id"], "user": CAROL,
+                                                   "values": {"reason": "not now"}}) as r:
+            assert (await r.json())["errors"] == {}
+        denied = await bot.state_of(request.id, "denied")
+        assert denied.deny_reason == "not now" and (await personal(CAROL))["views"] == []
+        # A reminder lands in the person's direct messages.
+        second = await open_request(bot, ALICE, "/ops scale worker 8")
+        await bot.runtime.approvals.reminders.run_due(later(11))
+        assert any(second.id in m["text"] for m in (await personal(DAN))["dms"])
+
+
+async def _views(pending: Any) -> dict[str, Any] | None:
+    got = await pending
+    return got if got["views"] else None

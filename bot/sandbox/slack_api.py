@@ -241,7 +241,7 @@ class FakeSlack:
             "actions": [{"action_id": data["action_id"], "block_id": data.get("block_id", ""), "value": data.get("value", ""),
                          "type": "button", "action_ts": str(time.time())}],
         }
-        self._triggers[payload["trigger_id"]] = user
+        self._triggers[str(payload["trigger_id"])] = user
         status, _ = await self._forward(urlencode({"payload": json.dumps(payload)}))
         return web.json_response({"status": status})
 

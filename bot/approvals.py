@@ -97,6 +97,10 @@ class Approvals:
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
                                 result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason})
+        try:  # before the card: once people can see it, its reminders are due (a request ended early ends them)
+            await self.reminders.schedule(request)
+        except BackendUnavailable as exc:  # the request stands; only its reminders are missing, and the log says so
+            log.error("request %s: reminders not scheduled: %s", request.id, exc)
         try:
             channel, ts = await self.chat.post_card(request)
         except OpsbotError as exc:
@@ -110,10 +114,6 @@ class Approvals:
                                 "Nothing was changed; try again.") from exc
         await self.store.set_card(request.id, channel, ts)
         request = await self._reload(request.id)
-        try:
-            await self.reminders.schedule(request)
-        except BackendUnavailable as exc:  # the request stands; only its reminders are missing, and the log says so
-            log.error("request %s: reminders not scheduled: %s", request.id, exc)
         if glass:
             await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan,

@@ -23,7 +23,6 @@ import pytest
 from bot.config import Config, parse_config
 from bot.domain import OpsRequest
 from bot.errors import ConfigError
-from bot.reminders import Reminders
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.slack_api import FakeSlack
 from bot.slack.approvers import NO_DIALOG
@@ -170,12 +169,18 @@ async def test_an_approval_before_the_reminder_means_nobody_is_told(bot: Harness
     assert not await rows(bot, "reminded") and not await rows(bot, "escalated")
 
 
-async def test_two_replicas_sweeping_at_once_tell_each_approver_exactly_once(bot: Harness) -> None:
+async def test_two_replicas_sweeping_at_once_tell_each_approver_exactly_once(
+        bot: Harness, config: Config, slack: FakeSlack, state_db: str, redis_url: str, kubeconfig: str, queue_prefix: str) -> None:
     requests = [await open_request(bot, ALICE, f"/ops scale worker {n}") for n in (4, 5, 6)]
-    r = bot.runtime.approvals
-    replicas = [Reminders(config=r.config, store=r.store, chat=r.chat, audit=r.audit, directory=r.directory, notices=r.notices,
-                          permalinks=r.permalinks, worker_id=f"replica-{i}") for i in range(2)]
-    claimed = await asyncio.gather(*(rep.run_due(later(11)) for rep in replicas), replicas[0].run_due(later(11)))
+    # A second replica: its own runtime (pools, Slack client, user-group directory) on the same database and Redis.
+    other = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                                queue_prefix=queue_prefix, with_worker=False)
+    try:
+        one, two = bot.runtime.approvals.reminders, other.runtime.approvals.reminders
+        assert one.worker_id != two.worker_id
+        claimed = await asyncio.gather(one.run_due(later(11)), two.run_due(later(11)), two.run_due(later(11)))
+    finally:
+        await other.stop()
     assert sum(claimed) == 3
     for user in APPROVERS:
         got = dms(bot, user)
@@ -273,6 +278,11 @@ async def test_request_again_after_deny_and_after_expiry_replans_as_the_clicker(
     third = await bot.eventually(lambda: _latest_other(bot, request.id, again.id), what="the expired one opened again")
     assert third.requester.user_id == ALICE and third.text == request.text
 
+    # Not with a forged id (a request that does not exist, or another request's id on this card).
+    await press(bot, EVE, request, "opsbot_request_again", value="r-zzzz9999")
+    await press(bot, EVE, request, "opsbot_request_again", value=third.id)
+    await bot.eventually(lambda: _async(len([m for m in bot.slack.ephemeral_to(EVE) if "does not belong" in m.text]) == 2),
+                         what="forged Request again clicks to be refused")
     # Not on a pending card; not when the text no longer reads as a command.
     await press(bot, ALICE, third, "opsbot_request_again")
     await bot.eventually(lambda: _async(any("only a denied, expired or stale" in m.text for m in bot.slack.ephemeral_to(ALICE))),
@@ -494,3 +504,11 @@ async def test_the_playground_shows_the_deny_dialog_and_direct_messages(bot: Har
 async def _views(pending: Any) -> dict[str, Any] | None:
     got = await pending
     return got if got["views"] else None
+
+
+def test_policy_check_warns_when_the_escalation_role_has_no_members() -> None:
+    from bot.config import config_warnings
+
+    empty = parse_config(POLICY.replace("lead: {users: [U0EVE], usergroups: [S0LEADS]}", "lead: {}"), env={})
+    assert any("escalates to 'lead', which has no members" in w for w in config_warnings(empty))
+    assert not any("escalates to" in w for w in config_warnings(parse_config(POLICY, env={})))

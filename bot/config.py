@@ -743,9 +743,9 @@ def config_warnings(config: Config) -> list[str]:
             for each in rule.approval.each_of:
                 if not config.roles[each].users and not config.roles[each].usergroups:
                     warnings.append(f"{label}: needs an approval from {each!r}, which has no members")
-            for role in rule.approval.escalate_to:
-                if not config.roles[role].users and not config.roles[role].usergroups:
-                    warnings.append(f"{label}: escalates to {role!r}, which has no members; nobody would be told")
+            for lead in rule.approval.escalate_to:
+                if not config.roles[lead].users and not config.roles[lead].usergroups:
+                    warnings.append(f"{label}: escalates to {lead!r}, which has no members; nobody would be told")
         for glass in rule.break_glass:
             if not config.roles[glass].users and not config.roles[glass].usergroups:
                 warnings.append(f"{label}: break-glass role {glass!r} has no members")

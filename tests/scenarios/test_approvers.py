@@ -238,6 +238,29 @@ async def test_user_groups_unreadable_at_reminder_time_is_retried(bot: Harness, 
     assert all(len(dms(bot, u)) == 1 for u in APPROVERS)
 
 
+async def test_redis_down_at_reminder_time_is_retried(bot: Harness, state_db: str) -> None:
+    import redis.asyncio as aioredis
+
+    request = await open_request(bot)
+    directory = bot.runtime.approvals.directory
+    real = directory._redis  # type: ignore[attr-defined]
+    dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)  # nothing listens there: Redis is down
+    directory._redis, directory._local = dead, None  # type: ignore[attr-defined]
+    sweep = bot.runtime.approvals.reminders
+    try:
+        assert await sweep.run_due(later(11)) == 1
+    finally:
+        directory._redis = real  # type: ignore[attr-defined]
+        await dead.aclose()
+    assert all(not dms(bot, u) for u in APPROVERS) and not await rows(bot, "reminded")
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        error = conn.execute("SELECT last_error FROM approval_reminders WHERE request_id = %s AND kind = 'remind'",
+                             (request.id,)).fetchone()
+    assert error and "Redis" in error[0]
+    assert await sweep.run_due(later(15)) == 1
+    assert all(len(dms(bot, u)) == 1 for u in APPROVERS)
+
+
 # ---------------------------------------------------------------------------- Cancel and Request again
 
 
@@ -366,6 +389,18 @@ async def test_forged_and_foreign_dialogs_count_nothing(bot: Harness) -> None:
     await bot.eventually(lambda: _async(any("already" in m.text for m in bot.slack.ephemeral_to(CAROL))),
                          what="the late deny to be refused")
     assert (await bot.runtime.store.get(first.id)).state.value == "succeeded"  # type: ignore[union-attr]
+
+
+async def test_two_approvers_denying_at_once_count_one_deny(bot: Harness) -> None:
+    request = await open_request(bot)
+    carol = await deny_dialog(bot, CAROL, request)
+    dan = await deny_dialog(bot, DAN, request)
+    await asyncio.gather(submit(bot, carol, CAROL, "first"), submit(bot, dan, DAN, "second"))
+    denied = await bot.state_of(request.id, "denied")
+    assert denied.deny_reason in ("first", "second")
+    await bot.eventually(lambda: _async(len([r for r in bot.slack.ephemeral_to(CAROL) + bot.slack.ephemeral_to(DAN)
+                                             if "already denied" in r.text]) == 1), what="the second deny to be told")
+    assert len(await rows(bot, "denied")) == 1
 
 
 async def test_deny_counts_without_a_reason_when_the_dialog_cannot_be_opened(bot: Harness) -> None:

@@ -137,6 +137,12 @@ EVENT_LABEL = {
     "revert_delayed": "auto-revert delayed (backend unavailable; will retry)",
     "revert_failed": ":rotating_light: AUTO-REVERT FAILED",
     "revert_superseded": "auto-revert cancelled (a later request set the value back)",
+    # Approvers who get told (bot/reminders.py, bot/slack/approvers.py)
+    "reminded": "approvers reminded (direct message)",
+    "escalated": "escalated (direct message; they may approve too)",
+    "review_reminded": "break-glass reviewers reminded (direct message)",
+    "requested_again": "requested again (Request again button)",
+    "again_refused": "request again refused",
 }
 
 

@@ -14,10 +14,11 @@ import logging
 import re
 import secrets
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from bot.adapters.store import Store, VoteResult
-from bot.audit import Audit
+from bot.audit import Audit, Permalinks
 from bot.config import Config
 from bot.domain import (
     REQUEST_ID_PATTERN,
@@ -37,6 +38,7 @@ from bot.metrics import Metrics
 from bot.notices import Notices
 from bot.policy.engine import may_approve, quorum_met
 from bot.ports import Chat, Directory, tell
+from bot.reminders import Reminders, approvers_named
 
 log = logging.getLogger(__name__)
 _ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -55,6 +57,9 @@ class Approvals:
                  directory: Directory, notices: Notices) -> None:
         self.config, self.store, self.chat, self.audit, self.actions, self.metrics = config, store, chat, audit, actions, metrics
         self.directory, self.notices = directory, notices
+        self.permalinks = Permalinks(chat)
+        self.reminders = Reminders(config=config, store=store, chat=chat, audit=audit, directory=directory, notices=notices,
+                                   permalinks=self.permalinks)
 
     async def with_groups(self, actor: Actor) -> Actor:
         """The actor with their Slack user groups (only when the policy names any)."""
@@ -86,12 +91,19 @@ class Approvals:
             state=RequestState.PENDING_APPROVAL if needs_approval else RequestState.APPROVED,
             approvals_required=decision.approvals_required, approver_roles=decision.approver_roles,
             approvals_each=decision.approvals_each, rule=decision.rule, expires_in=decision.expires_in_seconds,
-            break_glass=glass, delivery_id=req.delivery_id, undo_of=undo_of, undo_of_link=undo_of_link,
+            break_glass=glass, delivery_id=req.delivery_id, remind_after=decision.remind_after,
+            escalate_after=decision.escalate_after, escalate_to=decision.escalate_to,
+            approvers_named=approvers_named(self.config, decision.approver_roles, req.actor.user_id),
+            undo_of=undo_of, undo_of_link=undo_of_link,
         )
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
                                 result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason,
                                         **({"undo_of": undo_of} if undo_of else {})})
+        try:  # before the card: once people can see it, its reminders are due (a request ended early ends them)
+            await self.reminders.schedule(request)
+        except BackendUnavailable as exc:  # the request stands; only its reminders are missing, and the log says so
+            log.error("request %s: reminders not scheduled: %s", request.id, exc)
         try:
             channel, ts = await self.chat.post_card(request)
         except OpsbotError as exc:
@@ -134,9 +146,11 @@ class Approvals:
             await self.notices.thread(request, f":hourglass: Approved, but {exc}. opsbot will queue it as soon as the "
                                                "queue is reachable again; nothing has run yet.")
 
-    async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str, message_ts: str) -> VoteResult:
+    async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str, message_ts: str,
+                    reason: str | None = None) -> VoteResult:
         """An Approve/Deny click on the message ``(channel_id, message_ts)``. Every click that does
-        not count is told why (privately) and recorded (``vote_refused``)."""
+        not count is told why (privately) and recorded (``vote_refused``). ``reason``: a deny's, from
+        the Deny dialog (checked by the edge)."""
         if decision not in ("approve", "deny"):
             raise ValueError(decision)
         if not re.fullmatch(REQUEST_ID_PATTERN, request_id):
@@ -158,7 +172,7 @@ class Approvals:
             return quorum_met(approving, count=request.approvals_required, each_of=request.approvals_each)
 
         result = await self.store.vote(request_id, actor, decision, roles=roles, card=(channel_id, message_ts),
-                                       eligible=eligible, quorum=quorum)
+                                       eligible=eligible, quorum=quorum, reason=reason if decision == "deny" else None)
         request = result.request
         if result.outcome == "expired" and request is not None:
             await self._expired(request)
@@ -169,10 +183,11 @@ class Approvals:
         common: dict[str, Any] = {"actor": actor, "channel_id": channel_id, "request_id": request.id,
                                   "text": request.text, "plan": request.plan}
         if result.outcome == "denied":
-            await self.audit.record("denied", **common, result={"roles": list(roles)})
+            await self.audit.record("denied", **common, result={"roles": list(roles), "reason": reason})
             self.metrics.requests.labels(request.command, "denied").inc()
             self.notices.card_changed()
-            await self.notices.thread(request, f":no_entry: Denied by {actor.mention()}. Nothing was run.")
+            because = f" Reason: {mrkdwn(reason)}." if reason else ""
+            await self.notices.thread(request, f":no_entry: Denied by {actor.mention()}.{because} Nothing was run.")
             return result
         approvals = sum(a.decision == "approve" for a in request.approvals)
         await self.audit.record("approval_given", **common,
@@ -252,6 +267,36 @@ class Approvals:
         self.notices.card_changed()
         await self.notices.thread(done, f":heavy_multiplication_x: Cancelled by {actor.mention()}. Nothing was run.")
         return f":heavy_multiplication_x: Cancelled `{done.id}` ({mrkdwn(done.summary)})."
+
+    async def deny_problem(self, request_id: str, actor: Actor, *, channel_id: str, message_ts: str) -> str | None:
+        """Before the Deny dialog opens: None when this click could count (the same checks as the
+        vote, read-only), else a word why not (the vote itself then refuses and records it)."""
+        if not re.fullmatch(REQUEST_ID_PATTERN, request_id):
+            return "forged"
+        request = await self.store.get(request_id)
+        if request is None or (request.card_channel, request.card_ts) != (channel_id, message_ts):
+            return "forged"
+        if request.state is not RequestState.PENDING_APPROVAL or request.expires_at <= self.now():
+            return "closed"
+        try:
+            actor = await self.with_groups(actor)
+        except BackendUnavailable:
+            return "unverified"
+        if may_approve(actor, requester=request.requester, approver_roles=request.approver_roles, config=self.config):
+            return "ineligible"
+        if any(a.approver.user_id == actor.user_id for a in request.approvals):
+            return "duplicate"
+        return None
+
+    @staticmethod
+    def now() -> datetime:
+        return datetime.now(UTC)
+
+    async def card_link(self, request: OpsRequest) -> str | None:
+        """A link to the request's card (None when it has none or Slack cannot say)."""
+        if not (request.card_channel and request.card_ts):
+            return None
+        return await self.permalinks.get(request.card_channel, request.card_ts)
 
     async def pending_for(self, actor: Actor) -> list[OpsRequest]:
         """Open requests this person may approve (not their own)."""

@@ -32,7 +32,7 @@ from bot.domain import Actor, OpsRequest
 from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError
 from bot.messages import audit_headline, audit_line
 from bot.metrics import Metrics
-from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay
+from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay, stop_loop
 from bot.ports import Chat
 from bot.untrusted import storable
 
@@ -184,6 +184,7 @@ class AuditPoster:
         self._task: asyncio.Task[None] | None = None
         self.permalinks = Permalinks(chat)
         self._held_back = False  # a post failed: new rows do not wake the loop before the retry time
+        self._stopping = False
 
     @property
     def channel(self) -> str | None:
@@ -341,9 +342,9 @@ class AuditPoster:
                 await self.audit.log.headline_shown(item["request_id"], item["seq"])
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                while await self.run_once():
+                while await self.run_once() and not self._stopping:
                     pass  # drain continuously while there is a backlog
             except BackendUnavailable as exc:  # an outage is expected, and said once per try, without a traceback
                 log.warning("audit poster: %s; will try again", exc)
@@ -359,17 +360,21 @@ class AuditPoster:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.audit.appended.wait(), timeout=left)
                 self.audit.appended.clear()
-                if not self._held_back:
+                if not self._held_back or self._stopping:
                     break
             self._held_back = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let the round in progress finish (bounded by ``grace``), then one last round. Cancelling a
+        round mid-post could leave a message Slack took with its rows not marked posted, and the
+        last round (or another replica) would post them again."""
+        await stop_loop(self._task, grace, wake=self._stop_flag)
         with contextlib.suppress(Exception):  # a last try, so a clean shutdown leaves nothing behind
             await self.run_once()
+
+    def _stop_flag(self) -> None:
+        self._stopping = True
+        self.audit.appended.set()

@@ -384,8 +384,38 @@ class Approval(_Model):
     # At least one approval from a member of each of these roles (distinct people).
     each_of: tuple[str, ...] = ()
     expires: Duration = 15 * 60
+    # Nobody acted after `remind_after`: each eligible approver gets a direct message with a link to
+    # the card (0: no reminders). After `escalate_after`, the people of `escalate_to` are told too and
+    # may approve from then on (the count and each_of stay as they are). Break-glass reviews are
+    # reminded from `remind_after` on, with backoff, until someone acknowledges.
+    remind_after: Duration = 10 * 60
+    escalate_after: Duration | None = None
+    escalate_to: tuple[str, ...] = ()
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _reminders(self) -> Approval:
+        if self.remind_after < 0:
+            raise ValueError("remind_after must be a duration (10m) or 0 for no reminders")
+        if "remind_after" in self.model_fields_set and self.remind_after and self.remind_after >= self.expires:
+            raise ValueError(f"remind_after ({self.remind_after} s) must be shorter than expires ({self.expires} s), or the "
+                             "request expires before anyone is reminded; shorten it or raise expires")
+        if self.escalate_to and self.escalate_after is None:
+            raise ValueError("escalate_to is set but escalate_after is not; write e.g. escalate_after: 30m")
+        if self.escalate_after is not None:
+            if not self.escalate_to:
+                raise ValueError("escalate_after is set but escalate_to is not; name the role(s) to escalate to, "
+                                 "e.g. escalate_to: [oncall-leads]")
+            if self.escalate_after <= 0:
+                raise ValueError("escalate_after must be a positive duration, e.g. 30m")
+            if self.escalate_after >= self.expires:
+                raise ValueError(f"escalate_after ({self.escalate_after} s) must be shorter than expires ({self.expires} s), or "
+                                 "the request expires before it is escalated; shorten it or raise expires")
+            if self.remind_after and self.escalate_after <= self.remind_after:
+                raise ValueError(f"escalate_after ({self.escalate_after} s) must be later than remind_after "
+                                 f"({self.remind_after} s): remind the approvers first, then escalate")
+        return self
 
 
 
@@ -487,7 +517,8 @@ class Config(_Model):
             for j, c in enumerate(rule.commands):
                 if c not in commands:
                     raise ValueError(f"rules[{i}].commands[{j}]: unknown command {c!r}; known: {', '.join(commands)}")
-            for role in (*rule.allow, *(rule.approval.from_ if rule.approval else ()), *rule.break_glass):
+            for role in (*rule.allow, *(rule.approval.from_ if rule.approval else ()), *rule.break_glass,
+                         *(rule.approval.escalate_to if rule.approval else ())):
                 if role not in self.roles:
                     raise ValueError(f"rules[{i}]: role {role!r} is not defined under roles "
                                      f"(defined: {', '.join(self.roles) or 'none'})")
@@ -712,6 +743,9 @@ def config_warnings(config: Config) -> list[str]:
             for each in rule.approval.each_of:
                 if not config.roles[each].users and not config.roles[each].usergroups:
                     warnings.append(f"{label}: needs an approval from {each!r}, which has no members")
+            for lead in rule.approval.escalate_to:
+                if not config.roles[lead].users and not config.roles[lead].usergroups:
+                    warnings.append(f"{label}: escalates to {lead!r}, which has no members; nobody would be told")
         for glass in rule.break_glass:
             if not config.roles[glass].users and not config.roles[glass].usergroups:
                 warnings.append(f"{label}: break-glass role {glass!r} has no members")

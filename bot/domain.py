@@ -134,6 +134,9 @@ class Decision:
     approvals_each: tuple[str, ...] = ()  # at least one approval from each of these roles
     expires_in_seconds: int = 15 * 60
     max_open_per_user: int | None = None
+    remind_after: int | None = None  # seconds until the approvers (or break-glass reviewers) get a direct message
+    escalate_after: int | None = None  # seconds until escalate_to is told and may approve too
+    escalate_to: tuple[str, ...] = ()
     trace: tuple[str, ...] = ()  # how each rule was weighed, for `opsbot policy explain`
 
     @property
@@ -188,6 +191,12 @@ class OpsRequest:
     undo_of_link: str | None = None  # the permalink of that request's card
     result: dict[str, Any] | None = None
     error: str | None = None
+    approvers_named: tuple[str, ...] = ()  # user ids and user group ids (S…) who may approve, for the card
+    remind_after: int | None = None  # seconds (the rule's approval block, when the request was opened)
+    escalate_after: int | None = None
+    escalate_to: tuple[str, ...] = ()
+    escalated_at: datetime | None = None
+    deny_reason: str | None = None
 
     @property
     def summary(self) -> str:

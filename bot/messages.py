@@ -140,6 +140,12 @@ EVENT_LABEL = {
     # Undo (bot/undo.py): on the original's trail
     "undo_requested": "undo requested",
     "undo_refused": "undo refused",
+    # Approvers who get told (bot/reminders.py, bot/slack/approvers.py)
+    "reminded": "approvers reminded (direct message)",
+    "escalated": "escalated (direct message; they may approve too)",
+    "review_reminded": "break-glass reviewers reminded (direct message)",
+    "requested_again": "requested again (Request again button)",
+    "again_refused": "request again refused",
 }
 
 

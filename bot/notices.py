@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from bot.adapters.store import Store
@@ -77,6 +78,20 @@ async def deliver(chat: Chat, *, channel: str, text: str, thread_ts: str | None,
     return await chat.post_message(channel_id=channel, text=text, thread_ts=thread_ts)
 
 
+async def stop_loop(task: asyncio.Task[None] | None, grace: float, *, wake: Callable[[], None]) -> None:
+    """Stop a poster's loop between rounds: ``wake`` sets its stop flag and wakes it; a round still
+    running after ``grace`` seconds (Slack hanging) is cancelled."""
+    if task is None or task.done():
+        return
+    wake()
+    done, _ = await asyncio.wait({task}, timeout=grace)
+    if not done:
+        log.warning("a poster did not finish its round within %s s; stopping it mid-round", grace)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Notices:
     """The incident channel's outbox: ``thread()`` and ``card_changed()`` are what the request
     lifecycle calls; ``run_once()``/``start()`` post."""
@@ -86,6 +101,7 @@ class Notices:
         self.secrets = secrets  # scrubbed from every thread notice (an error or an answer may quote one)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # ---------------------------------------------------------------- what the lifecycle says
 
@@ -181,9 +197,9 @@ class Notices:
                                               give_up=give_up)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                while await self.run_once():
+                while await self.run_once() and not self._stopping:
                     pass  # drain while there is work
             except BackendUnavailable as exc:  # an outage is expected: said without a traceback
                 log.warning("notices poster: %s; will try again", exc)
@@ -196,10 +212,12 @@ class Notices:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self, grace: float = 5.0) -> None:
+        """Let the round in progress finish (bounded by ``grace``; cancelling it mid-post could post a
+        reply twice), then one last round, so a clean shutdown leaves nothing behind."""
+        def flag() -> None:
+            self._stopping = True
+            self._wake.set()
+        await stop_loop(self._task, grace, wake=flag)
         with contextlib.suppress(Exception):  # a last try, so a clean shutdown leaves nothing behind
             await self.run_once()

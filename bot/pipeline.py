@@ -428,8 +428,10 @@ class Pipeline:
         for r in requests:
             got = sum(a.decision == "approve" for a in r.approvals)
             where = f"<#{r.card_channel}>" if r.card_channel else "its channel"
-            lines.append(f"• `{r.id}` {r.summary} — {r.requester.mention()}, {got}/{r.approvals_required} approvals, "
-                         f"expires {r.expires_at:%H:%M} UTC, in {where}")
+            link = await self.approvals.card_link(r)
+            card = f"<{link}|card> in {where}" if link else f"in {where}"
+            lines.append(f"• `{r.id}` {mrkdwn(r.summary)} — {r.requester.mention()}, {got}/{r.approvals_required} approvals, "
+                         f"expires {r.expires_at:%H:%M} UTC, {card}")
         await self._reply(req, "\n".join(lines))
 
     async def _audit_search(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:

@@ -272,6 +272,10 @@ class Chat(Protocol):
 
     async def permalink(self, *, channel_id: str, ts: str) -> str | None: ...
 
+    async def open_view(self, *, trigger_id: str, view: dict[str, Any]) -> None:
+        """A modal (views.open) for the click whose ``trigger_id`` this is (valid for 3 s)."""
+        ...
+
     async def find_message(self, *, channel_id: str, needle: str, thread_ts: str | None = None) -> str | None:
         """The ts of a recent message containing ``needle`` (to avoid posting twice after a timeout)."""
         ...
@@ -281,6 +285,10 @@ class Directory(Protocol):
     """Slack user-group membership (for roles granted through user groups)."""
 
     async def groups_of(self, user_id: str) -> frozenset[str]: ...
+
+    async def members_of(self, groups: frozenset[str]) -> frozenset[str]:
+        """Everyone in any of these (configured) groups; BackendUnavailable when it cannot be known."""
+        ...
 
     def problems(self) -> dict[str, str]:
         """Configured groups that grant nothing because the configuration is wrong (group → Slack's
@@ -292,6 +300,9 @@ class NoDirectory:
     """For a policy that names no user groups: nobody is in any, and nothing is asked."""
 
     async def groups_of(self, user_id: str) -> frozenset[str]:
+        return frozenset()
+
+    async def members_of(self, groups: frozenset[str]) -> frozenset[str]:
         return frozenset()
 
     def problems(self) -> dict[str, str]:

@@ -99,3 +99,19 @@ def storable(value: Any, limit: int = MAX_STORED_CHARS) -> Any:
 def _escape(c: str) -> str:
     n = ord(c)
     return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def check_free_text(text: str, *, what: str, limit: int) -> str | None:
+    """None if ``text`` (a reason typed in a dialog) may be kept and shown, else why not, for the
+    person: not empty, at most ``limit`` characters, no control or invisible formatting characters
+    (line breaks and tabs are fine). Mentions and links are not refused: they are shown inert
+    (``bot.messages.mrkdwn``)."""
+    if not text.strip():
+        return f"{what} is empty; say in a few words why."
+    if len(text) > limit:
+        return f"{what} is {len(text):,} characters long; at most {limit:,}. Shorten it (put a link to the longer story)."
+    for i, c in enumerate(text):
+        if _hidden(c) or c == "\r":
+            return (f"{what} contains an invisible character ({char_name(c)}) at position {i + 1}; "
+                    "retype it without that character.")
+    return None

@@ -286,6 +286,7 @@ class ActionWorker:
         for request_id in await self.store.approved_waiting(self.requeue_after):
             await self.actions.enqueue(request_id)
         await self.reverts.run_due()
+        await self.approvals.reminders.run_due()
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -113,8 +113,31 @@ class Harness:
         if card_ts is None:
             request = await self.runtime.store.get(on_card_of or request_id)
             card_ts = request.card_ts if request and request.card_ts else None
-        return await self.post_signed(click_body(self.slack, user, request_id, card_ts or "1700000000.000001", decision,
-                                                 channel=channel, value=value))
+        views, told = len(self.slack.views), len(self.slack.ephemeral_to(user))
+        answer = await self.post_signed(click_body(self.slack, user, request_id, card_ts or "1700000000.000001", decision,
+                                                   channel=channel, value=value))
+        if decision == "deny":  # Deny opens a dialog asking why (bot/slack/approvers.py): submit it, as a person would
+            await self.deny_reason(user, request_id, views_before=views, told_before=told)
+        return answer
+
+    async def deny_reason(self, user: str, request_id: str, *, views_before: int, told_before: int,
+                          reason: str = "denied in a test", timeout: float = 5.0) -> tuple[int, str] | None:
+        """Submit the Deny dialog opened for ``user`` since ``views_before``. None when there is none:
+        the click was refused (the person was told privately) or counted without a dialog (Slack down)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            opened = [v for v in self.slack.views[views_before:] if v["open"] and v["view"].get("callback_id") == "opsbot_deny_reason"]
+            if opened:
+                self.slack.close_view(opened[0]["id"])
+                return await self.post_signed(self.slack.view_submission_body(opened[0]["id"], user, {"reason": reason}))
+            if len(self.slack.ephemeral_to(user)) > told_before:
+                return None
+            with contextlib.suppress(Exception):  # (opsbot's database may be down on purpose)
+                r = await asyncio.wait_for(self.runtime.store.get(request_id), timeout=0.5)
+                if r is not None and r.state.value != "pending_approval":
+                    return None
+            await asyncio.sleep(0.05)
+        return None
 
     # ------------------------------------------------------------------ waiting and reading
 

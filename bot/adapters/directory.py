@@ -141,6 +141,12 @@ class UserGroupDirectory:
         self._problems = snapshot.problems
         return frozenset(g for g, members in snapshot.memberships.items() if user_id in members)
 
+    async def members_of(self, groups: frozenset[str]) -> frozenset[str]:
+        """Everyone in any of ``groups`` (configured groups only; the same cache as ``groups_of``),
+        for the reminders sweep: who to tell."""
+        snapshot = await self._memberships()
+        return frozenset(u for g in groups for u in snapshot.memberships.get(g, ()))
+
     def problems(self) -> dict[str, str]:
         """The configured groups that grant nothing because of the configuration (group → Slack's
         error: ``no_such_subteam``, ``missing_scope``, ``plan_upgrade_required``), as of the last

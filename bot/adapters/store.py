@@ -116,6 +116,12 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
         undo_of_link=row.get("undo_of_link"),
         result=row["result"],
         error=row["error"],
+        approvers_named=tuple(row.get("approvers_named") or ()),
+        remind_after=row.get("remind_after"),
+        escalate_after=row.get("escalate_after"),
+        escalate_to=tuple(row.get("escalate_to") or ()),
+        escalated_at=row.get("escalated_at"),
+        deny_reason=row.get("deny_reason"),
     )
 
 
@@ -180,6 +186,7 @@ class Store:
                 "GRANT USAGE ON SEQUENCE chat_outbox_id_seq TO {r}",
                 "GRANT SELECT ON opsbot_migrations TO {r}",
                 "GRANT SELECT, INSERT, UPDATE ON scheduled_reverts TO {r}",
+                "GRANT SELECT, INSERT, UPDATE ON approval_reminders TO {r}",
                 "GRANT SELECT, INSERT ON audit_events TO {r}",
                 "GRANT SELECT ON audit_checkpoints TO {r}",
                 "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, audit_checkpoints FROM {r}",
@@ -246,6 +253,8 @@ class Store:
                              plan: dict[str, Any], reason: str, state: RequestState, approvals_required: int,
                              approver_roles: tuple[str, ...], rule: str | None, expires_in: int,
                              approvals_each: tuple[str, ...] = (), break_glass: str = "", delivery_id: str = "",
+                             remind_after: int | None = None, escalate_after: int | None = None,
+                             escalate_to: tuple[str, ...] = (), approvers_named: tuple[str, ...] = (),
                              undo_of: str | None = None, undo_of_link: str | None = None) -> OpsRequest:
         """DuplicateDelivery when a request of this Slack delivery (``delivery_id``) exists already;
         DuplicateUndo when ``undo_of`` has an undo open or succeeded already (migration 010)."""
@@ -255,7 +264,8 @@ class Store:
                     id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
                     Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
                     expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None,
-                    delivery_id or None, undo_of, undo_of_link))
+                    delivery_id or None, remind_after, escalate_after, list(escalate_to), list(approvers_named),
+                    undo_of, undo_of_link))
             except psycopg.errors.UniqueViolation as exc:
                 if undo_of is None or "ops_requests_one_undo" not in str(exc):
                     raise
@@ -278,9 +288,10 @@ class Store:
         return await (await conn.execute(
                 """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
                        environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
-                       decided_at, approvals_each, break_glass, review_state, delivery_id, undo_of, undo_of_link)
+                       decided_at, approvals_each, break_glass, review_state, delivery_id,
+                       remind_after, escalate_after, escalate_to, approvers_named, undo_of, undo_of_link)
                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
-                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s, %s, %s, %s)
+                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
                    RETURNING *""", values)).fetchone()
 
@@ -299,7 +310,7 @@ class Store:
 
     async def vote(self, request_id: str, approver: Actor, decision: str, *, roles: tuple[str, ...],
                    card: tuple[str, str], eligible: Callable[[OpsRequest], str | None],
-                   quorum: Callable[[OpsRequest, list[tuple[str, ...]]], bool]) -> VoteResult:
+                   quorum: Callable[[OpsRequest, list[tuple[str, ...]]], bool], reason: str | None = None) -> VoteResult:
         """Record an Approve/Deny click made on ``card`` (channel, message ts). ``eligible(request)``
         returns None or why this person may not vote; ``quorum(request, roles of each approving
         person)`` says whether it is enough. Both run inside the transaction, with the request row
@@ -332,7 +343,8 @@ class Store:
                 (request_id, approver.user_id, approver.name, decision, list(roles)),
             )
             if decision == "deny":
-                await conn.execute("UPDATE ops_requests SET state = 'denied', decided_at = now() WHERE id = %s", (request_id,))
+                await conn.execute("UPDATE ops_requests SET state = 'denied', decided_at = now(), deny_reason = %s WHERE id = %s",
+                                   (reason, request_id))
                 return VoteResult("denied", await self._reload(conn, request_id))
             approving = [a.roles for a in request.approvals if a.decision == "approve"] + [roles]
             if quorum(request, approving):

@@ -165,6 +165,11 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
     each_of = tuple(dict.fromkeys(role for _, r in strictest if r.approval for role in r.approval.each_of))
     expires = min(r.approval.expires for _, r in approvals if r.approval)
     rule_names = ", ".join(policy.rule_name(i) for i, _ in strictest)
+    # Reminders: the soonest any strictest rule asks for (0 in all of them: none); escalation: the
+    # soonest, to every role those rules escalate to.
+    remind = min((r.approval.remind_after for _, r in strictest if r.approval and r.approval.remind_after), default=None)
+    escalate = min((r.approval.escalate_after for _, r in strictest if r.approval and r.approval.escalate_after), default=None)
+    escalate_to = tuple(dict.fromkeys(role for _, r in strictest if r.approval for role in r.approval.escalate_to))
     need = (f"{plural(top, 'approval')} from {', '.join(approver_roles)}"
             + (f", at least one from each of {', '.join(each_of)}" if each_of else ""))
     if break_glass:
@@ -181,7 +186,8 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
         return Decision(kind=DecisionKind.BREAK_GLASS, rule=name,
                         reason=f"break-glass allowed by {name}; it runs now and {need} must review it afterwards.",
                         approver_roles=approver_roles, approvals_required=top, approvals_each=each_of,
-                        expires_in_seconds=expires, max_open_per_user=max_open, trace=(*trace, "→ break glass"))
+                        expires_in_seconds=expires, max_open_per_user=max_open, remind_after=remind,
+                        trace=(*trace, "→ break glass"))
     trace.append(f"approval: {need} (from {rule_names})")
     return Decision(
         kind=DecisionKind.NEEDS_APPROVAL,
@@ -192,6 +198,9 @@ def decide(subject: Plan | str, actor: Actor, policy: Config, *, channel_id: str
         approvals_each=each_of,
         expires_in_seconds=expires,
         max_open_per_user=max_open,
+        remind_after=remind,
+        escalate_after=escalate,
+        escalate_to=escalate_to if escalate else (),
         trace=(*trace, "→ needs approval"),
     )
 

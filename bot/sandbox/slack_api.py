@@ -16,6 +16,7 @@ POSTs it to the bot's ``/slack/events``; whatever the bot posts back through the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -82,6 +83,8 @@ class FakeSlack:
         self._buckets: dict[tuple[str, str], tuple[float, float]] = {}  # (method, channel) → (tokens, when)
         self.throttled = 0  # calls answered 429 by channel_rate
         self.usergroups: dict[str, list[str]] = {}  # usergroup id → member user ids
+        self.views: list[dict[str, Any]] = []  # views.open: {"id", "trigger_id", "view", "open", "user"}; see view_submission_body
+        self._triggers: dict[str, str] = {}  # the playground's clicks: trigger_id → who clicked (whose modal it opens)
         self._ts = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -109,6 +112,9 @@ class FakeSlack:
         app.router.add_get("/playground/panel", self._panel)
         app.router.add_post("/playground/command", self._command)
         app.router.add_post("/playground/action", self._action)
+        app.router.add_post("/playground/view", self._submit_view)
+        app.router.add_post("/playground/view/close", self._close_view)
+        app.router.add_get("/playground/personal", self._personal)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -235,6 +241,7 @@ class FakeSlack:
             "actions": [{"action_id": data["action_id"], "block_id": data.get("block_id", ""), "value": data.get("value", ""),
                          "type": "button", "action_ts": str(time.time())}],
         }
+        self._triggers[str(payload["trigger_id"])] = user
         status, _ = await self._forward(urlencode({"payload": json.dumps(payload)}))
         return web.json_response({"status": status})
 
@@ -339,6 +346,8 @@ class FakeSlack:
             else:  # the parent, then its replies oldest first, as Slack answers
                 msgs = [m for m in msgs if m.ts == args["ts"] or m.thread_ts == args["ts"]]
             return {"ok": True, "has_more": False, "messages": [self._message_json(m) for m in msgs]}
+        if method == "views.open":
+            return self._views_open(args)
         if method == "usergroups.users.list":
             if args.get("usergroup") not in self.usergroups:
                 return {"ok": False, "error": "no_such_subteam"}
@@ -358,6 +367,76 @@ class FakeSlack:
         self.messages.append(m)
         self._notify()
         return m
+
+    # --- modals (views.open) and their submission
+
+    def _views_open(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Record the modal; it stays open until submitted (``view_submission_body``). A direct
+        message is a chat.postMessage to a user id: it lands in the "channel" named by that id."""
+        view = args.get("view")
+        if isinstance(view, str):
+            view = json.loads(view)
+        if not args.get("trigger_id") or not isinstance(view, dict):
+            return {"ok": False, "error": "invalid_arguments"}
+        opened = {"id": f"V{len(self.views) + 1:08d}", "trigger_id": args["trigger_id"], "view": view, "open": True,
+                  "user": self._triggers.get(args["trigger_id"])}
+        self.views.append(opened)
+        return {"ok": True, "view": {"id": opened["id"], **view}}
+
+    def open_views(self, callback_id: str | None = None) -> list[dict[str, Any]]:
+        return [v for v in self.views if v["open"] and (callback_id is None or v["view"].get("callback_id") == callback_id)]
+
+    def view_submission_body(self, view_id: str, user: str, values: dict[str, str], *,
+                             private_metadata: str | None = None) -> str:
+        """The signed-to-be body Slack posts when ``user`` submits the modal ``view_id``: ``values``
+        maps each input block id to its text (block id = action id, as opsbot's dialogs use).
+        ``private_metadata`` overrides the view's own (a forged submission)."""
+        opened = next(v for v in self.views if v["id"] == view_id)
+        view = opened["view"]
+        state = {"values": {block: {block: {"type": "plain_text_input", "value": text}} for block, text in values.items()}}
+        payload = {
+            "type": "view_submission", "team": {"id": "T0FAKE", "domain": "fake"},
+            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"},
+            "api_app_id": "A0OPS", "token": "legacy", "trigger_id": uuid.uuid4().hex,
+            "view": {"id": view_id, "type": "modal", "callback_id": view.get("callback_id", ""), "state": state,
+                     "private_metadata": view.get("private_metadata", "") if private_metadata is None else private_metadata,
+                     "blocks": view.get("blocks", []), "title": view.get("title"), "app_id": "A0OPS", "team_id": "T0FAKE"},
+            "response_urls": [],
+        }
+        return urlencode({"payload": json.dumps(payload)})
+
+    async def _submit_view(self, request: web.Request) -> web.Response:
+        """The playground submits a modal: signed and forwarded like Slack does; an ``errors``
+        answer keeps it open (and is returned for the page to show)."""
+        data = await request.json()
+        body = self.view_submission_body(str(data["view_id"]), str(data["user"]), {str(k): str(v) for k, v in data["values"].items()})
+        status, answer = await self._forward(body)
+        errors: dict[str, Any] = {}
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(answer) if answer.strip() else {}
+            errors = parsed.get("errors", {}) if isinstance(parsed, dict) else {}
+        if status == 200 and not errors:
+            self.close_view(str(data["view_id"]))
+        self._notify()
+        return web.json_response({"status": status, "errors": errors})
+
+    async def _close_view(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        self.close_view(str(data["view_id"]))
+        self._notify()
+        return web.json_response({"ok": True})
+
+    async def _personal(self, request: web.Request) -> web.Response:
+        """The playground's person: the modal open for them, and their direct messages from opsbot."""
+        user = request.query.get("user", "")
+        views = [{"id": v["id"], "view": v["view"]} for v in self.views if v["open"] and v.get("user") == user]
+        dms = [{"ts": m.ts, "text": m.text} for m in self.messages if m.channel == user and m.user is None]
+        return web.json_response({"views": views[-1:], "dms": dms[-20:]})
+
+    def close_view(self, view_id: str) -> None:
+        for v in self.views:
+            if v["id"] == view_id:
+                v["open"] = False
 
     # --- what tests read
 

@@ -31,7 +31,8 @@ from bot.errors import BackendUnavailable, MalformedPayload, UserError
 from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
-from bot.slack.blocks import ACKNOWLEDGE, APPROVE, DENY, UNDO
+from bot.slack.approvers import approver_listeners
+from bot.slack.blocks import ACKNOWLEDGE, APPROVE, UNDO
 from bot.slack.payloads import click, click_user, command_request, unchecked_request
 from bot.undo import undo_text
 
@@ -136,7 +137,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
         finally:
             pipeline.admission.leave()
 
-    @app.action(re.compile(f"^({APPROVE}|{DENY})$"))
+    @app.action(APPROVE)
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
             await ack()
@@ -147,8 +148,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 return
             try:
                 await _telling_if_slow(
-                    approvals.click(c.value, c.actor, "approve" if action.get("action_id") == APPROVE else "deny",
-                                    channel_id=c.channel_id, message_ts=c.message_ts),
+                    approvals.click(c.value, c.actor, "approve", channel_id=c.channel_id, message_ts=c.message_ts),
                     lambda: approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=SLOW_CLICK))
             except BackendUnavailable as exc:  # fail closed, and say so: the vote lives in PostgreSQL
                 note = await pipeline.record_click_unavailable(c.actor, c.channel_id, c.value, exc)
@@ -212,6 +212,9 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
             finally:
                 pipeline.admission.leave()
+
+    approver_listeners(app, pipeline=pipeline, approvals=approvals, tracked=lambda: _tracked(inflight),
+                       malformed=lambda body, exc: _malformed_click(body, exc))
 
     @app.action(re.compile(".*"))
     async def other_button(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

@@ -127,6 +127,9 @@ class SlackChat:
             return None  # a link is a convenience; the record does not depend on it
         return str(resp.get("permalink") or "") or None
 
+    async def open_view(self, *, trigger_id: str, view: dict[str, Any]) -> None:
+        await self._call("views.open", "open the dialog", lambda: self.client.views_open(trigger_id=trigger_id, view=view))
+
     async def find_message(self, *, channel_id: str, needle: str, thread_ts: str | None = None) -> str | None:
         resp: Any
         if thread_ts:

@@ -9,11 +9,12 @@ message says what was wrong; the edge answers it and records the attempt.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from bot.domain import Actor, ChannelId, CommandRequest, UserId
+from bot.domain import REQUEST_ID_PATTERN, Actor, ChannelId, CommandRequest, UserId
 from bot.errors import MalformedPayload
 from bot.untrusted import storable
 
@@ -111,3 +112,36 @@ def shape_problem(body: Any) -> str | None:
         if not isinstance(body.get("user"), dict):
             return "block_actions without a user"
     return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenySubmission:
+    """The Deny dialog submitted: who, for which request and card (from the dialog's metadata, which
+    opsbot wrote when it opened the dialog for that person), and the reason as typed (not checked)."""
+
+    actor: Actor
+    request_id: str
+    channel_id: str
+    message_ts: str
+    reason: str
+
+
+def deny_submission(body: dict[str, Any]) -> DenySubmission:
+    """A ``view_submission`` of the Deny dialog. MalformedPayload when its ids are not Slack's or
+    opsbot's, or when the dialog was opened for someone else."""
+    user, view = _obj(body.get("user")), _obj(body.get("view"))
+    actor = Actor(UserId(_field(user.get("id"), _USER_ID, "user id")), _name(user.get("username") or user.get("name")))
+    try:
+        meta = json.loads(view.get("private_metadata") or "")
+    except (TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("r"), str) or not re.fullmatch(REQUEST_ID_PATTERN, meta["r"]):
+        raise MalformedPayload("this dialog does not name an opsbot request; nothing was counted.")
+    channel = _field(meta.get("c"), _CHANNEL_ID, "channel id")
+    ts = _field(meta.get("t"), _MESSAGE_TS, "message ts")
+    if meta.get("u") != actor.user_id:
+        raise MalformedPayload("this dialog was opened by someone else; nothing was counted. Click Deny on the card yourself.")
+    block = _obj(_obj(_obj(view.get("state")).get("values")).get("reason")).get("reason")
+    reason = _obj(block).get("value")
+    return DenySubmission(actor=actor, request_id=meta["r"], channel_id=channel, message_ts=ts,
+                          reason=reason if isinstance(reason, str) else "")

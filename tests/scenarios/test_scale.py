@@ -20,7 +20,7 @@ async def test_engineer_scales_worker_after_approval(bot: Harness, kube: KubeApi
     card = bot.slack.in_channel(Harness.INCIDENT)[-1]
     assert "nova-worker: 3 → 6 replicas" in card.all_text()
     assert "INC-142 queue backlog" in card.all_text()
-    assert [b["text"]["text"] for b in card.buttons()] == ["Approve", "Deny"]
+    assert [b["text"]["text"] for b in card.buttons()] == ["Approve", "Deny", "Cancel (requester)"]
     assert replicas(kube) == 3, "nothing happens before approval"
 
     await bot.click(CAROL, request.id, "approve")

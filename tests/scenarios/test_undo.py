@@ -132,7 +132,7 @@ async def test_undo_of_a_scale_by_the_button_goes_through_approval(bot: Harness,
     assert f"<https://fake.slack/archives/{Harness.INCIDENT}/p{(original.card_ts or '').replace('.', '')}|card of the request it undoes>" \
         in text, \
         "the new card links the original's card"
-    assert [b["text"]["text"] for b in card(bot, undo).buttons()] == ["Approve", "Deny"]
+    assert [b["text"]["text"] for b in card(bot, undo).buttons()] == ["Approve", "Deny", "Cancel (requester)"]
     said = await ephemeral(bot, DAN, f"Undo of `{original.id}` requested as `{undo.id}`")
     assert "/ops scale worker 3" in said[0]
 

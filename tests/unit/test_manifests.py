@@ -332,6 +332,7 @@ _METHOD_SCOPES: dict[str, list[str]] = {
     "conversations_history": ["channels:history", "groups:history"],
     "conversations_replies": ["channels:history", "groups:history"],
     "usergroups_users_list": ["usergroups:read"],
+    "views_open": [],  # the Deny dialog: no scope, the click's trigger_id is the permission
 }
 
 

@@ -35,7 +35,8 @@ def card(bot: Harness, request: OpsRequest) -> Message:
     return next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == request.card_ts)
 
 
-def undo_click_body(slack: FakeSlack, user: str, value: str, *, card_ts: str, channel: str = Harness.INCIDENT) -> str:
+def undo_click_body(slack: FakeSlack, user: str, value: str, *, card_ts: str, channel: str = Harness.INCIDENT,
+                    action_id: str = "opsbot_undo") -> str:
     """What Slack posts when ``user`` clicks Undo on the card ``card_ts`` (``value``: the button's value)."""
     payload = {
         "type": "block_actions", "team": {"id": "T0FAKE", "domain": "fake"},
@@ -44,7 +45,7 @@ def undo_click_body(slack: FakeSlack, user: str, value: str, *, card_ts: str, ch
         "container": {"type": "message", "message_ts": card_ts, "channel_id": channel, "is_ephemeral": False},
         "trigger_id": uuid.uuid4().hex, "channel": {"id": channel, "name": "incident"},
         "message": {"ts": card_ts, "text": "card"}, "response_url": slack.response_url("click-" + uuid.uuid4().hex),
-        "actions": [{"action_id": "opsbot_undo", "block_id": f"opsbot_undo:{value[:40]}", "value": value, "type": "button",
+        "actions": [{"action_id": action_id, "block_id": f"opsbot_undo:{value[:40]}", "value": value, "type": "button",
                      "action_ts": str(time.time())}],
     }
     return urlencode({"payload": json.dumps(payload)})
@@ -472,3 +473,23 @@ async def test_a_slow_cluster_at_undo_time_is_said_and_the_undo_still_opens(bot:
     assert undo.plan["after"] == {"replicas": 3}
     said = await ephemeral(bot, ALICE, f"requested as `{undo.id}`")
     assert len(said) == 1
+
+
+async def test_request_again_on_a_denied_undo_is_an_undo_again(bot: Harness, kube: KubeApiServer) -> None:
+    original = await done(bot, ALICE, "/ops scale worker 6")
+    await bot.slash(ALICE, f"/ops undo {original.id}")
+    undo = await the_undo(bot, original)
+    await bot.click(CAROL, undo.id, "deny")
+    denied = await bot.state_of(undo.id, "denied")
+    assert "Request again" in [b["text"]["text"] for b in card(bot, denied).buttons()]
+    await bot.post_signed(undo_click_body(bot.slack, ALICE, undo.id, card_ts=denied.card_ts or "", action_id="opsbot_request_again"))
+
+    async def second() -> OpsRequest | None:
+        found = await undo_of(bot, original)
+        return found[-1] if len(found) == 2 and found[-1].card_ts else None
+    again = await bot.eventually(second, what="the undo asked again")
+    assert again.undo_of == original.id and again.plan["after"] == {"replicas": 3}
+
+    async def linked() -> bool:  # (recorded just after the new card is posted)
+        return len(await rows(bot, original.id, "undo_requested")) == 2
+    await bot.eventually(linked, what="the second undo_requested row")

@@ -81,7 +81,8 @@ class Approvals:
         naming = {g: [r for r, role in self.config.roles.items() if g in role.usergroups] for g in problems}
         return "".join(f"\n:warning: {line}" for line in usergroup_problems(problems, naming))
 
-    async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision) -> OpsRequest:
+    async def open(self, req: CommandRequest, inv: Invocation, plan: Plan, decision: Decision, *,
+                   undo_of: str | None = None, undo_of_link: str | None = None) -> OpsRequest:
         needs_approval = decision.kind is DecisionKind.NEEDS_APPROVAL
         glass = inv.flags.break_glass if decision.kind is DecisionKind.BREAK_GLASS else ""
         request = await self.store.create_request(
@@ -93,10 +94,12 @@ class Approvals:
             break_glass=glass, delivery_id=req.delivery_id, remind_after=decision.remind_after,
             escalate_after=decision.escalate_after, escalate_to=decision.escalate_to,
             approvers_named=approvers_named(self.config, decision.approver_roles, req.actor.user_id),
+            undo_of=undo_of, undo_of_link=undo_of_link,
         )
         await self.audit.record("requested", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                 text=inv.text, plan=request.plan,
-                                result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason})
+                                result={"reason": inv.flags.reason, "rule": decision.rule, "decision": decision.reason,
+                                        **({"undo_of": undo_of} if undo_of else {})})
         try:  # before the card: once people can see it, its reminders are due (a request ended early ends them)
             await self.reminders.schedule(request)
         except BackendUnavailable as exc:  # the request stands; only its reminders are missing, and the log says so

@@ -187,6 +187,8 @@ class OpsRequest:
     card_channel: str | None = None
     card_ts: str | None = None
     card_version: int = 0  # bumped by every change the card shows (bot/notices.py)
+    undo_of: str | None = None  # the request this one undoes (bot/undo.py)
+    undo_of_link: str | None = None  # the permalink of that request's card
     result: dict[str, Any] | None = None
     error: str | None = None
     approvers_named: tuple[str, ...] = ()  # user ids and user group ids (S…) who may approve, for the card

@@ -113,6 +113,14 @@ class DuplicateDelivery(OpsbotError):
         self.request_id = request_id
 
 
+class DuplicateUndo(UserError):
+    """An undo of a request that has one open or done already (two fast clicks on Undo, two replicas)."""
+
+    def __init__(self, original_id: str, undo_id: str) -> None:
+        super().__init__(f"`{original_id}` is being undone already, by `{undo_id}`; nothing more was requested.")
+        self.original_id, self.undo_id = original_id, undo_id
+
+
 class CardNotPosted(ExecutionError):
     """The approval card could not be posted, so the request was ended (nobody could approve it)."""
 

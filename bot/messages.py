@@ -137,6 +137,9 @@ EVENT_LABEL = {
     "revert_delayed": "auto-revert delayed (backend unavailable; will retry)",
     "revert_failed": ":rotating_light: AUTO-REVERT FAILED",
     "revert_superseded": "auto-revert cancelled (a later request set the value back)",
+    # Undo (bot/undo.py): on the original's trail
+    "undo_requested": "undo requested",
+    "undo_refused": "undo refused",
     # Approvers who get told (bot/reminders.py, bot/slack/approvers.py)
     "reminded": "approvers reminded (direct message)",
     "escalated": "escalated (direct message; they may approve too)",
@@ -196,7 +199,9 @@ def request_status(request: OpsRequest) -> str:
 
 def thread_result(request: OpsRequest) -> str:
     if request.state is RequestState.SUCCEEDED:
-        return f":large_green_circle: Done: {mrkdwn((request.result or {}).get('message', ''))}"
+        undo = (request.result or {}).get("undo")
+        hint = f" Undo: {code('/ops undo ' + request.id)} (or Undo on the card)." if isinstance(undo, dict) and undo.get("offered") else ""
+        return f":large_green_circle: Done: {mrkdwn((request.result or {}).get('message', ''))}{hint}"
     if request.state is RequestState.FAILED:
         return f":red_circle: Failed: {mrkdwn(request.error)}"
     if request.state is RequestState.STALE:

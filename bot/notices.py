@@ -59,7 +59,8 @@ def permanent(exc: OpsbotError) -> bool:
     return isinstance(exc, ExecutionError) and not exc.temporary
 
 
-async def deliver(chat: Chat, *, channel: str, text: str, thread_ts: str | None, needle: str, uncertain: bool) -> str:
+async def deliver(chat: Chat, *, channel: str, text: str, thread_ts: str | None, needle: str, uncertain: bool,
+                  undo: str | None = None) -> str:
     """Post ``text`` unless an earlier, uncertain attempt already got through; returns its ts.
     ``needle`` identifies the message among its neighbours (a row hash, the reply's text)."""
     if uncertain:
@@ -72,6 +73,8 @@ async def deliver(chat: Chat, *, channel: str, text: str, thread_ts: str | None,
             found = None
         if found:
             return found
+    if undo:  # the Undo button of request ``undo`` goes with it (bot/undo.py)
+        return await chat.post_message(channel_id=channel, text=text, thread_ts=thread_ts, undo=undo)
     return await chat.post_message(channel_id=channel, text=text, thread_ts=thread_ts)
 
 
@@ -102,13 +105,13 @@ class Notices:
 
     # ---------------------------------------------------------------- what the lifecycle says
 
-    async def thread(self, request: OpsRequest, text: str) -> None:
+    async def thread(self, request: OpsRequest, text: str, *, undo_button: bool = False) -> None:
         """A reply in the request's card thread, delivered eventually. If the outbox itself cannot
         be written (the database went away just after the state change), it is sent directly,
         best effort: the state is already recorded, and the card will show it when it is back."""
         text = scrub_text(text, self.secrets)
         try:
-            await self.store.add_thread_notice(request.id, text)
+            await self.store.add_thread_notice(request.id, text, undo_button=request.id if undo_button else None)
         except BackendUnavailable as exc:
             log.warning("thread notice for %s not kept (%s); sending it directly", request.id, exc)
             await tell(self.chat.post_in_thread(request, text))
@@ -170,7 +173,7 @@ class Notices:
                 continue
             try:
                 ts = await deliver(self.chat, channel=channel, text=notice["text"], thread_ts=notice["thread_ts"],
-                                   needle=notice["text"][:200], uncertain=notice["uncertain"])
+                                   needle=notice["text"][:200], uncertain=notice["uncertain"], undo=notice.get("undo_button"))
             except OpsbotError as exc:
                 await self._failed(notice, exc)
                 held.add(channel)

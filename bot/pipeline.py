@@ -32,12 +32,23 @@ from bot.approvals import Approvals
 from bot.audit import Audit
 from bot.config import Config, parse_since
 from bot.domain import SYSTEM, Actor, ChannelId, CommandRequest, Decision, DecisionKind, Invocation, Plan
-from bot.errors import BackendUnavailable, Busy, CardNotPosted, DuplicateDelivery, ExecutionError, OpsbotError, PolicyDenied, UserError
+from bot.errors import (
+    BackendUnavailable,
+    Busy,
+    CardNotPosted,
+    DuplicateDelivery,
+    DuplicateUndo,
+    ExecutionError,
+    OpsbotError,
+    PolicyDenied,
+    UserError,
+)
 from bot.messages import code, mrkdwn, plural, user_ref
 from bot.metrics import Metrics
 from bot.policy.engine import decide
 from bot.ports import Chat, Context, tell
 from bot.redaction import scrub_text
+from bot.undo import Undos, UndoStart
 from commands.help import command_help, help_text
 from commands.registry import command, parse
 
@@ -168,6 +179,7 @@ class Pipeline:
         self.config, self.ctx, self.chat, self.audit, self.approvals, self.metrics = config, ctx, chat, audit, approvals, metrics
         self.limiter, self.clock = limiter, clock
         self.admission = admission or Admission()
+        self.undos = Undos(config=config, store=approvals.store, audit=audit, chat=chat)
         self._busy_recorders = asyncio.Semaphore(BUSY_RECORDERS)
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
 
@@ -284,6 +296,12 @@ class Pipeline:
         if inv.command == "audit":
             await self._audit_search(req, inv, actor)
             return
+        undo: UndoStart | None = None
+        if inv.command == "undo":  # the inverse of a request, then the same path as if it had been typed (bot/undo.py)
+            undo = await self.undos.start(req, inv)
+            if undo is None:
+                return
+            inv = undo.invocation
         cmd = command(inv.command, self.config)
         # Policy first on the command alone, so people who may not run it learn nothing by planning.
         pre = self._decide(inv.command, actor, req, inv)
@@ -293,10 +311,22 @@ class Pipeline:
         try:
             plan = await cmd.plan(inv.params, self.ctx)
         except UserError as exc:
+            if undo is not None:  # e.g. "already has 3 replicas": someone put it back already
+                await self.undos.refuse(req, undo.asked, undo.original, f"{exc} Nothing was requested.", why="inverse_refused")
+                return
             await self._invalid(req, exc, inv)
             return
-        except ExecutionError as exc:
+        except (ExecutionError, BackendUnavailable) as exc:
+            if undo is not None:  # the target cannot be read, so whether it moved on cannot be told: fail closed
+                await self.undos.refuse(req, undo.asked, undo.original, f"{exc}, so opsbot cannot check that the target is "
+                                        "still as it was left. Nothing was requested; try again when it is back.",
+                                        why="backend_unavailable", backend=getattr(exc, "backend", cmd.backend))
+                return
+            if isinstance(exc, BackendUnavailable):
+                raise
             raise BackendUnavailable("the target", str(exc)) from exc
+        if undo is not None and not await self.undos.still_as_left(req, undo, plan):
+            return
         decision = self._decide(plan, actor, req, inv)
         if decision.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json(), roles=True)
@@ -324,11 +354,18 @@ class Pipeline:
             return
         self.metrics.requests.labels(inv.command, "requested").inc()
         try:
-            await self.approvals.open(req, inv, plan, decision)
+            link = {"undo_of": undo.original.id, "undo_of_link": await self.undos.link(undo)} if undo is not None else {}
+            opened = await self.approvals.open(req, inv, plan, decision, **link)
         except CardNotPosted as exc:  # recorded as a failed request already
             await self._reply(req, f":x: {exc}")
         except DuplicateDelivery as exc:  # the first delivery opened it, recorded it and answers: nothing more
             log.info("slash command delivered again (trigger %s): %s", req.delivery_id, exc)
+        except DuplicateUndo as exc:  # two clicks on Undo at once: the other one opened it
+            assert undo is not None
+            await self.undos.refuse(req, undo.asked, undo.original, str(exc), why="duplicate", undo=exc.undo_id)
+        else:
+            if undo is not None:
+                await self.undos.opened(req, undo, opened)
 
     async def _reply_with_attachment(self, req: CommandRequest, answer: str, attachment: str) -> None:
         """A read whose output is long (log lines): the answer in the channel, the output in its

@@ -124,7 +124,8 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         outcome = await self._schedule_revert(request, fresh, outcome)  # before the success is recorded: a crash keeps it
-        final = await self._finish(request, RequestState.SUCCEEDED, result={"message": outcome.message, **outcome.details},
+        result = {"message": outcome.message, **outcome.details}
+        final = await self._finish(request, RequestState.SUCCEEDED, result={**result, "undo": _undo_offer(cmd, request, result)},
                                    started=started)
         steps = cmd.follow(fresh, outcome, self.ctx) if final == RequestState.SUCCEEDED.value else None
         if steps is not None:
@@ -206,7 +207,7 @@ class Executor:
         self.metrics.requests.labels(request.command, state.value).inc()
         await self._record(state.value, done, result=result or {"error": error})
         self.notices.card_changed()
-        await self.notices.thread(done, thread_result(done))
+        await self.notices.thread(done, thread_result(done), undo_button=bool(((done.result or {}).get("undo") or {}).get("offered")))
         return state.value
 
     async def _record(self, event: str, request: OpsRequest, result: dict[str, Any] | None = None) -> None:
@@ -224,6 +225,16 @@ class Executor:
                 self.notices.card_changed()
                 await self.notices.thread(request, thread_result(request))
         return n
+
+
+def _undo_offer(cmd: Any, request: OpsRequest, result: dict[str, Any]) -> dict[str, Any]:
+    """Whether the card and thread of a success offer Undo (bot/undo.py), and why not; a command's
+    bug here must not keep the success from being recorded."""
+    try:
+        return dict(cmd.undo_offer(request.plan, result))
+    except Exception:
+        log.exception("the undo offer of %s failed", request.id)
+        return {"offered": False, "why": "opsbot could not work out its inverse (internal error; see its logs)"}
 
 
 def _what_changed(approved: dict[str, Any], fresh: Plan) -> str:

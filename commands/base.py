@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -16,6 +18,26 @@ from bot.untrusted import non_ascii_hint
 
 Params = dict[str, Any]
 T = TypeVar("T")
+NO_SAFE_INVERSE = "has no safe inverse"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inverse:
+    """How to undo a request that succeeded (``Command.inverse``): the ``/ops`` text of a new request
+    that puts back what it changed (parsed again like anything typed, so every check of the grammar
+    applies), or, with ``text`` None, why there is none."""
+
+    text: str | None = None
+    why: str = ""  # with text: what the undo does ("worker back to 3 replicas"); without: why there is none
+
+    @property
+    def possible(self) -> bool:
+        return self.text is not None
+
+
+def typed(*words: Any) -> str:
+    """``/ops`` text from words, quoted where needed so that parsing it gives these words back."""
+    return shlex.join(str(w) for w in words)
 
 
 class Command(ABC):
@@ -50,6 +72,35 @@ class Command(ABC):
         """After a successful execute: what the change does next (a rollout, a job), observed
         until it is over; the worker posts each step in the request's thread. None: nothing to follow."""
         return None
+
+    # ------------------------------------------------------------------ undo (bot/undo.py)
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        """The request that undoes a succeeded one, computed from its stored plan (``Plan.to_json``)
+        and result, without I/O. By default there is none: only commands that know how to put back
+        exactly what they changed say otherwise (a replayed webhook, a job retried, a session
+        terminated cannot be taken back)."""
+        return Inverse(why=f"`{' '.join(self.words)}` {NO_SAFE_INVERSE}")
+
+    def undo_keys(self, original_plan: dict[str, Any]) -> tuple[str, ...]:
+        """Which of the original's ``after`` fields must still hold for its undo not to be stale."""
+        return tuple(original_plan.get("after") or {})
+
+    def moved_on(self, original_plan: dict[str, Any], fresh: Plan, request_id: str) -> str | None:
+        """None when the target is still as ``request_id`` left it (the inverse's fresh plan reads
+        ``before`` = the original's ``after``); else what changed, in words."""
+        then, now = original_plan.get("after") or {}, fresh.before
+        changed = [k for k in self.undo_keys(original_plan) if k in then and now.get(k) != then[k]]
+        if not changed:
+            return None
+        label = original_plan.get("target_name") or original_plan.get("target_label") or "the target"
+        return (f"{label} has " + ", ".join(f"{k} {now.get(k)!r}" for k in changed) + " now, not the "
+                + ", ".join(f"{k} {then[k]!r}" for k in changed) + f" that `{request_id}` set")
+
+    def undo_offer(self, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """What a succeeded request's card and thread say about its undo (kept in its result)."""
+        inverse = self.inverse(plan, result)
+        return {"offered": inverse.possible, "why": inverse.why}
 
     def deployment_plan(self, dep: Deployment, params: Params, **fields: Any) -> Plan:
         """A Plan on a configured deployment: target key, label and environment filled in."""

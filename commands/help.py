@@ -9,7 +9,7 @@ from bot.config import Config
 from bot.domain import Decision, DecisionKind
 from bot.messages import plural
 from commands.base import Command
-from commands.registry import META_USAGE, commands_of
+from commands.registry import META_USAGE, UNDO_USAGE, commands_of
 
 COMMON = 'Any command takes `--reason "…"` (recorded with the request), `--dry-run` (show the plan, change nothing) ' \
          'and, where the policy allows you, `--break-glass "<reason>"` (run now, reviewed afterwards).'
@@ -37,6 +37,7 @@ def help_text(decide: Callable[[str], Decision], config: Config | None = None) -
         lines.append(f"• `{META_USAGE['audit']}` — search the audit trail (answered only to you).")
     lines.append(f"• `{META_USAGE['pending']}` — open requests you may approve.")
     lines.append(f"• `{META_USAGE['cancel']}` — withdraw your own request before it runs.")
+    lines.append(f"• `{UNDO_USAGE}` — request the inverse of a request that succeeded (same approvals as typing it).")
     lines.append(f"• `{META_USAGE['help']}` — this list, or one command in detail.")
     lines.append(COMMON)
     if hidden:

@@ -32,6 +32,7 @@ The grammar (kept exactly; it is part of the product):
     /ops health [<service>]
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
+    /ops undo <request-id> [--reason "…"] [--dry-run]   request the inverse of a request that succeeded (bot/undo.py)
     /ops help [<command>]
     /ops <words of an action> <its parameters>    the config's own `actions:` (commands/actions/)
 
@@ -47,9 +48,9 @@ import shlex
 from typing import Any
 
 from bot.config import Config, parse_since
-from bot.domain import Flags, Invocation
+from bot.domain import REQUEST_ID_PATTERN, Flags, Invocation
 from bot.errors import UsageError
-from bot.untrusted import check_command_text, number_problem, whole_number
+from bot.untrusted import check_command_text, non_ascii_hint, number_problem, whole_number
 from commands.actions.make import actions_of
 from commands.base import Command
 from commands.db.queries import DbQueries
@@ -92,6 +93,7 @@ HELP_USAGE = "/ops help"
 META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
               "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]"}
 AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
+UNDO_USAGE = '/ops undo <request-id> [--reason "…"] [--dry-run]'
 MAX_AUDIT_PAGE = 1_000_000
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 
@@ -142,6 +144,30 @@ def _parse_audit(tokens: list[str], text: str, config: Config) -> Invocation:
         else:
             params[key] = value
     return Invocation(command="audit", params=params, flags=Flags(), text=text.strip())
+
+
+def _parse_undo(tokens: list[str], text: str) -> Invocation:
+    """`/ops undo <request-id> [--reason "…"] [--dry-run]`: the id is checked here, before anything is read."""
+    reason = ""
+    dry_run = "--dry-run" in tokens
+    tokens = [t for t in tokens if t != "--dry-run"]
+    if len(tokens) >= 2 and tokens[-2].partition("=")[0] == "--reason":
+        reason, tokens = tokens[-1].strip(), tokens[:-2]
+        if not reason:
+            raise UsageError('`--reason` needs some text, e.g. `--reason "INC-142 the scale made it worse"`.', usage=UNDO_USAGE)
+    elif tokens and tokens[-1].startswith("--reason="):
+        reason, tokens = tokens[-1].partition("=")[2].strip(), tokens[:-1]
+        if not reason:
+            raise UsageError('`--reason` needs some text, e.g. `--reason "INC-142 the scale made it worse"`.', usage=UNDO_USAGE)
+    if len(tokens) != 1:
+        raise UsageError("`undo` takes one request id, from the card of the request to undo, e.g. `/ops undo r-7kq2m9xa`.",
+                         usage=UNDO_USAGE)
+    given = tokens[0]
+    if not re.fullmatch(REQUEST_ID_PATTERN, given):
+        shown = "".join(c if c.isprintable() else "?" for c in given[:40]).replace("`", "'")
+        raise UsageError(f"`{shown}`{'…' if len(given) > 40 else ''} is not an opsbot request id{non_ascii_hint(given[:40])}; "
+                         "ids look like `r-7kq2m9xa` (on each card, and in `/ops audit`).", usage=UNDO_USAGE)
+    return Invocation(command="undo", params={"request_id": given}, flags=Flags(reason=reason, dry_run=dry_run), text=text.strip())
 
 
 def command(name: str, config: Config | None = None) -> Command:
@@ -228,6 +254,8 @@ def parse(text: str, config: Config) -> Invocation:
         if len(tokens) != 2 or len(tokens[1]) > 64:
             raise UsageError("`cancel` takes the request id from the card, e.g. `/ops cancel r-7kq2m9xa`.", usage=META_USAGE["cancel"])
         return Invocation(command="cancel", params={"request_id": tokens[1]}, flags=Flags(), text=text.strip())
+    if tokens[0].lower() == "undo":
+        return _parse_undo(tokens[1:], text)
     cmd, rest = _lookup(tokens, config)
     if cmd is None:
         first = tokens[0].lower()

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
-from bot.errors import BackendUnavailable, Busy, DuplicateDelivery, MigrationsPending
+from bot.errors import BackendUnavailable, Busy, DuplicateDelivery, DuplicateUndo, MigrationsPending
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ def _request(row: dict[str, Any], approvals: list[dict[str, Any]] | None = None)
         card_channel=row["card_channel"],
         card_ts=row["card_ts"],
         card_version=row.get("card_version", 0),
+        undo_of=row.get("undo_of"),
+        undo_of_link=row.get("undo_of_link"),
         result=row["result"],
         error=row["error"],
         approvers_named=tuple(row.get("approvers_named") or ()),
@@ -252,27 +254,46 @@ class Store:
                              approver_roles: tuple[str, ...], rule: str | None, expires_in: int,
                              approvals_each: tuple[str, ...] = (), break_glass: str = "", delivery_id: str = "",
                              remind_after: int | None = None, escalate_after: int | None = None,
-                             escalate_to: tuple[str, ...] = (), approvers_named: tuple[str, ...] = ()) -> OpsRequest:
-        """DuplicateDelivery when a request of this Slack delivery (``delivery_id``) exists already."""
+                             escalate_to: tuple[str, ...] = (), approvers_named: tuple[str, ...] = (),
+                             undo_of: str | None = None, undo_of_link: str | None = None) -> OpsRequest:
+        """DuplicateDelivery when a request of this Slack delivery (``delivery_id``) exists already;
+        DuplicateUndo when ``undo_of`` has an undo open or succeeded already (migration 010)."""
         async with self._conn() as conn:
-            row = await (await conn.execute(
-                """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
-                       environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
-                       decided_at, approvals_each, break_glass, review_state, delivery_id,
-                       remind_after, escalate_after, escalate_to, approvers_named)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
-                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
-                   RETURNING *""",
-                (id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
-                 Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
-                 expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None,
-                 delivery_id or None, remind_after, escalate_after, list(escalate_to), list(approvers_named)),
-            )).fetchone()
+            try:
+                row = await self._insert_request(conn, (
+                    id, command, text, requester.user_id, requester.name, channel_id, plan["target"], plan["environment"],
+                    Jsonb(plan), plan["fingerprint"], reason, state.value, approvals_required, list(approver_roles), rule,
+                    expires_in, state.value, list(approvals_each), break_glass, "needed" if break_glass else None,
+                    delivery_id or None, remind_after, escalate_after, list(escalate_to), list(approvers_named),
+                    undo_of, undo_of_link))
+            except psycopg.errors.UniqueViolation as exc:
+                if undo_of is None or "ops_requests_one_undo" not in str(exc):
+                    raise
+                raise DuplicateUndo(undo_of, await self.undo_of(undo_of) or "?") from None
             if row is None:
                 first = await (await conn.execute("SELECT id FROM ops_requests WHERE delivery_id = %s", (delivery_id,))).fetchone()
                 raise DuplicateDelivery(str(first["id"]) if first else "?")
         return _request(row)
+
+    async def undo_of(self, original_id: str) -> str | None:
+        """The undo of ``original_id`` that is open or succeeded, if any."""
+        async with self._conn() as conn:
+            row = await (await conn.execute(
+                "SELECT id FROM ops_requests WHERE undo_of = %s AND state IN ('pending_approval', 'approved', 'running', "
+                "'succeeded') ORDER BY created_at LIMIT 1", (original_id,))).fetchone()
+        return str(row["id"]) if row else None
+
+    @staticmethod
+    async def _insert_request(conn: psycopg.AsyncConnection[dict[str, Any]], values: tuple[Any, ...]) -> dict[str, Any] | None:
+        return await (await conn.execute(
+                """INSERT INTO ops_requests (id, command, command_text, requester_id, requester_name, channel_id, target,
+                       environment, plan, fingerprint, reason, state, approvals_required, approver_roles, rule, expires_at,
+                       decided_at, approvals_each, break_glass, review_state, delivery_id,
+                       remind_after, escalate_after, escalate_to, approvers_named, undo_of, undo_of_link)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s),
+                       CASE WHEN %s = 'approved' THEN now() END, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
+                   RETURNING *""", values)).fetchone()
 
     async def get(self, request_id: str) -> OpsRequest | None:
         async with self._conn() as conn:
@@ -427,9 +448,10 @@ class Store:
 
     # ------------------------------------------------------------------ what the incident channel is told
 
-    async def add_thread_notice(self, request_id: str, text: str) -> None:
+    async def add_thread_notice(self, request_id: str, text: str, *, undo_button: str | None = None) -> None:
         async with self._conn() as conn:
-            await conn.execute("INSERT INTO chat_outbox (request_id, text) VALUES (%s, %s)", (request_id, text))
+            await conn.execute("INSERT INTO chat_outbox (request_id, text, undo_button) VALUES (%s, %s, %s)",
+                               (request_id, text, undo_button))
 
     async def due_thread_notices(self, limit: int = 100) -> list[dict[str, Any]]:
         """Unposted thread replies, oldest first, with where they go (the card's thread) and
@@ -437,7 +459,7 @@ class Store:
         reply is not due waits)."""
         async with self._conn() as conn:
             return await (await conn.execute(
-                """SELECT o.id, o.request_id, o.text, o.attempts, o.uncertain, o.next_attempt_at <= now() AS due,
+                """SELECT o.id, o.request_id, o.text, o.undo_button, o.attempts, o.uncertain, o.next_attempt_at <= now() AS due,
                           coalesce(r.card_channel, r.channel_id) AS channel, r.card_ts AS thread_ts
                    FROM chat_outbox o JOIN ops_requests r ON r.id = o.request_id
                    WHERE o.posted_ts IS NULL AND NOT o.gave_up ORDER BY o.id LIMIT %s""", (limit,))).fetchall()

@@ -26,14 +26,15 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.approvals import Approvals
-from bot.domain import Actor, Invocation, UserId
+from bot.domain import Actor, ChannelId, CommandRequest, Invocation, UserId
 from bot.errors import BackendUnavailable, MalformedPayload, UserError
 from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
 from bot.slack.approvers import approver_listeners
-from bot.slack.blocks import ACKNOWLEDGE, APPROVE
+from bot.slack.blocks import ACKNOWLEDGE, APPROVE, UNDO
 from bot.slack.payloads import click, click_user, command_request, unchecked_request
+from bot.undo import undo_text
 
 log = logging.getLogger(__name__)
 INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
@@ -179,6 +180,38 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 log.exception("a review click on %r failed", c.value[:80])
                 await tell(approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id,
                                                          text=f"{INTERNAL} Your review was not recorded."))
+
+    @app.action(UNDO)
+    async def undo(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Undo on a succeeded card: `/ops undo <id>` typed by the clicker, in the card's channel;
+        they are answered privately (no response_url: an ephemeral message), the new card is posted."""
+        with _tracked(inflight):
+            await ack()
+            try:
+                c = click(body, action)
+            except MalformedPayload as exc:
+                await _malformed_click(body, exc)
+                return
+            req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=undo_text(c.value))
+
+            def private(text: str) -> Awaitable[None]:
+                return approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=text)
+            try:
+                inv = pipeline.parse(req)
+            except UserError as exc:
+                await tell(private(f":x: {exc}"))
+                await pipeline.record_invalid(req, exc)
+                return
+            # Unlike a vote, an Undo is a new request (it plans): it is admitted like a typed command.
+            load = pipeline.admission.enter()
+            if load is not None:
+                await tell(private(busy_text(load.in_flight, load.retry_after)))
+                await pipeline.record_busy(req, inv, load)
+                return
+            try:
+                await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
+            finally:
+                pipeline.admission.leave()
 
     approver_listeners(app, pipeline=pipeline, approvals=approvals, tracked=lambda: _tracked(inflight),
                        malformed=lambda body, exc: _malformed_click(body, exc))

@@ -153,7 +153,9 @@ def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approval
             await private(c, c.channel_id, f":x: {why}")
             return
         assert request is not None
-        req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=request.text,
+        # An undo asked again is an undo again (bot/undo.py): linked to its original and checked for staleness.
+        text = f"undo {request.undo_of}" if request.undo_of else request.text
+        req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=text,
                              delivery_id=f"again.{request.id}.{c.actor.user_id}")
         try:
             inv = pipeline.parse(req)

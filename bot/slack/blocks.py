@@ -13,6 +13,7 @@ APPROVE, DENY, ACKNOWLEDGE = "opsbot_approve", "opsbot_deny", "opsbot_acknowledg
 CANCEL, AGAIN, DENY_VIEW = "opsbot_cancel", "opsbot_request_again", "opsbot_deny_reason"
 DENY_REASON_MAX = 500  # characters of a deny's reason (the dialog's input, checked again on submission)
 AGAIN_STATES = (RequestState.DENIED, RequestState.EXPIRED, RequestState.STALE)
+UNDO = "opsbot_undo"  # value: the request id to undo (bot/undo.py); the click is `/ops undo <id>` by the clicker
 
 
 def _text(s: str) -> dict[str, Any]:
@@ -25,12 +26,14 @@ def card_fallback(request: OpsRequest) -> str:
 
 def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     plan = request.plan
-    lines = [f"*{mrkdwn(plan.get('summary', request.text))}*",
+    lines = [undo_of_line(request) + f"*{mrkdwn(plan.get('summary', request.text))}*",
              f"target: {code(plan.get('target_label', plan.get('target')))} · environment: *{mrkdwn(plan.get('environment'))}*"]
     lines += [f"• {mrkdwn(d)}" for d in plan.get("details") or []]
     context = [f"requested by {request.requester.mention()}: {code('/ops ' + request.text)}"]
     if request.audit_permalink:
         context.append(f"<{request.audit_permalink}|audit record>")
+    if request.undo_of_link:
+        context.append(f"<{request.undo_of_link}|card of the request it undoes>")
     if request.reason:
         context.append(f"reason: {mrkdwn(request.reason)}")
     if request.rule:
@@ -73,6 +76,7 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     elif request.state.final and (request.error or request.result):
         outcome = request.error or (request.result or {}).get("message", "")
         blocks.append({"type": "context", "elements": [_text(mrkdwn(outcome))]})
+        blocks += undo_blocks(request)
     if request.state is RequestState.DENIED and request.deny_reason:
         blocks.append({"type": "context", "elements": [_text(f"reason for denying: {mrkdwn(request.deny_reason)}")]})
     if request.state in AGAIN_STATES:
@@ -89,6 +93,39 @@ def card_blocks(request: OpsRequest) -> list[dict[str, Any]]:
     elif request.review_state == "acknowledged":
         blocks.append({"type": "context", "elements": [_text(f"break-glass reviewed by <@{request.reviewed_by}>")]})
     return blocks
+
+
+def undo_of_line(request: OpsRequest) -> str:
+    """The start of an undo's summary: "Undo of `r-…` (its card):"."""
+    if not request.undo_of:
+        return ""
+    return f":leftwards_arrow_with_hook: Undo of `{request.undo_of}`: "
+
+
+def undo_blocks(request: OpsRequest) -> list[dict[str, Any]]:
+    """A succeeded request's Undo button, or why it has none (``result.undo``, set by the worker)."""
+    offer = (request.result or {}).get("undo") if request.state is RequestState.SUCCEEDED else None
+    if not isinstance(offer, dict):
+        return []
+    if not offer.get("offered"):
+        return [{"type": "context", "elements": [_text(f"No undo: {mrkdwn(offer.get('why') or 'it has no safe inverse')}.")]}]
+    return [undo_button(request.id, f"Requests {mrkdwn(offer.get('why') or 'its inverse')} (undo of `{request.id}`), with "
+                                    "the same approvals as any request.")]
+
+
+def undo_button(request_id: str, explain: str = "") -> dict[str, Any]:
+    """The actions block with the Undo button of ``request_id`` (its click: `/ops undo <id>` by the clicker)."""
+    return {"type": "actions", "block_id": f"opsbot_undo:{request_id}", "elements": [
+        {"type": "button", "action_id": UNDO, "value": request_id, "text": {"type": "plain_text", "text": "Undo"},
+         "confirm": {"title": {"type": "plain_text", "text": "Undo this change?"},
+                     "text": _text(explain or f"Requests the inverse of `{request_id}`, with the same approvals as any request."),
+                     "confirm": {"type": "plain_text", "text": "Request undo"},
+                     "deny": {"type": "plain_text", "text": "Cancel"}}}]}
+
+
+def message_with_undo(text: str, request_id: str) -> list[dict[str, Any]]:
+    """A thread reply (already mrkdwn-safe) with the Undo button of its request under it."""
+    return [{"type": "section", "text": _text(text)}, undo_button(request_id)]
 
 
 def deny_view(request: OpsRequest, *, channel_id: str, message_ts: str, user_id: str) -> dict[str, Any]:

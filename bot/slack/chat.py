@@ -23,7 +23,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.domain import OpsRequest
 from bot.errors import DeliveryUncertain, ExecutionError, RateLimited
-from bot.slack.blocks import card_blocks, card_fallback
+from bot.slack.blocks import card_blocks, card_fallback, message_with_undo
 
 T = TypeVar("T")
 
@@ -110,9 +110,10 @@ class SlackChat:
         await self._call("chat.postEphemeral", "answer you privately",
                          lambda: self.client.chat_postEphemeral(channel=channel_id, user=user_id, text=text))
 
-    async def post_message(self, *, channel_id: str, text: str, thread_ts: str | None = None) -> str:
+    async def post_message(self, *, channel_id: str, text: str, thread_ts: str | None = None, undo: str | None = None) -> str:
+        blocks = message_with_undo(text, undo) if undo else None
         resp = await self._call("chat.postMessage", "post a message", lambda: self.client.chat_postMessage(
-            channel=channel_id, text=text, thread_ts=thread_ts, unfurl_links=False, unfurl_media=False))
+            channel=channel_id, text=text, thread_ts=thread_ts, unfurl_links=False, unfurl_media=False, blocks=blocks))
         return str(resp["ts"])
 
     async def update_message(self, *, channel_id: str, ts: str, text: str) -> None:

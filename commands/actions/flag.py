@@ -35,7 +35,7 @@ from bot.ports import Context
 from bot.untrusted import non_ascii_hint
 from commands.actions.base import MAX_SHOWN, ActionCommand, AnyAction, shown_value
 from commands.actions.sql import plain
-from commands.base import Params
+from commands.base import Inverse, Params, typed
 from commands.shown import one_line, untrusted
 
 REDIS_BUDGET = 2.0  # seconds for one read or compare-and-set of a Redis flag
@@ -179,6 +179,26 @@ class FlagCommand(ActionCommand):
                                  "text": f"It will be put back to {old} at {due:%H:%M} UTC ({duration_text(spec.revert_after)} "
                                          f"from now) if it is still {word} then; no further approval is needed."}
         return Outcome(ok=True, message=message, details=details)
+
+    # ------------------------------------------------------------------ undo (bot/undo.py)
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        """Set back the value this request found, as its word (the same as the auto-revert puts back).
+        A value that is none of the action's words cannot be typed, so it cannot be undone."""
+        params, before = dict(original_plan["params"]), original_plan["before"]["value"]
+        old = self.word_of(before)
+        if old not in self.spec.values:
+            return Inverse(why=f"{self.subject(params)} was {old} before, which is none of its values "
+                               f"({', '.join(self.spec.values)}), so opsbot cannot type it back")
+        return Inverse(text=typed(*self.words, *(params[n] for n in self.spec.params), old),
+                       why=f"{self.subject(params)} back to {old}")
+
+    def moved_on(self, original_plan: dict[str, Any], fresh: Plan, request_id: str) -> str | None:
+        then, now = original_plan["after"]["value"], fresh.before["value"]
+        if same(then, now):
+            return None
+        return (f"{self.subject(original_plan['params'])} is {self.word_of(now)} now, not the "
+                f"{self.word_of(then)} that `{request_id}` set")
 
     # ------------------------------------------------------------------ revert_after (called by the worker)
 

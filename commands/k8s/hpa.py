@@ -13,7 +13,7 @@ from bot.config import Config
 from bot.domain import Outcome, Plan
 from bot.errors import NotFound, Refused
 from bot.ports import Context, Obj
-from commands.base import Command, Params, deployment_alias
+from commands.base import Command, Inverse, Params, deployment_alias, typed
 from commands.k8s.workload import hpa_line
 
 
@@ -86,3 +86,15 @@ class Hpa(Command):
         got = _bounds(result)
         return Outcome(ok=True, message=f"{hpa['metadata']['name']} now allows {got[0]}–{got[1]} replicas.",
                        details={"min": got[0], "max": got[1]})
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        alias, before = original_plan["params"]["deployment"], original_plan["before"]
+        low, high = int(before["min"]), int(before["max"])
+        return Inverse(text=typed("hpa", alias, "--min", low, "--max", high), why=f"{alias}'s autoscaler back to {low}–{high} replicas")
+
+    def moved_on(self, original_plan: dict[str, Any], fresh: Plan, request_id: str) -> str | None:
+        after, now = original_plan["after"], fresh.before
+        if (now["min"], now["max"]) == (after["min"], after["max"]):
+            return None
+        return (f"{original_plan['params']['deployment']}'s autoscaler allows {now['min']}–{now['max']} replicas now, not the "
+                f"{after['min']}–{after['max']} that `{request_id}` set")

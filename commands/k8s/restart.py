@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.domain import Outcome, Plan, Progress
 from bot.errors import Refused
 from bot.ports import Context
-from commands.base import OnDeployment, Params, deployment_alias
+from commands.base import Inverse, OnDeployment, Params, deployment_alias
 from commands.k8s.workload import RESTARTED_AT, follow_rollout, revision
 
 
@@ -21,6 +22,10 @@ class Restart(OnDeployment):
     words = ("restart",)
     usage = "/ops restart <deployment>"
     summary = "Replace a deployment's pods one by one, like `kubectl rollout restart`."
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        return Inverse(why="a restart has no inverse: the old pods are gone and new ones run the same template; "
+                           "there is nothing to put back")
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])

@@ -11,7 +11,7 @@ from bot.domain import Outcome, Plan, Progress
 from bot.errors import Refused
 from bot.ports import Context
 from bot.untrusted import number_problem, whole_number
-from commands.base import Command, Params, deployment_alias
+from commands.base import Command, Inverse, Params, deployment_alias, typed
 from commands.k8s.workload import find_hpa, follow_rollout, hpa_line
 
 
@@ -72,6 +72,14 @@ class Scale(Command):
         )
         return Outcome(ok=True, message=f"{dep.name} scaled {current} → {scale['spec']['replicas']} replicas.",
                        details={"replicas": scale["spec"]["replicas"]})
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        alias, old = original_plan["params"]["deployment"], int(original_plan["before"]["replicas"])
+        return Inverse(text=typed("scale", alias, old), why=f"{alias} back to {old} replicas")
+
+    def moved_on(self, original_plan: dict[str, Any], fresh: Plan, request_id: str) -> str | None:
+        alias, then, now = original_plan["params"]["deployment"], original_plan["after"]["replicas"], fresh.before["replicas"]
+        return None if now == then else f"{alias} is at {now} replicas now, not the {then} that `{request_id}` set"
 
     def follow(self, plan: Plan, outcome: Outcome, ctx: Context) -> AsyncIterator[Progress] | None:
         return follow_rollout(deployment_alias(ctx.config, plan.params["deployment"]), ctx)

@@ -12,7 +12,7 @@ from bot.domain import Outcome, Plan
 from bot.errors import NotFound, Refused
 from bot.ports import Context
 from bot.untrusted import non_ascii_hint
-from commands.base import Command, Params
+from commands.base import Command, Inverse, Params, typed
 
 
 def _spec(config: Config) -> Providers:
@@ -78,6 +78,19 @@ class _ProviderToggle(Command):
         if not changed:
             raise Refused(f"provider `{plan.params['provider']}` changed since the plan; nothing was written.")
         return Outcome(ok=True, message=f"provider {plan.params['provider']} is now {'enabled' if self.active else 'disabled'}.")
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        name, verb = original_plan["params"]["provider"], "disable" if self.active else "enable"
+        return Inverse(text=typed(verb, "provider", name), why=f"{verb} provider {name} again")
+
+    def moved_on(self, original_plan: dict[str, Any], fresh: Plan, request_id: str) -> str | None:
+        # The inverse's own plan refuses "already enabled/disabled" when someone toggled it back;
+        # what is left to compare is the column the original set.
+        then, now = original_plan.get("after") or {}, fresh.before
+        if all(now.get(k) == v for k, v in then.items()):
+            return None
+        state = "enabled" if self.active else "disabled"
+        return f"provider {original_plan['params']['provider']} is no longer {state} as `{request_id}` left it"
 
 
 class DisableProvider(_ProviderToggle):

@@ -13,7 +13,7 @@ from bot.domain import Outcome, Plan
 from bot.errors import Refused
 from bot.messages import plural
 from bot.ports import Context
-from commands.base import Params
+from commands.base import Inverse, Params, typed
 from commands.queues.target import QueueCommand, queue_alias
 
 
@@ -50,6 +50,10 @@ class _SetPaused(QueueCommand):
         return Outcome(ok=True, message=f"queue `{plan.params['queue']}` {'paused' if now else 'resumed'}"
                                         + (": workers take no new job." if now else ": workers take jobs again."),
                        details={"paused": now})
+
+    def inverse(self, original_plan: dict[str, Any], result: dict[str, Any]) -> Inverse:
+        queue, verb = original_plan["params"]["queue"], "resume" if self.paused else "pause"
+        return Inverse(text=typed("queue", verb, queue), why=f"{verb} queue {queue} again")
 
 
 class QueuePause(_SetPaused):

@@ -116,7 +116,7 @@ async def test_break_glass_runs_now_and_is_reviewed_after(bot: Harness, kube: Ku
     audit = [m.text for m in bot.slack.in_channel("C0AUDIT") if request.id in m.text]
     assert any("BREAK-GLASS" in t for t in audit)
     card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
-    assert [b["text"]["text"] for b in card.buttons()] == ["Acknowledge (review)"]
+    assert [b["text"]["text"] for b in card.buttons()] == ["Undo", "Acknowledge (review)"]
     # The break-glass user cannot review their own run; an approver can.
     await bot.click(IC, request.id, "acknowledge")
     await bot.eventually(lambda: _ephemeral(bot, IC, "cannot review your own request"), what="the refusal")

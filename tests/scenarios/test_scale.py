@@ -33,7 +33,7 @@ async def test_engineer_scales_worker_after_approval(bot: Harness, kube: KubeApi
     # The card shows who approved and the outcome; the thread has the result.
     card = next(m for m in bot.slack.in_channel(Harness.INCIDENT) if m.ts == done.card_ts)
     assert f"<@{CAROL}>" in card.all_text() and "succeeded" in card.all_text()
-    assert card.buttons() == []
+    assert [b["text"]["text"] for b in card.buttons()] == ["Undo"]  # (tests/scenarios/test_undo.py)
     thread = bot.slack.thread(Harness.INCIDENT, done.card_ts or "")
     assert any("scaled 3 → 6" in m.text for m in thread)
 

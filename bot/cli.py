@@ -267,6 +267,16 @@ async def _timeline(log: object, args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_timeline(path: str) -> object:
+    """The timeline at ``path`` checked on its own (bot/timeline.py ``verify_text``, a FileCheck), or None: not a timeline."""
+    from bot import timeline
+
+    if os.path.getsize(path) > timeline.MAX_FILE_BYTES:  # larger than any timeline: an export, streamed by the caller
+        return None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return timeline.verify_text(fh.read())
+
+
 async def _verify_timeline(path: str) -> int | None:
     """`verify --file` on a timeline (Markdown or JSON; None: not a timeline, e.g. an export):
     each entry on its own, then, when DATABASE_URL is set and answers, each (seq, hash) against the trail."""
@@ -274,11 +284,8 @@ async def _verify_timeline(path: str) -> int | None:
     from bot.adapters.audit_log import AuditLog
     from bot.adapters.store import Store
 
-    if os.path.getsize(path) > timeline.MAX_FILE_BYTES:  # larger than any timeline: an export, streamed by the caller
-        return None
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        check = timeline.verify_text(fh.read())
-    if check is None:
+    check = _read_timeline(path)
+    if not isinstance(check, timeline.FileCheck):
         return None
     seqs = [seq for seq, _ in check.hashes]
     span = f"seq {seqs[0]}..{seqs[-1]}" if seqs else "no rows"

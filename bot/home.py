@@ -12,10 +12,10 @@ card's message; a Home tab click instead against the view: it must be the Home t
 published for the person clicking (``home_views``, migration 012), else it is refused as forged and
 recorded. Deny stays on the card (an "Open card" link): denying asks for a reason there.
 
-"Your channels": the configured ``slack.allowed_channels`` (where commands are taken) and the
-channels of the requests shown, of which those the person is a member of (conversations.members,
-at most ``MAX_CHANNELS`` channels); without that scope or when Slack fails, the section says so
-rather than show activity from channels the person may not see.
+"Your channels": the channels of the newest ``SCANNED`` actions (and ``slack.allowed_channels``),
+of which those the person is a member of (conversations.members, ``MAX_CHANNELS`` channels at most,
+the most recently active first); without that scope or when Slack fails, the section says so rather than show
+activity from channels the person may not see.
 
 Opening the Home tab is recorded as a read (not posted to the audit channel): it shows requests and
 actions, as `/ops pending` does.
@@ -45,6 +45,7 @@ HOME_OPEN_CARD = "opsbot_home_open_card"  # a link button: Slack still sends the
 MAX_CHANNELS = 10
 MAX_ITEMS = 10
 RECENT = 10
+SCANNED = 200  # action rows read to find the viewer's channels' last ones
 MEMBERS_LIMIT = 5000
 ACTION_EVENTS = ("requested", "approved", "denied", "succeeded", "failed", "stale", "unknown", "expired", "cancelled",
                  "break_glass", "break_glass_reviewed")
@@ -60,17 +61,24 @@ class Home:
         problems: list[str] = []
         mine: list[OpsRequest] = []
         approvable: list[OpsRequest] = []
+        recent: list[dict[str, Any]] = []
+        db_down = False
         try:
             mine = await self.store.open_requests_by(actor.user_id, limit=MAX_ITEMS)
         except BackendUnavailable as exc:
-            problems.append(f"your open requests: {exc}")
-        try:
-            approvable = (await self.approvals.pending_for(await self.approvals.with_groups(actor)))[:MAX_ITEMS]
-        except BackendUnavailable as exc:
-            problems.append(f"what you may approve: {exc}")
-        recent, recent_problem = await self._recent(actor, [*mine, *approvable])
-        if recent_problem:
-            problems.append(f"the last actions in your channels: {recent_problem}")
+            # opsbot's database is down: every section needs it, and each would wait out the pool again.
+            db_down = exc.backend == STATE_DATABASE
+            if db_down:
+                self.audit.database_down(str(exc))
+            problems.append(f"your open requests, what you may approve and the last actions: {exc}")
+        else:
+            try:
+                approvable = (await self.approvals.pending_for(await self.approvals.with_groups(actor)))[:MAX_ITEMS]
+            except BackendUnavailable as exc:
+                problems.append(f"what you may approve: {exc}")
+            recent, recent_problem = await self._recent(actor)
+            if recent_problem:
+                problems.append(f"the last actions in your channels: {recent_problem}")
         links: dict[str, str | None] = {str(r.id): await self._link(r) for r in [*mine, *approvable]}
         view = home_view(actor=actor, mine=mine, approvable=approvable, recent=recent, links=links, problems=problems,
                          notice=notice, now=self.clock())
@@ -79,7 +87,7 @@ class Home:
             published = await self.chat.publish_home(user_id=actor.user_id, view=view)
         except OpsbotError as exc:
             log.warning("could not publish %s's Home tab: %s", actor.user_id, exc)
-        if published:
+        if published and not db_down:  # (else its Approve buttons are refused, and it has none)
             try:
                 await self.store.remember_home_view(actor.user_id, published)
             except BackendUnavailable as exc:  # its Approve buttons will be refused until the next open: say why then
@@ -115,24 +123,22 @@ class Home:
                  "counted": f":white_check_mark: Your approval of `{request_id}` is counted; more are needed."}
         await self.opened(actor, notice=words.get(result.outcome) or f":x: {result.message}")
 
-    async def _recent(self, actor: Actor, shown: list[OpsRequest]) -> tuple[list[dict[str, Any]], str]:
-        candidates = list(dict.fromkeys([*self.config.slack.allowed_channels,
-                                         *(r.card_channel or r.channel_id for r in shown)]))[:MAX_CHANNELS]
-        if not candidates:
-            return [], ""
-        theirs: list[str] = []
+    async def _recent(self, actor: Actor) -> tuple[list[dict[str, Any]], str]:
+        """The last actions in channels ``actor`` is a member of: the newest ``SCANNED`` action rows,
+        their channels (and the allowed channels) checked for membership, ``MAX_CHANNELS`` at most."""
         try:
-            for channel in candidates:
-                if actor.user_id in await self.chat.channel_members(channel, limit=MEMBERS_LIMIT):
-                    theirs.append(channel)
-        except OpsbotError as exc:
-            return [], f"could not check which channels you are in ({exc})"
-        if not theirs:
-            return [], ""
-        try:
-            return await self.audit.log.recent(channels=tuple(theirs), events=ACTION_EVENTS, limit=RECENT), ""
+            rows = await self.audit.log.recent(events=ACTION_EVENTS, limit=SCANNED)
         except BackendUnavailable as exc:
             return [], str(exc)
+        candidates = list(dict.fromkeys([*self.config.slack.allowed_channels, *(str(r["channel_id"]) for r in rows)]))
+        theirs: set[str] = set()
+        try:
+            for channel in [c for c in candidates if c][:MAX_CHANNELS]:
+                if actor.user_id in await self.chat.channel_members(channel, limit=MEMBERS_LIMIT):
+                    theirs.add(channel)
+        except OpsbotError as exc:
+            return [], f"could not check which channels you are in ({exc})"
+        return [r for r in rows if r["channel_id"] in theirs][:RECENT], ""
 
     async def _link(self, request: OpsRequest) -> str | None:
         if not (request.card_channel and request.card_ts):

@@ -223,12 +223,12 @@ class AuditLog:
         async with self.store.connection() as conn:
             return await (await conn.execute(q, [*args, limit])).fetchall()
 
-    async def recent(self, *, channels: tuple[str, ...], events: tuple[str, ...], limit: int) -> list[dict[str, Any]]:
-        """The newest rows of ``events`` in ``channels``, newest first (the Home tab's last actions)."""
+    async def recent(self, *, events: tuple[str, ...], limit: int) -> list[dict[str, Any]]:
+        """The newest rows of ``events``, newest first (the Home tab's last actions; the event index
+        of migration 007 serves it)."""
         async with self.store.connection() as conn:
             return await (await conn.execute(
-                "SELECT * FROM audit_events WHERE channel_id = ANY(%s) AND event = ANY(%s) ORDER BY seq DESC LIMIT %s",
-                (list(channels), list(events), limit))).fetchall()
+                "SELECT * FROM audit_events WHERE event = ANY(%s) ORDER BY seq DESC LIMIT %s", (list(events), limit))).fetchall()
 
     async def hashes_of(self, seqs: list[int]) -> dict[int, str]:
         """seq → hash of those rows that are in the trail (a timeline checked against the database)."""

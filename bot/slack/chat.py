@@ -167,6 +167,14 @@ class SlackChat:
         return str((resp.get("view") or {}).get("id") or "")
 
     async def channel_members(self, channel_id: str, *, limit: int) -> set[str]:
+        try:
+            return await self._members(channel_id, limit=limit)
+        except ExecutionError as exc:
+            if "channel_not_found" in str(exc) or "not_in_channel" in str(exc):
+                return set()  # a channel opsbot cannot see: nobody is shown its actions
+            raise
+
+    async def _members(self, channel_id: str, *, limit: int) -> set[str]:
         members: set[str] = set()
         cursor: str | None = None
         while len(members) < limit:

@@ -380,6 +380,7 @@ class FakeSlack:
         app.router.add_post("/playground/home", self._play_home)
         app.router.add_get("/playground/home", self._play_home_view)
         app.router.add_post("/playground/home_action", self._play_home_action)
+        app.router.add_get("/playground/file/{file_id}", self._play_file)
 
     def _timeline_home_api(self, method: str, args: dict[str, Any]) -> dict[str, Any] | None:
         if method == "files.getUploadURLExternal":
@@ -432,9 +433,11 @@ class FakeSlack:
             return {"ok": True, "view": published}
         if method == "conversations.members":
             channel = str(args.get("channel") or "")
-            if channel not in self.members:
+            if channel not in self.members and channel not in self.channels:
                 return {"ok": False, "error": "channel_not_found"}
-            return {"ok": True, "members": self.members[channel], "response_metadata": {"next_cursor": ""}}
+            # the playground's people are in all its channels unless a test says otherwise
+            members = self.members.get(channel, list(self.users))
+            return {"ok": True, "members": members, "response_metadata": {"next_cursor": ""}}
         return None
 
     async def _upload(self, request: web.Request) -> web.Response:
@@ -490,6 +493,12 @@ class FakeSlack:
 
     async def _play_home_view(self, request: web.Request) -> web.Response:
         return web.json_response({"view": self.home_views.get(request.query.get("user", ""))})
+
+    async def _play_file(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["file_id"])
+        if f is None or f["content"] is None:
+            return web.Response(status=404, text="no such file")
+        return web.Response(body=f["content"], content_type="text/plain", charset="utf-8")
 
     async def _play_home_action(self, request: web.Request) -> web.Response:
         data = await request.json()

@@ -16,6 +16,9 @@ from bot.sandbox.slack_api import FakeSlack
 from tests.conftest import ALICE, CAROL, DAN, EVE, MALLORY
 from tests.faults.proxy import TcpProxy
 from tests.harness import Harness
+from tests.scenarios.test_playground import BROWSER_BUDGET, browser_page, needs_browser, playground, shot
+
+__all__ = ["playground"]  # the fixture, shared with the playground's own tests
 
 
 def buttons(view: dict[str, Any]) -> list[dict[str, Any]]:
@@ -179,3 +182,29 @@ async def test_database_down_shows_what_is_unavailable(slack: FakeSlack, config:
         db.up()
         await bot.stop()
         await db.stop()
+
+
+@needs_browser
+async def test_the_playground_shows_the_home_tab_and_its_approve_counts(playground: Any) -> None:
+    from playwright.async_api import expect
+
+    async def run() -> None:
+        async with browser_page() as page:
+            await page.goto(playground.url)
+            incident = page.locator("#channel-C0INCIDENT")
+            await expect(page.locator("#user option")).to_have_count(5)
+            await page.select_option("#user", "U0ALICE")
+            await page.fill("#composer", "/ops scale worker 6")
+            await page.press("#composer", "Enter")
+            await expect(incident).to_contain_text("waiting for approval", timeout=15000)
+            await page.select_option("#user", "U0CAROL")
+            await page.click("#open-home")
+            home = page.locator("#home")
+            await expect(home).to_contain_text("Waiting for your approval", timeout=15000)
+            await expect(home).to_contain_text("nova-worker")
+            await home.get_by_role("button", name="Approve").click()
+            await expect(home).to_contain_text("You approved", timeout=15000)
+            await expect(incident).to_contain_text("succeeded", timeout=20000)
+            await shot(page, "home-tab.png")
+
+    await asyncio.wait_for(run(), timeout=BROWSER_BUDGET)

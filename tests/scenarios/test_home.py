@@ -208,3 +208,10 @@ async def test_the_playground_shows_the_home_tab_and_its_approve_counts(playgrou
             await shot(page, "home-tab.png")
 
     await asyncio.wait_for(run(), timeout=BROWSER_BUDGET)
+
+
+async def test_the_event_subscription_url_answers_slacks_challenge(bot: Harness) -> None:
+    """The manifest subscribes to app_home_opened: Slack first checks the request URL with a challenge."""
+    status, body = await bot.post_signed(json.dumps({"token": "legacy", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+                                                     "type": "url_verification"}), "application/json")
+    assert status == 200 and "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in body

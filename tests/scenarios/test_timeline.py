@@ -269,3 +269,10 @@ async def test_database_down_refuses_and_says_so(slack: FakeSlack, config: Any, 
         db.up()
         await bot.stop()
         await db.stop()
+
+
+async def test_help_lists_it_for_those_who_may_run_it(bot: Harness) -> None:
+    await bot.slash(EVE, "/ops help")
+    assert "/ops timeline [--since 2h]" in (await bot.response(containing="opsbot commands"))["text"]
+    await bot.slash(ALICE, "/ops help")
+    assert "/ops timeline" not in (await bot.response(containing="opsbot commands"))["text"]

@@ -215,3 +215,23 @@ async def test_the_event_subscription_url_answers_slacks_challenge(bot: Harness)
     status, body = await bot.post_signed(json.dumps({"token": "legacy", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
                                                      "type": "url_verification"}), "application/json")
     assert status == 200 and "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in body
+
+
+async def test_the_same_home_click_delivered_to_two_replicas_counts_once(bot: Harness, config: Config, slack: FakeSlack,
+                                                                        state_db: str, redis_url: str, kubeconfig: str,
+                                                                        queue_prefix: str) -> None:
+    other = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,
+                                queue_prefix=queue_prefix, with_worker=False)
+    try:
+        request = await pending_scale(bot)
+        await open_home(other, CAROL)  # published by one replica, clicked on both
+        body = slack.home_click_body(CAROL, request.id)
+        statuses = await asyncio.gather(bot.post_signed(body), other.post_signed(body), bot.post_signed(body))
+        assert [s for s, _ in statuses] == [200, 200, 200]
+        done = await bot.state_of(request.id, "succeeded")
+        assert [a.approver.user_id for a in done.approvals] == [CAROL]
+        events = await bot.audit_events(request.id)
+        assert events.count("approval_given") == 1 and events.count("started") == 1
+        assert (await bot.runtime.audit.log.verify()).ok
+    finally:
+        await other.stop()

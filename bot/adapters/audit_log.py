@@ -219,7 +219,9 @@ class AuditLog:
         if events:
             where.append("event = ANY(%s)")
             args.append(list(events))
-        q = f"SELECT * FROM audit_events WHERE {' AND '.join(where)} ORDER BY seq LIMIT %s"
+        # ORDER BY at, seq is seq order (``at`` is taken under the chain's lock, migration 008, so it never
+        # goes back as seq goes up) and lets the (channel_id, at) index of migration 012 stop at ``limit``.
+        q = f"SELECT * FROM audit_events WHERE {' AND '.join(where)} ORDER BY at, seq LIMIT %s"
         async with self.store.connection() as conn:
             return await (await conn.execute(q, [*args, limit])).fetchall()
 

@@ -83,8 +83,11 @@ async def test_home_tab_for_requester_approver_and_someone_else(bot: Harness) ->
     await bot.state_of(request.id, "succeeded")
     assert request.id not in text_of(await open_home(bot, CAROL)).split("*Waiting for your approval*")[1].split("*Last actions")[0]
     assert "*succeeded*" in text_of(await open_home(bot, ALICE))
-    reads = [r for r in await bot.runtime.audit.log.rows() if r["event"] == "read" and r["command_text"] == "(Home tab)"]
-    assert len(reads) == 5 and reads[0]["result"]["home"]["open"] == [request.id], "each open is recorded as a read"
+    async def all_recorded() -> list[dict[str, Any]] | None:  # recorded last, after the view is published
+        rows = [r for r in await bot.runtime.audit.log.rows() if r["event"] == "read" and r["command_text"] == "(Home tab)"]
+        return rows if len(rows) == 5 else None
+    reads = await bot.eventually(all_recorded, what="each open to be recorded")
+    assert reads[0]["result"]["home"]["open"] == [request.id], "each open is recorded as a read"
     assert all(not r["channel_id"] for r in reads)
 
 
@@ -98,7 +101,9 @@ async def test_approve_from_the_home_tab_counts_once_even_with_two_fast_clicks(b
     assert [a.approver.user_id for a in done.approvals] == [CAROL]
     events = await bot.audit_events(request.id)
     assert events.count("approval_given") == 1 and events.count("approved") == 1
-    refused = [r for r in await bot.runtime.audit.log.rows() if r["event"] == "vote_refused"]
+    async def second_refused() -> list[dict[str, Any]] | None:
+        return [r for r in await bot.runtime.audit.log.rows() if r["event"] == "vote_refused"] or None
+    refused = await bot.eventually(second_refused, what="the second click to be refused")
     assert [r["result"]["why"] for r in refused] in (["duplicate"], ["closed"])
 
     async def told() -> str | None:

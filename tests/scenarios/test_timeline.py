@@ -84,11 +84,18 @@ async def test_timeline_of_an_incident_in_the_channel_with_a_verifiable_file(bot
     by_seq = {int(r["seq"]): r["hash"] for r in rows}
     assert all(by_seq[seq] == digest for seq, digest in check.hashes)
 
-    # Reading the trail is itself recorded, as a read, not posted to the audit channel.
-    reads = [r for r in await bot.runtime.audit.log.rows() if r["event"] == "read" and r["command_text"].startswith("timeline")]
+    # Reading the trail is itself recorded (last, after the file), as a read, not posted to the audit channel.
+    reads = await timeline_reads(bot)
     assert len(reads) == 1 and reads[0]["actor_id"] == EVE
     assert reads[0]["result"]["timeline"]["entries"] == len(check.hashes)
     assert reads[0]["result"]["timeline"]["file"] == f["name"]
+
+
+async def timeline_reads(bot: Harness) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        rows = await bot.runtime.audit.log.rows()
+        return [r for r in rows if r["event"] == "read" and r["command_text"].startswith("timeline")] or None
+    return await bot.eventually(probe, what="the timeline's read to be recorded")
 
 
 def _timeline_reads(rows: list[dict[str, Any]]) -> int:
@@ -243,8 +250,8 @@ async def test_slack_upload_failing_still_posts_and_says_the_file_is_missing(bot
     await bot.eventually(says, what="the message to say the file is missing")
     assert "opsbot audit timeline --channel C0INCIDENT" in message.text
     assert not [f for f in bot.slack.files.values() if f["shared"]]
-    reads = [r for r in await bot.runtime.audit.log.rows() if r["event"] == "read" and r["command_text"].startswith("timeline")]
-    assert reads and reads[-1]["result"]["timeline"]["file"].startswith("not attached")
+    reads = await timeline_reads(bot)
+    assert reads[-1]["result"]["timeline"]["file"].startswith("not attached")
 
 
 async def test_slack_refusing_the_post_answers_privately(bot: Harness) -> None:

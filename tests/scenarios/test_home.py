@@ -139,6 +139,16 @@ async def test_forged_home_clicks_are_refused_and_recorded(bot: Harness) -> None
         return "not on the Home tab opsbot showed you" in text_of(bot.slack.home_views[DAN])
     await bot.eventually(dan_told, what="Dan's Home tab to say his click did not count")
 
+    # A real Home tab of the requester, with a hand-made Approve: the eligibility rules still apply.
+    await open_home(bot, ALICE)
+    assert (await bot.post_signed(bot.slack.home_click_body(ALICE, request.id)))[0] == 200
+
+    async def ineligible() -> dict[str, Any] | None:
+        return next((r for r in await bot.runtime.audit.log.rows()
+                     if r["event"] == "vote_refused" and r["result"]["why"] == "ineligible"), None)
+    row = await bot.eventually(ineligible, what="the requester's own approval to be refused")
+    assert row["actor_id"] == ALICE and row["request_id"] == request.id
+
     # Carol's own Home tab still works.
     assert (await bot.post_signed(bot.slack.home_click_body(CAROL, request.id)))[0] == 200
     await bot.state_of(request.id, "succeeded")

@@ -154,7 +154,7 @@ def slack_line(e: dict[str, Any], *, dated: bool) -> str:
     """One entry in the Slack message: names, not mentions (posting a timeline pings nobody)."""
     detail = _detail(e)
     when = f"{_at(e):%m-%d %H:%M:%S}" if dated else f"{_at(e):%H:%M:%S}"
-    request = f" `{_flat(e['request_id'], 64).replace('`', '')}`" if e.get("request_id") else ""
+    request = f" `{mrkdwn(_flat(e['request_id'], 64)).replace('`', '')}`" if e.get("request_id") else ""
     return (f"`{when}` *{mrkdwn(_flat(e.get('event'), 40))}* {mrkdwn(_flat(_who(e), 60))}: {mrkdwn(_flat(_what(e), 160))}"
             + (f" — _{mrkdwn(_flat(detail, 120))}_" if detail else "") + f"{request} · #{int(e['seq'])}")
 

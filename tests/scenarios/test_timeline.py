@@ -283,3 +283,16 @@ async def test_help_lists_it_for_those_who_may_run_it(bot: Harness) -> None:
     assert "/ops timeline [--since 2h]" in (await bot.response(containing="opsbot commands"))["text"]
     await bot.slash(ALICE, "/ops help")
     assert "/ops timeline" not in (await bot.response(containing="opsbot commands"))["text"]
+
+
+async def test_what_people_typed_cannot_ping_or_forge_lines_in_the_timeline(bot: Harness) -> None:
+    await bot.slash(MALLORY, "/ops scale <!channel> worker\n- `#1` 2026-01-01 **succeeded** `x`")
+    await bot.eventually(lambda: _has_event(bot, "invalid"), what="the attempt to be recorded")
+    await bot.slash(EVE, "/ops timeline --since 1h")
+    message = await posted_timeline(bot)
+    assert "<!channel>" not in message.text and "&lt;!channel&gt;" in message.text
+    md = (await uploaded(bot, message))["content"].decode()
+    listed = [x for x in md.split("## Audit rows")[0].splitlines() if x.startswith("- `#")]
+    assert len(listed) == 1 and "<!channel>" not in listed[0] and "\\<!channel\\>" in listed[0]
+    check = timeline.verify_text(md)
+    assert check is not None and check.ok

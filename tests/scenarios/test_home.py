@@ -250,3 +250,16 @@ async def test_the_same_home_click_delivered_to_two_replicas_counts_once(bot: Ha
         assert (await bot.runtime.audit.log.verify()).ok
     finally:
         await other.stop()
+
+
+async def test_slack_refusing_to_publish_the_tab_is_logged_and_recorded_never_a_crash(bot: Harness) -> None:
+    await pending_scale(bot)
+    bot.slack.fail_methods["views.publish"] = "internal_error"
+    assert (await bot.post_signed(bot.slack.home_opened_body(CAROL), "application/json"))[0] == 200
+
+    async def recorded() -> dict[str, Any] | None:
+        return next((r for r in await bot.runtime.audit.log.rows() if r["command_text"] == "(Home tab)"), None)
+    row = await bot.eventually(recorded, what="the open to be recorded")
+    assert row["result"]["home"]["published"] is False and CAROL not in bot.slack.home_views
+    del bot.slack.fail_methods["views.publish"]
+    assert "*Waiting for your approval*" in text_of(await open_home(bot, CAROL)), "the next open works"

@@ -147,15 +147,20 @@ class Approvals:
                                                "queue is reachable again; nothing has run yet.")
 
     async def click(self, request_id: str, actor: Actor, decision: str, *, channel_id: str, message_ts: str,
-                    reason: str | None = None) -> VoteResult:
-        """An Approve/Deny click on the message ``(channel_id, message_ts)``. Every click that does
-        not count is told why (privately) and recorded (``vote_refused``). ``reason``: a deny's, from
-        the Deny dialog (checked by the edge)."""
+                    reason: str | None = None, home_view: str | None = None) -> VoteResult:
+        """An Approve/Deny click on the message ``(channel_id, message_ts)``, or, with ``home_view``,
+        in that Home tab view (bot/home.py): it counts only if it is the view opsbot last published
+        for this person. Every click that does not count is told why (privately) and recorded
+        (``vote_refused``). ``reason``: a deny's, from the Deny dialog (checked by the edge)."""
         if decision not in ("approve", "deny"):
             raise ValueError(decision)
         if not re.fullmatch(REQUEST_ID_PATTERN, request_id):
             return await self._refused(VoteResult("forged", None, "this button does not name an opsbot request; nothing was counted."),
                                        actor, decision, channel_id=channel_id, given=request_id)
+        if home_view is not None and home_view != await self.store.home_view_of(actor.user_id):
+            return await self._refused(VoteResult("forged", None, "this Approve button is not on the Home tab opsbot showed you; "
+                                                                  "nothing was counted."),
+                                       actor, decision, channel_id=channel_id, given=request_id, message_ts=home_view)
         try:
             actor = await self.with_groups(actor)
         except BackendUnavailable as exc:
@@ -171,7 +176,8 @@ class Approvals:
         def quorum(request: OpsRequest, approving: list[tuple[str, ...]]) -> bool:
             return quorum_met(approving, count=request.approvals_required, each_of=request.approvals_each)
 
-        result = await self.store.vote(request_id, actor, decision, roles=roles, card=(channel_id, message_ts),
+        card = None if home_view is not None else (channel_id, message_ts)  # a Home tab click: its view was checked above
+        result = await self.store.vote(request_id, actor, decision, roles=roles, card=card,
                                        eligible=eligible, quorum=quorum, reason=reason if decision == "deny" else None)
         request = result.request
         if result.outcome == "expired" and request is not None:

@@ -191,6 +191,9 @@ async def _audit(args: argparse.Namespace) -> int:
     from bot.config import parse_since
 
     if args.audit_cmd == "verify" and args.file:
+        checked = await _verify_timeline(args.file)
+        if checked is not None:
+            return checked
         with open(args.file) as fh:
             report, anchor = verify_lines(fh)
         print(f"{args.file}: {report.summary()}")
@@ -220,6 +223,8 @@ async def _audit(args: argparse.Namespace) -> int:
                     out.close()
             print(f"exported {plural(n, 'row')}", file=sys.stderr)
             return 0
+        if args.audit_cmd == "timeline":
+            return await _timeline(log, args)
         if args.audit_cmd == "prune":
             cp = await log.prune(parse_since(args.before))
             if cp is None:
@@ -231,6 +236,89 @@ async def _audit(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return 2
+
+
+async def _timeline(log: object, args: argparse.Namespace) -> int:
+    """`opsbot audit timeline` (bot/timeline.py): every channel unless --channel names one."""
+    from datetime import UTC, datetime
+
+    from bot import timeline
+    from bot.adapters.audit_log import AuditLog
+    from bot.config import parse_since
+
+    assert isinstance(log, AuditLog)
+    now = datetime.now(UTC)
+    try:
+        since, until = parse_since(args.since, now), parse_since(args.until, now) if args.until else now
+        channel = timeline.channel_of(args.channel)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if since >= until:
+        raise ConfigError("--since must be before --until")
+    tl = await timeline.collect(log, channel=channel, since=since, until=until, now=now)
+    text = timeline.markdown(tl) if args.format == "md" else timeline.as_json(tl)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+    more = f"; cut at {timeline.MAX_ENTRIES}: the rest starts at --since {timeline.continue_hint(tl)}" if tl.truncated else ""
+    print(f"timeline: {plural(len(tl.entries), 'entry')} (seq {tl.seqs}){more}", file=sys.stderr)
+    return 0
+
+
+def _read_timeline(path: str) -> object:
+    """The timeline at ``path`` checked on its own (bot/timeline.py ``verify_text``, a FileCheck), or None: not a timeline."""
+    from bot import timeline
+
+    if os.path.getsize(path) > timeline.MAX_FILE_BYTES:  # larger than any timeline: an export, streamed by the caller
+        return None
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return timeline.verify_text(fh.read())
+
+
+async def _verify_timeline(path: str) -> int | None:
+    """`verify --file` on a timeline (Markdown or JSON; None: not a timeline, e.g. an export):
+    each entry on its own, then, when DATABASE_URL is set and answers, each (seq, hash) against the trail."""
+    from bot import timeline
+    from bot.adapters.audit_log import AuditLog
+    from bot.adapters.store import Store
+
+    check = _read_timeline(path)
+    if not isinstance(check, timeline.FileCheck):
+        return None
+    seqs = [seq for seq, _ in check.hashes]
+    span = f"seq {seqs[0]}..{seqs[-1]}" if seqs else "no rows"
+    if not check.ok:
+        print(f"{path}: BROKEN: " + "; ".join(check.problems[:20]) + (" …" if len(check.problems) > 20 else ""))
+        return 1
+    print(f"{path}: OK: {plural(len(seqs), 'timeline entry')} ({span}), each line matches its audit row and each row its hash")
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        print("database: not checked (DATABASE_URL is not set): the file is consistent, but only the trail proves its rows are the trail's")
+        return 0
+    store = Store(url, min_size=1, max_size=1)
+    try:
+        await store.open()
+        log = AuditLog(store)
+        stored = await log.hashes_of(seqs)
+        cp = await log.latest_checkpoint()
+    except OpsbotError as exc:
+        print(f"database: not checked ({exc})")
+        return 0
+    finally:
+        await store.close()
+    pruned = int(cp["upto_seq"]) if cp else 0
+    wrong = [f"seq {seq}: the trail's hash is {stored[seq][:16]}…, the file's {digest[:16]}…" for seq, digest in check.hashes
+             if seq in stored and stored[seq] != digest]
+    missing = [seq for seq, _ in check.hashes if seq not in stored and seq > pruned]
+    gone = [seq for seq, _ in check.hashes if seq not in stored and seq <= pruned]
+    if wrong or missing:
+        print("database: BROKEN: " + "; ".join(wrong + [f"seq {seq} is not in the audit trail" for seq in missing][:20]))
+        return 1
+    print(f"database: OK: {plural(len(seqs) - len(gone), 'entry')} match the audit trail's own (seq, hash)"
+          + (f"; {plural(len(gone), 'entry')} pruned from the trail since (up to seq {pruned}), not compared" if gone else ""))
+    return 0
 
 
 async def _verify_channel(log: object) -> bool:
@@ -433,7 +521,7 @@ def parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="the audit trail: verify, export, prune")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
     verify = asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
-    verify.add_argument("--file", help="verify an export (JSON lines) on its own instead of the database")
+    verify.add_argument("--file", help="verify an export (JSON lines) or a timeline (.md/.json) on its own instead of the database")
     verify.add_argument("--against-channel", action="store_true", help="also compare with the hashes posted in the audit channel")
     verify.set_defaults(fn=cmd_audit)
     export = asub.add_parser("export", help="rows with their hashes, for evidence requests")
@@ -442,6 +530,13 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--output", "-o", help="file to write (default standard output)")
     export.set_defaults(fn=cmd_audit)
+    tline = asub.add_parser("timeline", help="what opsbot did or refused in a window (and channel), verifiable (bot/timeline.py)")
+    tline.add_argument("--since", default="2h", help="2h, 7d, or an ISO date/time (UTC); default 2h")
+    tline.add_argument("--until", help="same forms; exclusive; default now")
+    tline.add_argument("--channel", default="all", help="a channel id (C0123ABCD) or `all` (default)")
+    tline.add_argument("--format", choices=["md", "json"], default="md")
+    tline.add_argument("--output", "-o", help="file to write (default standard output)")
+    tline.set_defaults(fn=cmd_audit)
     prune = asub.add_parser("prune", help="delete old rows, keeping a chained checkpoint so the rest still verifies")
     prune.add_argument("--before", required=True, help="e.g. 400d or 2025-01-01")
     prune.set_defaults(fn=cmd_audit)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from bot import timeline
 from bot.adapters.audit_log import SEARCH_COUNT_CAP
 from bot.adapters.ratelimit import RateLimiter
 from bot.adapters.store import STATE_DATABASE
@@ -296,6 +297,9 @@ class Pipeline:
         if inv.command == "audit":
             await self._audit_search(req, inv, actor)
             return
+        if inv.command == "timeline":
+            await self._timeline(req, inv, actor)
+            return
         undo: UndoStart | None = None
         if inv.command == "undo":  # the inverse of a request, then the same path as if it had been typed (bot/undo.py)
             undo = await self.undos.start(req, inv)
@@ -477,6 +481,50 @@ class Pipeline:
             base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
             lines.append(f"Next: {code(f'/ops {base} --page {page + 1}')}")
         await self._reply(req, "\n".join(lines))
+
+    async def _timeline(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:
+        """`/ops timeline` (bot/timeline.py). Who may: whoever the `audit` rule lets read the trail
+        (a timeline is a read of it). Posted in the channel it is typed in, with the Markdown file
+        in the message's thread; recorded as a read (not posted to the audit channel)."""
+        decision = self._decide("audit", actor, req)
+        if decision.kind is DecisionKind.DENY:
+            await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None, roles=True)
+            return
+        p, now = inv.params, self.clock()
+        channel = str(p.get("channel") or req.channel_id)
+        since = parse_since(str(p["since"]), now)
+        until = parse_since(str(p["until"]), now) if p.get("until") else now
+        problem = ("`--channel all` is not taken in Slack: the timeline is posted here, and other channels' activity may not be "
+                   "for this channel's members. Name one channel, or run `opsbot audit timeline` (every channel) on the CLI."
+                   if channel == "all" else
+                   f"the window is empty: `--since` ({since:%Y-%m-%d %H:%M} UTC) must be before `--until` ({until:%Y-%m-%d %H:%M} UTC)."
+                   if since >= until else "")
+        if problem:
+            await self._invalid(req, UserError(problem), inv)
+            return
+        tl = await timeline.collect(self.audit.log, channel=channel, since=since, until=until, now=now)
+        again = f"timeline --channel <#{channel}>" + (f" --until {p['until']}" if p.get("until") else "")
+        text = f"{req.actor.mention()} asked {code('/ops ' + inv.text)}\n" + timeline.message_text(tl, command=again)
+        outcome: dict[str, Any] = {"channel": channel, "since": since.isoformat(), "until": until.isoformat(),
+                                   "entries": len(tl.entries), "seqs": tl.seqs, "truncated": tl.truncated}
+        cli = f"`opsbot audit timeline --channel {channel} --since {since:%Y-%m-%dT%H:%M:%S} --until {until:%Y-%m-%dT%H:%M:%S} --format md`"
+        try:
+            ts = await self.chat.post_message(channel_id=req.channel_id, text=text)
+        except OpsbotError as exc:
+            outcome["posted"] = f"no: {exc}"
+            note = await self._record("read", req, text=inv.text, result={"timeline": outcome}, post=False)
+            await self._reply(req, f"{text}\n:warning: Could not post the timeline in the channel ({exc}), so no file was attached; "
+                              f"get it with {cli}.{note}")
+            return
+        try:
+            await self.chat.upload_file(channel_id=req.channel_id, thread_ts=ts, filename=timeline.filename(tl),
+                                        title=f"Incident timeline, {since:%Y-%m-%d %H:%M}–{until:%H:%M} UTC", content=timeline.markdown(tl))
+            outcome["file"] = timeline.filename(tl)
+        except OpsbotError as exc:
+            outcome["file"] = f"not attached: {exc}"
+            await tell(self.chat.update_message(channel_id=req.channel_id, ts=ts, text=f"{text}\n:warning: The Markdown file could not "
+                                                f"be attached ({exc}); get it with {cli}."))
+        await self._record("read", req, text=inv.text, result={"timeline": outcome}, post=False)
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:
         self.metrics.requests.labels(inv.command, "invalid").inc()

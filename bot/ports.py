@@ -280,6 +280,17 @@ class Chat(Protocol):
         """The ts of a recent message containing ``needle`` (to avoid posting twice after a timeout)."""
         ...
 
+    # The incident timeline and the Home tab (issue 14).
+    async def upload_file(self, *, channel_id: str, thread_ts: str, filename: str, title: str, content: str) -> None: ...
+
+    async def publish_home(self, *, user_id: str, view: dict[str, Any]) -> str:
+        """Publish ``view`` as ``user_id``'s Home tab; returns Slack's view id."""
+        ...
+
+    async def channel_members(self, channel_id: str, *, limit: int) -> set[str]:
+        """Up to ``limit`` member ids of ``channel_id``."""
+        ...
+
 
 class Directory(Protocol):
     """Slack user-group membership (for roles granted through user groups)."""

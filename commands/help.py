@@ -35,6 +35,7 @@ def help_text(decide: Callable[[str], Decision], config: Config | None = None) -
         lines.append("You may not run any command. Ask your platform team to add you to a role in the opsbot policy.")
     if decide("audit").kind is not DecisionKind.DENY:
         lines.append(f"• `{META_USAGE['audit']}` — search the audit trail (answered only to you).")
+        lines.append(f"• `{META_USAGE['timeline']}` — what opsbot did or refused, posted here with a verifiable file.")
     lines.append(f"• `{META_USAGE['pending']}` — open requests you may approve.")
     lines.append(f"• `{META_USAGE['cancel']}` — withdraw your own request before it runs.")
     lines.append(f"• `{UNDO_USAGE}` — request the inverse of a request that succeeded (same approvals as typing it).")

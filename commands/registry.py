@@ -33,6 +33,7 @@ The grammar (kept exactly; it is part of the product):
     /ops pending                      open requests you may approve
     /ops cancel <request-id>          withdraw your own request before it runs
     /ops undo <request-id> [--reason "…"] [--dry-run]   request the inverse of a request that succeeded (bot/undo.py)
+    /ops timeline [--since 2h] [--until <time>] [--channel #incident]   what opsbot did or refused (bot/timeline.py)
     /ops help [<command>]
     /ops <words of an action> <its parameters>    the config's own `actions:` (commands/actions/)
 
@@ -91,7 +92,8 @@ COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})
 HELP_USAGE = "/ops help"
 META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
-              "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]"}
+              "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]",
+              "timeline": "/ops timeline [--since 2h] [--until <time>] [--channel #incident]"}
 AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
 UNDO_USAGE = '/ops undo <request-id> [--reason "…"] [--dry-run]'
 MAX_AUDIT_PAGE = 1_000_000
@@ -170,6 +172,43 @@ def _parse_undo(tokens: list[str], text: str) -> Invocation:
     return Invocation(command="undo", params={"request_id": given}, flags=Flags(reason=reason, dry_run=dry_run), text=text.strip())
 
 
+def _parse_timeline(tokens: list[str], text: str) -> Invocation:
+    """`/ops timeline` (bot/timeline.py): a window (``--since``, default 2h; ``--until``, default
+    now) and a channel (``--channel``: a mention or an id; default the channel it is typed in)."""
+    from bot.timeline import DEFAULT_SINCE, channel_of
+
+    usage = META_USAGE["timeline"]
+    params: dict[str, Any] = {"since": DEFAULT_SINCE, "until": None, "channel": None}
+    seen: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        name, eq, inline = tokens[i].partition("=")
+        if name not in ("--since", "--until", "--channel"):
+            raise UsageError(f"unknown timeline option `{_shown_option(tokens[i])}`.", usage=usage)
+        if name in seen:
+            raise UsageError(f"`{name}` is given twice; give it once.", usage=usage)
+        seen.add(name)
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(tokens):
+            value, i = tokens[i + 1], i + 2
+        else:
+            raise UsageError(f"`{name}` needs a value, e.g. `{name} {'#incident' if name == '--channel' else '2h'}`.", usage=usage)
+        try:
+            if name == "--channel":
+                params["channel"] = channel_of(value) or "all"
+            else:
+                parse_since(value)
+                params[name[2:]] = value
+        except ValueError as exc:
+            raise UsageError(str(exc), usage=usage) from None
+    return Invocation(command="timeline", params=params, flags=Flags(), text=text.strip())
+
+
+def _shown_option(token: str) -> str:
+    return "".join(c if c.isprintable() and c != "`" else "?" for c in token[:40])
+
+
 def command(name: str, config: Config | None = None) -> Command:
     """The command of this policy name: a built-in, or one of ``config``'s actions (KeyError: neither)."""
     found = BY_NAME.get(name)
@@ -246,6 +285,8 @@ def parse(text: str, config: Config) -> Invocation:
         return Invocation(command="help", params={"topic": " ".join(tokens[1:]).lower()}, flags=Flags(), text=text.strip())
     if tokens[0].lower() == "audit":
         return _parse_audit(tokens[1:], text, config)
+    if tokens[0].lower() == "timeline":
+        return _parse_timeline(tokens[1:], text)
     if tokens[0].lower() == "pending":
         if len(tokens) > 1:
             raise UsageError(f"`pending` takes no arguments, got `{' '.join(tokens[1:])}`.", usage=META_USAGE["pending"])

@@ -204,6 +204,40 @@ class AuditLog:
             total = await (await conn.execute(count, args)).fetchone()
         return rows, int(total["n"]) if total else 0
 
+    async def window(self, *, since: datetime, until: datetime, channel_id: str | None, limit: int,
+                     events: tuple[str, ...] = (), channels: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Rows written in ``[since, until)`` (one channel, or ``channels``, or all when neither),
+        oldest first, ``limit`` at most (the timeline asks for one more to know it is cut).
+        ``events``: only these events. Read by `/ops timeline` and the Home tab (issue 14)."""
+        where, args = ["at >= %s", "at < %s"], list[Any]([since, until])
+        if channel_id is not None:
+            where.append("channel_id = %s")
+            args.append(channel_id)
+        elif channels:
+            where.append("channel_id = ANY(%s)")
+            args.append(list(channels))
+        if events:
+            where.append("event = ANY(%s)")
+            args.append(list(events))
+        # ORDER BY at, seq is seq order (``at`` is taken under the chain's lock, migration 008, so it never
+        # goes back as seq goes up) and lets the (channel_id, at) index of migration 012 stop at ``limit``.
+        q = f"SELECT * FROM audit_events WHERE {' AND '.join(where)} ORDER BY at, seq LIMIT %s"
+        async with self.store.connection() as conn:
+            return await (await conn.execute(q, [*args, limit])).fetchall()
+
+    async def recent(self, *, events: tuple[str, ...], limit: int) -> list[dict[str, Any]]:
+        """The newest rows of ``events``, newest first (the Home tab's last actions; the event index
+        of migration 007 serves it)."""
+        async with self.store.connection() as conn:
+            return await (await conn.execute(
+                "SELECT * FROM audit_events WHERE event = ANY(%s) ORDER BY seq DESC LIMIT %s", (list(events), limit))).fetchall()
+
+    async def hashes_of(self, seqs: list[int]) -> dict[int, str]:
+        """seq → hash of those rows that are in the trail (a timeline checked against the database)."""
+        async with self.store.connection() as conn:
+            rows = await (await conn.execute("SELECT seq, hash FROM audit_events WHERE seq = ANY(%s)", (seqs,))).fetchall()
+        return {int(r["seq"]): str(r["hash"]) for r in rows}
+
     async def verify(self, *, batch: int = BATCH) -> ChainReport:
         """The whole chain in the database, from the genesis or the latest pruning checkpoint,
         streamed in batches of ``batch`` rows (constant memory)."""

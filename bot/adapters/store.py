@@ -189,6 +189,7 @@ class Store:
                 "GRANT SELECT, INSERT, UPDATE ON approval_reminders TO {r}",
                 "GRANT SELECT, INSERT ON audit_events TO {r}",
                 "GRANT SELECT ON audit_checkpoints TO {r}",
+                "GRANT SELECT, INSERT, UPDATE ON home_views TO {r}",
                 "REVOKE UPDATE, DELETE, TRUNCATE ON audit_events, audit_checkpoints FROM {r}",
             ):
                 await conn.execute(sql.SQL(stmt).format(r=r))
@@ -309,13 +310,14 @@ class Store:
             await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
 
     async def vote(self, request_id: str, approver: Actor, decision: str, *, roles: tuple[str, ...],
-                   card: tuple[str, str], eligible: Callable[[OpsRequest], str | None],
+                   card: tuple[str, str] | None, eligible: Callable[[OpsRequest], str | None],
                    quorum: Callable[[OpsRequest, list[tuple[str, ...]]], bool], reason: str | None = None) -> VoteResult:
         """Record an Approve/Deny click made on ``card`` (channel, message ts). ``eligible(request)``
         returns None or why this person may not vote; ``quorum(request, roles of each approving
         person)`` says whether it is enough. Both run inside the transaction, with the request row
         locked. A click whose card is not this request's card is ``forged``: a button's value is
-        whatever the client sent, the message it was clicked on is what Slack saw."""
+        whatever the client sent, the message it was clicked on is what Slack saw. ``card`` None:
+        the click came from a Home tab, whose origin the caller checked (``Approvals.click``)."""
         async with self._conn() as conn, conn.transaction():
             row = await (await conn.execute(
                 "SELECT *, expires_at <= now() AS is_expired FROM ops_requests WHERE id = %s FOR UPDATE", (request_id,)
@@ -325,7 +327,7 @@ class Store:
             approvals = await (await conn.execute(
                 "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
             request = _request(row, approvals)
-            if (request.card_channel, request.card_ts) != card:
+            if card is not None and (request.card_channel, request.card_ts) != card:
                 return VoteResult("forged", request, f"this button does not belong to request `{request_id}`'s approval card; "
                                                      "nothing was counted. Click Approve or Deny on the request's own card.")
             if request.state is not RequestState.PENDING_APPROVAL:
@@ -407,6 +409,29 @@ class Store:
             approvals = await (await conn.execute(
                 "SELECT * FROM ops_approvals WHERE request_id = ANY(%s) ORDER BY at", ([r["id"] for r in rows],))).fetchall()
         return [_request(r, [a for a in approvals if a["request_id"] == r["id"]]) for r in rows]
+
+    # ------------------------------------------------------------------ the Home tab (issue 14)
+
+    async def open_requests_by(self, user_id: str, *, limit: int = 20) -> list[OpsRequest]:
+        """``user_id``'s own open requests (pending approval, approved or running), oldest first."""
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                "SELECT * FROM ops_requests WHERE requester_id = %s AND state IN ('pending_approval', 'approved', 'running') "
+                "ORDER BY created_at LIMIT %s", (user_id, limit))).fetchall()
+            approvals = await (await conn.execute(
+                "SELECT * FROM ops_approvals WHERE request_id = ANY(%s) ORDER BY at", ([r["id"] for r in rows],))).fetchall()
+        return [_request(r, [a for a in approvals if a["request_id"] == r["id"]]) for r in rows]
+
+    async def remember_home_view(self, user_id: str, view_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("INSERT INTO home_views (user_id, view_id) VALUES (%s, %s) ON CONFLICT (user_id) "
+                               "DO UPDATE SET view_id = excluded.view_id, published_at = now()", (user_id, view_id))
+
+    async def home_view_of(self, user_id: str) -> str | None:
+        """The id of the Home tab opsbot last published for ``user_id`` (None: never)."""
+        async with self._conn() as conn:
+            row = await (await conn.execute("SELECT view_id FROM home_views WHERE user_id = %s", (user_id,))).fetchone()
+        return str(row["view_id"]) if row else None
 
     async def acknowledge(self, request_id: str, reviewer_id: str) -> OpsRequest | None:
         """Break-glass review: the first eligible acknowledgement closes it."""

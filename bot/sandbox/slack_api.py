@@ -94,6 +94,10 @@ class FakeSlack:
         self._next_socket = 0
         self.tour: dict[str, Any] | None = None  # `opsbot dev`: who to be and what to type, for the page
         self.panel: Callable[[], Awaitable[dict[str, Any]]] | None = None  # `opsbot dev`: the side panel's data
+        self.files: dict[str, dict[str, Any]] = {}  # file id → name, title, content (bytes), where it was shared
+        self.upload_fails = False  # the upload URL answers 500 (files_upload_v2's second step fails)
+        self.home_views: dict[str, dict[str, Any]] = {}  # user → their Home tab as last published
+        self.members: dict[str, list[str]] = {}  # channel → member ids (conversations.members)
 
     @property
     def api_url(self) -> str:
@@ -115,6 +119,7 @@ class FakeSlack:
         app.router.add_post("/playground/view", self._submit_view)
         app.router.add_post("/playground/view/close", self._close_view)
         app.router.add_get("/playground/personal", self._personal)
+        self._timeline_home_routes(app)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -273,7 +278,7 @@ class FakeSlack:
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
-        args = await self._args(request)
+        args = {**request.query, **await self._args(request)}  # slack_sdk sends some methods' arguments as query parameters
         if self.down:
             return web.Response(status=503, text="Slack is down (fake)")
         if method == "apps.connections.open":
@@ -316,6 +321,9 @@ class FakeSlack:
         return max(1, math.ceil((1 - tokens) / rate))
 
     def _handle(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        mine = self._timeline_home_api(method, args)
+        if mine is not None:
+            return mine
         if method == "auth.test":
             return {"ok": True, "url": "https://fake.slack/", "team": "Fake", "user": "opsbot", "team_id": "T0FAKE",
                     "user_id": self.BOT_USER_ID, "bot_id": self.BOT_ID}
@@ -437,6 +445,145 @@ class FakeSlack:
         for v in self.views:
             if v["id"] == view_id:
                 v["open"] = False
+
+    # ------------------------------------------------------------------ files, Home tabs, members (issue 14)
+    #
+    # Files as Slack takes them since files.upload was retired (slack_sdk's files_upload_v2):
+    # files.getUploadURLExternal gives an upload URL (served here, as Slack serves files.slack.com),
+    # the client POSTs the bytes to it, then files.completeUploadExternal shares the file in a
+    # channel or thread. views.publish keeps one Home tab per user (its view id stays the same across
+    # publishes, as Slack's does); ``open_home`` sends ``app_home_opened`` to the bot, signed.
+
+    def _timeline_home_routes(self, app: web.Application) -> None:
+        app.router.add_post("/upload/{file_id}", self._upload)
+        app.router.add_post("/playground/home", self._play_home)
+        app.router.add_get("/playground/home", self._play_home_view)
+        app.router.add_post("/playground/home_action", self._play_home_action)
+        app.router.add_get("/playground/file/{file_id}", self._play_file)
+
+    def _timeline_home_api(self, method: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        if method == "files.getUploadURLExternal":
+            length = str(args.get("length", ""))
+            if not args.get("filename") or not length.isdigit():
+                return {"ok": False, "error": "invalid_arguments"}
+            file_id = f"F{next(self._ts):08d}"
+            self.files[file_id] = {"id": file_id, "name": str(args["filename"]), "length": int(length), "content": None,
+                                   "shared": None}
+            return {"ok": True, "file_id": file_id, "upload_url": f"http://127.0.0.1:{self.port}/upload/{file_id}"}
+        if method == "files.completeUploadExternal":
+            try:
+                wanted = json.loads(str(args.get("files") or "[]"))
+            except ValueError:
+                return {"ok": False, "error": "invalid_arguments"}
+            done = []
+            for want in wanted if isinstance(wanted, list) else []:
+                f = self.files.get(str(want.get("id") if isinstance(want, dict) else ""))
+                if f is None or f["content"] is None:
+                    return {"ok": False, "error": "file_not_found" if f is None else "file_upload_incomplete"}
+                f["title"] = str(want.get("title") or f["name"])
+                done.append(f)
+            channel, thread = args.get("channel_id"), args.get("thread_ts")
+            for f in done:
+                if channel:
+                    f["shared"] = {"channel": channel, "thread_ts": thread}
+                    ts = f"{1700000000 + next(self._ts)}.000800"
+                    self.messages.append(Message(channel=str(channel), ts=ts, text=str(args.get("initial_comment") or ""),
+                                                 thread_ts=str(thread) if thread else None,
+                                                 blocks=[{"type": "file", "file_id": f["id"], "title": f["title"], "name": f["name"]}]))
+            return {"ok": True, "files": [{"id": f["id"], "name": f["name"], "title": f["title"]} for f in done]}
+        if method == "views.publish":
+            user = str(args.get("user_id") or "")
+            if user not in self.users and not user.startswith(("U", "W")):
+                return {"ok": False, "error": "invalid_arguments"}
+            view = args.get("view")
+            if isinstance(view, str):
+                try:
+                    view = json.loads(view)
+                except ValueError:
+                    return {"ok": False, "error": "invalid_arguments"}
+            if not isinstance(view, dict) or view.get("type") != "home":
+                return {"ok": False, "error": "invalid_arguments"}
+            if len(view.get("blocks") or []) > 100:
+                return {"ok": False, "error": "invalid_blocks"}
+            old = self.home_views.get(user)
+            published = {**view, "id": old["id"] if old else f"V{next(self._ts):08d}", "app_id": self.APP_ID, "bot_id": self.BOT_ID,
+                         "team_id": "T0FAKE", "hash": uuid.uuid4().hex[:16]}
+            self.home_views[user] = published
+            return {"ok": True, "view": published}
+        if method == "conversations.members":
+            channel = str(args.get("channel") or "")
+            if channel not in self.members and channel not in self.channels:
+                return {"ok": False, "error": "channel_not_found"}
+            # the playground's people are in all its channels unless a test says otherwise
+            members = self.members.get(channel, list(self.users))
+            return {"ok": True, "members": members, "response_metadata": {"next_cursor": ""}}
+        return None
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["file_id"])
+        if f is None:
+            return web.Response(status=404, text="no such upload")
+        if self.upload_fails:
+            return web.Response(status=500, text="upload failed (fake)")
+        data = await request.read()
+        f["content"] = data
+        return web.Response(text=f"OK - {len(data)}")
+
+    def home_opened_body(self, user: str, *, tab: str = "home") -> str:
+        """The JSON body Slack posts for ``app_home_opened`` (Events API)."""
+        return json.dumps({
+            "token": "legacy", "team_id": "T0FAKE", "api_app_id": self.APP_ID, "type": "event_callback",
+            "event_id": "Ev" + uuid.uuid4().hex[:10].upper(), "event_time": int(time.time()),
+            "event": {"type": "app_home_opened", "user": user, "channel": "D" + user[1:], "tab": tab,
+                      "event_ts": f"{time.time():.6f}", **({"view": self.home_views[user]} if user in self.home_views else {})},
+            "authorizations": [{"team_id": "T0FAKE", "user_id": self.BOT_USER_ID, "is_bot": True}],
+        })
+
+    def home_click_body(self, user: str, request_id: str, *, view: dict[str, Any] | None = None,
+                        action_id: str = "opsbot_home_approve") -> str:
+        """The form body Slack posts for a click on a button in ``user``'s Home tab (``view``: the
+        view it was clicked in, by default the one published for ``user``)."""
+        shown = view if view is not None else self.home_views.get(user, {"id": "V0NONE", "type": "home"})
+        payload = {
+            "type": "block_actions", "team": {"id": "T0FAKE", "domain": "fake"},
+            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"},
+            "api_app_id": self.APP_ID, "token": "legacy", "trigger_id": uuid.uuid4().hex,
+            "container": {"type": "view", "view_id": shown.get("id")},
+            "view": shown,
+            "actions": [{"action_id": action_id, "block_id": f"opsbot_home:{request_id}", "value": request_id, "type": "button",
+                         "action_ts": str(time.time())}],
+        }
+        return urlencode({"payload": json.dumps(payload)})
+
+    async def _forward_json(self, body: str) -> tuple[int, str]:
+        if not self.bot_events_url or not self.signing_secret:
+            return 503, "the playground is not connected to a bot"
+        ts = str(int(time.time()))
+        sig = str(SignatureVerifier(self.signing_secret).generate_signature(timestamp=ts, body=body))
+        headers = {"Content-Type": "application/json", "X-Slack-Request-Timestamp": ts, "X-Slack-Signature": sig}
+        async with aiohttp.ClientSession() as http, http.post(self.bot_events_url, data=body.encode(), headers=headers) as r:
+            return r.status, await r.text()
+
+    async def _play_home(self, request: web.Request) -> web.Response:
+        """The playground's Home tab was opened: Slack sends ``app_home_opened``."""
+        user = str((await request.json()).get("user", ""))
+        status, _ = await self._forward_json(self.home_opened_body(user))
+        return web.json_response({"status": status})
+
+    async def _play_home_view(self, request: web.Request) -> web.Response:
+        return web.json_response({"view": self.home_views.get(request.query.get("user", ""))})
+
+    async def _play_file(self, request: web.Request) -> web.Response:
+        f = self.files.get(request.match_info["file_id"])
+        if f is None or f["content"] is None:
+            return web.Response(status=404, text="no such file")
+        return web.Response(body=f["content"], content_type="text/plain", charset="utf-8")
+
+    async def _play_home_action(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        status, _ = await self._forward(self.home_click_body(str(data["user"]), str(data.get("value", "")),
+                                                             action_id=str(data.get("action_id") or "opsbot_home_approve")))
+        return web.json_response({"status": status})
 
     # --- what tests read
 

@@ -28,12 +28,13 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.approvals import Approvals
 from bot.domain import Actor, ChannelId, CommandRequest, Invocation, UserId
 from bot.errors import BackendUnavailable, MalformedPayload, UserError
+from bot.home import HOME_APPROVE, HOME_OPEN_CARD, Home
 from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
 from bot.slack.approvers import approver_listeners
 from bot.slack.blocks import ACKNOWLEDGE, APPROVE, UNDO
-from bot.slack.payloads import click, click_user, command_request, unchecked_request
+from bot.slack.payloads import click, click_user, command_request, home_click, home_user, unchecked_request
 from bot.undo import undo_text
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,38 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
 
     approver_listeners(app, pipeline=pipeline, approvals=approvals, tracked=lambda: _tracked(inflight),
                        malformed=lambda body, exc: _malformed_click(body, exc))
+
+    # The Home tab (bot/home.py, issue 14). Registered before the catch-all below: Bolt runs the first listener that matches.
+    home = Home(config=approvals.config, store=approvals.store, audit=approvals.audit, chat=approvals.chat, approvals=approvals)
+
+    @app.event("app_home_opened")
+    async def home_opened(event: dict[str, Any]) -> None:
+        with _tracked(inflight):
+            user = home_user(event)
+            if user is None:  # the Messages or About tab, or not a user
+                return
+            try:
+                await home.opened(Actor(UserId(user)))
+            except Exception:
+                log.exception("the Home tab of %s failed", user)
+
+    @app.action(HOME_APPROVE)
+    async def home_approve(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        with _tracked(inflight):
+            await ack()
+            try:
+                c = home_click(body, action)
+            except MalformedPayload as exc:
+                await _malformed_click(body, exc)
+                return
+            try:
+                await home.approve(c.actor, request_id=c.value, view_id=c.view_id, view_type=c.view_type)
+            except Exception:
+                log.exception("a Home tab click on %r failed", c.value[:80])
+
+    @app.action(HOME_OPEN_CARD)
+    async def home_open_card(ack: Any) -> None:  # a link button: Slack opens the card; the click is only acked
+        await ack()
 
     @app.action(re.compile(".*"))
     async def other_button(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:

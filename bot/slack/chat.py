@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
@@ -152,3 +152,41 @@ class SlackChat:
             resp: Any = await self._call("auth.test", "ask Slack who opsbot is", lambda: self.client.auth_test())
             self._me = (str(resp.get("user_id") or ""), str(resp.get("bot_id") or ""))
         return self._me
+
+    # ------------------------------------------------------------------ the incident timeline and the Home tab (issue 14)
+
+    async def upload_file(self, *, channel_id: str, thread_ts: str, filename: str, title: str, content: str) -> None:
+        """A file in a message's thread. slack_sdk's ``files_upload_v2`` makes the three calls Slack
+        wants (files.getUploadURLExternal, a POST of the bytes to the URL it gave, then
+        files.completeUploadExternal); the old files.upload is retired."""
+        try:
+            await self._call("files.upload", "attach the file", lambda: self.client.files_upload_v2(
+                channel=channel_id, thread_ts=thread_ts, filename=filename, title=title, content=content))
+        except SlackRequestError as exc:  # the POST of the bytes to the upload URL failed
+            raise ExecutionError(f"Slack refused to attach the file: {exc}", temporary=True) from exc
+
+    async def publish_home(self, *, user_id: str, view: dict[str, Any]) -> str:
+        resp: Any = await self._call("views.publish", "show your Home tab",
+                                     lambda: self.client.views_publish(user_id=user_id, view=view))
+        return str((resp.get("view") or {}).get("id") or "")
+
+    async def channel_members(self, channel_id: str, *, limit: int) -> set[str]:
+        try:
+            return await self._members(channel_id, limit=limit)
+        except ExecutionError as exc:
+            if "channel_not_found" in str(exc) or "not_in_channel" in str(exc):
+                return set()  # a channel opsbot cannot see: nobody is shown its actions
+            raise
+
+    async def _members(self, channel_id: str, *, limit: int) -> set[str]:
+        members: set[str] = set()
+        cursor: str | None = None
+        while len(members) < limit:
+            resp: Any = await self._call("conversations.members", "see who is in a channel",
+                                         lambda c=cursor: self.client.conversations_members(  # type: ignore[misc]
+                                             channel=channel_id, limit=min(200, limit), cursor=c))
+            members.update(str(m) for m in resp.get("members") or [])
+            cursor = str((resp.get("response_metadata") or {}).get("next_cursor") or "") or None
+            if not cursor:
+                break
+        return members

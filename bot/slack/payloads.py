@@ -85,6 +85,36 @@ def click(body: dict[str, Any], action: dict[str, Any]) -> Click:
     return Click(actor=actor, channel_id=channel_id, message_ts=ts, value=value if isinstance(value, str) else "")
 
 
+@dataclass(frozen=True, kw_only=True)
+class HomeClick:
+    """A button click in a Home tab: who, in which view (its id and type, as Slack sent them)."""
+
+    actor: Actor
+    view_id: str
+    view_type: str
+    value: str
+
+
+_VIEW_ID = re.compile(r"V[A-Z0-9]{1,30}")
+
+
+def home_click(body: dict[str, Any], action: dict[str, Any]) -> HomeClick:
+    user, view = _obj(body.get("user")), _obj(body.get("view"))
+    actor = Actor(UserId(_field(user.get("id"), _USER_ID, "user id")), _name(user.get("username") or user.get("name")))
+    view_id = view.get("id")
+    value = action.get("value")
+    return HomeClick(actor=actor, view_id=view_id if isinstance(view_id, str) and _VIEW_ID.fullmatch(view_id) else "",
+                     view_type=_name(view.get("type")), value=value if isinstance(value, str) else "")
+
+
+def home_user(event: dict[str, Any]) -> str | None:
+    """The user of an ``app_home_opened`` event on the Home tab (None: another tab, or not a user id)."""
+    user = event.get("user")
+    if event.get("tab") != "home" or not isinstance(user, str) or not _USER_ID.fullmatch(user):
+        return None
+    return user
+
+
 def click_user(body: dict[str, Any]) -> tuple[str, str]:
     """Best effort (user id, channel id) of a click that failed the checks, to answer it privately when possible."""
     uid, cid = _obj(body.get("user")).get("id"), _obj(body.get("channel")).get("id")

@@ -56,7 +56,27 @@ def find(topic: str, config: Config | None = None) -> Command | None:
     return None
 
 
+# The commands about requests and the record rather than a target: what `/ops help <word>` says of them.
+META_HELP = {
+    "pending": (META_USAGE["pending"], "Open requests you may approve, each with a link to its card.", None),
+    "cancel": (META_USAGE["cancel"], "Withdraw your own request before it runs (also the Cancel button on your pending card).", None),
+    "undo": (UNDO_USAGE, "Request the inverse of a request that succeeded (also the Undo button on its card): it is planned, "
+                         "decided and approved exactly as if you had typed the inverse command, and refused as stale when "
+                         "the target has changed since.", None),
+    "audit": (META_USAGE["audit"], "Search the audit trail; answered only to you.", "audit"),
+    "timeline": (META_USAGE["timeline"], "Everything opsbot did or refused in a window and channel, posted in the channel "
+                                         "with a Markdown file in its thread that `opsbot audit verify --file` checks.", "audit"),
+    "help": (META_USAGE["help"], "The commands you may run, or one of them in detail.", None),
+}
+
+
 def command_help(topic: str, decide: Callable[[str], Decision], config: Config | None = None) -> str:
+    meta = META_HELP.get(topic.split()[0]) if topic.split() else None
+    if meta is not None:
+        usage, summary, rule = meta
+        allowed = rule is None or decide(rule).kind is not DecisionKind.DENY
+        you = "You may run it." if allowed else f":no_entry: You may not run it: {decide(str(rule)).reason}"
+        return "\n".join([f"*`{usage}`*", summary, you])
     cmd = find(topic, config)
     if cmd is None:
         names = ", ".join(" ".join(c.words) for c in commands_of(config))

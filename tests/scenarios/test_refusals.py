@@ -209,3 +209,15 @@ async def test_a_card_that_cannot_be_posted_ends_the_request_and_says_why(bot: H
 async def _events(bot: Harness, request_id: str, n: int) -> list[str] | None:
     events = await bot.audit_events(request_id)
     return events if len(events) >= n else None
+
+
+async def test_help_explains_the_request_commands_too(bot: Harness) -> None:
+    """`/ops help undo` (and the other commands about requests and the record) says what it does and
+    whether you may run it, instead of "no command"."""
+    for topic, says in (("undo", "inverse of a request that succeeded"), ("pending", "you may approve"),
+                        ("cancel", "Withdraw your own request")):
+        await bot.slash(ALICE, f"/ops help {topic}")
+        answer = await bot.response(containing=says)
+        assert "no command `" not in answer["text"] and "You may run it." in answer["text"], answer["text"]
+    await bot.slash(ALICE, "/ops help timeline")
+    assert "You may not run it" in (await bot.response(containing="verify --file"))["text"], "alice is no auditor"

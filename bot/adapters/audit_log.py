@@ -25,9 +25,11 @@ import csv
 import hashlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import IO, Any
 
 from psycopg import sql
@@ -51,6 +53,48 @@ def _iso(at: datetime | str) -> str:
     if isinstance(at, str):
         at = datetime.fromisoformat(at)
     return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _jsonb_number(value: float) -> float | int | str:
+    """A float as jsonb gives it back. jsonb keeps numbers as ``numeric`` and writes them without an
+    exponent: Python's ``1e+16`` comes back as ``10000000000000000`` (an int to json.loads) and
+    ``-0.0`` as ``0.0``; ``1e-07`` comes back as ``0.0000001``, the same float. NaN and Infinity are
+    not JSON (jsonb refuses them): they become the strings Python writes for them."""
+    if not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if value == 0:
+        return 0.0  # -0.0 too
+    text = repr(value)
+    if "e+" in text:  # an integral value written with an exponent: the exact decimal integer jsonb stores
+        return int(Decimal(text))
+    return value
+
+
+def jsonb_form(value: Any) -> Any:
+    """``value`` as it comes back from a jsonb column (through json.loads), so that what is hashed at
+    append time is exactly what can be re-derived from the stored row. Identity on every value that
+    already round-trips (so existing rows hash as before); otherwise: floats as ``_jsonb_number``
+    says, keys as json writes them (``1`` → ``"1"``, ``True`` → ``"true"``), tuples as lists, and
+    what json only knows through ``default=str`` as that string."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _jsonb_number(value)
+    if isinstance(value, dict):
+        return {_jsonb_key(k): jsonb_form(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonb_form(v) for v in value]
+    return str(value)
+
+
+def _jsonb_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key) if not isinstance(key, float) or math.isfinite(key) else str(_jsonb_number(key))
+    return str(key)
 
 
 def audit_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +189,12 @@ class AuditLog:
         is already in the trail.
 
         One statement, one round trip (``audit_append``, migration 008): the chain's lock is held
-        only while the server reads the head, hashes and inserts, never while Python works."""
+        only while the server reads the head, hashes and inserts, never while Python works.
+
+        ``plan`` and ``result`` are taken in ``jsonb_form``: what is hashed is exactly what jsonb
+        stores and gives back (a float such as 1e16 or -0.0 would otherwise make a row that never
+        verifies, and NaN one that PostgreSQL refuses)."""
+        plan, result = jsonb_form(plan), jsonb_form(result)
         row: dict[str, Any] = {"event": event, "actor_id": actor_id, "actor_name": actor_name, "channel_id": channel_id,
                                "request_id": request_id, "command_text": command_text, "plan": plan, "result": result}
         head, mid = _hash_parts(row)

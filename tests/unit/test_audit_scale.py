@@ -27,9 +27,8 @@ from bot.adapters.store import Store
 from tests.unit.test_audit_chain import tamper
 
 # Values whose JSON is easy to get subtly wrong: escapes, non-ASCII, big integers, nesting, empty
-# containers. (Not floats Python writes with an exponent, 1e-07 or 1e16: jsonb stores them as
-# 0.0000001 and 10000000000000000, so such a row never verifies, before issue 13 as after: the hash
-# is computed over Python's text at append time. A write-path matter, reported.)
+# containers. (Floats Python writes with an exponent, 1e-07 or 1e16, -0.0, NaN: the write path
+# stores and hashes them in jsonb's form, tests/unit/test_audit_numbers.py.)
 ODD_PLANS: list[dict[str, Any] | None] = [
     None,
     {"command": "scale", "target": "deployment/p/n/w", "summary": "w: 1 → 2", "params": {"replicas": 2, "b": [1, {"z": 1, "a": 2}]}},

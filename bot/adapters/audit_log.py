@@ -453,12 +453,26 @@ def _js(column: str) -> str:
 
 _AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
 # The canonical record around plan and result: {"actor_id":…,…,"plan":<plan>,"request_id":…,"result":<result>,"seq":N}
-_VERIFY_SELECT = (
-    "SELECT seq, prev_hash, hash, '{\"actor_id\":' || " + _js("actor_id") + " || ',\"actor_name\":' || " + _js("actor_name")
+_VERIFY_PARTS = (
+    "'{\"actor_id\":' || " + _js("actor_id") + " || ',\"actor_name\":' || " + _js("actor_name")
     + " || ',\"at\":\"' || " + _AT + " || '\",\"channel_id\":' || " + _js("channel_id") + " || ',\"command_text\":' || "
-    + _js("command_text") + " || ',\"event\":' || " + _js("event") + " || ',\"plan\":', plan::text, "
-    "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":', result::text, "
-    "',\"seq\":' || seq || '}' FROM audit_events")
+    + _js("command_text") + " || ',\"event\":' || " + _js("event") + " || ',\"plan\":'",
+    "plan::text",
+    "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":'",
+    "result::text",
+    "',\"seq\":' || seq || '}'")
+_VERIFY_SELECT = "SELECT seq, prev_hash, hash, NULL, " + ", ".join(_VERIFY_PARTS) + " FROM audit_events"
+# Rows with ``canon`` (migration 009: the exact text the hash covers) need none of that: the pieces
+# are computed only where ``canon`` is NULL (rows from before 009, or a database not in UTF8).
+_CANON_SELECT = ("SELECT seq, prev_hash, hash, canon, " + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
+                 + " FROM audit_events")
+# The definition of migration 009's constraint, as written there (``canon_trusted`` compares the
+# live constraint with this one, deparsed by the same server).
+CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
+    'actor_id', actor_id, 'actor_name', actor_name, 'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+    'channel_id', channel_id, 'command_text', command_text, 'event', event, 'plan', plan, 'request_id', request_id,
+    'result', result, 'seq', seq)::text""")
+CANON_CONSTRAINT = "audit_events_canon_matches"
 # export_line's form: sorted keys, ", " and ": ", the hashes among the fields
 _EXPORT_SELECT = (
     "SELECT seq, '{\"actor_id\": ' || " + _js("actor_id") + " || ', \"actor_name\": ' || " + _js("actor_name")
@@ -548,21 +562,58 @@ class ChainWalk:
         return self.broken or ChainReport(True, self.checked, self.first, self.last)
 
 
+async def canon_trusted(store: Store) -> tuple[bool, str]:
+    """Whether ``canon`` may stand for the columns: migration 009's CHECK constraint is on
+    audit_events, validated, and defined exactly as ``CANON_CHECK`` (compared with the same text
+    deparsed by this server on a throw-away temporary table). (False, why) otherwise."""
+    try:
+        async with store.connection() as conn, conn.transaction():
+            live = await (await conn.execute(
+                "SELECT convalidated AS ok, pg_get_constraintdef(oid) AS def FROM pg_constraint "
+                "WHERE conrelid = 'audit_events'::regclass AND conname = %s", (CANON_CONSTRAINT,))).fetchone()
+            if live is None:
+                return False, f"the constraint {CANON_CONSTRAINT} is missing"
+            if not live["ok"]:
+                return False, f"the constraint {CANON_CONSTRAINT} is not validated"
+            await conn.execute("CREATE TEMP TABLE opsbot_canon_probe (LIKE audit_events) ON COMMIT DROP")
+            await conn.execute(sql.SQL("ALTER TABLE opsbot_canon_probe ADD CONSTRAINT probe CHECK ({})").format(sql.SQL(CANON_CHECK)))
+            want = await (await conn.execute("SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint "
+                                             "WHERE conrelid = 'opsbot_canon_probe'::regclass AND conname = 'probe'")).fetchone()
+            await conn.execute("DROP TABLE opsbot_canon_probe")
+    except Exception as exc:  # any doubt means: re-derive every row from its columns
+        return False, f"could not check the constraint {CANON_CONSTRAINT}: {exc}"
+    if want is None or want["def"] != live["def"]:
+        return False, f"the constraint {CANON_CONSTRAINT} was changed"
+    return True, ""
+
+
 async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch: int = BATCH) -> ChainReport:
-    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``)."""
+    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``). A row
+    with ``canon`` (migration 009) is hashed as stored, when ``canon_trusted``; the others are
+    re-derived from their columns."""
     walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
     canon = _Reencode(_COMPACT)
     sha256 = hashlib.sha256
+    trusted, why = await canon_trusted(log.store)
+    if not trusted:
+        logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
     query, args = _range(None, None, None)
-    async for rows in _batches(log.store, _VERIFY_SELECT + query, args, name="audit_verify", batch=batch):
-        for seq, prev, digest, head, plan, mid, result, tail in rows:
+    select = _CANON_SELECT if trusted else _VERIFY_SELECT
+    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch):
+        for seq, prev, digest, stored, head, plan, mid, result, tail in rows:
             if not walk.link(seq, prev):
                 return walk.report()
-            if sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() != digest:
-                row = await log.row(seq)  # the original way, before calling it broken
-                if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
-                    walk.content_differs(seq)
-                    return walk.report()
+            if stored is not None:
+                if sha256((prev + stored).encode()).hexdigest() == digest:
+                    walk.done(seq, digest)
+                    continue
+            elif sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() == digest:
+                walk.done(seq, digest)
+                continue
+            row = await log.row(seq)  # the original way, before calling it broken
+            if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
+                walk.content_differs(seq)
+                return walk.report()
             walk.done(seq, digest)
     return walk.report()
 

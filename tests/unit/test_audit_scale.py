@@ -83,8 +83,12 @@ async def test_streamed_verify_and_export_match_the_originals_byte_for_byte(log:
 async def test_a_fast_hash_that_misses_is_checked_the_original_way_and_an_edit_is_still_found(
         log: AuditLog, state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     await fill_odd(log, rounds=2)
-    # Make every fast hash miss (a space PostgreSQL adds): each row is then confirmed the original way.
+    # Make every fast hash miss (a space added to canon, or PostgreSQL's pieces): each row is then
+    # confirmed the original way.
     monkeypatch.setattr(audit_log, "_VERIFY_SELECT", audit_log._VERIFY_SELECT.replace('\'{"actor_id":\'', '\'{"actor_id": \''))
+    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._CANON_SELECT.replace("canon, ", "canon || ' ', ", 1))
+    assert (await log.verify(batch=3)).ok
+    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._VERIFY_SELECT)  # and every re-derived one (rows without canon)
     assert (await log.verify(batch=3)).ok
     monkeypatch.undo()
     tamper(state_db, "UPDATE audit_events SET plan = jsonb_set(plan, '{ccc,x}', '\"edited\"') WHERE seq = 5")

@@ -476,7 +476,8 @@ _VERIFY_PARTS = (
 _VERIFY_SELECT = "SELECT seq, prev_hash, hash, NULL, " + ", ".join(_VERIFY_PARTS) + " FROM audit_events"
 # Rows with ``canon`` (migration 009: the exact text the hash covers) need none of that: the pieces
 # are computed only where ``canon`` is NULL (rows from before 009, or a database not in UTF8).
-_CANON_SELECT = ("SELECT seq, prev_hash, hash, canon, " + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
+_CANON_SELECT = ("SELECT seq, prev_hash, hash, convert_to(prev_hash || canon, 'UTF8'), "
+                 + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
                  + " FROM audit_events")
 # The definition of migration 009's constraint, as written there (``canon_trusted`` compares the
 # live constraint with this one, deparsed by the same server).
@@ -525,11 +526,12 @@ def _range(since: datetime | None, until: datetime | None, from_seq: int | None)
     return (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq", args
 
 
-async def _batches(store: Store, query: str, args: list[Any], *, name: str,
-                   batch: int = BATCH) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction)."""
+async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH,
+                   binary: bool = False) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction);
+    ``binary``: in PostgreSQL's binary format (bytea as bytes, not hex text)."""
     async with store.connection() as conn, conn.transaction():
-        cur = conn.cursor(name, row_factory=tuple_row)
+        cur = conn.cursor(name, row_factory=tuple_row, binary=binary)
         try:
             await cur.execute(query, args)
             while rows := await cur.fetchmany(batch):
@@ -611,12 +613,14 @@ async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch:
         logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
     query, args = _range(None, None, None)
     select = _CANON_SELECT if trusted else _VERIFY_SELECT
-    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch):
-        for seq, prev, digest, stored, head, plan, mid, result, tail in rows:
+    # ``hashed``: the UTF-8 bytes of prev_hash || canon, as the server has them (binary: no hex, no
+    # decode/encode in Python), hashed here: the check does not rest on the server's sha256.
+    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch, binary=True):
+        for seq, prev, digest, hashed, head, plan, mid, result, tail in rows:
             if not walk.link(seq, prev):
                 return walk.report()
-            if stored is not None:
-                if sha256((prev + stored).encode()).hexdigest() == digest:
+            if hashed is not None:
+                if sha256(hashed).hexdigest() == digest:
                     walk.done(seq, digest)
                     continue
             elif sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() == digest:

@@ -87,7 +87,7 @@ async def test_a_fast_hash_that_misses_is_checked_the_original_way_and_an_edit_i
     # Make every fast hash miss (a space added to canon, or PostgreSQL's pieces): each row is then
     # confirmed the original way.
     monkeypatch.setattr(audit_log, "_VERIFY_SELECT", audit_log._VERIFY_SELECT.replace('\'{"actor_id":\'', '\'{"actor_id": \''))
-    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._CANON_SELECT.replace("canon, ", "canon || ' ', ", 1))
+    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._CANON_SELECT.replace("prev_hash || canon", "prev_hash || canon || ' '", 1))
     assert (await log.verify(batch=3)).ok
     monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._VERIFY_SELECT)  # and every re-derived one (rows without canon)
     assert (await log.verify(batch=3)).ok

@@ -10,6 +10,10 @@ Each row's ``hash`` is ``sha256(prev_hash || canonical_json(record))`` in lowerc
 
 and ``canonical_json`` is JSON with sorted keys, ``","``/``":"`` separators, no ASCII escaping
 (UTF-8), and ``at`` written as ISO-8601 in UTC with microseconds (``2026-11-22T12:13:46.123456+00:00``).
+``plan`` and ``result`` are first put in the form jsonb gives back (``jsonb_form``: 1e16 is the
+integer 10000000000000000, -0.0 is 0.0, NaN/Infinity are strings), so that the hash can always be
+re-derived from the stored row. Since migration 009 each row also keeps that exact text in
+``canon`` (a CHECK constraint ties it to the columns), which ``audit verify`` hashes as stored.
 The first row's ``prev_hash`` is 64 zeros (or, after ``prune``, the last pruned row's hash, kept in
 ``audit_checkpoints``). Anyone can recompute it from an export with ``sha256sum`` and ``jq -cS``.
 

@@ -5,6 +5,7 @@ never verified. The write path now stores, and hashes, the form jsonb gives back
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import struct
@@ -18,9 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bot.adapters.audit_log import AuditLog, audit_hash, audit_record, export_jsonl, jsonb_form, verify_lines
+from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
-from bot.domain import canonical_json
+from bot.audit import Audit
+from bot.domain import Actor, UserId, canonical_json
+from tests.faults.proxy import TcpProxy
 
+ANN = Actor(UserId("U1"), "ann")
 NUMBERS: list[Any] = [1e-07, 1e16, 1e22, 1.5e16, 1.2345678901234567e300, 1.7976931348623157e308, -1e16, 5e-324, 2.5e-10,
                       -0.0, 0.0, 10**30, -(10**40), 2**64, 2**63 - 1, 123456789.125, 0.1, 1.0, 100.0, True, False]
 
@@ -128,3 +133,36 @@ async def test_random_bit_pattern_floats_verify_through_postgresql(log: AuditLog
         floats = [_random_float(rng) for _ in range(8)]
         await append(log, {"v": floats, "one": floats[0], "big": rng.getrandbits(200) - 2**199}, {"w": floats[1:3]} if seed % 2 else None)
     await assert_verifies(log, tmp_path, 20)
+
+
+async def test_odd_numbers_recorded_while_the_database_is_down_verify_once_drained(state_db: str, tmp_path: Path) -> None:
+    """Through Audit.record: the row goes to the local spool (JSON on disk: NaN written as NaN),
+    and when the database is back the drained row is stored and hashed in jsonb's form."""
+    proxy, url = await TcpProxy.for_url(state_db)
+    store = Store(url, max_size=1, timeout=2.0)
+    await store.open()
+    try:
+        log = AuditLog(store)
+        audit = Audit(log, audit_channel=None, spool=AuditSpool(tmp_path / "spool"))
+        await audit.record("requested", actor=ANN, text="flag rollout 1e16", plan={"ratio": 1e16, "tiny": 1e-07, "z": -0.0})
+        proxy.down()
+        kept = await audit.record("requested", actor=ANN, text="flag rollout nan", plan={"ratio": math.nan, "big": 1e300})
+        assert kept["spooled"] is True
+        proxy.up()
+        assert await audit.drain_spool() == 1
+        rows = await log.rows()
+        assert [r["plan"]["ratio"] for r in rows] == [10**16, "NaN"] and rows[1]["plan"]["big"] == 10**300
+        report = await log.verify()
+        assert report.ok and report.checked == 2, report.summary()
+    finally:
+        await store.close()
+        await proxy.stop()
+
+
+async def test_two_writers_with_odd_numbers_make_one_chain_that_verifies(log: AuditLog, tmp_path: Path) -> None:
+    async def writer(n: int) -> None:
+        for i in range(40):
+            await append(log, {"w": n, "v": [1e16 * (i + 1), -0.0, 1e-07 * i, math.inf]}, {"i": float(i) * 1e20})
+
+    await asyncio.gather(writer(1), writer(2))
+    await assert_verifies(log, tmp_path, 80)

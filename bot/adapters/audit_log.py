@@ -483,6 +483,7 @@ _VERIFY_SELECT = "SELECT seq, prev_hash, hash, NULL, " + ", ".join(_VERIFY_PARTS
 _CANON_SELECT = ("SELECT seq, prev_hash, hash, convert_to(prev_hash || canon, 'UTF8'), "
                  + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
                  + " FROM audit_events")
+_VERIFY_TYPES = ("int8", "text", "text", "bytea", "text", "text", "text", "text", "text")
 # The definition of migration 009's constraint, as written there (``canon_trusted`` compares the
 # live constraint with this one, deparsed by the same server).
 CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
@@ -531,17 +532,32 @@ def _range(since: datetime | None, until: datetime | None, from_seq: int | None)
 
 
 async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH,
-                   binary: bool = False) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction);
-    ``binary``: in PostgreSQL's binary format (bytea as bytes, not hex text)."""
-    async with store.connection() as conn, conn.transaction():
-        cur = conn.cursor(name, row_factory=tuple_row, binary=binary)
-        try:
-            await cur.execute(query, args)
-            while rows := await cur.fetchmany(batch):
-                yield rows
-        finally:
-            await cur.close()
+                   types: tuple[str, ...] | None = None) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction). With
+    ``types`` (PostgreSQL type names of the columns), through ``COPY (query) TO STDOUT`` in the
+    binary format instead: the server streams while Python works (a cursor's FETCH waits for each
+    batch), bytea comes as bytes; memory is still bounded by ``batch`` rows and the socket's buffers."""
+    if types is None:
+        async with store.connection() as conn, conn.transaction():
+            cur = conn.cursor(name, row_factory=tuple_row)
+            try:
+                await cur.execute(query, args)
+                while rows := await cur.fetchmany(batch):
+                    yield rows
+            finally:
+                await cur.close()
+        return
+    async with store.connection() as conn:
+        async with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(query)), args or None) as copy:  # type: ignore[arg-type]
+            copy.set_types(list(types))
+            chunk: list[tuple[Any, ...]] = []
+            async for row in copy.rows():
+                chunk.append(row)
+                if len(chunk) >= batch:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
 
 class ChainWalk:
@@ -610,6 +626,9 @@ async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch:
     with ``canon`` (migration 009) is hashed as stored, when ``canon_trusted``; the others are
     re-derived from their columns."""
     walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
+    linked: str | None = prev_hash
+    expected: int | None = start_seq
+    checked, first, last = 0, None, None  # type: tuple[int, int | None, int | None]
     canon = _Reencode(_COMPACT)
     sha256 = hashlib.sha256
     trusted, why = await canon_trusted(log.store)
@@ -619,22 +638,28 @@ async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch:
     select = _CANON_SELECT if trusted else _VERIFY_SELECT
     # ``hashed``: the UTF-8 bytes of prev_hash || canon, as the server has them (binary: no hex, no
     # decode/encode in Python), hashed here: the check does not rest on the server's sha256.
-    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch, binary=True):
+    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch, types=_VERIFY_TYPES):
         for seq, prev, digest, hashed, head, plan, mid, result, tail in rows:
+            # the common case inline (in order, linked, canon hashes to the stored hash); anything
+            # else goes through ChainWalk, which says what is wrong
+            if hashed is not None and seq == expected and prev == linked and sha256(hashed).hexdigest() == digest:
+                first = seq if first is None else first
+                linked, expected, last, checked = digest, seq + 1, seq, checked + 1
+                continue
+            walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
             if not walk.link(seq, prev):
                 return walk.report()
-            if hashed is not None:
-                if sha256(hashed).hexdigest() == digest:
-                    walk.done(seq, digest)
-                    continue
-            elif sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() == digest:
+            if (sha256(hashed).hexdigest() if hashed is not None
+                    else sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest()) == digest:
                 walk.done(seq, digest)
-                continue
-            row = await log.row(seq)  # the original way, before calling it broken
-            if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
-                walk.content_differs(seq)
-                return walk.report()
-            walk.done(seq, digest)
+            else:
+                row = await log.row(seq)  # the original way, before calling it broken
+                if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
+                    walk.content_differs(seq)
+                    return walk.report()
+                walk.done(seq, digest)
+            linked, expected, checked, first, last = walk.prev, walk.expected, walk.checked, walk.first, walk.last
+    walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
     return walk.report()
 
 

@@ -690,7 +690,8 @@ async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = 
     """Write ``export_line`` for each row in the range, streamed; the number of rows."""
     canon, n = _Reencode(_EXPORT), 0
     query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch):
+    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch,
+                               types=("int8", "text", "text", "text", "text", "text")):
         out.write("".join([f"{head}{canon(plan)}{mid}{canon(result)}{tail}\n" for _, head, plan, mid, result, tail in rows]))
         n += len(rows)
     return n
@@ -703,7 +704,8 @@ async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = No
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
     query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch):
+    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch,
+                               types=("int8", *("text",) * 11)):
         writer.writerows([(*r[:8], canon(r[8]), canon(r[9]), r[10], r[11]) for r in rows])
         n += len(rows)
     return n

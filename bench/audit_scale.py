@@ -60,11 +60,15 @@ asyncio.run(main())
 """
 
 
-def build(url: str, rows: int) -> None:
-    """``rows`` chained rows, written with COPY in chunks (hashes as AuditLog.append computes them)."""
+def build(url: str, rows: int, *, canon: bool = True) -> None:
+    """``rows`` chained rows, written with COPY in chunks (hashes, and ``canon`` where the checkout has
+    it, as AuditLog.append computes them). ``canon=False``: rows as written before migration 009."""
     start = datetime.now(UTC) - timedelta(seconds=rows)
     prev = "0" * 64
     with psycopg.connect(url, autocommit=True) as conn:
+        # migration 009: new rows keep the exact text their hash covers (a checkout without it: no column)
+        with_canon = canon and conn.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'audit_events' "
+                                            "AND column_name = 'canon'").fetchone() is not None
         conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
         seq = 0
         while seq < rows:
@@ -84,13 +88,15 @@ def build(url: str, rows: int) -> None:
                 row = {"seq": seq, "at": (start + timedelta(seconds=seq)).isoformat(timespec="microseconds"), "event": event,
                        "actor_id": f"U{req % 500}", "actor_name": f"user{req % 500}", "channel_id": "C0OPS", "request_id": f"r-{req}",
                        "command_text": f"{cmd} w{req % 97} {req % 10}", "plan": plan, "result": result}
-                digest = hashlib.sha256((prev + canonical_json(row)).encode()).hexdigest()
+                text = canonical_json(row)
+                digest = hashlib.sha256((prev + text).encode()).hexdigest()
                 fields = [str(seq), row["at"], event, row["actor_id"], row["actor_name"], "C0OPS", row["request_id"], row["command_text"],
-                          json.dumps(plan, ensure_ascii=False), json.dumps(result) if result is not None else "\\N", prev, digest]
+                          json.dumps(plan, ensure_ascii=False), json.dumps(result) if result is not None else "\\N", prev, digest,
+                          *([text] if with_canon else [])]
                 buf.write("\t".join(f.replace("\\", "\\\\") if f != "\\N" else f for f in fields) + "\n")
                 prev = digest
             with conn.cursor().copy("COPY audit_events (seq, at, event, actor_id, actor_name, channel_id, request_id, command_text, "
-                                    "plan, result, prev_hash, hash) FROM STDIN") as copy:
+                                    "plan, result, prev_hash, hash" + (", canon" if with_canon else "") + ") FROM STDIN") as copy:
                 copy.write(buf.getvalue())
         conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
         conn.execute("VACUUM ANALYZE audit_events")
@@ -121,6 +127,8 @@ def run_measured(checkout: str, args: list[str], env: dict[str, str]) -> dict[st
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--without-canon", action="store_true",
+                    help="write the rows as before migration 009 (no canon column value): verify's slower path")
     ap.add_argument("--checkout", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help="the opsbot checkout whose CLI and migrations are measured (default this one)")
     a = ap.parse_args()
@@ -132,7 +140,7 @@ def main() -> int:
         env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": checkout}
         subprocess.run([sys.executable, "-m", "bot", "migrate"], cwd=checkout, env=env, check=True, capture_output=True)
         t0 = time.perf_counter()
-        build(url, a.rows)
+        build(url, a.rows, canon=not a.without_canon)
         built = time.perf_counter() - t0
         jsonl, csvf = os.path.join(tmp, "audit.jsonl"), os.path.join(tmp, "audit.csv")
         cli = {"verify": run_measured(checkout, ["audit", "verify"], env),

@@ -10,8 +10,6 @@ import os
 import signal
 import sys
 
-from aiohttp import web
-
 from bot.config import config_warnings, load_config
 from bot.errors import ConfigError, OpsbotError
 from bot.messages import plural
@@ -425,6 +423,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bool) -> None:
+    from aiohttp import web  # here, not at the top: `opsbot audit …` starts without loading aiohttp
+
     from bot.runtime import Runtime
 
     config = load_config(config_path)

@@ -445,10 +445,12 @@ class Pipeline:
             return
         p = inv.params
         page, size = int(p.get("page", 1)), 15
+        before = int(p["before"]) if p.get("before") is not None else None
         # Matches are counted up to SEARCH_COUNT_CAP (an index scan of that many entries at most), and
         # --page N goes no deeper than the count: past it, narrowing the search is the honest answer.
+        # --before #N (keyset: the rows older than #N, what "Next:" offers) seeks in the index at any depth.
         deepest = SEARCH_COUNT_CAP // size
-        if page > deepest:
+        if before is None and page > deepest:
             await self._reply(req, f"Page {page} is deeper than opsbot pages ({deepest} pages of {size}, the newest "
                               f"{SEARCH_COUNT_CAP} rows): narrow {code('/ops ' + inv.text)} with --since, --user, --command, "
                               "--target or --outcome.")
@@ -456,14 +458,15 @@ class Pipeline:
         rows, total = await self.audit.log.search(
             user=p.get("user"), command=p.get("command"), target=p.get("target"),
             since=parse_since(p["since"], self.clock()) if p.get("since") else None, outcome=p.get("outcome"),
-            limit=size, offset=(page - 1) * size)
+            limit=size + 1, offset=0 if before is not None else (page - 1) * size, before_seq=before)
+        more, rows = len(rows) > size, rows[:size]  # one row past the page: is there a next one?
         capped = total > SEARCH_COUNT_CAP
         # Reading the record is itself recorded (not posted: auditors' searches are not news).
         await self.audit.record("read", actor=req.actor, channel_id=req.channel_id, text=inv.text,
                                 result={"audit_query": {k: v for k, v in p.items()}, "matches": min(total, SEARCH_COUNT_CAP),
                                         **({"more_than": SEARCH_COUNT_CAP} if capped else {})}, post=False)
         pages = deepest if capped else max(1, -(-total // size))
-        of_pages = f"page {page}" if capped else f"page {page} of {pages}"
+        of_pages = f"older than #{before}" if before is not None else f"page {page}" if capped else f"page {page} of {pages}"
         if not rows:
             await self._reply(req, f"No audit rows match {code('/ops ' + inv.text)}" + (f" ({of_pages})." if total else "."))
             return
@@ -477,9 +480,14 @@ class Pipeline:
             req_id = f" `{r['request_id']}`" if r["request_id"] else ""
             who = "opsbot" if r["actor_id"] == SYSTEM.user_id else user_ref(r["actor_id"])
             lines.append(f"`#{r['seq']}` {r['at']:%Y-%m-%d %H:%M} *{r['event']}* {who}: {what}{where}{req_id}")
-        if page < pages:
-            base = inv.text if "--page" not in inv.text else inv.text.split("--page")[0].strip()
-            lines.append(f"Next: {code(f'/ops {base} --page {page + 1}')}")
+        if more:
+            words, keep = inv.text.split(" "), []
+            for i, w in enumerate(words):  # the filters as typed, without the paging flag (and its value)
+                if w in ("--page", "--before") or w.startswith(("--page=", "--before=")) or (i and words[i - 1] in ("--page", "--before")):
+                    continue
+                keep.append(w)
+            base, last = " ".join(keep).strip(), rows[-1]["seq"]
+            lines.append(f"Next: {code(f'/ops {base} --before {last}')}")
         await self._reply(req, "\n".join(lines))
 
     async def _timeline(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:

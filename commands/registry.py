@@ -92,11 +92,14 @@ COMMON_FLAGS = {"--reason": str, "--dry-run": bool, "--break-glass": str}
 _QUOTES = str.maketrans({"“": '"', "”": '"', "„": '"', "‘": "'", "’": "'", "«": '"', "»": '"'})
 HELP_USAGE = "/ops help"
 META_USAGE = {"pending": "/ops pending", "cancel": "/ops cancel <request-id>", "help": "/ops help [<command>]",
-              "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] [--page N]",
+              "audit": "/ops audit [--user @x] [--command scale] [--target worker] [--since 7d] [--outcome failed] "
+                       "[--before #N | --page N]",
               "timeline": "/ops timeline [--since 2h] [--until <time>] [--channel #incident]"}
-AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int}
+AUDIT_FLAGS = {"--user": str, "--command": str, "--target": str, "--since": str, "--outcome": str, "--page": int, "--before": int}
 UNDO_USAGE = '/ops undo <request-id> [--reason "…"] [--dry-run]'
 MAX_AUDIT_PAGE = 1_000_000
+MAX_AUDIT_SEQ = 2**63 - 1  # audit seq is a PostgreSQL bigint
+_SEQ = re.compile(r"#?[0-9]{1,19}")  # `--before 1234` or `--before #1234`, as the rows are shown
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 
 
@@ -124,6 +127,14 @@ def _parse_audit(tokens: list[str], text: str, config: Config) -> Invocation:
         else:
             raise UsageError(f"`{name}` needs a value.", usage=META_USAGE["audit"])
         key = name[2:]
+        if name == "--before":
+            before = int(value.removeprefix("#")) if _SEQ.fullmatch(value) else None
+            if before is None or not 1 <= before <= MAX_AUDIT_SEQ:
+                problem = number_problem(value, "`--before`") if before is None or before > MAX_AUDIT_SEQ \
+                    else f"`--before` takes an audit row number (the `#N` of a row shown), 1 or more; got `{value}`."
+                raise UsageError(problem, usage=META_USAGE["audit"])
+            params["before"] = before
+            continue
         if AUDIT_FLAGS[name] is int:
             page = whole_number(value)
             if page is None or page < 1 or page > MAX_AUDIT_PAGE:
@@ -145,6 +156,8 @@ def _parse_audit(tokens: list[str], text: str, config: Config) -> Invocation:
             raise UsageError(f"no command `{value[:100]}`; use one of {', '.join(names)}.", usage=META_USAGE["audit"])
         else:
             params[key] = value
+    if "--page" in seen and "--before" in seen:
+        raise UsageError("give `--before N` (the rows older than `#N`) or `--page N`, not both.", usage=META_USAGE["audit"])
     return Invocation(command="audit", params=params, flags=Flags(), text=text.strip())
 
 

@@ -10,6 +10,10 @@ Each row's ``hash`` is ``sha256(prev_hash || canonical_json(record))`` in lowerc
 
 and ``canonical_json`` is JSON with sorted keys, ``","``/``":"`` separators, no ASCII escaping
 (UTF-8), and ``at`` written as ISO-8601 in UTC with microseconds (``2026-11-22T12:13:46.123456+00:00``).
+``plan`` and ``result`` are first put in the form jsonb gives back (``jsonb_form``: 1e16 is the
+integer 10000000000000000, -0.0 is 0.0, NaN/Infinity are strings), so that the hash can always be
+re-derived from the stored row. Since migration 009 each row also keeps that exact text in
+``canon`` (a CHECK constraint ties it to the columns), which ``audit verify`` hashes as stored.
 The first row's ``prev_hash`` is 64 zeros (or, after ``prune``, the last pruned row's hash, kept in
 ``audit_checkpoints``). Anyone can recompute it from an export with ``sha256sum`` and ``jq -cS``.
 
@@ -25,9 +29,11 @@ import csv
 import hashlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import IO, Any
 
 from psycopg import sql
@@ -44,6 +50,9 @@ _AUDIT_LOCK = 0x0A0D17  # advisory lock: audit appends
 _OUTBOX_LOCK = 0x0A0D18  # advisory lock: one poster at a time across replicas
 BATCH = 5000  # rows per FETCH of the server-side cursors of verify/export: memory is bounded by this, not by the table
 SEARCH_COUNT_CAP = 1000  # `/ops audit` counts matches up to this, then says "more than 1,000"
+# --target's count reads the trigram bitmaps (search_queries): on a small or mis-estimated table the
+# planner would rather scan it all, so that count's transaction says not to (for that count only).
+COUNT_BY_BITMAP = "SET LOCAL enable_seqscan = off"
 FIELDS = ("seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text", "plan", "result")
 
 
@@ -51,6 +60,48 @@ def _iso(at: datetime | str) -> str:
     if isinstance(at, str):
         at = datetime.fromisoformat(at)
     return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _jsonb_number(value: float) -> float | int | str:
+    """A float as jsonb gives it back. jsonb keeps numbers as ``numeric`` and writes them without an
+    exponent: Python's ``1e+16`` comes back as ``10000000000000000`` (an int to json.loads) and
+    ``-0.0`` as ``0.0``; ``1e-07`` comes back as ``0.0000001``, the same float. NaN and Infinity are
+    not JSON (jsonb refuses them): they become the strings Python writes for them."""
+    if not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if value == 0:
+        return 0.0  # -0.0 too
+    text = repr(value)
+    if "e+" in text:  # an integral value written with an exponent: the exact decimal integer jsonb stores
+        return int(Decimal(text))
+    return value
+
+
+def jsonb_form(value: Any) -> Any:
+    """``value`` as it comes back from a jsonb column (through json.loads), so that what is hashed at
+    append time is exactly what can be re-derived from the stored row. Identity on every value that
+    already round-trips (so existing rows hash as before); otherwise: floats as ``_jsonb_number``
+    says, keys as json writes them (``1`` → ``"1"``, ``True`` → ``"true"``), tuples as lists, and
+    what json only knows through ``default=str`` as that string."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _jsonb_number(value)
+    if isinstance(value, dict):
+        return {_jsonb_key(k): jsonb_form(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonb_form(v) for v in value]
+    return str(value)
+
+
+def _jsonb_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(key) if not isinstance(key, float) or math.isfinite(key) else str(_jsonb_number(key))
+    return str(key)
 
 
 def audit_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +196,12 @@ class AuditLog:
         is already in the trail.
 
         One statement, one round trip (``audit_append``, migration 008): the chain's lock is held
-        only while the server reads the head, hashes and inserts, never while Python works."""
+        only while the server reads the head, hashes and inserts, never while Python works.
+
+        ``plan`` and ``result`` are taken in ``jsonb_form``: what is hashed is exactly what jsonb
+        stores and gives back (a float such as 1e16 or -0.0 would otherwise make a row that never
+        verifies, and NaN one that PostgreSQL refuses)."""
+        plan, result = jsonb_form(plan), jsonb_form(result)
         row: dict[str, Any] = {"event": event, "actor_id": actor_id, "actor_name": actor_name, "channel_id": channel_id,
                                "request_id": request_id, "command_text": command_text, "plan": plan, "result": result}
         head, mid = _hash_parts(row)
@@ -201,7 +257,10 @@ class AuditLog:
         async with self.store.connection() as conn:
             rows = await (await conn.execute(page, page_args)).fetchall()
             # A bounded count: an index scan of at most SEARCH_COUNT_CAP + 1 entries, never the whole filtered set.
-            total = await (await conn.execute(count, args)).fetchone()
+            async with conn.transaction():
+                if target:
+                    await conn.execute(COUNT_BY_BITMAP)
+                total = await (await conn.execute(count, args)).fetchone()
         return rows, int(total["n"]) if total else 0
 
     async def window(self, *, since: datetime, until: datetime, channel_id: str | None, limit: int,
@@ -398,13 +457,19 @@ def search_queries(*, user: str | None = None, command: str | None = None, targe
     page_where = [*where, sql.SQL("seq < %s")] if before_seq is not None else where
     page_args = [*args, before_seq] if before_seq is not None else args
 
+    # The count needs no order. Its ORDER BY lets a btree (column, seq) index be read newest first,
+    # cap + 1 entries; but --target is served by trigram (GIN) bitmaps, which have no order: with an
+    # ORDER BY the planner walked the whole table newest first instead, dropping every row that did
+    # not match (151 ms at 1M rows). Without it, the bitmap heap scan stops at cap + 1 matches.
+    count_order = sql.SQL("") if target else sql.SQL(" ORDER BY seq DESC")
+
     def cond(parts: list[sql.Composable]) -> sql.Composable:
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
 
     return ((sql.SQL("SELECT * FROM audit_events") + cond(page_where) + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"),
              [*page_args, limit, max(0, offset)]),
             (sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM audit_events") + cond(where)
-             + sql.SQL(" ORDER BY seq DESC LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1]))
+             + count_order + sql.SQL(" LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1]))
 
 
 def export_line(row: dict[str, Any]) -> str:
@@ -438,12 +503,28 @@ def _js(column: str) -> str:
 
 _AT = "to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
 # The canonical record around plan and result: {"actor_id":…,…,"plan":<plan>,"request_id":…,"result":<result>,"seq":N}
-_VERIFY_SELECT = (
-    "SELECT seq, prev_hash, hash, '{\"actor_id\":' || " + _js("actor_id") + " || ',\"actor_name\":' || " + _js("actor_name")
+_VERIFY_PARTS = (
+    "'{\"actor_id\":' || " + _js("actor_id") + " || ',\"actor_name\":' || " + _js("actor_name")
     + " || ',\"at\":\"' || " + _AT + " || '\",\"channel_id\":' || " + _js("channel_id") + " || ',\"command_text\":' || "
-    + _js("command_text") + " || ',\"event\":' || " + _js("event") + " || ',\"plan\":', plan::text, "
-    "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":', result::text, "
-    "',\"seq\":' || seq || '}' FROM audit_events")
+    + _js("command_text") + " || ',\"event\":' || " + _js("event") + " || ',\"plan\":'",
+    "plan::text",
+    "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":'",
+    "result::text",
+    "',\"seq\":' || seq || '}'")
+_VERIFY_SELECT = "SELECT seq, prev_hash, hash, NULL, " + ", ".join(_VERIFY_PARTS) + " FROM audit_events"
+# Rows with ``canon`` (migration 009: the exact text the hash covers) need none of that: the pieces
+# are computed only where ``canon`` is NULL (rows from before 009, or a database not in UTF8).
+_CANON_SELECT = ("SELECT seq, prev_hash, hash, convert_to(prev_hash || canon, 'UTF8'), "
+                 + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
+                 + " FROM audit_events")
+_VERIFY_TYPES = ("int8", "text", "text", "bytea", "text", "text", "text", "text", "text")
+# The definition of migration 009's constraint, as written there (``canon_trusted`` compares the
+# live constraint with this one, deparsed by the same server).
+CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
+    'actor_id', actor_id, 'actor_name', actor_name, 'at', to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') || '+00:00',
+    'channel_id', channel_id, 'command_text', command_text, 'event', event, 'plan', plan, 'request_id', request_id,
+    'result', result, 'seq', seq)::text""")
+CANON_CONSTRAINT = "audit_events_canon_matches"
 # export_line's form: sorted keys, ", " and ": ", the hashes among the fields
 _EXPORT_SELECT = (
     "SELECT seq, '{\"actor_id\": ' || " + _js("actor_id") + " || ', \"actor_name\": ' || " + _js("actor_name")
@@ -484,17 +565,33 @@ def _range(since: datetime | None, until: datetime | None, from_seq: int | None)
     return (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq", args
 
 
-async def _batches(store: Store, query: str, args: list[Any], *, name: str,
-                   batch: int = BATCH) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction)."""
-    async with store.connection() as conn, conn.transaction():
-        cur = conn.cursor(name, row_factory=tuple_row)
-        try:
-            await cur.execute(query, args)
-            while rows := await cur.fetchmany(batch):
-                yield rows
-        finally:
-            await cur.close()
+async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH,
+                   types: tuple[str, ...] | None = None) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction). With
+    ``types`` (PostgreSQL type names of the columns), through ``COPY (query) TO STDOUT`` in the
+    binary format instead: the server streams while Python works (a cursor's FETCH waits for each
+    batch), bytea comes as bytes; memory is still bounded by ``batch`` rows and the socket's buffers."""
+    if types is None:
+        async with store.connection() as conn, conn.transaction():
+            cur = conn.cursor(name, row_factory=tuple_row)
+            try:
+                await cur.execute(query, args)
+                while rows := await cur.fetchmany(batch):
+                    yield rows
+            finally:
+                await cur.close()
+        return
+    async with store.connection() as conn:
+        async with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(query)), args or None) as copy:  # type: ignore[arg-type]
+            copy.set_types(list(types))
+            chunk: list[tuple[Any, ...]] = []
+            async for row in copy.rows():
+                chunk.append(row)
+                if len(chunk) >= batch:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
 
 
 class ChainWalk:
@@ -533,22 +630,70 @@ class ChainWalk:
         return self.broken or ChainReport(True, self.checked, self.first, self.last)
 
 
+async def canon_trusted(store: Store) -> tuple[bool, str]:
+    """Whether ``canon`` may stand for the columns: migration 009's CHECK constraint is on
+    audit_events, validated, and defined exactly as ``CANON_CHECK`` (compared with the same text
+    deparsed by this server on a throw-away temporary table). (False, why) otherwise."""
+    try:
+        async with store.connection() as conn, conn.transaction():
+            live = await (await conn.execute(
+                "SELECT convalidated AS ok, pg_get_constraintdef(oid) AS def FROM pg_constraint "
+                "WHERE conrelid = 'audit_events'::regclass AND conname = %s", (CANON_CONSTRAINT,))).fetchone()
+            if live is None:
+                return False, f"the constraint {CANON_CONSTRAINT} is missing"
+            if not live["ok"]:
+                return False, f"the constraint {CANON_CONSTRAINT} is not validated"
+            await conn.execute("CREATE TEMP TABLE opsbot_canon_probe (LIKE audit_events) ON COMMIT DROP")
+            await conn.execute(sql.SQL("ALTER TABLE opsbot_canon_probe ADD CONSTRAINT probe CHECK ({})").format(sql.SQL(CANON_CHECK)))
+            want = await (await conn.execute("SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint "
+                                             "WHERE conrelid = 'opsbot_canon_probe'::regclass AND conname = 'probe'")).fetchone()
+            await conn.execute("DROP TABLE opsbot_canon_probe")
+    except Exception as exc:  # any doubt means: re-derive every row from its columns
+        return False, f"could not check the constraint {CANON_CONSTRAINT}: {exc}"
+    if want is None or want["def"] != live["def"]:
+        return False, f"the constraint {CANON_CONSTRAINT} was changed"
+    return True, ""
+
+
 async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch: int = BATCH) -> ChainReport:
-    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``)."""
+    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``). A row
+    with ``canon`` (migration 009) is hashed as stored, when ``canon_trusted``; the others are
+    re-derived from their columns."""
     walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
+    linked: str | None = prev_hash
+    expected: int | None = start_seq
+    checked, first, last = 0, None, None  # type: tuple[int, int | None, int | None]
     canon = _Reencode(_COMPACT)
     sha256 = hashlib.sha256
+    trusted, why = await canon_trusted(log.store)
+    if not trusted:
+        logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
     query, args = _range(None, None, None)
-    async for rows in _batches(log.store, _VERIFY_SELECT + query, args, name="audit_verify", batch=batch):
-        for seq, prev, digest, head, plan, mid, result, tail in rows:
+    select = _CANON_SELECT if trusted else _VERIFY_SELECT
+    # ``hashed``: the UTF-8 bytes of prev_hash || canon, as the server has them (binary: no hex, no
+    # decode/encode in Python), hashed here: the check does not rest on the server's sha256.
+    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch, types=_VERIFY_TYPES):
+        for seq, prev, digest, hashed, head, plan, mid, result, tail in rows:
+            # the common case inline (in order, linked, canon hashes to the stored hash); anything
+            # else goes through ChainWalk, which says what is wrong
+            if hashed is not None and seq == expected and prev == linked and sha256(hashed).hexdigest() == digest:
+                first = seq if first is None else first
+                linked, expected, last, checked = digest, seq + 1, seq, checked + 1
+                continue
+            walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
             if not walk.link(seq, prev):
                 return walk.report()
-            if sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() != digest:
+            if (sha256(hashed).hexdigest() if hashed is not None
+                    else sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest()) == digest:
+                walk.done(seq, digest)
+            else:
                 row = await log.row(seq)  # the original way, before calling it broken
                 if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
                     walk.content_differs(seq)
                     return walk.report()
-            walk.done(seq, digest)
+                walk.done(seq, digest)
+            linked, expected, checked, first, last = walk.prev, walk.expected, walk.checked, walk.first, walk.last
+    walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
     return walk.report()
 
 
@@ -579,7 +724,8 @@ async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = 
     """Write ``export_line`` for each row in the range, streamed; the number of rows."""
     canon, n = _Reencode(_EXPORT), 0
     query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch):
+    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch,
+                               types=("int8", "text", "text", "text", "text", "text")):
         out.write("".join([f"{head}{canon(plan)}{mid}{canon(result)}{tail}\n" for _, head, plan, mid, result, tail in rows]))
         n += len(rows)
     return n
@@ -592,7 +738,8 @@ async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = No
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
     query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch):
+    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch,
+                               types=("int8", *("text",) * 11)):
         writer.writerows([(*r[:8], canon(r[8]), canon(r[9]), r[10], r[11]) for r in rows])
         n += len(rows)
     return n

@@ -204,7 +204,7 @@ async def _rewrite_from_seq3(bot: Harness, state_db: str) -> list[dict[str, Any]
             if row["seq"] == 3:
                 row["actor_id"] = "U0SOMEONEELSE"
             row["prev_hash"], row["hash"] = prev, audit_hash(prev, audit_record(row))
-            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s WHERE seq = %s",
+            conn.execute("UPDATE audit_events SET actor_id = %s, prev_hash = %s, hash = %s, canon = NULL WHERE seq = %s",
                          (row["actor_id"], row["prev_hash"], row["hash"], row["seq"]))
             prev = row["hash"]
     return list(rows)

@@ -5,6 +5,7 @@ verifiable, and no secrets in the record."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -12,15 +13,17 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import pytest_asyncio
 
-from bot.adapters.audit_log import AuditLog, verify_rows
+from bot.adapters import audit_log
+from bot.adapters.audit_log import CANON_CHECK, CANON_CONSTRAINT, AuditLog, audit_record, verify_rows
 from bot.adapters.store import Store
 from bot.audit import Audit, secret_values
-from bot.domain import Actor, UserId
+from bot.domain import Actor, UserId, canonical_json
 from tests.conftest import fresh_db
 
 CAROL = Actor(UserId("U_C"), "carol")
@@ -41,12 +44,21 @@ async def fill(log: AuditLog, n: int, writer: str = "w") -> None:
                          request_id=f"{writer}-{i}", command_text="scale w 2", plan=PLAN, result={"i": i})
 
 
-def tamper(url: str, *statements: str) -> None:
-    """As the superuser, with the append-only trigger out of the way: what an attacker with the keys could do."""
+def tamper(url: str, *statements: str, constraint: str = "readd-not-valid") -> None:
+    """As the superuser, with the append-only trigger and migration 009's CHECK (the columns say what
+    ``canon`` says) out of the way: what an attacker with the keys could do. Afterwards the CHECK is
+    put back as well as it can be without failing on the edited rows (``constraint``): NOT VALID,
+    replaced by one that checks nothing, or left dropped ("dropped"); "untouched" leaves it alone."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        if constraint != "untouched":
+            conn.execute(f"ALTER TABLE audit_events DROP CONSTRAINT {CANON_CONSTRAINT}")
         for s in statements:
             conn.execute(s)
+        if constraint == "readd-not-valid":
+            conn.execute(f"ALTER TABLE audit_events ADD CONSTRAINT {CANON_CONSTRAINT} CHECK ({CANON_CHECK}) NOT VALID")
+        elif constraint == "replaced":
+            conn.execute(f"ALTER TABLE audit_events ADD CONSTRAINT {CANON_CONSTRAINT} CHECK (canon IS NULL OR length(canon) > 0)")
         conn.execute("ALTER TABLE audit_events ENABLE TRIGGER audit_events_append_only")
 
 
@@ -111,6 +123,9 @@ async def test_the_bots_role_cannot_update_or_delete(pg_admin: str, log: AuditLo
     await store.open()
     try:
         await fill(AuditLog(store), 3)  # appending works for the bot's role
+        # and so does verify, on its fast path (the constraint probe needs only a temporary table)
+        assert await audit_log.canon_trusted(store) == (True, "")
+        assert (await AuditLog(store).verify()).ok
     finally:
         await store.close()
     with psycopg.connect(app_url, autocommit=True) as conn:
@@ -182,3 +197,73 @@ async def test_secrets_never_reach_the_record(log: AuditLog) -> None:
     for secret in ("xoxb-123-secret-token", "hunter2pw", "r3dispw", '"abc"', "pw-xyz"):
         assert secret not in dumped
     assert dumped.count("[redacted]") >= 5
+
+
+# ------------------------------------------------------------------ canon (migration 009)
+
+async def test_each_new_row_keeps_the_exact_text_its_hash_covers(log: AuditLog, state_db: str) -> None:
+    await fill(log, 3)
+    with psycopg.connect(state_db) as conn:
+        rows = conn.execute("SELECT seq, prev_hash, hash, canon FROM audit_events ORDER BY seq").fetchall()
+    stored = await log.rows()
+    for (seq, prev, digest, canon), row in zip(rows, stored, strict=True):
+        assert canon == canonical_json(audit_record(row)), seq
+        assert hashlib.sha256((prev + canon).encode()).hexdigest() == digest
+
+
+async def test_verify_hashes_canon_without_re_encoding_and_re_derives_rows_without_it(
+        log: AuditLog, state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill(log, 20)
+    tamper(state_db, "UPDATE audit_events SET canon = NULL WHERE seq IN (3, 4, 17)", constraint="untouched")  # rows from before 009
+    reencoded: list[str | None] = []
+    real = audit_log._Reencode.__call__
+
+    def counting(self: Any, text: str | None) -> str:
+        reencoded.append(text)
+        return real(self, text)
+
+    monkeypatch.setattr(audit_log._Reencode, "__call__", counting)
+    assert (await audit_log.canon_trusted(log.store)) == (True, "")
+    report = await log.verify(batch=7)
+    assert report.ok and report.checked == 20, report.summary()
+    assert len(reencoded) == 2 * 3  # plan and result of the three rows without canon, and of no other
+
+
+async def test_the_columns_cannot_be_changed_while_the_canon_check_stands(log: AuditLog, state_db: str) -> None:
+    await fill(log, 3)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        tamper(state_db, "UPDATE audit_events SET command_text = 'scale w 20' WHERE seq = 2", constraint="untouched")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        tamper(state_db, "UPDATE audit_events SET plan = plan || '{\"n\": 2.0}' WHERE seq = 2", constraint="untouched")
+    with pytest.raises(psycopg.errors.CheckViolation):  # the scale of a number counts: 2.0 is not 2
+        tamper(state_db, "UPDATE audit_events SET canon = replace(canon, '\"i\":1', '\"i\":1.0') WHERE seq = 2", constraint="untouched")
+    assert (await log.verify()).ok
+
+
+@pytest.mark.parametrize("constraint", ["readd-not-valid", "replaced", "dropped"])
+@pytest.mark.parametrize(("edit", "found"), [
+    ("UPDATE audit_events SET plan = jsonb_set(plan, '{summary}', '\"w: 3 → 30\"') WHERE seq = 7", True),
+    ("UPDATE audit_events SET command_text = 'scale w 30', canon = replace(canon, 'scale w 2', 'scale w 30') WHERE seq = 7", True),
+    # canon alone: verify no longer trusts it and reads the columns, which are intact: nothing to report
+    ("UPDATE audit_events SET canon = replace(canon, 'scale w 2', 'scale w 30') WHERE seq = 7", False),
+])
+async def test_an_edit_behind_a_dropped_or_weakened_check_is_found(log: AuditLog, state_db: str, constraint: str, edit: str,
+                                                                   found: bool) -> None:
+    await fill(log, 12)
+    tamper(state_db, edit, constraint=constraint)
+    trusted, why = await audit_log.canon_trusted(log.store)
+    assert not trusted and why, why
+    report = await log.verify()
+    if found:
+        assert not report.ok and report.broken_at == 7 and "content does not match" in report.problem, report.summary()
+    else:
+        assert report.ok and report.checked == 12, report.summary()
+
+
+async def test_columns_and_canon_edited_together_are_found_with_the_check_standing(log: AuditLog, state_db: str) -> None:
+    await fill(log, 12)
+    tamper(state_db, "UPDATE audit_events SET command_text = 'scale w 30', canon = replace(canon, 'scale w 2', 'scale w 30') "
+                     "WHERE seq = 7", constraint="untouched")
+    assert (await audit_log.canon_trusted(log.store))[0]
+    report = await log.verify()
+    assert not report.ok and report.broken_at == 7 and "content does not match" in report.problem, report.summary()

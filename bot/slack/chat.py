@@ -76,7 +76,10 @@ class SlackChat:
 
     def _reply_session(self) -> aiohttp.ClientSession:
         if self._replies is None or self._replies.closed:
-            self._replies = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REPLY_TIMEOUT))
+            # limit=0: no cap on connections at once (a session per reply had none either); a burst of
+            # replies must not queue behind one another for a connection.
+            self._replies = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REPLY_TIMEOUT),
+                                                  connector=aiohttp.TCPConnector(limit=0))
         return self._replies
 
     async def close(self) -> None:

@@ -96,7 +96,7 @@ def approve(slack: FakeSlack, request_id: str, card_ts: str) -> str:
 
 
 async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, kube: KubeApiServer, kubeconfig: str,
-                  slack: FakeSlack, tmp: str, timeout: float) -> dict[str, Any]:
+                  slack: FakeSlack, tmp: str, timeout: float, profile: str | None = None) -> dict[str, Any]:
     db_url = await create_database(pg_admin, f"e2e_{uuid.uuid4().hex[:10]}")
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     config = os.path.join(tmp, f"policy-{prefix}.yaml")
@@ -151,6 +151,10 @@ async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, kube: 
             ready = [start(["worker"], f"worker-{w}") for w in range(workers)]
             for p, wurl in ready:
                 await wait_ready(wurl, p, tries=600)
+            spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(p.pid), "--format", "raw",
+                                       "-d", "20", "-o", f"{profile}-{workers}w-{w}.txt", "--nonblocking"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for w, (p, _) in enumerate(ready)] if profile else []
             while time.monotonic() < deadline:
                 row = await (await db.execute("SELECT count(*) AS n FROM ops_requests WHERE state = 'succeeded'")).fetchone()
                 if row and row["n"] >= n:
@@ -161,6 +165,8 @@ async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, kube: 
                           extract(epoch FROM max(at) FILTER (WHERE event = 'succeeded') - min(at) FILTER (WHERE event = 'started'))
                               AS seconds FROM audit_events""")).fetchone()
             states = await (await db.execute("SELECT state, count(*) AS n FROM ops_requests GROUP BY state")).fetchall()
+            for spy in spies:
+                await asyncio.to_thread(spy.wait, 60)
         assert span is not None
         seconds = float(span["seconds"] or 0.0)
         ok = int(span["ok"])
@@ -183,6 +189,7 @@ async def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run before giving up")
+    ap.add_argument("--profile", help="sample each worker with py-spy (20 s); raw stacks go to PROFILE-<n>w-<i>.txt")
     args = ap.parse_args()
     slack = await FakeSlack().start()
     results: list[dict[str, Any]] = []
@@ -196,7 +203,8 @@ async def main() -> int:
             for _ in range(args.rounds):
                 for workers in (1, 2):
                     r = await one_run(workers=workers, n=args.requests, pg_admin=pg, redis_url=redis, kube=kube,
-                                      kubeconfig=kubeconfig, slack=slack, tmp=tmp, timeout=args.timeout)
+                                      kubeconfig=kubeconfig, slack=slack, tmp=tmp, timeout=args.timeout,
+                                      profile=args.profile)
                     r["loadavg"] = round(os.getloadavg()[0], 2)
                     print(json.dumps(r), flush=True)
                     results.append(r)

@@ -51,7 +51,7 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credenti
 BATCH_ROWS = 2000
 LINES_PER_MESSAGE = 1000
 CHARS_PER_MESSAGE = 38_000
-HEADLINES_PER_MESSAGE = 100
+HEADLINES_PER_MESSAGE = 40  # each headline update draws its message whole: 2 reads per request in it
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -234,7 +234,11 @@ async def sustain(url: str, kind: str, *, commands_per_s: float, rows: int, seco
     await store.close()
     await slack.stop()
     calls = Counter(m for m, _ in slack.calls)
-    return {"sizes": kind, **SIZES[kind], "commands_per_s": commands_per_s, "rows_per_command": rows, "seconds": seconds,
+    per_message = [sum(1 for line in str(a.get("text", "")).splitlines() if line.startswith("`#"))
+                   for a in slack.calls_to("chat.postMessage") if a.get("thread_ts")]
+    return {"sizes": kind, "lines_per_reply_mean": round(sum(per_message) / max(1, len(per_message)), 1),
+            "lines_per_reply_max": max(per_message, default=0), **SIZES[kind], "commands_per_s": commands_per_s,
+            "rows_per_command": rows, "seconds": seconds,
             "rows_written": written, "backlog_at_stop": samples[-1]["backlog"] if samples else None,
             "max_backlog": max((s["backlog"] for s in samples), default=0),
             "max_behind_s": max((s["behind_s"] for s in samples), default=0.0),
@@ -309,12 +313,12 @@ async def main_sustained(args: argparse.Namespace) -> None:
     print(f"\naudit channel under sustained load: {args.sustain:g} commands/s × {args.rows} rows for {args.seconds:g} s, "
           f"fake Slack at {limit}")
     print(f"{'sizes':<9} {'lines':>5} {'chars':>6} {'heads':>5} {'written':>8} {'backlog@stop':>12} {'max behind s':>12} "
-          f"{'caught up s':>11} {'msgs':>5} {'429s':>5}")
+          f"{'caught up s':>11} {'msgs':>5} {'429s':>5} {'lines/reply':>11}")
     for r in results:
         caught = "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"
         print(f"{r['sizes']:<9} {r['LINES_PER_MESSAGE']:>5} {r['CHARS_PER_MESSAGE']:>6} {r['HEADLINES_PER_MESSAGE']:>5} "
               f"{r['rows_written']:>8} {r['backlog_at_stop']!s:>12} {r['max_behind_s']:>12.1f} {caught:>11} {r['messages']:>5} "
-              f"{r['http_429']:>5}")
+              f"{r['http_429']:>5} {r['lines_per_reply_mean']:>11}")
 
 
 if __name__ == "__main__":

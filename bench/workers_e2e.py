@@ -95,9 +95,10 @@ def approve(slack: FakeSlack, request_id: str, card_ts: str) -> str:
     return urlencode({"payload": json.dumps(payload)})
 
 
-async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, kube: KubeApiServer, kubeconfig: str,
+async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, redis_db: int, kube: KubeApiServer, kubeconfig: str,
                   slack: FakeSlack, tmp: str, timeout: float, profile: str | None = None) -> dict[str, Any]:
     db_url = await create_database(pg_admin, f"e2e_{uuid.uuid4().hex[:10]}")
+    redis_url = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"  # a Redis database of its own per run (rate limits, the queue)
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     config = os.path.join(tmp, f"policy-{prefix}.yaml")
     await asyncio.to_thread(Path(config).write_text, policy(n))
@@ -156,7 +157,8 @@ async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, kube: 
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                      for w, (p, _) in enumerate(ready)] if profile else []
             while time.monotonic() < deadline:
-                row = await (await db.execute("SELECT count(*) AS n FROM ops_requests WHERE state = 'succeeded'")).fetchone()
+                row = await (await db.execute(  # the state, and its audit row (written just after)
+                    "SELECT count(*) AS n FROM audit_events WHERE event = 'succeeded'")).fetchone()
                 if row and row["n"] >= n:
                     break
                 await asyncio.sleep(0.2)
@@ -200,9 +202,10 @@ async def main() -> int:
                 kube.cluster.create_deployment("nova", deployment_manifest(f"svc-{i}", "ghcr.io/nova/svc:1", replicas=3,
                                                                            namespace="nova"))
             kubeconfig = kube.kubeconfig(os.path.join(tmp, "kc"), context="nova-prod")
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
                 for workers in (1, 2):
-                    r = await one_run(workers=workers, n=args.requests, pg_admin=pg, redis_url=redis, kube=kube,
+                    r = await one_run(workers=workers, n=args.requests, pg_admin=pg, redis_url=redis,
+                                      redis_db=(2 * round_ + workers) % 16, kube=kube,
                                       kubeconfig=kubeconfig, slack=slack, tmp=tmp, timeout=args.timeout,
                                       profile=args.profile)
                     r["loadavg"] = round(os.getloadavg()[0], 2)

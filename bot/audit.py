@@ -207,6 +207,10 @@ class AuditPoster:
         self.audit, self.store, self.chat, self.metrics, self.interval = audit, store, chat, metrics, interval
         self._task: asyncio.Task[None] | None = None
         self.permalinks = Permalinks(chat)
+        # request id → the ts of its audit thread's headline, once known: a thread, once saved, never
+        # moves, so the rows of a request already in the channel need no database reads to place
+        # them (under sustained load those reads, two per request per round, were the poster's cost).
+        self._threads: dict[str, str] = {}
         self._held_back = False  # a post failed: new rows do not wake the loop before the retry time
 
     @property
@@ -255,15 +259,19 @@ class AuditPoster:
         """Post ``rows`` (seq order) grouped by where they go; (rows posted, whether one failed)."""
         groups: dict[str | None, list[dict[str, Any]]] = {}  # a thread's request id, or None: lines of their own
         requests: dict[str, OpsRequest | None] = {}
+        threads: dict[str, str] = {}  # request id → its headline's ts
         for row in rows:
             request_id = row["request_id"]
-            if request_id and request_id not in requests:
-                requests[request_id] = await self.store.get(request_id)
-            groups.setdefault(request_id if request_id and requests[request_id] is not None else None, []).append(row)
-        threads: dict[str, str] = {}  # request id → its headline's ts
+            if request_id and request_id not in requests and request_id not in threads:
+                if request_id in self._threads:
+                    threads[request_id] = self._threads[request_id]
+                else:
+                    requests[request_id] = await self.store.get(request_id)
+            known = request_id in threads or (request_id and requests.get(request_id) is not None)
+            groups.setdefault(request_id if known else None, []).append(row)
         new: list[str] = []
         for request_id in groups:
-            if request_id is not None:
+            if request_id is not None and request_id not in threads:
                 thread = await self.audit.log.thread(request_id)
                 if thread is None:
                     new.append(request_id)
@@ -277,6 +285,9 @@ class AuditPoster:
                     await self._failed(groups[request_id][0], exc)
                 return 0, True
             threads.update(dict.fromkeys(part, ts))
+        if len(self._threads) > 50_000:  # requests long finished
+            self._threads.clear()
+        self._threads.update(threads)
         # Requests sharing a headline share its thread: their rows go out together, request by request.
         by_thread: dict[str | None, list[dict[str, Any]]] = {}
         for request_id, group in groups.items():

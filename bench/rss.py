@@ -37,13 +37,14 @@ from bot.sandbox.slack_api import FakeSlack  # noqa: E402
 TEXTS = ["status worker", "scale worker 6 --dry-run", "scale worker 7", "scale wrkr 6", "help"]
 
 
-def start_apps(env: dict[str, str], slack: FakeSlack) -> tuple[dict[str, int], dict[str, subprocess.Popen[bytes]]]:
+def start_apps(env: dict[str, str], slack: FakeSlack, tree: Path = ROOT) -> tuple[dict[str, int], dict[str, subprocess.Popen[bytes]]]:
     """The bare slack-bolt baseline and `opsbot serve`, as processes on their own ports."""
     ports = {"bare slack-bolt": free_port(), "opsbot": free_port()}
     procs = {
         "bare slack-bolt": subprocess.Popen([sys.executable, str(ROOT / "bench/bare_bolt.py"), str(ports["bare slack-bolt"]),
                                              SECRET, slack.api_url], env=env),
-        "opsbot": subprocess.Popen([sys.executable, "-m", "bot", "serve"], env={**env, "PORT": str(ports["opsbot"])}, cwd=ROOT),
+        "opsbot": subprocess.Popen([sys.executable, "-m", "bot", "serve"], env={**env, "PORT": str(ports["opsbot"]),
+                                                                              "PYTHONPATH": str(tree)}, cwd=tree),
     }
     return ports, procs
 
@@ -69,7 +70,9 @@ async def main() -> int:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--samples", type=int, default=10, help="RSS samples per app over the run")
+    ap.add_argument("--tree", default=str(ROOT), help="the opsbot tree to run (e.g. /work/main, to compare)")
     args = ap.parse_args()
+    args.tree = str(Path(args.tree).absolute())  # noqa: ASYNC240  # once, before anything runs
     slack = await FakeSlack().start()
     samples: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -77,7 +80,7 @@ async def main() -> int:
                 tempfile.TemporaryDirectory() as tmp:
             seed(kube)
             env = bench_env(pg, redis, kube.kubeconfig(os.path.join(tmp, "kc"), context="nova-prod"), slack, tmp)
-            ports, procs = start_apps(env, slack)
+            ports, procs = start_apps(env, slack, Path(args.tree))
             try:
                 for name, port in ports.items():
                     await wait_ready(f"http://127.0.0.1:{port}", procs[name], tries=600)

@@ -15,6 +15,7 @@ import time
 import urllib.parse
 from typing import Any
 
+import psycopg
 import pytest
 
 from bot.adapters.store import Store
@@ -359,3 +360,45 @@ def test_opsbot_serve_refuses_to_start_with_a_bad_max_in_flight() -> None:
     done = subprocess.run([sys.executable, "-m", "bot", "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "OPSBOT_MAX_IN_FLIGHT is how many commands one process works on at once" in done.stderr + done.stdout
+
+
+# ---------------------------------------------------------------- the pool's checkout test (bot/adapters/store.py)
+
+async def test_a_pooled_connection_is_tested_only_after_it_sat_idle(state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a connection comes back and goes out again within milliseconds: testing it each
+    time doubled the round trips. One that sat idle for a second is still tested, so a connection
+    the database dropped meanwhile is replaced instead of failing the command."""
+    from psycopg_pool import AsyncConnectionPool
+
+    import bot.adapters.store as store_module
+
+    tested: list[int] = []
+    real = AsyncConnectionPool.check_connection
+
+    async def counting(conn: Any) -> None:
+        tested.append(1)
+        await real(conn)
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(counting))
+    monkeypatch.setattr(store_module, "RECHECK_AFTER", 0.5)
+    store = Store(state_db, min_size=1, max_size=1)
+    await store.open()
+    try:
+        async def backend_pid() -> int:
+            async with store.connection() as conn:
+                row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
+            assert row is not None
+            return int(row["pid"])
+
+        first = await backend_pid()
+        tested.clear()
+        for _ in range(5):  # back and out again at once: not tested
+            assert await backend_pid() == first
+        assert tested == []
+        async with await psycopg.AsyncConnection.connect(state_db, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (first,))  # the database drops it while idle
+        await asyncio.sleep(0.7)
+        second = await backend_pid()  # tested, found dead, replaced: no error for the command
+        assert tested and second != first
+    finally:
+        await store.close()

@@ -58,13 +58,13 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, *, t
     raise RuntimeError(f"{url} never became ready")
 
 
-async def fire(url: str, n: int, concurrency: int, response_url: str) -> list[float]:
+async def fire(url: str, n: int, concurrency: int, response_url: str, *, texts: list[str] = TEXTS) -> list[float]:
     verifier = SignatureVerifier(SECRET)
     latencies: list[float] = []
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int, http: aiohttp.ClientSession) -> None:
-        body = urlencode({"command": "/ops", "text": TEXTS[i % len(TEXTS)], "user_id": "U0ALICE", "user_name": "alice",
+        body = urlencode({"command": "/ops", "text": texts[i % len(texts)], "user_id": "U0ALICE", "user_name": "alice",
                           "channel_id": "C0INCIDENT", "team_id": "T0FAKE", "response_url": response_url})
         ts = str(int(time.time()))
         headers = {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": verifier.generate_signature(timestamp=ts, body=body),

@@ -40,6 +40,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bot.audit as bot_audit  # noqa: E402
 from bot.adapters.audit_log import AuditLog  # noqa: E402
 from bot.adapters.store import Store  # noqa: E402
 from bot.audit import Audit, AuditPoster  # noqa: E402
@@ -157,6 +158,101 @@ async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int)
             "calls_per_request": {m: round(n / per, 2) for m, n in sorted(calls.items())}}
 
 
+# What the poster's message sizes were before the sustained-load change (issue 13, item 7), to
+# compare with in the same run (``--sustain``): the module's constants are read at each call.
+SIZES = {"previous": {"LINES_PER_MESSAGE": 120, "CHARS_PER_MESSAGE": 30_000, "HEADLINES_PER_MESSAGE": 25},
+         "now": {k: getattr(bot_audit, k) for k in ("LINES_PER_MESSAGE", "CHARS_PER_MESSAGE", "HEADLINES_PER_MESSAGE")}}
+
+
+async def sustain(url: str, kind: str, *, commands_per_s: float, rows: int, seconds: float, catch_up: float, rate: float,
+                  burst: int) -> dict[str, Any]:
+    """Requests keep coming (``commands_per_s``, ``rows`` audit rows each, written as they are
+    created) for ``seconds`` while the poster drains at Slack's pace; then the writers stop and the
+    poster has ``catch_up`` s to empty the backlog. Reports the backlog (rows not yet in the
+    channel) over time and how far behind the channel was (age of the oldest unposted row)."""
+    for name, value in SIZES[kind].items():
+        setattr(bot_audit, name, value)
+    slack = await FakeSlack().start()
+    if rate > 0:
+        slack.channel_rate = {"chat.postMessage": (rate, burst), "chat.update": (rate, burst)}
+    store = Store(url, max_size=8)
+    await store.open()
+    log = AuditLog(store)
+    chat = SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url))
+    audit = Audit(log, audit_channel=CHANNEL)
+    # the poster on a pool of its own: the writers below (50 at once) would otherwise hold every
+    # connection of a shared one waiting for the chain's lock, and what is measured is the poster
+    poster_store = Store(url, max_size=2)
+    await poster_store.open()
+    poster = AuditPoster(audit=Audit(AuditLog(poster_store), audit_channel=CHANNEL), store=poster_store, chat=chat)
+    audit.appended = poster.audit.appended  # each new row wakes the poster, as in one process
+    written = 0
+
+    async def one(i: int) -> None:
+        nonlocal written
+        request_id = f"r-{uuid.uuid4().hex[:8]}"
+        plan = {"command": "scale", "target": f"deployment/nova/svc-{i}", "target_label": f"svc-{i}", "environment": "production",
+                "summary": f"svc-{i}: 3 → 4 replicas", "fingerprint": f"fp-{i}", "params": {}}
+        await store.create_request(id=request_id, command="scale", text=f"scale svc-{i} 4", requester=Actor(UserId("U0ALICE"), "alice"),
+                                   channel_id=INCIDENT, plan=plan, reason="incident", state=RequestState.SUCCEEDED,
+                                   approvals_required=1, approver_roles=("sre",), rule=None, expires_in=3600)
+        await store.set_card(request_id, INCIDENT, f"{1600000000 + i}.000100")
+        for step in range(rows):
+            await audit.record(EVENTS[step % len(EVENTS)], actor=Actor(UserId("U0CAROL" if step == 1 else "opsbot"), ""),
+                               channel_id=INCIDENT, request_id=request_id, text=f"scale svc-{i} 4",
+                               plan={"summary": f"svc-{i}: 3 → 4 replicas", "environment": "production"},
+                               result={"message": "scaled"} if step >= 3 else None)
+            written += 1
+
+    async def lag() -> float:
+        async with store.connection() as conn:
+            row = await (await conn.execute(
+                """SELECT extract(epoch FROM now() - min(e.at)) AS behind FROM audit_outbox o JOIN audit_events e USING (seq)
+                   WHERE o.posted_ts IS NULL""")).fetchone()
+        return float(row["behind"] or 0.0) if row else 0.0
+
+    poster.start()
+    samples: list[dict[str, Any]] = []
+    tasks: list[asyncio.Task[None]] = []
+    started = time.perf_counter()
+    i = 0
+    next_sample = 1.0
+    while (now := time.perf_counter() - started) < seconds:
+        while i < int(now * commands_per_s):
+            tasks.append(asyncio.ensure_future(one(i)))
+            i += 1
+        if now >= next_sample:
+            samples.append({"t": round(now, 1), "written": written, "backlog": await log.unposted(), "behind_s": round(await lag(), 1)})
+            next_sample += 1.0
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*tasks)
+    stopped = time.perf_counter()
+    while await log.unposted() and time.perf_counter() - stopped < catch_up:
+        await asyncio.sleep(0.2)
+    caught_up_in = time.perf_counter() - stopped
+    left = await log.unposted()
+    assert poster._task is not None
+    poster._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poster._task
+    report = await log.verify()
+    await poster_store.close()
+    await store.close()
+    await slack.stop()
+    calls = Counter(m for m, _ in slack.calls)
+    per_message = [sum(1 for line in str(a.get("text", "")).splitlines() if line.startswith("`#"))
+                   for a in slack.calls_to("chat.postMessage") if a.get("thread_ts")]
+    return {"sizes": kind, "lines_per_reply_mean": round(sum(per_message) / max(1, len(per_message)), 1),
+            "lines_per_reply_max": max(per_message, default=0), **SIZES[kind], "commands_per_s": commands_per_s,
+            "rows_per_command": rows, "seconds": seconds,
+            "rows_written": written, "backlog_at_stop": samples[-1]["backlog"] if samples else None,
+            "max_backlog": max((s["backlog"] for s in samples), default=0),
+            "max_behind_s": max((s["behind_s"] for s in samples), default=0.0),
+            "caught_up_s": round(caught_up_in, 1) if not left else None, "left_after_catch_up": left,
+            "messages": calls.get("chat.postMessage", 0), "http_429": slack.throttled, "chain": report.summary(),
+            "samples": samples}
+
+
 def fresh(admin: str, template: str) -> str:
     name = "drain_" + uuid.uuid4().hex[:10]
     with psycopg.connect(admin, autocommit=True) as conn:
@@ -171,7 +267,14 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=1.0, help="chat.postMessage/chat.update per second per channel; 0: no limit")
     ap.add_argument("--burst", type=int, default=3)
+    ap.add_argument("--sustain", type=float, default=0.0,
+                    help="commands/s arriving during the run (each with --rows rows) instead of a backlog; compares the "
+                         "previous message sizes with the current ones")
+    ap.add_argument("--catch-up", type=float, default=60.0, help="with --sustain: seconds allowed to empty the backlog after")
     args = ap.parse_args()
+    if args.sustain > 0:
+        await main_sustained(args)
+        return
     with postgres_server(env_var=None) as admin:
         template = "drain_template"
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -195,6 +298,33 @@ async def main() -> None:
         calls = ", ".join(f"{m.removeprefix('chat.')} {n}" for m, n in r["calls_per_request"].items())
         print(f"{r['poster']:<8} {r['rows_per_s']:>7.1f} {r['requests_per_s']:>6.2f} {r['requests_drained']:>8} "
               f"{r['http_429']:>5}  {calls}")
+
+
+async def main_sustained(args: argparse.Namespace) -> None:
+    with postgres_server(env_var=None) as admin:
+        template = "drain_template"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {template}")
+        store = Store(admin.rpartition("/")[0] + "/" + template, max_size=1)
+        await store.open()
+        await store.migrate()
+        await store.close()
+        results = []
+        for kind in ("previous", "now"):
+            r = await sustain(fresh(admin, template), kind, commands_per_s=args.sustain, rows=args.rows, seconds=args.seconds,
+                              catch_up=args.catch_up, rate=args.rate, burst=args.burst)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    limit = f"{args.rate:g} msg/s per channel, bursts of {args.burst}" if args.rate > 0 else "no rate limit"
+    print(f"\naudit channel under sustained load: {args.sustain:g} commands/s × {args.rows} rows for {args.seconds:g} s, "
+          f"fake Slack at {limit}")
+    print(f"{'sizes':<9} {'lines':>5} {'chars':>6} {'heads':>5} {'written':>8} {'backlog@stop':>12} {'max behind s':>12} "
+          f"{'caught up s':>11} {'msgs':>5} {'429s':>5} {'lines/reply':>11}")
+    for r in results:
+        caught = "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"
+        print(f"{r['sizes']:<9} {r['LINES_PER_MESSAGE']:>5} {r['CHARS_PER_MESSAGE']:>6} {r['HEADLINES_PER_MESSAGE']:>5} "
+              f"{r['rows_written']:>8} {r['backlog_at_stop']!s:>12} {r['max_behind_s']:>12.1f} {caught:>11} {r['messages']:>5} "
+              f"{r['http_429']:>5} {r['lines_per_reply_mean']:>11}")
 
 
 if __name__ == "__main__":

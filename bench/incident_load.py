@@ -210,6 +210,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
                                         "-d", str(int(seconds) + 1), "-o", f"{profile}-{label}-{rate}.txt", "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpu0 = cpu_seconds(proc.pid)
             t0 = time.monotonic()
             tasks = []
             for i in range(n):
@@ -219,6 +220,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 tasks.append(asyncio.ensure_future(one(i)))
             await asyncio.gather(*tasks)
             send_seconds = time.monotonic() - t0
+            cpu_send = cpu_seconds(proc.pid) - cpu0  # opsbot's CPU while the commands came in (acks and the work admitted)
             if spy is not None:
                 await asyncio.to_thread(spy.wait, 60)
 
@@ -263,7 +265,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 "audit_events": events,
                 "card_p50_ms": _round(pct(latency, 50)), "card_p99_ms": _round(pct(latency, 99)),
                 "busy_answer_p50_ms": _round(pct(busy_answer, 50)), "busy_answer_p99_ms": _round(pct(busy_answer, 99)),
-                "examples": samples}
+                "cpu_ms_per_command": round(cpu_send * 1000 / max(1, len(keys)), 2), "examples": samples}
     finally:
         proc.terminate()
         try:
@@ -271,6 +273,12 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
         except subprocess.TimeoutExpired:
             proc.kill()
             await asyncio.to_thread(proc.wait, 10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` so far (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _round(v: float | None) -> float | None:
@@ -292,7 +300,8 @@ def _sign(verifier: SignatureVerifier, body: str) -> dict[str, str]:
 COLUMNS = [("code", "code", 8), ("rate", "rate/s", 6), ("sent", "sent", 6), ("acked", "acked", 6), ("cards", "cards", 6),
            ("busy", "busy", 6), ("unavailable", "unavail", 7), ("other", "other", 6), ("lost", "lost", 5),
            ("audited_requested", "aud.req", 7), ("audited_busy", "aud.busy", 8),
-           ("card_p50_ms", "card p50", 9), ("card_p99_ms", "card p99", 9), ("busy_answer_p99_ms", "busy p99", 9)]
+           ("card_p50_ms", "card p50", 9), ("card_p99_ms", "card p99", 9), ("busy_answer_p99_ms", "busy p99", 9),
+           ("cpu_ms_per_command", "cpu ms/cmd", 10)]
 
 
 def row(r: dict[str, Any]) -> str:

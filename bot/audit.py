@@ -41,14 +41,17 @@ log = logging.getLogger(__name__)
 _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credential")
 
 # A backlog goes out in few messages. Slack lets an app post about one message per second per
-# channel (short bursts allowed, then 429 with Retry-After), so rows per message is what drains a
-# backlog; a message carries at most LINES_PER_MESSAGE audit lines and CHARS_PER_MESSAGE characters
-# (Slack truncates text past 40,000), a long line alone if need be; a headline message is shared
-# by at most HEADLINES_PER_MESSAGE requests new in the same backlog.
-BATCH_ROWS = 1000
-LINES_PER_MESSAGE = 120
-CHARS_PER_MESSAGE = 30_000
-HEADLINES_PER_MESSAGE = 25
+# channel (short bursts allowed, then 429 with Retry-After), so characters per message is what
+# drains a backlog: a message carries up to CHARS_PER_MESSAGE characters of audit lines (Slack
+# truncates text past 40,000; the margin is for the line breaks and mrkdwn escapes), a long line
+# alone if need be; a headline message is shared by the requests new in the same backlog, up to
+# HEADLINES_PER_MESSAGE and the same number of characters. An audit line is ~200 characters, so one
+# message per second carries ~190 rows/s: ~40 mutating commands/s at their ~5 rows each, bursts above.
+# (Before: 120 lines, 30,000 characters and 25 headlines per message, ~120 rows/s at best.)
+BATCH_ROWS = 2000
+LINES_PER_MESSAGE = 1000
+CHARS_PER_MESSAGE = 38_000
+HEADLINES_PER_MESSAGE = 40  # each headline update draws its message whole: 2 reads per request in it
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -62,6 +65,27 @@ def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         chunks[-1].append(row)
         size += n
     return chunks
+
+
+def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
+                    groups: dict[str | None, list[dict[str, Any]]]) -> list[list[str]]:
+    """The new requests cut into shared headline messages: at most HEADLINES_PER_MESSAGE each and,
+    counting a card link at its longest, at most CHARS_PER_MESSAGE characters."""
+    parts: list[list[str]] = []
+    size = 0
+    for request_id in new:
+        request = requests[request_id]
+        assert request is not None
+        n = len(audit_headline(request, groups[request_id][-1], None)) + CARD_LINK_CHARS + 2
+        if not parts or len(parts[-1]) >= HEADLINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
+            parts.append([])
+            size = 0
+        parts[-1].append(request_id)
+        size += n
+    return parts
+
+
+CARD_LINK_CHARS = 200  # " · <https://….slack.com/archives/C…/p…|approval card>", with room to spare
 
 
 class Permalinks:
@@ -183,6 +207,10 @@ class AuditPoster:
         self.audit, self.store, self.chat, self.metrics, self.interval = audit, store, chat, metrics, interval
         self._task: asyncio.Task[None] | None = None
         self.permalinks = Permalinks(chat)
+        # request id → the ts of its audit thread's headline, once known: a thread, once saved, never
+        # moves, so the rows of a request already in the channel need no database reads to place
+        # them (under sustained load those reads, two per request per round, were the poster's cost).
+        self._threads: dict[str, str] = {}
         self._held_back = False  # a post failed: new rows do not wake the loop before the retry time
         self._stopping = False
 
@@ -232,22 +260,25 @@ class AuditPoster:
         """Post ``rows`` (seq order) grouped by where they go; (rows posted, whether one failed)."""
         groups: dict[str | None, list[dict[str, Any]]] = {}  # a thread's request id, or None: lines of their own
         requests: dict[str, OpsRequest | None] = {}
+        threads: dict[str, str] = {}  # request id → its headline's ts
         for row in rows:
             request_id = row["request_id"]
-            if request_id and request_id not in requests:
-                requests[request_id] = await self.store.get(request_id)
-            groups.setdefault(request_id if request_id and requests[request_id] is not None else None, []).append(row)
-        threads: dict[str, str] = {}  # request id → its headline's ts
+            if request_id and request_id not in requests and request_id not in threads:
+                if request_id in self._threads:
+                    threads[request_id] = self._threads[request_id]
+                else:
+                    requests[request_id] = await self.store.get(request_id)
+            known = request_id in threads or (request_id and requests.get(request_id) is not None)
+            groups.setdefault(request_id if known else None, []).append(row)
         new: list[str] = []
         for request_id in groups:
-            if request_id is not None:
+            if request_id is not None and request_id not in threads:
                 thread = await self.audit.log.thread(request_id)
                 if thread is None:
                     new.append(request_id)
                 else:
                     threads[request_id] = str(thread["ts"])
-        for i in range(0, len(new), HEADLINES_PER_MESSAGE):
-            part = new[i:i + HEADLINES_PER_MESSAGE]
+        for part in _headline_parts(new, requests, groups):
             try:
                 ts = await self._headline(channel, [(requests[r], groups[r]) for r in part])
             except OpsbotError as exc:  # not posted: the first row of each of its requests waits
@@ -255,6 +286,9 @@ class AuditPoster:
                     await self._failed(groups[request_id][0], exc)
                 return 0, True
             threads.update(dict.fromkeys(part, ts))
+        if len(self._threads) > 50_000:  # requests long finished
+            self._threads.clear()
+        self._threads.update(threads)
         # Requests sharing a headline share its thread: their rows go out together, request by request.
         by_thread: dict[str | None, list[dict[str, Any]]] = {}
         for request_id, group in groups.items():

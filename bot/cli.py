@@ -454,9 +454,7 @@ async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bo
             await web.TCPSite(runner, settings.host, settings.port).start()
             log.info("listening on http://%s:%s (POST /slack/events, /healthz, /readyz, /metrics)", settings.host, settings.port)
             if settings.slack_app_token:
-                from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-
-                socket_handler = AsyncSocketModeHandler(runtime.bolt, settings.slack_app_token)
+                socket_handler = runtime.socket_mode_handler(settings.slack_app_token)  # with the busy fast path
                 await socket_handler.connect_async()
                 log.info("connected to Slack in Socket Mode")
         else:  # `opsbot worker`: no Slack endpoint, but health, readiness and metrics for Kubernetes and Prometheus

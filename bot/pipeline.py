@@ -138,12 +138,19 @@ class Admission:
             return self.limit
         return max(self.floor, min(self.limit, math.floor(rate * self.max_wait)))
 
-    def enter(self) -> Load | None:
+    def full(self) -> Load | None:
+        """The ``Load`` that would refuse a command now, or None if one would be admitted; admits
+        nothing (the edge's fast path asks this before Bolt dispatches, bot/runtime.py)."""
         bound = self.bound()
         if self.in_flight >= bound:
             return Load(in_flight=self.in_flight, limit=bound, retry_after=self.retry_after())
-        self.in_flight += 1
         return None
+
+    def enter(self) -> Load | None:
+        load = self.full()
+        if load is None:
+            self.in_flight += 1
+        return load
 
     def leave(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)

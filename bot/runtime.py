@@ -35,14 +35,15 @@ from bot.approvals import Approvals
 from bot.audit import Audit, AuditPoster, secret_values
 from bot.config import Config
 from bot.errors import BackendUnavailable
+from bot.messages import busy_text
 from bot.metrics import Metrics
 from bot.notices import Notices
-from bot.pipeline import Pipeline
+from bot.pipeline import Admission, Pipeline
 from bot.ports import Context, Directory, NoDirectory
 from bot.settings import Settings
 from bot.slack.app import build_app
 from bot.slack.chat import SlackChat
-from bot.slack.payloads import shape_problem
+from bot.slack.payloads import command_request, shape_problem
 from bot.worker import ActionWorker, Executor
 from commands.actions.http import secret_header_values
 
@@ -102,7 +103,8 @@ class Runtime:
         limiter = RateLimiter(redis.client(settings.redis_url), prefix=f"opsbot:{settings.queue_prefix}")
         approvals = Approvals(config=config, store=store, chat=chat, audit=audit, actions=actions, metrics=metrics,
                               directory=directory, notices=notices)
-        pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter)
+        pipeline = Pipeline(config=config, ctx=ctx, chat=chat, audit=audit, approvals=approvals, metrics=metrics, limiter=limiter,
+                            admission=Admission(settings.max_in_flight))
         executor = Executor(ctx=ctx, store=store, notices=notices, audit=audit, metrics=metrics, worker_id=settings.worker_id)
         worker = ActionWorker(executor=executor, approvals=approvals, actions=actions, store=store, redis_url=settings.redis_url,
                               queue_name=settings.actions_queue, prefix=settings.queue_prefix,
@@ -129,6 +131,7 @@ class Runtime:
         closers: list[tuple[str, Any]] = [
             ("worker", self.worker.stop), ("notices", self.notices.stop), ("audit poster", self.poster.stop),
             ("action queue", self.actions.close), ("platform queues", self.queues.close), ("health probes", self.probes.close),
+            ("slack replies", self.chat.close),
             ("redis connections", self.redis.close),
         ]
         for name, close in closers:
@@ -157,6 +160,49 @@ class Runtime:
 
         await asyncio.gather(check("database", self.store.ping), check("redis", self.actions.ping))
         return {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+
+    def busy_ack(self, body: Any) -> str | None:
+        """The fast path under overload: a signed `/ops` slash command (``body``, parsed) that
+        arrives while admission is full is answered here with ``busy_text`` and recorded as
+        ``busy`` (``Pipeline.record_busy``, in the background, tracked like a listener), without
+        Bolt's dispatch (at 300 commands/s that dispatch alone took the process's core, and the
+        busy answers came seconds late). Returns the ack's text, or None: Bolt handles the request
+        as always (clicks, which are never refused as busy; a command while there is room; a
+        payload or command that does not read, which Bolt's listener answers and records).
+        The listener checks admission again itself, so a request that got past here while the
+        bound filled is still refused there (once: each attempt is audited exactly once)."""
+        if not isinstance(body, dict) or body.get("command") != "/ops" or "payload" in body:
+            return None
+        load = self.pipeline.admission.full()
+        if load is None:
+            return None
+        try:
+            req = command_request(body)
+            inv = self.pipeline.parse(req)
+        except Exception:  # MalformedPayload, a usage error, a bug: the listener answers and records it
+            return None
+        task = asyncio.ensure_future(self.pipeline.record_busy(req, inv, load))
+        self.inflight.add(task)  # Runtime.stop waits for it: no audit row is cut off
+        task.add_done_callback(self.inflight.discard)
+        return busy_text(load.in_flight, load.retry_after)
+
+    def socket_mode_handler(self, app_token: str) -> Any:
+        """Socket Mode's handler, with the same fast path: a slash command envelope while admission
+        is full is answered busy without Bolt's dispatch (the listener's own check stays behind it)."""
+        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+        from slack_sdk.socket_mode.response import SocketModeResponse
+
+        runtime = self
+
+        class Handler(AsyncSocketModeHandler):  # type: ignore[misc]
+            async def handle(self, client: Any, req: Any) -> None:
+                busy = runtime.busy_ack(req.payload) if req.type == "slash_commands" else None
+                if busy is None:
+                    await super().handle(client, req)
+                else:
+                    await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id, payload={"text": busy}))
+
+        return Handler(self.bolt, app_token)
 
     def web_app(self, *, slack: bool = True) -> web.Application:
         """HTTP: Slack events (slash commands and interactivity), health, readiness, metrics.
@@ -189,6 +235,9 @@ class Runtime:
             if problem:
                 log.warning("refused a signed but malformed request to /slack/events: %s", problem)
                 return web.json_response({"error": f"malformed Slack payload: {problem}"}, status=400)
+            busy = self.busy_ack(bolt_req.body)
+            if busy is not None:  # past the admission bound: answered here, without Bolt's dispatch
+                return web.Response(text=busy, content_type="text/plain")  # what Bolt sends for a text-only ack
             try:
                 return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_req))
             except Exception as exc:  # Bolt could not make sense of a (signed) payload

@@ -45,7 +45,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import ModuleType
@@ -141,6 +141,15 @@ def _k8s() -> ModuleType:
     return kubernetes
 
 
+def _warm_apis() -> None:
+    """``kubernetes.client`` imports each API module on first access; the apps one alone took
+    ~2.5 s of a loaded worker's first job (py-spy, bench/workers_e2e.py). Done at start-up instead,
+    in a client thread, with the rest of ``KubeAdapter.load``."""
+    k8s = _k8s().client
+    for api in ("AppsV1Api", "CoreV1Api", "AutoscalingV2Api", "BatchV1Api"):
+        getattr(k8s, api)
+
+
 def _api_exception() -> type[ApiException]:
     exc: type[ApiException] = _k8s().client.exceptions.ApiException
     return exc
@@ -201,9 +210,11 @@ class KubeAdapter:
         return self._load(timeout)
 
     async def _load(self, timeout: float) -> None:
-        futures = [self._executor.submit(self._api_client, env) for env in self._config.environments]
+        futures: list[Future[Any]] = [self._executor.submit(self._api_client, env)
+                                      for env in self._config.environments]
         if not futures:
             return
+        futures.append(self._executor.submit(_warm_apis))
         done, pending = await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=timeout)
         for f in pending:
             f.cancel()  # still loading (a slow disk, an exec plugin): the first call waits for it instead

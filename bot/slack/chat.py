@@ -26,6 +26,7 @@ from bot.errors import DeliveryUncertain, ExecutionError, RateLimited
 from bot.slack.blocks import card_blocks, card_fallback, message_with_undo
 
 T = TypeVar("T")
+REPLY_TIMEOUT = 30.0  # seconds for one reply through a response_url (slack_sdk's own default)
 
 _HINTS = {
     "not_in_channel": "invite the opsbot app to this channel (`/invite @opsbot`)",
@@ -67,6 +68,24 @@ class SlackChat:
         self._clock = clock
         self._blocked_until: dict[str, float] = {}  # Web API method → when its Retry-After has passed
         self._me: tuple[str, str] | None = None  # (user id, bot id) from auth.test, asked once
+        # One HTTP session for every reply through a response_url (made on first use, inside the
+        # event loop): its connections are kept and reused, instead of a new session and TCP (and
+        # TLS) connection per reply. slack_sdk's connection-error retry (once) covers a kept
+        # connection that Slack closed meanwhile.
+        self._replies: aiohttp.ClientSession | None = None
+
+    def _reply_session(self) -> aiohttp.ClientSession:
+        if self._replies is None or self._replies.closed:
+            # limit=0: no cap on connections at once (a session per reply had none either); a burst of
+            # replies must not queue behind one another for a connection.
+            self._replies = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REPLY_TIMEOUT),
+                                                  connector=aiohttp.TCPConnector(limit=0))
+        return self._replies
+
+    async def close(self) -> None:
+        if self._replies is not None and not self._replies.closed:
+            await self._replies.close()
+        self._replies = None
 
     async def _call(self, method: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
         left = self._blocked_until.get(method, 0.0) - self._clock()
@@ -80,7 +99,7 @@ class SlackChat:
 
     async def respond(self, *, response_url: str, channel_id: str, user_id: str, text: str, public: bool = False) -> None:
         if response_url:
-            resp = await self._call("response_url", "reply", lambda: AsyncWebhookClient(response_url).send(
+            resp = await self._call("response_url", "reply", lambda: AsyncWebhookClient(response_url, session=self._reply_session()).send(
                 text=text, response_type="in_channel" if public else "ephemeral"))
             if resp.status_code < 300:
                 return

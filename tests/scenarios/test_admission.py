@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
 from typing import Any
 
+import psycopg
 import pytest
 
 from bot.adapters.store import Store
 from bot.config import Config
-from bot.errors import BackendUnavailable, Busy
+from bot.errors import BackendUnavailable, Busy, ConfigError
 from bot.pipeline import Admission
+from bot.runtime import Runtime
 from bot.sandbox.servers import free_port
 from bot.sandbox.slack_api import FakeSlack
-from tests.harness import Harness
+from bot.settings import Settings
+from tests.harness import Harness, slash_body
 
 ALICE, BOTH = "U0ALICE", "U0BOTH"  # engineers in the Nova example
 
@@ -61,7 +70,13 @@ async def test_commands_past_the_bound_are_told_busy_in_the_ack_and_each_audited
     status, body = await bot.slash(ALICE, "scale worker 6")
     assert status == 200 and not _text(body)
     request = await bot.requested()
-    assert request.text == "scale worker 6" and admission.in_flight == 0
+    assert request.text == "scale worker 6"
+    # (the card is posted just before the command's work ends and it leaves the count)
+    await bot.eventually(lambda: _true_if(admission.in_flight == 0), what="the command to leave admission")
+
+
+async def _true_if(condition: bool) -> bool | None:
+    return condition or None
 
 
 async def _rows_if(bot: Harness, n: int) -> list[dict[str, Any]] | None:
@@ -174,3 +189,216 @@ def test_the_bound_follows_how_fast_commands_finish() -> None:
     assert admission.bound() == 10
     now[0] += 60  # nothing finished for a minute: no measure, so the pools' bound again
     assert admission.bound() == 100
+
+
+# ---------------------------------------------------------------- the fast path (bot/runtime.py ``busy_ack``)
+
+CAROL = "U0CAROL"  # an approver in the Nova example
+
+
+def _count_dispatches(bot: Harness) -> list[str]:
+    """Wraps Bolt's dispatch to list what reached it (a slash command's text, or a payload's type)."""
+    seen: list[str] = []
+    dispatch = bot.runtime.bolt.async_dispatch
+
+    async def counting(req: Any) -> Any:
+        body = req.body if isinstance(req.body, dict) else {}
+        seen.append(str(body.get("text", body.get("type", ""))))
+        return await dispatch(req)
+
+    bot.runtime.bolt.async_dispatch = counting  # type: ignore[method-assign]
+    return seen
+
+
+async def test_past_the_bound_busy_is_answered_before_bolt_dispatches_and_audited_once(bot: Harness) -> None:
+    bot.runtime.pipeline.admission = admission = Admission(limit=2, max_wait=None)
+    seen = _count_dispatches(bot)
+    assert admission.enter() is None and admission.enter() is None  # two commands in flight
+    n = 40
+    texts = [f"scale worker {4 + i % 9} --reason burst-{i}" for i in range(n)]
+    acks = await asyncio.gather(*(bot.slash([ALICE, BOTH][i % 2], t) for i, t in enumerate(texts)))
+    assert {status for status, _ in acks} == {200}
+    assert all(_text(body).startswith(":hourglass: opsbot is busy (2 commands in flight), try again in 5 s.") for _, body in acks)
+    assert seen == []  # none of them reached Bolt: the busy answers came from the fast path
+    rows = await bot.eventually(lambda: _rows_if(bot, n), timeout=30, what=f"{n} busy rows")
+    assert sorted(r["command_text"] for r in rows) == sorted(texts)  # each attempt audited exactly once
+    assert {r["result"]["why"] for r in rows} == {"admission"} and _busy_count(bot) == n
+    await asyncio.sleep(0.5)
+    assert len(await _busy_rows(bot)) == n  # and not a second time by Bolt's listener
+    assert not [r for r in bot.slack.responses if "unavailable" in r.get("text", "")]
+    assert not bot.runtime.inflight  # the background recorders are done and no longer tracked
+    # with room again, a command goes through Bolt and opens a request
+    admission.leave(), admission.leave()
+    status, body = await bot.slash(ALICE, "scale worker 6")
+    assert status == 200 and not _text(body) and seen == ["scale worker 6"]
+    assert (await bot.requested()).text == "scale worker 6"
+
+
+async def test_a_click_while_admission_is_full_still_counts(bot: Harness) -> None:
+    await bot.slash(ALICE, "scale worker 6")
+    request = await bot.requested()
+    bot.runtime.pipeline.admission = full = Admission(limit=1, max_wait=None)
+    assert full.enter() is None  # full from here on
+    _, busy = await bot.slash(BOTH, "scale worker 7")
+    assert "opsbot is busy" in _text(busy)
+    status, body = await bot.click(CAROL, request.id, "approve")
+    assert status == 200 and "busy" not in body
+    done = await bot.state_of(request.id, "succeeded", "failed", "stale")
+    assert done.state.value == "succeeded", done.error
+    assert "approved" in await bot.audit_events(request.id)
+
+
+async def test_hostile_commands_on_the_fast_path_are_answered_as_ever_and_audited_once(bot: Harness) -> None:
+    """While full, what the fast path cannot read goes to Bolt's listener, which answers and records it
+    as before: a forged user id is `malformed`, an unknown command `invalid`; a look-alike of `/ops`
+    is not opsbot's command at all; NUL and control characters never reach the audit row raw."""
+    bot.runtime.pipeline.admission = full = Admission(limit=1, max_wait=None)
+    assert full.enter() is None
+    forged = slash_body(bot.slack, ALICE, "scale worker 6").replace("user_id=U0ALICE", "user_id=U0ALICE%27%3B+DROP+TABLE+x")
+    status, body = await bot.post_signed(forged)
+    assert status == 200 and "is not a Slack user id" in _text(body)
+    status, body = await bot.slash(ALICE, "scael worker 6\x00\x1b[31m")
+    assert status == 200 and _text(body).startswith(":x:") and "busy" not in body
+    lookalike = slash_body(bot.slack, ALICE, "scale worker 6").replace("command=%2Fops", "command=%2F%D0%BEps")  # Cyrillic о
+    status, body = await bot.post_signed(lookalike)
+    assert "opsbot is busy" not in body
+    status, body = await bot.slash(ALICE, "scale worker 7 --reason " + "x\x00" * 20_000)  # huge, with NULs
+    assert status == 200 and "opsbot reads at most 2,000" in _text(body)
+    # what does read is busy, from the fast path, and recorded as typed (look-alikes, mentions and all)
+    seen = _count_dispatches(bot)
+    odd = "scale worker 7 --reason 'ＩＮＣ-1 <!channel> раураl " + "y" * 1900 + "'"
+    status, body = await bot.post_signed(slash_body(bot.slack, ALICE, odd))
+    assert status == 200 and "opsbot is busy" in _text(body) and seen == []
+
+    async def settled() -> list[dict[str, Any]] | None:
+        rows = await bot.runtime.audit.log.rows()
+        return rows if {"malformed", "invalid", "busy"} <= {r["event"] for r in rows} and len(rows) >= 4 else None
+
+    rows = await bot.eventually(settled, what="the refusals' rows")
+    await asyncio.sleep(0.3)
+    rows = await bot.runtime.audit.log.rows()
+    assert sorted(r["event"] for r in rows) == ["busy", "invalid", "invalid", "malformed"]
+    assert next(r for r in rows if r["event"] == "busy")["command_text"] == odd
+    assert all("\x00" not in (r["command_text"] or "") for r in rows)
+
+
+async def test_an_unsigned_command_is_refused_while_full_too(bot: Harness) -> None:
+    bot.runtime.pipeline.admission = full = Admission(limit=1, max_wait=None)
+    assert full.enter() is None
+    body = slash_body(bot.slack, ALICE, "scale worker 6")
+    status, _ = await bot.post_signed(body, signature="v0=" + "0" * 64)
+    assert status == 401
+    status, _ = await bot.post_signed(body, timestamp=int(time.time()) - 3600)  # a replay of an old one
+    assert status == 401
+    await asyncio.sleep(0.3)
+    assert await bot.runtime.audit.log.rows() == [] and _busy_count(bot) == 0
+
+
+async def test_socket_mode_answers_busy_without_bolt_and_dispatches_the_rest(bot: Harness) -> None:
+    """Socket Mode's handler (``Runtime.socket_mode_handler``) has the same fast path; with room, the
+    envelope goes to Bolt as before. The Socket Mode connection is stood in for by what the handler
+    sends back on it."""
+
+    sent: list[tuple[str, dict[str, Any] | None]] = []
+
+    class Connection:
+        logger = logging.getLogger("test.socket_mode")
+
+        async def send_socket_mode_response(self, response: Any) -> None:
+            sent.append((response.envelope_id, response.payload))
+
+    handler = bot.runtime.socket_mode_handler("xapp-test-token")
+    try:
+        await _socket_mode(bot, handler, Connection(), sent)
+    finally:
+        await handler.close_async()  # never connected; closes its HTTP session
+
+
+async def _socket_mode(bot: Harness, handler: Any, connection: Any, sent: list[tuple[str, dict[str, Any] | None]]) -> None:
+    from slack_sdk.socket_mode.request import SocketModeRequest
+
+    seen = _count_dispatches(bot)
+    bot.runtime.pipeline.admission = full = Admission(limit=1, max_wait=None)
+    assert full.enter() is None
+    payload = dict(urllib.parse.parse_qsl(slash_body(bot.slack, ALICE, "scale worker 6")))
+    await handler.handle(connection, SocketModeRequest(type="slash_commands", envelope_id="e1", payload=payload))
+    assert sent and sent[0][0] == "e1" and "opsbot is busy (1 command in flight)" in str((sent[0][1] or {}).get("text"))
+    assert seen == []
+    await bot.eventually(lambda: _rows_if(bot, 1), what="the busy row")
+    full.leave()
+    payload = dict(urllib.parse.parse_qsl(slash_body(bot.slack, ALICE, "scale worker 7")))
+    await handler.handle(connection, SocketModeRequest(type="slash_commands", envelope_id="e2", payload=payload))
+    assert seen == ["scale worker 7"] and sent[-1][0] == "e2"
+    request = await bot.requested()
+    assert request.text == "scale worker 7"
+    assert [r["event"] for r in await bot.runtime.audit.log.rows() if r["event"] in ("busy", "requested")] == ["busy", "requested"]
+
+
+# ---------------------------------------------------------------- OPSBOT_MAX_IN_FLIGHT
+
+_ENV = {"SLACK_BOT_TOKEN": "xoxb-x", "SLACK_SIGNING_SECRET": "s", "DATABASE_URL": "postgresql://h/db", "REDIS_URL": "redis://h"}
+
+
+def test_max_in_flight_comes_from_the_environment_into_admission(config: Config) -> None:
+    assert Settings.from_env(_ENV).max_in_flight == 100
+    settings = Settings.from_env({**_ENV, "OPSBOT_MAX_IN_FLIGHT": "7"})
+    assert settings.max_in_flight == 7
+    runtime = Runtime.build(settings, config)
+    assert runtime.pipeline.admission.limit == 7 and runtime.pipeline.admission.bound() == 7
+
+
+@pytest.mark.parametrize("given", ["0", "-5", "ten", "1.5", "", " ", "1001", "99999999999999999999", "١٠", "10\x00", "1e3"])
+def test_a_max_in_flight_that_is_not_a_count_is_refused_saying_what_to_type(given: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env({**_ENV, "OPSBOT_MAX_IN_FLIGHT": given})
+    assert "OPSBOT_MAX_IN_FLIGHT is how many commands one process works on at once: a whole number from 1 to 1000" \
+           in str(refused.value)
+
+
+def test_opsbot_serve_refuses_to_start_with_a_bad_max_in_flight() -> None:
+    env = {**os.environ, **_ENV, "OPSBOT_MAX_IN_FLIGHT": "0"}
+    done = subprocess.run([sys.executable, "-m", "bot", "serve"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "OPSBOT_MAX_IN_FLIGHT is how many commands one process works on at once" in done.stderr + done.stdout
+
+
+# ---------------------------------------------------------------- the pool's checkout test (bot/adapters/store.py)
+
+async def test_a_pooled_connection_is_tested_only_after_it_sat_idle(state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under load a connection comes back and goes out again within milliseconds: testing it each
+    time doubled the round trips. One that sat idle for a second is still tested, so a connection
+    the database dropped meanwhile is replaced instead of failing the command."""
+    from psycopg_pool import AsyncConnectionPool
+
+    import bot.adapters.store as store_module
+
+    tested: list[int] = []
+    real = AsyncConnectionPool.check_connection
+
+    async def counting(conn: Any) -> None:
+        tested.append(1)
+        await real(conn)
+
+    monkeypatch.setattr(AsyncConnectionPool, "check_connection", staticmethod(counting))
+    monkeypatch.setattr(store_module, "RECHECK_AFTER", 0.5)
+    store = Store(state_db, min_size=1, max_size=1)
+    await store.open()
+    try:
+        async def backend_pid() -> int:
+            async with store.connection() as conn:
+                row = await (await conn.execute("SELECT pg_backend_pid() AS pid")).fetchone()
+            assert row is not None
+            return int(row["pid"])
+
+        first = await backend_pid()
+        tested.clear()
+        for _ in range(5):  # back and out again at once: not tested
+            assert await backend_pid() == first
+        assert tested == []
+        async with await psycopg.AsyncConnection.connect(state_db, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (first,))  # the database drops it while idle
+        await asyncio.sleep(0.7)
+        second = await backend_pid()  # tested, found dead, replaced: no error for the command
+        assert tested and second != first
+    finally:
+        await store.close()

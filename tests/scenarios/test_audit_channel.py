@@ -283,3 +283,44 @@ async def test_permalinks_are_learned_once_and_built_after() -> None:
         assert len(slack.calls_to("chat.getPermalink")) == 2  # the failed one, then one that taught the workspace URL
     finally:
         await slack.stop()
+
+
+async def test_a_big_backlog_goes_out_in_messages_of_up_to_38k_characters(bot: Harness, state_db: str, platform_db: str,
+                                                                          redis_url: str) -> None:
+    """What lets the channel keep up with a sustained load at Slack's ~1 message/s: many lines per
+    message (up to 38,000 characters, under Slack's 40,000) and up to 40 new requests per shared
+    headline. Every line is still exactly ``audit_line``, each row once, and the channel verifies."""
+    from bot.domain import Actor, RequestState, UserId
+    from bot.messages import audit_line
+
+    n = 80
+    async with bot.runtime.audit.log.store.target_lock(f"audit-outbox-{0x0A0D18}", wait=10) as held:
+        assert held  # the poster is held off while the backlog builds up
+        for i in range(n):
+            request_id = f"r-big{i:04d}"
+            plan = {"command": "scale", "target": f"deployment/nova/svc-{i}", "target_label": f"svc-{i}",
+                    "environment": "production", "summary": f"svc-{i}: 3 → 4 replicas", "fingerprint": f"fp-{i}", "params": {}}
+            await bot.runtime.store.create_request(
+                id=request_id, command="scale", text=f"scale svc-{i} 4", requester=Actor(UserId(ALICE), "alice"),
+                channel_id="C0INCIDENT", plan=plan, reason="incident", state=RequestState.SUCCEEDED, approvals_required=1,
+                approver_roles=("sre",), rule=None, expires_in=3600)
+            for event in ("requested", "approved", "started", "succeeded"):
+                await bot.runtime.audit.record(event, actor=Actor(UserId(ALICE), "alice"), channel_id="C0INCIDENT",
+                                               request_id=request_id, text=f"scale svc-{i} 4",
+                                               plan={"summary": f"svc-{i}: 3 → 4 replicas", "environment": "production"},
+                                               result={"message": "scaled <!channel> & done"} if event == "succeeded" else None)
+    bot.runtime.audit.appended.set()
+    await bot.eventually(lambda: all_posted(bot), what="the backlog to drain", timeout=60)
+    rows = await bot.runtime.audit.log.rows()
+    assert len(rows) == 4 * n
+    posts = [m for m in bot.slack.messages if m.channel == "C0AUDIT"]  # headlines and thread replies
+    lines = [line for m in posts for line in m.text.splitlines() if line.startswith("`#")]
+    assert sorted(lines) == sorted(audit_line(r) for r in rows)  # each row once, exactly as audit_line writes it
+    assert all(len(m.text) <= 38_000 for m in posts)
+    assert max(sum(1 for line in m.text.splitlines() if line.startswith("`#")) for m in posts) > 120  # more than before
+    headlines = [m for m in posts if "last record `#" in m.text]
+    shared = [m.text.count("last record `#") for m in headlines]
+    assert len(headlines) == 2 and shared == [40, 40]  # before: 25 per message, 4 messages
+    assert len(posts) <= 5  # 2 headlines, a reply of 160 lines in each thread; before: 4 headlines and 4 replies
+    proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
+    assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout

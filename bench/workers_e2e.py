@@ -1,0 +1,227 @@
+"""Approvals executed per second with 1 and 2 `opsbot worker` processes, end to end (issue 13).
+
+bench/approvals_throughput.py measures the database part of an execution alone (the PATCH is a
+wait, BullMQ is left out). This one runs the real thing: `opsbot serve --no-worker` takes
+``--requests`` signed `/ops scale svc-i N` commands (one deployment each, so no two jobs share a
+target lock) and an approver's click on each card, which queues each job on BullMQ (Redis); then
+1 or 2 `opsbot worker` processes (BullMQ workers, 4 jobs at once each, as in production) are
+started and execute them against the Kubernetes emulator: claim, audit rows, the scale PATCH, the
+result in the card's thread, the rollout followed. Throughput is counted from the first `started`
+audit row to the last `succeeded` one (the workers' start-up is not in it), per run, interleaved
+over ``--rounds``.
+
+    .venv/bin/python bench/workers_e2e.py                     # 200 requests, 2 rounds
+    .venv/bin/python bench/workers_e2e.py --requests 40 --rounds 1   # quick
+
+Prints one JSON object per run, then a table with the 2-worker/1-worker ratio (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import psycopg
+from psycopg.rows import dict_row
+from slack_sdk.signature import SignatureVerifier
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ack_latency import wait_ready  # noqa: E402
+from bench.incident_load import create_database  # noqa: E402
+from bot.sandbox.kube_apiserver import KubeApiServer, deployment_manifest  # noqa: E402
+from bot.sandbox.servers import free_port, postgres_server, redis_server  # noqa: E402
+from bot.sandbox.slack_api import FakeSlack  # noqa: E402
+
+SECRET = "bench-secret"
+CHANNEL = "C0INCIDENT"
+REQUESTER, APPROVER = "U0ALICE", "U0CAROL"
+
+
+def policy(n: int) -> str:
+    deployments = "\n".join(f"  svc-{i}: {{environment: production, namespace: nova, name: svc-{i}, replicas: {{min: 1, max: 20}}}}"
+                            for i in range(n))
+    return f"""
+slack: {{audit_channel: C0AUDIT, allowed_channels: [{CHANNEL}]}}
+roles:
+  engineer: {{users: [{REQUESTER}]}}
+  approver: {{users: [{APPROVER}]}}
+environments:
+  production: {{kube_context: nova-prod}}
+deployments:
+{deployments}
+limits: {{max_open_requests_per_user: {n + 10}}}
+rules:
+  - name: production-changes
+    commands: [scale]
+    allow: [engineer]
+    approval: {{from: [approver], count: 1, expires: 60m}}
+"""
+
+
+def _headers(verifier: SignatureVerifier, body: str) -> dict[str, str]:
+    ts = str(int(time.time()))
+    return {"X-Slack-Request-Timestamp": ts, "X-Slack-Signature": verifier.generate_signature(timestamp=ts, body=body) or "",
+            "Content-Type": "application/x-www-form-urlencoded"}
+
+
+def slash(slack: FakeSlack, text: str) -> str:
+    key = uuid.uuid4().hex
+    return urlencode({"team_id": "T0FAKE", "channel_id": CHANNEL, "channel_name": "incident", "user_id": REQUESTER,
+                      "user_name": "alice", "command": "/ops", "text": text, "api_app_id": "A0OPS",
+                      "response_url": slack.response_url(key), "trigger_id": key})
+
+
+def approve(slack: FakeSlack, request_id: str, card_ts: str) -> str:
+    payload = {"type": "block_actions", "team": {"id": "T0FAKE"}, "user": {"id": APPROVER, "username": "carol", "name": "carol"},
+               "api_app_id": "A0OPS", "container": {"type": "message", "message_ts": card_ts, "channel_id": CHANNEL},
+               "trigger_id": uuid.uuid4().hex, "channel": {"id": CHANNEL, "name": "incident"},
+               "message": {"ts": card_ts, "text": "card"}, "response_url": slack.response_url("click-" + uuid.uuid4().hex),
+               "actions": [{"action_id": "opsbot_approve", "block_id": f"opsbot_vote:{request_id}", "value": request_id,
+                            "type": "button", "action_ts": str(time.time())}]}
+    return urlencode({"payload": json.dumps(payload)})
+
+
+async def one_run(*, workers: int, n: int, pg_admin: str, redis_url: str, redis_db: int, kube: KubeApiServer, kubeconfig: str,
+                  slack: FakeSlack, tmp: str, timeout: float, profile: str | None = None) -> dict[str, Any]:
+    db_url = await create_database(pg_admin, f"e2e_{uuid.uuid4().hex[:10]}")
+    redis_url = f"{redis_url.rsplit('/', 1)[0]}/{redis_db}"  # a Redis database of its own per run (rate limits, the queue)
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    config = os.path.join(tmp, f"policy-{prefix}.yaml")
+    await asyncio.to_thread(Path(config).write_text, policy(n))
+    for i in range(n):  # every run starts from 3 replicas
+        d = kube.cluster.get("apps/deployments", "nova", f"svc-{i}")
+        d["spec"]["replicas"] = 3
+        kube.cluster.update_deployment("nova", f"svc-{i}", d)
+    env = {**os.environ, "SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_SIGNING_SECRET": SECRET, "SLACK_API_URL": slack.api_url,
+           "DATABASE_URL": db_url, "REDIS_URL": redis_url, "KUBECONFIG": kubeconfig, "HOST": "127.0.0.1",
+           "OPSBOT_CONFIG": config, "OPSBOT_ACTIONS_QUEUE": f"actions-{prefix}", "LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    migrated = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bot", "migrate"], env=env, cwd=ROOT,
+                                       capture_output=True, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], name: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        log = open(os.path.join(tmp, f"{prefix}-{name}.log"), "wb")  # closed with the process
+        p = subprocess.Popen([sys.executable, "-m", "bot", *args], env={**env, "PORT": str(port),
+                                                                         "OPSBOT_SPOOL_DIR": os.path.join(tmp, f"{prefix}-{name}")},
+                             cwd=ROOT, stdout=log, stderr=log)
+        procs.append(p)
+        return p, f"http://127.0.0.1:{port}"
+
+    verifier = SignatureVerifier(SECRET)
+    try:
+        server, url = start(["serve", "--no-worker"], "server")
+        await wait_ready(url, server, tries=600)
+        async with aiohttp.ClientSession() as http, \
+                await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row) as db:
+            sem = asyncio.Semaphore(8)
+
+            async def post(body: str) -> None:
+                async with sem, http.post(url + "/slack/events", data=body, headers=_headers(verifier, body)) as r:
+                    assert r.status == 200, r.status
+
+            await asyncio.gather(*(post(slash(slack, f"scale svc-{i} 4")) for i in range(n)))
+            cards: list[dict[str, Any]] = []
+            deadline = time.monotonic() + timeout
+            while len(cards) < n and time.monotonic() < deadline:
+                cards = await (await db.execute("SELECT id, card_ts FROM ops_requests WHERE card_ts IS NOT NULL")).fetchall()
+                await asyncio.sleep(0.2)
+            assert len(cards) == n, f"{len(cards)} of {n} cards"
+            await asyncio.gather(*(post(approve(slack, c["id"], c["card_ts"])) for c in cards))
+            while time.monotonic() < deadline:
+                row = await (await db.execute("SELECT count(*) AS n FROM audit_events WHERE event = 'approved'")).fetchone()
+                if row and row["n"] >= n:
+                    break
+                await asyncio.sleep(0.2)
+            # every job is on BullMQ now; the workers take them
+            ready = [start(["worker"], f"worker-{w}") for w in range(workers)]
+            for p, wurl in ready:
+                await wait_ready(wurl, p, tries=600)
+            spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(p.pid), "--format", "raw",
+                                       "-d", "20", "-o", f"{profile}-{workers}w-{w}.txt", "--nonblocking"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for w, (p, _) in enumerate(ready)] if profile else []
+            while time.monotonic() < deadline:
+                row = await (await db.execute(  # the state, and its audit row (written just after)
+                    "SELECT count(*) AS n FROM audit_events WHERE event = 'succeeded'")).fetchone()
+                if row and row["n"] >= n:
+                    break
+                await asyncio.sleep(0.2)
+            span = await (await db.execute(
+                """SELECT count(*) FILTER (WHERE event = 'succeeded') AS ok,
+                          extract(epoch FROM max(at) FILTER (WHERE event = 'succeeded') - min(at) FILTER (WHERE event = 'started'))
+                              AS seconds FROM audit_events""")).fetchone()
+            states = await (await db.execute("SELECT state, count(*) AS n FROM ops_requests GROUP BY state")).fetchall()
+            for spy in spies:
+                await asyncio.to_thread(spy.wait, 60)
+        assert span is not None
+        seconds = float(span["seconds"] or 0.0)
+        ok = int(span["ok"])
+        scaled = sum(1 for i in range(n) if kube.cluster.get("apps/deployments", "nova", f"svc-{i}")["spec"]["replicas"] == 4)
+        return {"workers": workers, "requests": n, "succeeded": ok, "scaled": scaled, "seconds": round(seconds, 2),
+                "approvals_per_s": round(ok / seconds, 1) if seconds else None,
+                "states": {r["state"]: r["n"] for r in states}}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                await asyncio.to_thread(p.wait, 60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per run before giving up")
+    ap.add_argument("--profile", help="sample each worker with py-spy (20 s); raw stacks go to PROFILE-<n>w-<i>.txt")
+    args = ap.parse_args()
+    slack = await FakeSlack().start()
+    results: list[dict[str, Any]] = []
+    try:
+        with postgres_server(env_var=None) as pg, redis_server(env_var=None) as redis, KubeApiServer() as kube, \
+                tempfile.TemporaryDirectory() as tmp:
+            for i in range(args.requests):
+                kube.cluster.create_deployment("nova", deployment_manifest(f"svc-{i}", "ghcr.io/nova/svc:1", replicas=3,
+                                                                           namespace="nova"))
+            kubeconfig = kube.kubeconfig(os.path.join(tmp, "kc"), context="nova-prod")
+            for round_ in range(args.rounds):
+                for workers in (1, 2):
+                    r = await one_run(workers=workers, n=args.requests, pg_admin=pg, redis_url=redis,
+                                      redis_db=(2 * round_ + workers) % 16, kube=kube,
+                                      kubeconfig=kubeconfig, slack=slack, tmp=tmp, timeout=args.timeout,
+                                      profile=args.profile)
+                    r["loadavg"] = round(os.getloadavg()[0], 2)
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+    finally:
+        await slack.stop()
+    rate = {w: statistics.median(r["approvals_per_s"] or 0 for r in results if r["workers"] == w) for w in (1, 2)}
+    print(f"\napprovals executed per second end to end ({args.requests} requests per run, `opsbot worker` processes over "
+          f"BullMQ, median of {args.rounds})")
+    print(f"{'1 worker':>9} {'2 workers':>10} {'ratio':>6}")
+    print(f"{rate[1]:>9.1f} {rate[2]:>10.1f} {rate[2] / rate[1] if rate[1] else 0:>5.2f}×")
+    print(json.dumps({"bench": "workers_e2e", "requests": args.requests, "rounds": args.rounds, "median": rate,
+                      "ratio": round(rate[2] / rate[1], 2) if rate[1] else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

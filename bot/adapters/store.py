@@ -46,6 +46,7 @@ async def _db_errors(exhausted: Callable[[], BackendUnavailable] | None = None) 
 
 
 RECHECK_AFTER = 1.0  # seconds in the pool after which a connection is tested before it is handed out
+SUSPECT_FOR = 30.0  # after a connection failed, every checkout is tested for this long (the others may be dead too)
 
 
 class _Pool(AsyncConnectionPool):  # type: ignore[type-arg]  # built with row_factory=dict_row (see Store)
@@ -60,6 +61,7 @@ class _Pool(AsyncConnectionPool):  # type: ignore[type-arg]  # built with row_fa
         self._returned: dict[int, float] = {}  # id(connection) → when it last came back to the pool
         super().__init__(*args, check=self._check_if_idle, **kwargs)
         self.returned_at = float("-inf")  # when a connection last came back to the pool
+        self.suspect_until = float("-inf")  # until when every checkout is tested (a connection failed lately)
 
     async def putconn(self, conn: Any) -> None:
         self.returned_at = time.monotonic()
@@ -71,9 +73,16 @@ class _Pool(AsyncConnectionPool):  # type: ignore[type-arg]  # built with row_fa
     async def _check_if_idle(self, conn: Any) -> None:
         """The checkout test (one round trip), for a connection that sat in the pool for
         ``RECHECK_AFTER`` s or more: one that came back moments ago was answering then (a broken one
-        is not put back), and testing it too doubled the round trips of every command under load."""
-        if time.monotonic() - self._returned.get(id(conn), float("-inf")) >= RECHECK_AFTER or conn.closed:
+        is not put back), and testing it too doubled the round trips of every command under load.
+        Except after a connection failed (``suspect``): the database restarted or the network dropped,
+        and a connection given back just before that is as dead as the one that failed, so for
+        ``SUSPECT_FOR`` s every connection is tested (a dead one is replaced, not handed out)."""
+        now = time.monotonic()
+        if now - self._returned.get(id(conn), float("-inf")) >= RECHECK_AFTER or now < self.suspect_until or conn.closed:
             await AsyncConnectionPool.check_connection(conn)
+
+    def suspect(self) -> None:
+        self.suspect_until = time.monotonic() + SUSPECT_FOR
 
     def connect_errors(self) -> int:
         return int(self.get_stats().get("connections_errors", 0))
@@ -175,8 +184,13 @@ class Store:
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[dict[str, Any]]]:
         started, errors = time.monotonic(), self.pool.connect_errors()
-        async with _db_errors(lambda: self.pool.exhausted(started=started, errors_before=errors)), self.pool.connection() as conn:
-            yield conn  # type: ignore[misc]  # the pool is built with row_factory=dict_row
+        try:
+            async with _db_errors(lambda: self.pool.exhausted(started=started, errors_before=errors)), self.pool.connection() as conn:
+                yield conn  # type: ignore[misc]  # the pool is built with row_factory=dict_row
+        except BackendUnavailable as exc:
+            if not isinstance(exc, Busy):
+                self.pool.suspect()
+            raise
 
     async def ping(self) -> None:
         async with self._conn() as conn:

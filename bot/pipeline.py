@@ -499,8 +499,12 @@ class Pipeline:
 
     async def _timeline(self, req: CommandRequest, inv: Invocation, actor: Actor) -> None:
         """`/ops timeline` (bot/timeline.py). Who may: whoever the `audit` rule lets read the trail
-        (a timeline is a read of it). Posted in the channel it is typed in, with the Markdown file
-        in the message's thread; recorded as a read (not posted to the audit channel)."""
+        (a timeline is a read of it). The timeline of the channel it is typed in is posted there, with
+        the Markdown file in the message's thread. The timeline of another channel is never posted
+        here (this channel's members need not be that channel's): it goes to the asker's direct
+        message with opsbot, file included, and the answer here (ephemeral) says so; if that DM cannot
+        be opened or posted to, nothing is posted anywhere but the private answer. Recorded as a read
+        (not posted to the audit channel), with where it went."""
         decision = self._decide("audit", actor, req)
         if decision.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=None, roles=True)
@@ -509,8 +513,8 @@ class Pipeline:
         channel = str(p.get("channel") or req.channel_id)
         since = parse_since(str(p["since"]), now)
         until = parse_since(str(p["until"]), now) if p.get("until") else now
-        problem = ("`--channel all` is not taken in Slack: the timeline is posted here, and other channels' activity may not be "
-                   "for this channel's members. Name one channel, or run `opsbot audit timeline` (every channel) on the CLI."
+        problem = ("`--channel all` is not taken in Slack: other channels' activity may not be for this channel's members. "
+                   "Name one channel (its timeline is sent to you privately), or run `opsbot audit timeline` (every channel) on the CLI."
                    if channel == "all" else
                    f"the window is empty: `--since` ({since:%Y-%m-%d %H:%M} UTC) must be before `--until` ({until:%Y-%m-%d %H:%M} UTC)."
                    if since >= until else "")
@@ -519,27 +523,45 @@ class Pipeline:
             return
         tl = await timeline.collect(self.audit.log, channel=channel, since=since, until=until, now=now)
         again = f"timeline --channel <#{channel}>" + (f" --until {p['until']}" if p.get("until") else "")
-        text = f"{req.actor.mention()} asked {code('/ops ' + inv.text)}\n" + timeline.message_text(tl, command=again)
+        private = channel != req.channel_id
+        asked = f"{req.actor.mention()} asked {code('/ops ' + inv.text)}" + (f" in <#{req.channel_id}>" if private else "")
+        text = f"{asked}\n" + timeline.message_text(tl, command=again)
         outcome: dict[str, Any] = {"channel": channel, "since": since.isoformat(), "until": until.isoformat(),
-                                   "entries": len(tl.entries), "seqs": tl.seqs, "truncated": tl.truncated}
+                                   "entries": len(tl.entries), "seqs": tl.seqs, "truncated": tl.truncated,
+                                   "sent_to": "dm" if private else "channel"}
         cli = f"`opsbot audit timeline --channel {channel} --since {since:%Y-%m-%dT%H:%M:%S} --until {until:%Y-%m-%dT%H:%M:%S} --format md`"
+        where: str = req.channel_id
         try:
-            ts = await self.chat.post_message(channel_id=req.channel_id, text=text)
+            if private:  # a conversation id, not the user id: files are shared only in a conversation
+                where = await self.chat.open_dm(user_id=req.actor.user_id)
+                outcome["dm"] = where
+            ts = await self.chat.post_message(channel_id=where, text=text)
         except OpsbotError as exc:
             outcome["posted"] = f"no: {exc}"
             note = await self._record("read", req, text=inv.text, result={"timeline": outcome}, post=False)
-            await self._reply(req, f"{text}\n:warning: Could not post the timeline in the channel ({exc}), so no file was attached; "
-                              f"get it with {cli}.{note}")
+            if private:  # fail closed: only the asker is told, and nothing of the other channel is shown
+                await self._reply(req, f":warning: The timeline of <#{channel}> lists another channel's activity, so it is sent "
+                                  f"only to you privately, in your direct message with opsbot, and that failed ({exc}). Nothing was "
+                                  f"posted here; get it with {cli}.{note}")
+            else:
+                await self._reply(req, f"{text}\n:warning: Could not post the timeline in the channel ({exc}), so no file was attached; "
+                                  f"get it with {cli}.{note}")
             return
+        outcome["posted"] = "yes"
         try:
-            await self.chat.upload_file(channel_id=req.channel_id, thread_ts=ts, filename=timeline.filename(tl),
+            await self.chat.upload_file(channel_id=where, thread_ts=ts, filename=timeline.filename(tl),
                                         title=f"Incident timeline, {since:%Y-%m-%d %H:%M}–{until:%H:%M} UTC", content=timeline.markdown(tl))
             outcome["file"] = timeline.filename(tl)
         except OpsbotError as exc:
             outcome["file"] = f"not attached: {exc}"
-            await tell(self.chat.update_message(channel_id=req.channel_id, ts=ts, text=f"{text}\n:warning: The Markdown file could not "
+            await tell(self.chat.update_message(channel_id=where, ts=ts, text=f"{text}\n:warning: The Markdown file could not "
                                                 f"be attached ({exc}); get it with {cli}."))
-        await self._record("read", req, text=inv.text, result={"timeline": outcome}, post=False)
+        note = await self._record("read", req, text=inv.text, result={"timeline": outcome}, post=False)
+        if private:
+            missing = ("" if outcome["file"] == timeline.filename(tl) else
+                       f" (without its Markdown file, {outcome['file']}; get it with {cli})")
+            await self._reply(req, f":envelope: The timeline of <#{channel}> was sent to you privately: it lists another channel's "
+                              f"activity. It is in your direct message with opsbot{missing}; nothing was posted here.{note}")
 
     async def _invalid(self, req: CommandRequest, error: UserError, inv: Invocation) -> None:
         self.metrics.requests.labels(inv.command, "invalid").inc()

@@ -283,6 +283,10 @@ class Chat(Protocol):
     # The incident timeline and the Home tab (issue 14).
     async def upload_file(self, *, channel_id: str, thread_ts: str, filename: str, title: str, content: str) -> None: ...
 
+    async def open_dm(self, *, user_id: str) -> str:
+        """The conversation id of ``user_id``'s direct message with opsbot (to post and share files there)."""
+        ...
+
     async def publish_home(self, *, user_id: str, view: dict[str, Any]) -> str:
         """Publish ``view`` as ``user_id``'s Home tab; returns Slack's view id."""
         ...

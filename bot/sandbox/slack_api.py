@@ -98,6 +98,9 @@ class FakeSlack:
         self.upload_fails = False  # the upload URL answers 500 (files_upload_v2's second step fails)
         self.home_views: dict[str, dict[str, Any]] = {}  # user → their Home tab as last published
         self.members: dict[str, list[str]] = {}  # channel → member ids (conversations.members)
+        # conversations.open: a DM's conversation id → its user. What is posted or shared with that id
+        # lands in the "channel" named by the user id, with the DMs chat.postMessage sends to a user id.
+        self.dm_ids: dict[str, str] = {}
 
     @property
     def api_url(self) -> str:
@@ -321,6 +324,12 @@ class FakeSlack:
         return max(1, math.ceil((1 - tokens) / rate))
 
     def _handle(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        shared_to = str(args.get("channel_id") or "")
+        if method == "files.completeUploadExternal" and (shared_to in self.users or shared_to.startswith(("U", "W"))):
+            return {"ok": False, "error": "channel_not_found"}  # as Slack: a file is shared in a conversation, not to a user id
+        for key in ("channel", "channel_id"):  # a DM's conversation id (conversations.open) is where DMs to the user land
+            if str(args.get(key, "")) in self.dm_ids:
+                args = {**args, key: self.dm_ids[str(args[key])]}
         mine = self._timeline_home_api(method, args)
         if mine is not None:
             return mine
@@ -510,6 +519,13 @@ class FakeSlack:
                          "team_id": "T0FAKE", "hash": uuid.uuid4().hex[:16]}
             self.home_views[user] = published
             return {"ok": True, "view": published}
+        if method == "conversations.open":  # one user: their DM with the app (the id Slack gives is stable per user)
+            user = str(args.get("users") or "")
+            if not user or "," in user or (user not in self.users and not user.startswith(("U", "W"))):
+                return {"ok": False, "error": "user_not_found" if user and "," not in user else "invalid_arguments"}
+            dm = "D" + user[1:]
+            self.dm_ids[dm] = user
+            return {"ok": True, "channel": {"id": dm}}
         if method == "conversations.members":
             channel = str(args.get("channel") or "")
             if channel not in self.members and channel not in self.channels:

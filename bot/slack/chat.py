@@ -184,6 +184,16 @@ class SlackChat:
         except SlackRequestError as exc:  # the POST of the bytes to the upload URL failed
             raise ExecutionError(f"Slack refused to attach the file: {exc}", temporary=True) from exc
 
+    async def open_dm(self, *, user_id: str) -> str:
+        """The id (``D…``) of ``user_id``'s direct message with opsbot (conversations.open): a file can
+        be shared only in a conversation, not to a user id as chat.postMessage takes."""
+        resp: Any = await self._call("conversations.open", "open your direct message with opsbot",
+                                     lambda: self.client.conversations_open(users=user_id))
+        channel = str((resp.get("channel") or {}).get("id") or "")
+        if not channel:
+            raise ExecutionError("Slack did not say which direct message to use (conversations.open answered no channel id)")
+        return channel
+
     async def publish_home(self, *, user_id: str, view: dict[str, Any]) -> str:
         resp: Any = await self._call("views.publish", "show your Home tab",
                                      lambda: self.client.views_publish(user_id=user_id, view=view))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bot import timeline
+from bot.domain import OpsRequest
 from bot.sandbox.slack_api import FakeSlack, Message
 from tests.conftest import ALICE, CAROL, DAN, EVE, MALLORY
 from tests.faults.proxy import TcpProxy
@@ -219,12 +220,104 @@ async def test_all_channels_and_an_empty_window_are_refused_in_slack(bot: Harnes
 async def test_another_channel_by_mention_and_nothing_in_it(bot: Harness) -> None:
     await incident(bot)
     await bot.slash(EVE, "/ops timeline --channel <#C0QUIET|quiet> --since 30m")
-    message = await posted_timeline(bot)
+    message = await posted_timeline(bot, channel=EVE)  # another channel's timeline: in EVE's DM with opsbot
     assert "<#C0QUIET>" in message.text and "nothing opsbot did or refused" in message.text
+    assert f"in <#{Harness.INCIDENT}>" in message.text, "the DM says where it was asked"
     md = (await uploaded(bot, message))["content"].decode()
     assert "_Nothing opsbot did or refused in this window._" in md
     check = timeline.verify_text(md)
     assert check is not None and check.ok and check.hashes == []
+    await bot.response(containing="sent to you privately")
+    assert not [m for m in bot.slack.in_channel(Harness.INCIDENT) if "Incident timeline" in m.text]
+
+
+async def _secret(bot: Harness) -> OpsRequest:
+    """ALICE's request in a private channel, C0SECRET, that #incident's members need not see."""
+    await bot.slash(ALICE, '/ops scale worker 6 --reason "SECRET-INC acquisition"', channel="C0SECRET")
+    return await bot.requested()
+
+
+def _shown_in(bot: Harness, channel: str) -> str:
+    """Everything opsbot put in ``channel`` for all its members: messages, thread replies, files shared there."""
+    texts = [m.all_text() for m in bot.slack.messages if m.channel == channel and m.user is None]
+    files = [f["content"].decode() for f in bot.slack.files.values()
+             if f["shared"] and f["shared"]["channel"] == channel and f["content"] is not None]
+    return "\n".join(texts + files)
+
+
+async def test_a_timeline_of_another_channel_is_sent_to_the_asker_privately_never_posted_here(bot: Harness) -> None:
+    # The reviewer's repro: EVE (an auditor) asks in #incident for C0SECRET's timeline. Before the fix
+    # it was posted in #incident, file and all, for every member of #incident to read.
+    secret = await _secret(bot)
+    await bot.slash(EVE, "/ops timeline --since 1h --channel C0SECRET", channel=Harness.INCIDENT)
+    reply = await bot.response(containing="sent to you privately: it lists another channel's activity")
+    assert "<#C0SECRET>" in reply["text"] and "direct message with opsbot" in reply["text"]
+    assert reply.get("response_type", "ephemeral") == "ephemeral"
+
+    # In EVE's DM with opsbot: the message and, in its thread, the Markdown file (shared through the
+    # DM's conversation id from conversations.open, not the user id).
+    message = await posted_timeline(bot, channel=EVE)
+    assert secret.id in message.text and "SECRET-INC" in message.text and "<#C0SECRET>" in message.text
+    f = await uploaded(bot, message)
+    md = f["content"].decode()
+    assert secret.id in md and "SECRET-INC" in md
+    check = timeline.verify_text(md)
+    assert check is not None and check.ok and check.hashes
+    assert [a["users"] for a in bot.slack.calls_to("conversations.open")] == [EVE]
+    assert [a["channel_id"] for a in bot.slack.calls_to("files.completeUploadExternal")] == ["D0EVE"]
+
+    # Nothing of C0SECRET in #incident: no message, no thread reply, no file.
+    shown = _shown_in(bot, Harness.INCIDENT)
+    assert "SECRET-INC" not in shown and secret.id not in shown and "Incident timeline" not in shown
+    assert not [m for m in bot.slack.in_channel(Harness.INCIDENT) if "Incident timeline" in m.text]
+
+    # Recorded as the read it is, where it was typed, saying where it went.
+    [read] = await timeline_reads(bot)
+    assert read["actor_id"] == EVE and read["channel_id"] == Harness.INCIDENT
+    outcome = read["result"]["timeline"]
+    assert outcome["channel"] == "C0SECRET" and outcome["sent_to"] == "dm" and outcome["dm"] == "D0EVE"
+    assert outcome["file"] == f["name"] and outcome["entries"] == len(check.hashes)
+
+
+async def test_the_channels_own_timeline_is_still_posted_in_it(bot: Harness) -> None:
+    # Naming the channel it is typed in (by mention) is not "another channel": posted there, as without --channel.
+    await incident(bot)
+    await bot.slash(EVE, f"/ops timeline --since 1h --channel <#{Harness.INCIDENT}|incident>")
+    message = await posted_timeline(bot)
+    await uploaded(bot, message)
+    assert not bot.slack.calls_to("conversations.open") and not bot.slack.in_channel(EVE)
+    [read] = await timeline_reads(bot)
+    assert read["result"]["timeline"]["sent_to"] == "channel"
+
+
+@pytest.mark.parametrize(("method", "error"), [("conversations.open", "user_not_found"), ("chat.postMessage", "channel_not_found")])
+async def test_slack_refusing_the_dm_posts_nothing_anywhere_and_says_so_privately(bot: Harness, method: str, error: str) -> None:
+    secret = await _secret(bot)
+    bot.slack.fail_methods[method] = error
+    await bot.slash(EVE, "/ops timeline --since 1h --channel C0SECRET", channel=Harness.INCIDENT)
+    reply = await bot.response(containing="Nothing was posted here")
+    assert error in reply["text"] and "opsbot audit timeline --channel C0SECRET" in reply["text"]
+    assert "sent only to you privately" in reply["text"] and "SECRET-INC" not in reply["text"]
+    [read] = await timeline_reads(bot)
+    assert read["result"]["timeline"]["posted"].startswith("no:") and error in read["result"]["timeline"]["posted"]
+    # fail closed: not in #incident, not in the DM, no file anywhere
+    assert "SECRET-INC" not in _shown_in(bot, Harness.INCIDENT) and secret.id not in _shown_in(bot, Harness.INCIDENT)
+    assert not bot.slack.in_channel(EVE) and not [f for f in bot.slack.files.values() if f["shared"]]
+    assert not bot.slack.calls_to("files.getUploadURLExternal")
+
+
+async def test_the_file_failing_in_the_dm_says_so_privately_and_posts_nothing_here(bot: Harness) -> None:
+    await _secret(bot)
+    bot.slack.upload_fails = True
+    await bot.slash(EVE, "/ops timeline --since 1h --channel C0SECRET", channel=Harness.INCIDENT)
+    reply = await bot.response(containing="sent to you privately")
+    assert "without its Markdown file" in reply["text"] and "opsbot audit timeline --channel C0SECRET" in reply["text"]
+    message = await posted_timeline(bot, channel=EVE)
+
+    async def says() -> bool:
+        return "could not be attached" in message.text
+    await bot.eventually(says, what="the DM to say the file is missing")
+    assert "SECRET-INC" not in _shown_in(bot, Harness.INCIDENT)
 
 
 async def test_more_than_the_bound_is_cut_and_says_where_to_go_on(bot: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

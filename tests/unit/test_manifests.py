@@ -336,6 +336,7 @@ _METHOD_SCOPES: dict[str, list[str]] = {
     "files_upload_v2": ["files:write"],  # /ops timeline's file (bot/timeline.py)
     "views_publish": [],  # the Home tab: no scope, the app_home feature
     "conversations_members": ["channels:read", "groups:read"],  # the Home tab's "your channels"
+    "conversations_open": ["im:write"],  # /ops timeline of another channel: the asker's DM, to share its file there
 }
 
 

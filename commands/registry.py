@@ -44,6 +44,7 @@ curly ones on many keyboards; they are normalised before splitting so that
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from typing import Any
@@ -240,8 +241,15 @@ def tokenize(text: str) -> list[str]:
         raise UsageError(f"could not read the command: {exc} (a quote is not closed?)") from None
 
 
+@functools.lru_cache(maxsize=16)
+def _longest_first(commands: tuple[Command, ...]) -> tuple[Command, ...]:
+    """The commands with the most words first (``replay webhook`` before a one-word action), sorted
+    once per set of commands rather than on every command typed."""
+    return tuple(sorted(commands, key=lambda c: -len(c.words)))
+
+
 def _lookup(tokens: list[str], config: Config) -> tuple[Command | None, list[str]]:
-    for cmd in sorted(commands_of(config), key=lambda c: -len(c.words)):
+    for cmd in _longest_first(commands_of(config)):
         n = len(cmd.words)
         if [t.lower() for t in tokens[:n]] == list(cmd.words):
             return cmd, tokens[n:]

@@ -396,6 +396,25 @@ async def test_two_request_again_clicks_at_once_open_one_request_and_the_other_i
     assert [r["result"]["why"] for r in await rows(bot, "again_refused")] == ["duplicate", "duplicate"]
 
 
+async def test_request_again_of_an_undo_that_no_longer_reads_shows_the_text_re_read(bot: Harness, state_db: str) -> None:
+    """An undo card asked again re-reads `undo <original>`; when that is refused the message shows
+    that text, not the undo's own command text. (The original's id is one the grammar no longer
+    takes: a row from an older id format.)"""
+    request = await open_request(bot)
+    await submit(bot, await deny_dialog(bot, CAROL, request), CAROL, "no")
+    await bot.state_of(request.id, "denied")
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE old AS SELECT * FROM ops_requests WHERE id = %s", (request.id,))
+        conn.execute("UPDATE old SET id = 'r-OLD_1', delivery_id = NULL, card_channel = NULL, card_ts = NULL, state = 'failed'")
+        conn.execute("INSERT INTO ops_requests SELECT * FROM old")
+        conn.execute("UPDATE ops_requests SET undo_of = 'r-OLD_1' WHERE id = %s", (request.id,))
+    await press(bot, BOTH, request, "opsbot_request_again")
+    told = await bot.eventually(lambda: _async(next((m for m in bot.slack.ephemeral_to(BOTH) if "no longer reads" in m.text), None)),
+                                what="the re-read text to be refused")
+    assert "`/ops undo r-OLD_1`" in told.text and request.text not in told.text
+    assert len(await rows(bot, "requested")) == 1 and not await rows(bot, "requested_again")
+
+
 async def _rows_of(bot: Harness, event: str, n: int) -> list[dict[str, Any]]:
     async def probe() -> list[dict[str, Any]] | None:
         got = await rows(bot, event)

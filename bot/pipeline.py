@@ -258,9 +258,15 @@ class Pipeline:
         if note:
             log.warning("busy refusal of %r by %s: %s", inv.text[:200], req.actor.user_id, note.strip())
 
-    async def handle(self, req: CommandRequest, inv: Invocation) -> None:
+    async def handle(self, req: CommandRequest, inv: Invocation) -> str | None:
+        """Handle one command. Returns None, or, when this delivery (``req.delivery_id``) had opened a
+        request already, that request's id: the first delivery answered, recorded it and answers;
+        the caller decides whether to say more (a slash command retried by Slack: nothing)."""
         try:
             await self._handle(req, inv)
+        except DuplicateDelivery as exc:
+            log.info("delivered again (delivery %s): %s", req.delivery_id, exc)
+            return exc.request_id
         except Busy as exc:  # a pool stayed exhausted for its whole wait (the backend is up): busy, not down
             self.metrics.busy.labels(exc.backend).inc()
             self.metrics.requests.labels(inv.command, "busy").inc()
@@ -282,6 +288,7 @@ class Pipeline:
             self.metrics.requests.labels(inv.command, "error").inc()
             note = await self._record("error", req, text=inv.text, result={"error": f"internal error ({type(exc).__name__})"})
             await self._reply(req, ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs." + note)
+        return None
 
     def _decide(self, subject: Plan | str, actor: Actor, req: CommandRequest, inv: Invocation | None = None,
                 *, anywhere: bool = False) -> Decision:
@@ -369,8 +376,6 @@ class Pipeline:
             opened = await self.approvals.open(req, inv, plan, decision, **link)
         except CardNotPosted as exc:  # recorded as a failed request already
             await self._reply(req, f":x: {exc}")
-        except DuplicateDelivery as exc:  # the first delivery opened it, recorded it and answers: nothing more
-            log.info("slash command delivered again (trigger %s): %s", req.delivery_id, exc)
         except DuplicateUndo as exc:  # two clicks on Undo at once: the other one opened it
             assert undo is not None
             await self.undos.refuse(req, undo.asked, undo.original, str(exc), why="duplicate", undo=exc.undo_id)

@@ -13,8 +13,12 @@ of ``approval_reminders`` (migration 011), written when the request is opened (`
   backoff (``remind_after`` × 2ⁿ, at most ``REVIEW_MAX_GAP`` apart, ``REVIEW_ROUNDS`` times) until
   someone acknowledges.
 
-Exactly once: a due row is claimed with one conditional UPDATE (among replicas one gets it; a claim
-older than ``lease`` is taken again, so a replica lost mid-way loses nothing). Who was told is kept
+Exactly once: due rows are claimed ``CLAIM_BATCH`` at a time with one conditional UPDATE (among
+replicas one gets each; a claim older than ``lease`` is taken again, so a replica lost mid-way loses
+nothing). Before each message the holder renews its claim (``_hold``: a conditional UPDATE that
+also returns who was told so far); if another replica has taken the row meanwhile (this one was
+slower than the lease), it stops there and sends nothing more, writes no audit row, and the other
+replica tells only those not told yet. Who was told is kept
 in the row as each message goes out (``told``): after a failure (Slack down, Redis down so user
 groups cannot be read) the row is put back unclaimed with a later ``due_at`` and the retry tells only
 the rest. A message whose answer was lost (a timeout after sending) counts as told: at most once.
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 REVIEW_ROUNDS = 6  # break-glass review reminders at most (then the audit trail and the card still say it is unreviewed)
 REVIEW_MAX_GAP = 4 * 3600  # seconds between two review reminders at most
 MAX_RETRY = 300.0  # seconds between attempts after a failure, at most
+CLAIM_BATCH = 10  # rows claimed at once: each round is short next to the lease, so no claim outlives it waiting its turn
 _USER = re.compile(r"[UW][A-Z0-9]{1,20}")
 _GROUP = re.compile(r"S[A-Z0-9]{1,20}")
 EVENTS = {"remind": "reminded", "escalate": "escalated", "review": "review_reminded"}
@@ -99,23 +104,31 @@ class Reminders:
     # ---------------------------------------------------------------- the sweep
 
     async def run_due(self, now: datetime | None = None) -> int:
-        """Claim what is due and tell people; ``now`` lets tests move time. Returns how many rows this
-        replica claimed."""
-        async with self.store.connection() as conn:
-            rows = await (await conn.execute(
-                """UPDATE approval_reminders SET claimed_by = %(w)s, claimed_at = coalesce(%(now)s, now()), attempts = attempts + 1
-                   WHERE done_at IS NULL AND due_at <= coalesce(%(now)s, now())
-                     AND (claimed_by IS NULL OR claimed_at < coalesce(%(now)s, now()) - %(lease)s)
-                   RETURNING *""", {"w": self.worker_id, "now": now, "lease": self.lease})).fetchall()
-        for row in rows:
-            try:
-                await self._one(row, now)
-            except BackendUnavailable as exc:  # opsbot's database: the row stays claimed and is taken again after the lease
-                log.warning("reminder %s/%s: %s; will try again", row["request_id"], row["kind"], exc)
-            except Exception:
-                log.exception("reminder %s/%s crashed; will try again", row["request_id"], row["kind"])
-                await self._later(row, "internal error", now)
-        return len(rows)
+        """Claim what is due, ``CLAIM_BATCH`` rows at a time, and tell people; ``now`` lets tests move
+        time. Returns how many rows this replica claimed."""
+        claimed = 0
+        while True:
+            async with self.store.connection() as conn:
+                rows = await (await conn.execute(
+                    """UPDATE approval_reminders SET claimed_by = %(w)s, claimed_at = coalesce(%(now)s, now()), attempts = attempts + 1
+                       WHERE (request_id, kind) IN (
+                           SELECT request_id, kind FROM approval_reminders
+                           WHERE done_at IS NULL AND due_at <= coalesce(%(now)s, now())
+                             AND (claimed_by IS NULL OR claimed_at < coalesce(%(now)s, now()) - %(lease)s)
+                           ORDER BY due_at LIMIT %(n)s FOR UPDATE SKIP LOCKED)
+                         AND done_at IS NULL AND (claimed_by IS NULL OR claimed_at < coalesce(%(now)s, now()) - %(lease)s)
+                       RETURNING *""", {"w": self.worker_id, "now": now, "lease": self.lease, "n": CLAIM_BATCH})).fetchall()
+            claimed += len(rows)
+            for row in rows:
+                try:
+                    await self._one(row, now)
+                except BackendUnavailable as exc:  # opsbot's database: the row stays claimed and is taken again after the lease
+                    log.warning("reminder %s/%s: %s; will try again", row["request_id"], row["kind"], exc)
+                except Exception:
+                    log.exception("reminder %s/%s crashed; will try again", row["request_id"], row["kind"])
+                    await self._later(row, "internal error", now)
+            if len(rows) < CLAIM_BATCH:
+                return claimed
 
     async def _one(self, row: dict[str, Any], now: datetime | None) -> None:
         kind = row["kind"]
@@ -137,7 +150,13 @@ class Reminders:
         link = await self.permalinks.get(request.card_channel, request.card_ts) if request.card_channel and request.card_ts else None
         text = self._text(kind, request, link, roles)
         unreachable: list[str] = []
-        for user in [p for p in people if p not in told]:
+        for user in people:
+            held = await self._hold(row, now)
+            if held is None:
+                return  # another replica took the row (this one was slower than the lease): it tells the rest
+            told = held + [u for u in told if u not in held]
+            if user in told:
+                continue
             try:
                 await self.chat.post_message(channel_id=user, text=text)
             except DeliveryUncertain as exc:  # it may have arrived: counted as told, never sent twice
@@ -152,7 +171,12 @@ class Reminders:
                 await self._later(row, str(exc), now)
                 return
             told.append(user)
-            await self._told(row, user)
+            if not await self._told(row, user):
+                return
+        held = await self._hold(row, now)  # only the holder ends the round and writes its audit row
+        if held is None:
+            return
+        told = held + [u for u in told if u not in held]
         reached = [u for u in told if u not in unreachable]
         result: dict[str, Any] = {"told": reached, "roles": list(roles), "link": link,
                                   "message": f"told {', '.join(reached) or 'nobody (no eligible approver left)'}"}
@@ -212,11 +236,30 @@ class Reminders:
 
     # ---------------------------------------------------------------- the row's bookkeeping
 
-    async def _told(self, row: dict[str, Any], user: str) -> None:
+    async def _hold(self, row: dict[str, Any], now: datetime | None) -> list[str] | None:
+        """Renew this replica's claim on the row (its lease starts again) and return who was told so
+        far; None when the row is no longer this replica's (taken again after the lease, or done)."""
         async with self.store.connection() as conn:
-            await conn.execute("UPDATE approval_reminders SET told = array_append(told, %s) "
-                               "WHERE request_id = %s AND kind = %s AND claimed_by = %s",
-                               (user, row["request_id"], row["kind"], self.worker_id))
+            held = await (await conn.execute(
+                "UPDATE approval_reminders SET claimed_at = coalesce(%s, now()) "
+                "WHERE request_id = %s AND kind = %s AND claimed_by = %s AND done_at IS NULL RETURNING told",
+                (now, row["request_id"], row["kind"], self.worker_id))).fetchone()
+        if held is None:
+            log.warning("reminder %s/%s was taken by another replica; this one stops", row["request_id"], row["kind"])
+            return None
+        return list(held["told"])
+
+    async def _told(self, row: dict[str, Any], user: str) -> bool:
+        """Note ``user`` as told; False (stop) when the row is no longer this replica's."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute("UPDATE approval_reminders SET told = array_append(told, %s) "
+                                     "WHERE request_id = %s AND kind = %s AND claimed_by = %s",
+                                     (user, row["request_id"], row["kind"], self.worker_id))
+        if cur.rowcount == 0:
+            log.warning("reminder %s/%s was taken by another replica after a message to %s; this one stops",
+                        row["request_id"], row["kind"], user)
+            return False
+        return True
 
     async def _later(self, row: dict[str, Any], error: str, now: datetime | None) -> None:
         delay = min(MAX_RETRY, self.retry_every * 2 ** max(0, int(row["attempts"]) - 1))
@@ -242,4 +285,6 @@ class Reminders:
                      WHERE request_id = %s AND kind = %s AND claimed_by = %s"""
             args = (rounds, now, outcome, row["request_id"], row["kind"], self.worker_id)
         async with self.store.connection() as conn:
-            await conn.execute(sql, args)
+            cur = await conn.execute(sql, args)
+        if cur.rowcount == 0:
+            log.warning("reminder %s/%s was taken by another replica before it was closed here", row["request_id"], row["kind"])

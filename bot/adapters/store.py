@@ -304,6 +304,14 @@ class Store:
                 raise DuplicateDelivery(str(first["id"]) if first else "?")
         return _request(row)
 
+    async def by_delivery(self, delivery_id: str) -> OpsRequest | None:
+        """The request opened by this delivery (``delivery_id``), if any."""
+        if not delivery_id:
+            return None
+        async with self._conn() as conn:
+            row = await (await conn.execute("SELECT id FROM ops_requests WHERE delivery_id = %s", (delivery_id,))).fetchone()
+        return await self.get(str(row["id"])) if row else None
+
     async def undo_of(self, original_id: str) -> str | None:
         """The undo of ``original_id`` that is open or succeeded, if any."""
         async with self._conn() as conn:

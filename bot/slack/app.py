@@ -18,7 +18,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
@@ -38,6 +38,7 @@ from bot.slack.payloads import click, click_user, command_request, home_click, h
 from bot.undo import undo_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
 SLOW_AFTER = 2.0  # seconds before a person still waiting is told why (a look is expected well within that)
 SLOW_COMMAND = (":hourglass: Still working on it: a backend (the cluster, a database or a queue) is slow to answer, or opsbot "
@@ -46,7 +47,7 @@ SLOW_CLICK = (":hourglass: Your click is being recorded, but opsbot's database i
               "takes it; the card will show it. No need to click again.")
 
 
-async def _telling_if_slow(work: Awaitable[Any], say: Callable[[], Awaitable[None]], *, after: float = SLOW_AFTER) -> None:
+async def _telling_if_slow(work: Awaitable[T], say: Callable[[], Awaitable[None]], *, after: float = SLOW_AFTER) -> T:
     """Run ``work``; if it is still running after ``after`` seconds, ``say`` so once and go on
     waiting. A backend that is frozen (SIGSTOP, a black-holed network) holds the request until it
     answers or its connection breaks: the person is told rather than left guessing, and the request
@@ -55,7 +56,23 @@ async def _telling_if_slow(work: Awaitable[Any], say: Callable[[], Awaitable[Non
     done, _ = await asyncio.wait({task}, timeout=after)
     if not done:
         await tell(say())
-    await task
+    return await task
+
+
+async def _admitted(pipeline: Pipeline, req: CommandRequest, inv: Invocation, private: Callable[[str], Awaitable[None]]) -> str | None:
+    """A command a click asks for (Undo, Request again): unlike a vote it is a new request (it
+    plans), so it is admitted like a typed command. Past the bound the clicker is told privately
+    that opsbot is busy and the attempt is audited ``busy`` (returns None); otherwise what
+    ``Pipeline.handle`` returns (the id of the request this delivery opened already, if it had)."""
+    load = pipeline.admission.enter()
+    if load is not None:
+        await tell(private(busy_text(load.in_flight, load.retry_after)))
+        await pipeline.record_busy(req, inv, load)
+        return None
+    try:
+        return await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
+    finally:
+        pipeline.admission.leave()
 
 
 @contextlib.contextmanager
@@ -203,19 +220,11 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
                 await tell(private(f":x: {exc}"))
                 await pipeline.record_invalid(req, exc)
                 return
-            # Unlike a vote, an Undo is a new request (it plans): it is admitted like a typed command.
-            load = pipeline.admission.enter()
-            if load is not None:
-                await tell(private(busy_text(load.in_flight, load.retry_after)))
-                await pipeline.record_busy(req, inv, load)
-                return
-            try:
-                await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
-            finally:
-                pipeline.admission.leave()
+            await _admitted(pipeline, req, inv, private)
 
     approver_listeners(app, pipeline=pipeline, approvals=approvals, tracked=lambda: _tracked(inflight),
-                       malformed=lambda body, exc: _malformed_click(body, exc))
+                       malformed=lambda body, exc: _malformed_click(body, exc),
+                       admitted=lambda req, inv, private: _admitted(pipeline, req, inv, private))
 
     # The Home tab (bot/home.py, issue 14). Registered before the catch-all below: Bolt runs the first listener that matches.
     home = Home(config=approvals.config, store=approvals.store, audit=approvals.audit, chat=approvals.chat, approvals=approvals)

@@ -13,7 +13,11 @@ Cancel (the requester's), Request again (on a denied, expired or stale card).
 * **Cancel** is the requester's: anyone else is told privately that only the requester can cancel.
 * **Request again** re-runs the same command text as a new request by the clicker, through the
   pipeline's normal path (plan → policy → approval). It is refused when the text no longer parses
-  (the config changed). One re-request per card and person: a second click is the same delivery.
+  (the config changed). One re-request per card and person: a second click is the same delivery
+  (``again.<card's request>.<clicker>``), and the clicker is told privately which request it opened
+  (audited ``again_refused``, why ``duplicate``). Like Undo, it is a new request, so it goes through
+  the admission bound (busy → told so, audited ``busy``). ``requested_again`` is recorded only when
+  a request was opened.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from slack_bolt.async_app import AsyncApp
 
 from bot.approvals import Approvals
-from bot.domain import REQUEST_ID_PATTERN, Actor, ChannelId, CommandRequest, UserId
+from bot.domain import REQUEST_ID_PATTERN, Actor, ChannelId, CommandRequest, Invocation, OpsRequest, UserId
 from bot.errors import BackendUnavailable, MalformedPayload, OpsbotError, UserError
 from bot.messages import code
 from bot.pipeline import Pipeline
@@ -43,7 +47,9 @@ INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is 
 
 def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approvals,
                        tracked: Callable[[], contextlib.AbstractContextManager[None]],
-                       malformed: Callable[[dict[str, Any], MalformedPayload], Awaitable[None]]) -> None:
+                       malformed: Callable[[dict[str, Any], MalformedPayload], Awaitable[None]],
+                       admitted: Callable[[CommandRequest, Invocation, Callable[[str], Awaitable[None]]],
+                                          Awaitable[str | None]]) -> None:
     async def private(c: Click | Actor, channel_id: str, text: str) -> None:
         user = c.actor.user_id if isinstance(c, Click) else c.user_id
         await tell(approvals.chat.post_ephemeral(channel_id=channel_id, user_id=user, text=text))
@@ -157,13 +163,34 @@ def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approval
         text = f"undo {request.undo_of}" if request.undo_of else request.text
         req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=text,
                              delivery_id=f"again.{request.id}.{c.actor.user_id}")
+        first = await approvals.store.by_delivery(req.delivery_id)
+        if first is not None:  # this person asked again from this card already
+            await duplicate(c, request, first.id, first)
+            return
         try:
             inv = pipeline.parse(req)
         except UserError as exc:
             await pipeline.record_invalid(req, exc)
-            await private(c, c.channel_id, f":x: {code('/ops ' + request.text)} no longer reads as a command ({exc}); "
+            await private(c, c.channel_id, f":x: {code('/ops ' + text)} no longer reads as a command ({exc}); "
                                            "nothing was requested. Type the command again as it is now.")
             return
-        await approvals.audit.record("requested_again", actor=c.actor, channel_id=c.channel_id, request_id=request.id,
-                                     text=request.text, result={"again_of": request.id})
-        await pipeline.handle(req, inv)
+
+        def say(message: str) -> Awaitable[None]:
+            return approvals.chat.post_ephemeral(channel_id=c.channel_id, user_id=c.actor.user_id, text=message)
+        earlier = await admitted(req, inv, say)
+        if earlier is not None:  # two clicks at once: the other one opened it
+            await duplicate(c, request, earlier, await approvals.store.by_delivery(req.delivery_id))
+            return
+        opened = await approvals.store.by_delivery(req.delivery_id)
+        if opened is not None:  # not when busy, refused by policy or limits (each audited as such)
+            await approvals.audit.record("requested_again", actor=c.actor, channel_id=c.channel_id, request_id=request.id,
+                                         text=request.text, result={"again_of": request.id, "opened": opened.id})
+
+    async def duplicate(c: Click, request: OpsRequest, first_id: str, first: OpsRequest | None) -> None:
+        link = None
+        if first is not None and first.card_channel and first.card_ts:
+            link = await approvals.permalinks.get(first.card_channel, first.card_ts)
+        why = f"already requested again as `{first_id}`" + (f" (<{link}|its card>)" if link else "")
+        await approvals.audit.record("again_refused", actor=c.actor, channel_id=c.channel_id, request_id=request.id,
+                                     result={"why": "duplicate", "message": why, "again_as": first_id, "link": link})
+        await private(c, c.channel_id, f":information_source: You {why}; nothing new was requested.")

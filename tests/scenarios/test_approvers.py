@@ -23,6 +23,8 @@ import pytest
 from bot.config import Config, parse_config
 from bot.domain import OpsRequest
 from bot.errors import ConfigError
+from bot.pipeline import Admission
+from bot.reminders import Reminders
 from bot.sandbox.kube_apiserver import KubeApiServer
 from bot.sandbox.slack_api import FakeSlack
 from bot.slack.approvers import NO_DIALOG
@@ -188,6 +190,61 @@ async def test_two_replicas_sweeping_at_once_tell_each_approver_exactly_once(
     assert len(await rows(bot, "reminded")) == 3
 
 
+async def test_a_round_slower_than_the_lease_tells_each_approver_once(bot: Harness) -> None:
+    """Replica one claims the row and is slow (Slack answering slowly, a long batch); past the lease
+    replica two takes it again and tells everyone. Replica one, when it gets to it, finds the row no
+    longer its own: it sends nothing and writes no audit row."""
+    request = await open_request(bot)
+    one = bot.runtime.approvals.reminders
+    two = Reminders(config=one.config, store=one.store, chat=one.chat, audit=one.audit, directory=one.directory,
+                    notices=one.notices, permalinks=one.permalinks)
+    gate = asyncio.Event()
+    real = one._one
+
+    async def slow(row: dict[str, Any], now: datetime | None) -> None:
+        await gate.wait()
+        await real(row, now)
+    one._one = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(one.run_due(later(11)))
+    await asyncio.sleep(0.5)
+    assert await two.run_due(later(14)) == 1  # the lease (2 min) has passed: replica two takes it
+    gate.set()
+    assert await first == 1
+    for user in APPROVERS:
+        assert len([m for m in dms(bot, user) if request.id in m]) == 1, (user, dms(bot, user))
+    assert [sorted(r["result"]["told"]) for r in await rows(bot, "reminded")] == [sorted(APPROVERS)]
+
+
+async def test_a_round_taken_over_mid_way_stops_and_the_other_tells_only_the_rest(bot: Harness, state_db: str) -> None:
+    """Replica one is slow after its first message; replica two takes the row past the lease and
+    tells the others; replica one then stops rather than messaging anyone again."""
+    request = await open_request(bot)
+    one = bot.runtime.approvals.reminders
+    two = Reminders(config=one.config, store=one.store, chat=one.chat, audit=one.audit, directory=one.directory,
+                    notices=one.notices, permalinks=one.permalinks)
+    gate, sent = asyncio.Event(), asyncio.Event()
+    real_told = one._told
+
+    async def slow_told(row: dict[str, Any], user: str) -> bool:
+        ok = await real_told(row, user)
+        sent.set()
+        await gate.wait()
+        return ok
+    one._told = slow_told  # type: ignore[method-assign]
+    first = asyncio.create_task(one.run_due(later(11)))
+    await asyncio.wait_for(sent.wait(), 10)
+    assert await two.run_due(later(14)) == 1
+    gate.set()
+    await first
+    for user in APPROVERS:
+        assert len([m for m in dms(bot, user) if request.id in m]) == 1, (user, dms(bot, user))
+    assert len(await rows(bot, "reminded")) == 1
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        row = conn.execute("SELECT told, outcome FROM approval_reminders WHERE request_id = %s AND kind = 'remind'",
+                           (request.id,)).fetchone()
+    assert row is not None and sorted(row[0]) == sorted(APPROVERS) and row[1] == "sent"
+
+
 async def test_slack_down_at_reminder_time_is_retried_later_not_lost_nor_doubled(bot: Harness) -> None:
     request = await open_request(bot)
     sweep = bot.runtime.approvals.reminders
@@ -288,10 +345,16 @@ async def test_request_again_after_deny_and_after_expiry_replans_as_the_clicker(
     await press(bot, BOTH, request, "opsbot_request_again")
     again = await bot.eventually(lambda: _latest_other(bot, request.id), what="the request opened again")
     assert again.text == request.text and again.requester.user_id == BOTH and again.state.value == "pending_approval"
-    await press(bot, BOTH, request, "opsbot_request_again")  # a second click: the same delivery, nothing new
-    await asyncio.sleep(0.5)
+    await press(bot, BOTH, request, "opsbot_request_again")  # a second click: the same delivery, nothing new, and it says so
+    told = await bot.eventually(lambda: _async(next((m for m in bot.slack.ephemeral_to(BOTH) if "already requested again" in m.text),
+                                                    None)), what="the second click to be answered")
+    assert f"`{again.id}`" in told.text and "its card" in told.text and "nothing new was requested" in told.text
     assert len([r for r in await rows(bot, "requested")]) == 2
-    assert [r["result"]["again_of"] for r in await rows(bot, "requested_again")] == [request.id, request.id]
+    assert [(r["result"]["again_of"], r["result"]["opened"]) for r in await _rows_of(bot, "requested_again", 1)] == [
+        (request.id, again.id)]
+    refused = await rows(bot, "again_refused")
+    assert [(r["actor_id"], r["request_id"], r["result"]["why"], r["result"]["again_as"]) for r in refused] == [
+        (BOTH, request.id, "duplicate", again.id)]
 
     # Expired → Request again by the requester.
     with psycopg.connect(state_db, autocommit=True) as conn:
@@ -316,6 +379,75 @@ async def test_request_again_after_deny_and_after_expiry_replans_as_the_clicker(
     await bot.eventually(lambda: _async(any("no longer reads as a command" in m.text for m in bot.slack.ephemeral_to(DAN))),
                          what="a text that no longer parses to be refused")
     assert len(await rows(bot, "requested")) == 3
+
+
+async def test_two_request_again_clicks_at_once_open_one_request_and_the_other_is_told(bot: Harness) -> None:
+    request = await open_request(bot)
+    await submit(bot, await deny_dialog(bot, CAROL, request), CAROL, "no")
+    await bot.state_of(request.id, "denied")
+    await asyncio.gather(*(press(bot, BOTH, request, "opsbot_request_again") for _ in range(3)))
+    again = await bot.eventually(lambda: _latest_other(bot, request.id), what="the request opened again")
+    await bot.eventually(lambda: _async(len(_told_already(bot, BOTH)) == 2 or None), what="the two other clicks to be answered")
+    assert all(f"`{again.id}`" in m.text for m in _told_already(bot, BOTH))
+    assert len(await rows(bot, "requested")) == 2
+    assert len(await _rows_of(bot, "requested_again", 1)) == 1
+    await asyncio.sleep(0.3)
+    assert len(await rows(bot, "requested_again")) == 1
+    assert [r["result"]["why"] for r in await rows(bot, "again_refused")] == ["duplicate", "duplicate"]
+
+
+async def test_request_again_of_an_undo_that_no_longer_reads_shows_the_text_re_read(bot: Harness, state_db: str) -> None:
+    """An undo card asked again re-reads `undo <original>`; when that is refused the message shows
+    that text, not the undo's own command text. (The original's id is one the grammar no longer
+    takes: a row from an older id format.)"""
+    request = await open_request(bot)
+    await submit(bot, await deny_dialog(bot, CAROL, request), CAROL, "no")
+    await bot.state_of(request.id, "denied")
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE old AS SELECT * FROM ops_requests WHERE id = %s", (request.id,))
+        conn.execute("UPDATE old SET id = 'r-OLD_1', delivery_id = NULL, card_channel = NULL, card_ts = NULL, state = 'failed'")
+        conn.execute("INSERT INTO ops_requests SELECT * FROM old")
+        conn.execute("UPDATE ops_requests SET undo_of = 'r-OLD_1' WHERE id = %s", (request.id,))
+    await press(bot, BOTH, request, "opsbot_request_again")
+    told = await bot.eventually(lambda: _async(next((m for m in bot.slack.ephemeral_to(BOTH) if "no longer reads" in m.text), None)),
+                                what="the re-read text to be refused")
+    assert "`/ops undo r-OLD_1`" in told.text and request.text not in told.text
+    assert len(await rows(bot, "requested")) == 1 and not await rows(bot, "requested_again")
+
+
+async def _rows_of(bot: Harness, event: str, n: int) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        got = await rows(bot, event)
+        return got if len(got) >= n else None
+    return await bot.eventually(probe, what=f"{n} {event} audit rows")
+
+
+def _told_already(bot: Harness, user: str) -> list[Any]:
+    return [m for m in bot.slack.ephemeral_to(user) if "already requested again" in m.text]
+
+
+async def test_request_again_past_the_admission_bound_is_told_busy_and_audited_once(bot: Harness) -> None:
+    request = await open_request(bot)
+    await submit(bot, await deny_dialog(bot, CAROL, request), CAROL, "no")
+    await bot.state_of(request.id, "denied")
+    bot.runtime.pipeline.admission = admission = Admission(limit=2, max_wait=None)
+    assert [admission.enter(), admission.enter()] == [None, None]  # two commands in flight
+    await press(bot, BOTH, request, "opsbot_request_again")
+    busy = await bot.eventually(lambda: _async(next((m for m in bot.slack.ephemeral_to(BOTH) if "opsbot is busy" in m.text), None)),
+                                what="the click to be told opsbot is busy")
+    assert "2 commands in flight" in busy.text
+    await asyncio.sleep(0.3)
+    refused = await rows(bot, "busy")
+    assert [(r["actor_id"], r["command_text"], r["result"]["why"]) for r in refused] == [(BOTH, request.text, "admission")]
+    assert len(await rows(bot, "requested")) == 1 and not await rows(bot, "requested_again")
+    assert admission.in_flight == 2  # a refused click takes no place
+    admission.leave()
+    admission.leave()
+    await press(bot, BOTH, request, "opsbot_request_again")  # room again: it is taken
+    again = await bot.eventually(lambda: _latest_other(bot, request.id), what="the request opened again")
+    assert again.requester.user_id == BOTH
+    await bot.eventually(lambda: _async(admission.in_flight == 0 or None), what="the click to leave admission")
+    assert [r["result"]["opened"] for r in await _rows_of(bot, "requested_again", 1)] == [again.id]
 
 
 async def _latest_other(bot: Harness, *not_ids: str) -> OpsRequest | None:

@@ -325,6 +325,8 @@ class Pipeline:
         pre = self._decide(inv.command, actor, req, inv)
         if pre.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(pre.reason, rule=pre.rule), plan=None, roles=True)
+            if undo is not None:  # on the original's trail too, where auditors follow its undos
+                await self.undos.refuse(req, undo.asked, undo.original, pre.reason, why="policy_denied", reply=False)
             return
         try:
             plan = await cmd.plan(inv.params, self.ctx)
@@ -348,6 +350,9 @@ class Pipeline:
         decision = self._decide(plan, actor, req, inv)
         if decision.kind is DecisionKind.DENY:
             await self._denied(req, inv, PolicyDenied(decision.reason, rule=decision.rule), plan=plan.to_json(), roles=True)
+            if undo is not None:
+                await self.undos.refuse(req, undo.asked, undo.original, decision.reason, why="policy_denied", plan=plan,
+                                        reply=False)
             return
         if not plan.mutating:
             self.metrics.requests.labels(inv.command, "read").inc()
@@ -369,6 +374,8 @@ class Pipeline:
         refusal = await self._over_limits(req, inv, decision)
         if refusal:
             await self._denied(req, inv, PolicyDenied(refusal[0], rule=refusal[1]), plan=plan.to_json())
+            if undo is not None:
+                await self.undos.refuse(req, undo.asked, undo.original, refusal[0], why="limits", plan=plan, reply=False)
             return
         self.metrics.requests.labels(inv.command, "requested").inc()
         try:

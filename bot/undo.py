@@ -144,13 +144,16 @@ class Undos:
                                f"{mrkdwn(new.summary)} ({code('/ops ' + start.invocation.text)}). Its card is in <#{where}>.")
 
     async def refuse(self, req: CommandRequest, asked: Invocation, original: OpsRequest | None, message: str, *, why: str,
-                     undo: str | None = None, plan: Plan | None = None, backend: str | None = None) -> None:
+                     undo: str | None = None, plan: Plan | None = None, backend: str | None = None, reply: bool = True) -> None:
+        """An undo that ends here: recorded on the original's trail (``undo_refused``) and, unless
+        the person was already answered (``reply=False``: a policy refusal said so itself), told why."""
         await self.audit.record("undo_refused", actor=req.actor, channel_id=req.channel_id,
                                 request_id=original.id if original else None, text=asked.text,
                                 plan=plan.to_json() if plan is not None else (original.plan if original else None),
                                 result={"why": why, "message": message, "request_id_given": str(asked.params["request_id"]),
                                         **({"undo": undo} if undo else {}), **({"backend": backend} if backend else {})})
-        await self._reply(req, f":x: Not undone: {message}")
+        if reply:
+            await self._reply(req, f":x: Not undone: {message}")
 
     async def _reply(self, req: CommandRequest, text: str) -> None:
         await tell(self.chat.respond(response_url=req.response_url, channel_id=req.channel_id, user_id=req.actor.user_id,

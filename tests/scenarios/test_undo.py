@@ -438,6 +438,10 @@ async def test_someone_the_policy_does_not_let_scale_cannot_undo_a_scale(bot: Ha
     assert "scale" in said[0]
     assert await request_count(bot) == before and replicas(kube) == 6
     assert len(await undo_of(bot, original)) == 0
+    # The refusal is on the original's trail too, where its undos are followed, and said once.
+    rows = [r for r in await bot.runtime.audit.log.rows(original.id) if r["event"] == "undo_refused"]
+    assert len(rows) == 1 and rows[0]["result"]["why"] == "policy_denied" and rows[0]["actor_id"] == EVE
+    assert not [m for m in bot.slack.ephemeral_to(EVE) if "Not undone" in m.text], "answered once, by the policy refusal"
 
 
 async def test_two_replicas_each_given_an_undo_click_open_one_undo(fleet: Fleet) -> None:  # noqa: F811

@@ -32,7 +32,7 @@ from bot.home import HOME_APPROVE, HOME_OPEN_CARD, Home
 from bot.messages import busy_text
 from bot.pipeline import Pipeline
 from bot.ports import tell
-from bot.slack.approvers import approver_listeners
+from bot.slack.approvers import approver_listeners, read_click
 from bot.slack.blocks import ACKNOWLEDGE, APPROVE, UNDO
 from bot.slack.payloads import click, click_user, command_request, home_click, home_user, unchecked_request
 from bot.undo import undo_text
@@ -158,11 +158,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
     @app.action(APPROVE)
     async def vote(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
-            await ack()
-            try:
-                c = click(body, action)
-            except MalformedPayload as exc:
-                await _malformed_click(body, exc)
+            if (c := await read_click(ack, body, action, _malformed_click, click)) is None:
                 return
             try:
                 await _telling_if_slow(
@@ -181,11 +177,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
     @app.action(ACKNOWLEDGE)
     async def acknowledge(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
-            await ack()
-            try:
-                c = click(body, action)
-            except MalformedPayload as exc:
-                await _malformed_click(body, exc)
+            if (c := await read_click(ack, body, action, _malformed_click, click)) is None:
                 return
             try:
                 await approvals.acknowledge(c.value, c.actor, channel_id=c.channel_id, message_ts=c.message_ts)
@@ -204,11 +196,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
         """Undo on a succeeded card: `/ops undo <id>` typed by the clicker, in the card's channel;
         they are answered privately (no response_url: an ephemeral message), the new card is posted."""
         with _tracked(inflight):
-            await ack()
-            try:
-                c = click(body, action)
-            except MalformedPayload as exc:
-                await _malformed_click(body, exc)
+            if (c := await read_click(ack, body, action, _malformed_click, click)) is None:
                 return
             req = CommandRequest(actor=c.actor, channel_id=ChannelId(c.channel_id), text=undo_text(c.value))
 
@@ -243,11 +231,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
     @app.action(HOME_APPROVE)
     async def home_approve(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with _tracked(inflight):
-            await ack()
-            try:
-                c = home_click(body, action)
-            except MalformedPayload as exc:
-                await _malformed_click(body, exc)
+            if (c := await read_click(ack, body, action, _malformed_click, home_click)) is None:
                 return
             try:
                 await home.approve(c.actor, request_id=c.value, view_id=c.view_id, view_type=c.view_type)

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from slack_bolt.async_app import AsyncApp
 
@@ -37,12 +37,35 @@ from bot.messages import code
 from bot.pipeline import Pipeline
 from bot.ports import tell
 from bot.slack.blocks import AGAIN, AGAIN_STATES, CANCEL, DENY, DENY_REASON_MAX, DENY_VIEW, deny_view
-from bot.slack.payloads import Click, click, click_user, deny_submission
+from bot.slack.payloads import Click, HomeClick, click, click_user, deny_submission
 from bot.untrusted import check_free_text, storable
 
 log = logging.getLogger(__name__)
 NO_DIALOG = "no reason given (the dialog could not be opened)"
 INTERNAL = ":x: opsbot hit an internal error; nothing was changed. The error is in opsbot's logs."
+C = TypeVar("C", Click, HomeClick)
+
+
+async def read_click(ack: Any, body: dict[str, Any], action: dict[str, Any],
+                     malformed: Callable[[dict[str, Any], MalformedPayload], Awaitable[None]],
+                     parse: Callable[[dict[str, Any], dict[str, Any]], C]) -> C | None:
+    """Every button listener's first step: ack the click, then read it with ``parse``. A malformed
+    click (a forged value, a payload of the wrong shape) is answered and recorded by ``malformed``
+    and gives None, so the listener returns without acting."""
+    await ack()
+    try:
+        return parse(body, action)
+    except MalformedPayload as exc:
+        await malformed(body, exc)
+        return None
+
+
+def request_click(body: dict[str, Any], action: dict[str, Any]) -> Click:
+    """A click whose value must be an opsbot request id."""
+    c = click(body, action)
+    if not re.fullmatch(REQUEST_ID_PATTERN, c.value):
+        raise MalformedPayload("this button does not name an opsbot request; nothing was done.")
+    return c
 
 
 def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approvals,
@@ -70,11 +93,7 @@ def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approval
     @app.action(DENY)
     async def deny(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with tracked():
-            await ack()
-            try:
-                c = click(body, action)
-            except MalformedPayload as exc:
-                await malformed(body, exc)
+            if (c := await read_click(ack, body, action, malformed, click)) is None:
                 return
 
             async def work() -> None:
@@ -119,13 +138,7 @@ def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approval
     @app.action(CANCEL)
     async def cancel(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with tracked():
-            await ack()
-            try:
-                c = click(body, action)
-                if not re.fullmatch(REQUEST_ID_PATTERN, c.value):
-                    raise MalformedPayload("this button does not name an opsbot request; nothing was done.")
-            except MalformedPayload as exc:
-                await malformed(body, exc)
+            if (c := await read_click(ack, body, action, malformed, request_click)) is None:
                 return
 
             async def work() -> None:
@@ -136,11 +149,7 @@ def approver_listeners(app: AsyncApp, *, pipeline: Pipeline, approvals: Approval
     @app.action(AGAIN)
     async def again(ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
         with tracked():
-            await ack()
-            try:
-                c = click(body, action)
-            except MalformedPayload as exc:
-                await malformed(body, exc)
+            if (c := await read_click(ack, body, action, malformed, click)) is None:
                 return
             await guarded(c, "a Request again click", request_again(c))
 

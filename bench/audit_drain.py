@@ -261,6 +261,7 @@ async def sustain(url: str, kind: str, *, commands_per_s: float, rows: int, seco
             "max_behind_s": max((s["behind_s"] for s in samples), default=0.0),
             "caught_up_s": round(caught_up_in, 1) if not left else None, "left_after_catch_up": left,
             "messages": calls.get("chat.postMessage", 0), "http_429": slack.throttled, "chain": report.summary(),
+            "calls": dict(sorted(calls.items())),
             "samples": samples}
 
 

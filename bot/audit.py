@@ -29,7 +29,7 @@ from bot.adapters.audit_log import AuditLog
 from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.domain import Actor, OpsRequest
-from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError
+from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError, RateLimited
 from bot.messages import HASH_PREFIX, audit_headline, audit_line, audit_request_line
 from bot.metrics import Metrics
 from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay, stop_loop
@@ -54,6 +54,10 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credenti
 # ~330 characters for a request's 5 rows instead of ~1,000; and a headline message is shared by up to
 # HEADLINES_PER_MESSAGE requests (~230 characters each), so that at 50 commands/s the channel needs
 # a few messages per second's worth of commands, not one per 40 requests plus one per 190 rows.
+# A 429 whose Retry-After is at most RATE_LIMIT_WAIT s is waited out within the round (up to
+# RATE_LIMIT_WAITS times a message); a longer one ends the round, the rows tried again then.
+RATE_LIMIT_WAIT = 3.0
+RATE_LIMIT_WAITS = 5
 BATCH_ROWS = 2000
 LINES_PER_MESSAGE = 1000
 CHARS_PER_MESSAGE = 38_000
@@ -101,7 +105,7 @@ def _seq_range(seqs: list[int]) -> str:
 
 
 def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
-                    groups: dict[str | None, list[dict[str, Any]]]) -> list[list[str]]:
+                    groups: dict[str | None, list[dict[str, Any]]], links: Permalinks | None = None) -> list[list[str]]:
     """The new requests cut into shared headline messages: at most HEADLINES_PER_MESSAGE each and,
     counting a card link at its longest, at most CHARS_PER_MESSAGE characters."""
     parts: list[list[str]] = []
@@ -109,7 +113,9 @@ def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
     for request_id in new:
         request = requests[request_id]
         assert request is not None
-        n = len(audit_headline(request, groups[request_id][-1], None)) + CARD_LINK_CHARS + 2
+        # the card link's length once the workspace's link form is known, else its longest
+        link = links.built(request.card_channel, request.card_ts) if links and request.card_channel and request.card_ts else None
+        n = len(audit_headline(request, groups[request_id][-1], link)) + (0 if link else CARD_LINK_CHARS) + HEADLINE_GROWTH + 2
         if not parts or len(parts[-1]) >= HEADLINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
             parts.append([])
             size = 0
@@ -118,6 +124,10 @@ def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
     return parts
 
 
+# A shared headline message is drawn again whole as its requests move on: room for each to grow to
+# the longest state label, the "its rollout/job failed" mark and a longer seq, so that no update
+# takes the message past Slack's 40,000 characters.
+HEADLINE_GROWTH = 130
 CARD_LINK_CHARS = 120  # " · <https://….slack.com/archives/C…/p…|approval card>", an Enterprise Grid URL included
 
 
@@ -136,6 +146,10 @@ class Permalinks:
     @staticmethod
     def _path(channel: str, ts: str) -> str:
         return f"/archives/{channel}/p{ts.replace('.', '')}"
+
+    def built(self, channel: str, ts: str) -> str | None:
+        """The link, if it can be built without asking Slack."""
+        return self.base + self._path(channel, ts) if self.base is not None else self._known.get((channel, ts))
 
     async def get(self, channel: str, ts: str) -> str | None:
         if self.base is not None:
@@ -307,7 +321,7 @@ class AuditPoster:
             known = request_id in threads or (request_id and requests.get(request_id) is not None)
             groups.setdefault(request_id if known else None, []).append(row)
         new = [r for r in groups if r is not None and r not in threads]
-        for part in _headline_parts(new, requests, groups):
+        for part in _headline_parts(new, requests, groups, self.permalinks):
             try:
                 ts = await self._headline(channel, [(requests[r], groups[r]) for r in part])
             except OpsbotError as exc:  # not posted: the first row of each of its requests waits
@@ -330,7 +344,7 @@ class AuditPoster:
                 try:
                     # The needle is in the message whichever way the row was written: its hash's
                     # first digits (an uncertain row is retried alone, looked for by them).
-                    ts = await deliver(self.chat, channel=channel, text="\n".join(line for _, line in chunk),
+                    ts = await self._deliver(channel=channel, text="\n".join(line for _, line in chunk),
                                        thread_ts=thread_ts, needle=f"{done[0]['hash'][:HASH_PREFIX]}", uncertain=done[0]["uncertain"])
                 except OpsbotError as exc:
                     await self._failed(done, exc)
@@ -351,13 +365,28 @@ class AuditPoster:
             parts.append(audit_headline(request, group[-1], await self._card_link(request)))
         first = new[0][0]
         assert first is not None
-        ts = await deliver(self.chat, channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
+        ts = await self._deliver(channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
                            uncertain=any(g[0]["uncertain"] for _, g in new))
         link = await self.permalinks.get(channel, ts)
         shown: list[tuple[str, int]] = [(request.id, int(group[-1]["seq"])) for request, group in new if request is not None]
         await self.audit.log.save_threads(channel, ts, link, shown)
         await self.store.touch_cards([r for r, _ in shown])  # the approval cards now link to their audit record
         return ts
+
+    async def _deliver(self, **message: Any) -> str:
+        """``deliver``, waiting out a short "not now" from Slack (429, Retry-After) within the round.
+        Slack took nothing, so posting again is safe. Ending the round instead (rows marked failed,
+        the round started again after the wait) cost a round per message: the batch read again and a
+        round posts into several threads, so each round got one message through before the next 429,
+        and Slack's pace of ~1 message/s became ~0.6 while the messages stayed small."""
+        for _ in range(RATE_LIMIT_WAITS):
+            try:
+                return await deliver(self.chat, **message)
+            except RateLimited as exc:
+                if self._stopping or exc.retry_after > RATE_LIMIT_WAIT:
+                    raise
+                await asyncio.sleep(exc.retry_after)
+        return await deliver(self.chat, **message)
 
     async def _failed(self, rows: list[dict[str, Any]], exc: OpsbotError) -> None:
         """The rows of a message Slack did not take: each tried again later, or given up on. Rows

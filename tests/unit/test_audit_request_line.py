@@ -56,3 +56,19 @@ def test_headlines_still_name_their_last_record() -> None:
                          created_at=now, expires_at=now)
     last = _rows("x")[-1]
     assert [p for line in audit_headline(request, last, None).splitlines() for p in posted_hashes(line)] == [(8, last["hash"])]
+
+
+def test_a_request_too_long_for_one_line_goes_out_a_line_per_row() -> None:
+    from bot.audit import CHARS_PER_MESSAGE, _chunks, _lines
+
+    short, huge = _rows("svc: 3 → 4 replicas"), _rows("<!channel> " + "y" * 12_000)
+    for row in short:
+        row["request_id"] = "r-2"
+    lines = _lines([*huge, *short], compact=True)
+    assert [line for _, line in lines] == [*(audit_line(r) for r in huge), audit_request_line(short)]
+    assert all("<!channel>" not in line for _, line in lines)
+    chunks = _chunks(lines)
+    assert all(sum(len(line) + 1 for _, line in chunk) <= CHARS_PER_MESSAGE for chunk in chunks)
+    assert sorted(r["seq"] for chunk in chunks for unit, _ in chunk for r in unit) == sorted(r["seq"] for r in [*huge, *short])
+    assert [[r["seq"]] for r in huge] == [[r["seq"] for r in unit] for unit, _ in lines][:3]
+    assert _lines(short, compact=False) == [([r], audit_line(r)) for r in short]  # no backlog: a line per row

@@ -16,6 +16,8 @@ it) and chat.update (the same), through the real SlackChat and AsyncWebClient:
     .venv/bin/python bench/audit_drain.py                          # 200 requests × 5 rows, 30 s each, ~1.5 min
     .venv/bin/python bench/audit_drain.py --requests 20 --seconds 10   # smoke run
     .venv/bin/python bench/audit_drain.py --rate 0                 # no rate limit: the poster's own speed
+    .venv/bin/python bench/audit_drain.py --sustain 50 --seconds 30 --code main=/work/main,this=.
+                                                   # each tree's current poster, same load, one after the other
 
 Prints one JSON object per poster, then a table: rows and whole requests drained per second, Slack
 calls per request by method, 429s received. Both posters run in the same invocation; compare them.

@@ -249,6 +249,8 @@ async def test_a_backlog_drains_in_few_messages_at_slacks_pace(bot: Harness, sta
     posted = hashes_in_channel(bot)
     assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
     assert bot.slack.throttled >= 1, "Slack said to wait at least once"
+    with psycopg.connect(state_db) as conn:  # each 429 (Retry-After 2 s) waited out within the round, not a failed try
+        assert conn.execute("SELECT max(attempts), count(*) FILTER (WHERE last_error IS NOT NULL) FROM audit_outbox").fetchone() == (0, 0)
     audit_posts = [a for a in bot.slack.calls_to("chat.postMessage") if a["channel"] == "C0AUDIT"]
     assert len(audit_posts) - bot.slack.throttled <= 3 < len(rows)  # lines of their own, one shared headline, its thread
     shared = [m for m in bot.slack.in_channel("C0AUDIT") if all(f"`{r.id}`" in m.text for r in requests)]

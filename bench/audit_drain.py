@@ -16,6 +16,8 @@ it) and chat.update (the same), through the real SlackChat and AsyncWebClient:
     .venv/bin/python bench/audit_drain.py                          # 200 requests × 5 rows, 30 s each, ~1.5 min
     .venv/bin/python bench/audit_drain.py --requests 20 --seconds 10   # smoke run
     .venv/bin/python bench/audit_drain.py --rate 0                 # no rate limit: the poster's own speed
+    .venv/bin/python bench/audit_drain.py --sustain 50 --seconds 30 --code main=/work/main,this=.
+                                                   # each tree's current poster, same load, one after the other
 
 Prints one JSON object per poster, then a table: rows and whole requests drained per second, Slack
 calls per request by method, 429s received. Both posters run in the same invocation; compare them.
@@ -27,6 +29,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -37,7 +41,8 @@ from typing import Any
 import psycopg
 from slack_sdk.web.async_client import AsyncWebClient
 
-ROOT = Path(__file__).resolve().parent.parent
+# --code runs this script once per tree, the tree's bot/ imported (OPSBOT_BENCH_ROOT), this script's measuring.
+ROOT = Path(os.environ.get("OPSBOT_BENCH_ROOT") or Path(__file__).resolve().parent.parent).resolve()
 sys.path.insert(0, str(ROOT))
 
 import bot.audit as bot_audit  # noqa: E402
@@ -72,7 +77,7 @@ class LegacyAuditPoster(AuditPoster):
                 try:
                     await self._post(self.channel, row)
                 except OpsbotError as exc:
-                    await self._failed(row, exc)
+                    await self._failed([row], exc)
                     break
                 posted += 1
             await self._headlines(self.channel)
@@ -242,7 +247,15 @@ async def sustain(url: str, kind: str, *, commands_per_s: float, rows: int, seco
     calls = Counter(m for m, _ in slack.calls)
     per_message = [sum(1 for line in str(a.get("text", "")).splitlines() if line.startswith("`#"))
                    for a in slack.calls_to("chat.postMessage") if a.get("thread_ts")]
-    return {"sizes": kind, "lines_per_reply_mean": round(sum(per_message) / max(1, len(per_message)), 1),
+    # What went out (not the calls answered 429): rows per thread reply, characters per row posted.
+    sent = [m for m in slack.messages if m.channel == CHANNEL]
+    replies = [m for m in sent if m.thread_ts]
+    rows_posted = written - left
+    return {"sizes": kind, "rows_posted": rows_posted, "replies": len(replies),
+            "rows_per_reply_mean": round(rows_posted / max(1, len(replies)), 1),
+            "chars_per_row": round(sum(len(m.text) for m in sent) / max(1, rows_posted), 1),
+            "headline_chars": sum(len(m.text) for m in sent if not m.thread_ts),
+            "lines_per_reply_mean": round(sum(per_message) / max(1, len(per_message)), 1),
             "lines_per_reply_max": max(per_message, default=0), **SIZES[kind], "commands_per_s": commands_per_s,
             "rows_per_command": rows, "seconds": seconds,
             "rows_written": written, "backlog_at_stop": samples[-1]["backlog"] if samples else None,
@@ -250,6 +263,7 @@ async def sustain(url: str, kind: str, *, commands_per_s: float, rows: int, seco
             "max_behind_s": max((s["behind_s"] for s in samples), default=0.0),
             "caught_up_s": round(caught_up_in, 1) if not left else None, "left_after_catch_up": left,
             "messages": calls.get("chat.postMessage", 0), "http_429": slack.throttled, "chain": report.summary(),
+            "calls": dict(sorted(calls.items())),
             "samples": samples}
 
 
@@ -271,7 +285,14 @@ async def main() -> None:
                     help="commands/s arriving during the run (each with --rows rows) instead of a backlog; compares the "
                          "previous message sizes with the current ones")
     ap.add_argument("--catch-up", type=float, default=60.0, help="with --sustain: seconds allowed to empty the backlog after")
+    ap.add_argument("--code", default="",
+                    help="name=tree,… (e.g. main=/work/main,this=.): run the current poster of each tree in turn, same "
+                         "sizes and load, and compare them instead of the built-in before/after")
+    ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # one poster kind only (what --code runs per tree)
     args = ap.parse_args()
+    if args.code:
+        compare_trees(args)
+        return
     if args.sustain > 0:
         await main_sustained(args)
         return
@@ -286,7 +307,7 @@ async def main() -> None:
         await store.close()
         await fill(url, args.requests, args.rows)
         results = []
-        for kind in ("before", "after"):
+        for kind in [args.only] if args.only else ["before", "after"]:
             r = await drain(fresh(admin, template), kind, seconds=args.seconds, rate=args.rate, burst=args.burst)
             print(json.dumps(r), flush=True)
             results.append(r)
@@ -310,7 +331,7 @@ async def main_sustained(args: argparse.Namespace) -> None:
         await store.migrate()
         await store.close()
         results = []
-        for kind in ("previous", "now"):
+        for kind in [args.only] if args.only else ["previous", "now"]:
             r = await sustain(fresh(admin, template), kind, commands_per_s=args.sustain, rows=args.rows, seconds=args.seconds,
                               catch_up=args.catch_up, rate=args.rate, burst=args.burst)
             print(json.dumps(r), flush=True)
@@ -325,6 +346,43 @@ async def main_sustained(args: argparse.Namespace) -> None:
         print(f"{r['sizes']:<9} {r['LINES_PER_MESSAGE']:>5} {r['CHARS_PER_MESSAGE']:>6} {r['HEADLINES_PER_MESSAGE']:>5} "
               f"{r['rows_written']:>8} {r['backlog_at_stop']!s:>12} {r['max_behind_s']:>12.1f} {caught:>11} {r['messages']:>5} "
               f"{r['http_429']:>5} {r['lines_per_reply_mean']:>11}")
+
+
+def compare_trees(args: argparse.Namespace) -> None:
+    """Each tree's current poster (``now`` / ``after``) under the same load, one tree after the other."""
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--code") if "--code" in argv else -1
+    argv = argv[:i] + argv[i + 2:] if i >= 0 else [a for a in argv if not a.startswith("--code=")]
+    kind = "now" if args.sustain > 0 else "after"
+    results = []
+    for item in args.code.split(","):
+        name, _, tree = item.partition("=")
+        proc = subprocess.run([sys.executable, __file__, *argv, "--only", kind], capture_output=True, text=True,
+                              env={**os.environ, "OPSBOT_BENCH_ROOT": str(Path(tree).resolve())}, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} ({tree}) failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+        r["code"] = name
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    if args.sustain > 0:
+        print(f"\naudit channel under sustained load: {args.sustain:g} commands/s × {args.rows} rows for {args.seconds:g} s, "
+              f"fake Slack at {args.rate:g} msg/s per channel, bursts of {args.burst}; catch-up allowed {args.catch_up:g} s")
+        print(f"{'code':<8} {'written':>8} {'backlog@stop':>12} {'max behind s':>12} {'caught up s':>11} {'left':>6} "
+              f"{'msgs':>5} {'429s':>5} {'rows/reply':>10} {'chars/row':>9}")
+        for r in results:
+            caught = "-" if r["caught_up_s"] is None else f"{r['caught_up_s']:.1f}"
+            print(f"{r['code']:<8} {r['rows_written']:>8} {r['backlog_at_stop']!s:>12} {r['max_behind_s']:>12.1f} {caught:>11} "
+                  f"{r['left_after_catch_up']:>6} {r['messages']:>5} {r['http_429']:>5} {r.get('rows_per_reply_mean', '-')!s:>10} "
+                  f"{r.get('chars_per_row', '-')!s:>9}")
+    else:
+        print(f"\naudit channel drain: backlog of {args.requests} requests × {args.rows} rows, fake Slack at {args.rate:g} msg/s "
+              f"per channel, bursts of {args.burst}, at most {args.seconds:g} s each")
+        print(f"{'code':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5}  Slack calls per drained request")
+        for r in results:
+            calls = ", ".join(f"{m.removeprefix('chat.')} {n}" for m, n in r["calls_per_request"].items())
+            print(f"{r['code']:<8} {r['rows_per_s']:>7.1f} {r['requests_per_s']:>6.2f} {r['requests_drained']:>8} "
+                  f"{r['http_429']:>5}  {calls}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from bot.adapters.audit_log import AuditLog
 from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.domain import Actor, OpsRequest
-from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError
-from bot.messages import audit_headline, audit_line
+from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError, RateLimited
+from bot.messages import HASH_PREFIX, audit_headline, audit_line, audit_request_line
 from bot.metrics import Metrics
 from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay, stop_loop
 from bot.ports import Chat
@@ -48,27 +48,64 @@ _SECRET_KEYS = ("token", "secret", "password", "authorization", "dsn", "credenti
 # HEADLINES_PER_MESSAGE and the same number of characters. An audit line is ~200 characters, so one
 # message per second carries ~190 rows/s: ~40 mutating commands/s at their ~5 rows each, bursts above.
 # (Before: 120 lines, 30,000 characters and 25 headlines per message, ~120 rows/s at best.)
+#
+# Under a backlog (more due than one message of full lines), the rows of one request in one message
+# become one line (``audit_request_line``: each row's seq and hash prefix, the last row's full hash),
+# ~330 characters for a request's 5 rows instead of ~1,000; and a headline message is shared by up to
+# HEADLINES_PER_MESSAGE requests (~230 characters each), so that at 50 commands/s the channel needs
+# a few messages per second's worth of commands, not one per 40 requests plus one per 190 rows.
+# A 429 whose Retry-After is at most RATE_LIMIT_WAIT s is waited out within the round (up to
+# RATE_LIMIT_WAITS times a message); a longer one ends the round, the rows tried again then.
+RATE_LIMIT_WAIT = 3.0
+RATE_LIMIT_WAITS = 5
 BATCH_ROWS = 2000
 LINES_PER_MESSAGE = 1000
 CHARS_PER_MESSAGE = 38_000
-HEADLINES_PER_MESSAGE = 40  # each headline update draws its message whole: 2 reads per request in it
+HEADLINES_PER_MESSAGE = 150  # a headline update draws its message whole, its members read in 3 queries in all
+ROWS_PER_LINE = 50  # a request with more rows due than this gets several lines
 
 
-def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    chunks: list[list[dict[str, Any]]] = []
-    size = 0
+def _lines(rows: list[dict[str, Any]], *, compact: bool) -> list[tuple[list[dict[str, Any]], str]]:
+    """The lines of a thread's rows (seq order, a request's rows together): one per row, or under a
+    backlog one per request (a line too long for that, e.g. a huge value, goes back to one per row)."""
+    if not compact:
+        return [([row], audit_line(row)) for row in rows]
+    units: list[list[dict[str, Any]]] = []
     for row in rows:
-        n = len(audit_line(row)) + 1
-        if not chunks or len(chunks[-1]) >= LINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
+        if units and row["request_id"] and units[-1][-1]["request_id"] == row["request_id"] and len(units[-1]) < ROWS_PER_LINE:
+            units[-1].append(row)
+        else:
+            units.append([row])
+    lines: list[tuple[list[dict[str, Any]], str]] = []
+    for unit in units:
+        line = audit_request_line(unit)
+        if len(unit) > 1 and len(line) > CHARS_PER_MESSAGE // 4:
+            lines.extend(([row], audit_line(row)) for row in unit)
+        else:
+            lines.append((unit, line))
+    return lines
+
+
+def _chunks(lines: list[tuple[list[dict[str, Any]], str]]) -> list[list[tuple[list[dict[str, Any]], str]]]:
+    chunks: list[list[tuple[list[dict[str, Any]], str]]] = []
+    size = count = 0
+    for unit, line in lines:
+        n = len(line) + 1
+        if not chunks or count + len(unit) > LINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
             chunks.append([])
-            size = 0
-        chunks[-1].append(row)
+            size = count = 0
+        chunks[-1].append((unit, line))
         size += n
+        count += len(unit)
     return chunks
 
 
+def _seq_range(seqs: list[int]) -> str:
+    return str(seqs[0]) if len(seqs) == 1 else f"{seqs[0]}..{seqs[-1]} ({len(seqs)})"
+
+
 def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
-                    groups: dict[str | None, list[dict[str, Any]]]) -> list[list[str]]:
+                    groups: dict[str | None, list[dict[str, Any]]], links: Permalinks | None = None) -> list[list[str]]:
     """The new requests cut into shared headline messages: at most HEADLINES_PER_MESSAGE each and,
     counting a card link at its longest, at most CHARS_PER_MESSAGE characters."""
     parts: list[list[str]] = []
@@ -76,7 +113,9 @@ def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
     for request_id in new:
         request = requests[request_id]
         assert request is not None
-        n = len(audit_headline(request, groups[request_id][-1], None)) + CARD_LINK_CHARS + 2
+        # the card link's length once the workspace's link form is known, else its longest
+        link = links.built(request.card_channel, request.card_ts) if links and request.card_channel and request.card_ts else None
+        n = len(audit_headline(request, groups[request_id][-1], link)) + (0 if link else CARD_LINK_CHARS) + HEADLINE_GROWTH + 2
         if not parts or len(parts[-1]) >= HEADLINES_PER_MESSAGE or size + n > CHARS_PER_MESSAGE:
             parts.append([])
             size = 0
@@ -85,7 +124,11 @@ def _headline_parts(new: list[str], requests: dict[str, OpsRequest | None],
     return parts
 
 
-CARD_LINK_CHARS = 200  # " · <https://….slack.com/archives/C…/p…|approval card>", with room to spare
+# A shared headline message is drawn again whole as its requests move on: room for each to grow to
+# the longest state label, the "its rollout/job failed" mark and a longer seq, so that no update
+# takes the message past Slack's 40,000 characters.
+HEADLINE_GROWTH = 130
+CARD_LINK_CHARS = 120  # " · <https://….slack.com/archives/C…/p…|approval card>", an Enterprise Grid URL included
 
 
 class Permalinks:
@@ -103,6 +146,10 @@ class Permalinks:
     @staticmethod
     def _path(channel: str, ts: str) -> str:
         return f"/archives/{channel}/p{ts.replace('.', '')}"
+
+    def built(self, channel: str, ts: str) -> str | None:
+        """The link, if it can be built without asking Slack."""
+        return self.base + self._path(channel, ts) if self.base is not None else self._known.get((channel, ts))
 
     async def get(self, channel: str, ts: str) -> str | None:
         if self.base is not None:
@@ -223,9 +270,10 @@ class AuditPoster:
         or is not due yet, so that the channel never shows rows out of order.
 
         A backlog goes out in few messages: the due rows of one request's thread become one reply
-        (several audit lines, each exactly as ``audit_line`` writes it, which is what `opsbot audit
-        verify --against-channel` reads line by line), and so do the rows that are lines of their
-        own. A row whose last post is uncertain is delivered alone, looked for first by its hash."""
+        (several audit lines, each as ``audit_line`` writes it, or under a backlog one line per
+        request, ``audit_request_line``: what `opsbot audit verify --against-channel` reads line by
+        line), and so do the rows that are lines of their own. A row whose last post is uncertain is
+        delivered alone, looked for first by its hash's first digits."""
         try:
             await self.audit.drain_spool()
         except BackendUnavailable:
@@ -259,31 +307,25 @@ class AuditPoster:
     async def _post_batch(self, channel: str, rows: list[dict[str, Any]]) -> tuple[int, bool]:
         """Post ``rows`` (seq order) grouped by where they go; (rows posted, whether one failed)."""
         groups: dict[str | None, list[dict[str, Any]]] = {}  # a thread's request id, or None: lines of their own
-        requests: dict[str, OpsRequest | None] = {}
         threads: dict[str, str] = {}  # request id → its headline's ts
+        # Whatever the number of requests in the batch, their requests and threads are read in one
+        # query each (per request, those reads were what held the poster back under sustained load).
+        unknown = list(dict.fromkeys(r["request_id"] for r in rows if r["request_id"] and r["request_id"] not in self._threads))
+        requests: dict[str, OpsRequest | None] = dict(await self.store.get_many(unknown)) if unknown else {}
+        for request_id in {r["request_id"] for r in rows if r["request_id"] in self._threads}:
+            threads[request_id] = self._threads[request_id]
+        saved = await self.audit.log.threads_of([r for r in requests if r not in threads])
+        threads.update(saved)
         for row in rows:
             request_id = row["request_id"]
-            if request_id and request_id not in requests and request_id not in threads:
-                if request_id in self._threads:
-                    threads[request_id] = self._threads[request_id]
-                else:
-                    requests[request_id] = await self.store.get(request_id)
             known = request_id in threads or (request_id and requests.get(request_id) is not None)
             groups.setdefault(request_id if known else None, []).append(row)
-        new: list[str] = []
-        for request_id in groups:
-            if request_id is not None and request_id not in threads:
-                thread = await self.audit.log.thread(request_id)
-                if thread is None:
-                    new.append(request_id)
-                else:
-                    threads[request_id] = str(thread["ts"])
-        for part in _headline_parts(new, requests, groups):
+        new = [r for r in groups if r is not None and r not in threads]
+        for part in _headline_parts(new, requests, groups, self.permalinks):
             try:
                 ts = await self._headline(channel, [(requests[r], groups[r]) for r in part])
             except OpsbotError as exc:  # not posted: the first row of each of its requests waits
-                for request_id in part:
-                    await self._failed(groups[request_id][0], exc)
+                await self._failed([groups[request_id][0] for request_id in part], exc)
                 return 0, True
             threads.update(dict.fromkeys(part, ts))
         if len(self._threads) > 50_000:  # requests long finished
@@ -293,18 +335,22 @@ class AuditPoster:
         by_thread: dict[str | None, list[dict[str, Any]]] = {}
         for request_id, group in groups.items():
             by_thread.setdefault(None if request_id is None else threads[request_id], []).extend(group)
+        # A backlog: more due than one message of full lines carries.
+        compact = sum(len(audit_line(r)) + 1 for r in rows) > CHARS_PER_MESSAGE
         posted = 0
         for thread_ts, group in by_thread.items():
-            for chunk in _chunks(group):
+            for chunk in _chunks(_lines(group, compact=compact)):
+                done = [r for unit, _ in chunk for r in unit]
                 try:
-                    ts = await deliver(self.chat, channel=channel, text="\n".join(audit_line(r) for r in chunk),
-                                       thread_ts=thread_ts, needle=chunk[0]["hash"], uncertain=chunk[0]["uncertain"])
+                    # The needle is in the message whichever way the row was written: its hash's
+                    # first digits (an uncertain row is retried alone, looked for by them).
+                    ts = await self._deliver(channel=channel, text="\n".join(line for _, line in chunk),
+                                       thread_ts=thread_ts, needle=f"{done[0]['hash'][:HASH_PREFIX]}", uncertain=done[0]["uncertain"])
                 except OpsbotError as exc:
-                    for r in chunk:
-                        await self._failed(r, exc)
+                    await self._failed(done, exc)
                     return posted, True
-                await self.audit.log.mark_posted_many([int(r["seq"]) for r in chunk], ts)
-                posted += len(chunk)
+                await self.audit.log.mark_posted_many([int(r["seq"]) for r in done], ts)
+                posted += len(done)
         return posted, False
 
     async def _headline(self, channel: str, new: list[tuple[OpsRequest | None, list[dict[str, Any]]]]) -> str:
@@ -319,31 +365,51 @@ class AuditPoster:
             parts.append(audit_headline(request, group[-1], await self._card_link(request)))
         first = new[0][0]
         assert first is not None
-        ts = await deliver(self.chat, channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
+        ts = await self._deliver(channel=channel, text="\n\n".join(parts), thread_ts=None, needle=f"`{first.id}`",
                            uncertain=any(g[0]["uncertain"] for _, g in new))
         link = await self.permalinks.get(channel, ts)
-        for request, group in new:
-            assert request is not None
-            await self.audit.log.save_thread(request.id, channel, ts, link)
-            await self.audit.log.headline_shown(request.id, int(group[-1]["seq"]))
-            await self.store.touch_card(request.id)  # the approval card now links to its audit record
+        shown: list[tuple[str, int]] = [(request.id, int(group[-1]["seq"])) for request, group in new if request is not None]
+        await self.audit.log.save_threads(channel, ts, link, shown)
+        await self.store.touch_cards([r for r, _ in shown])  # the approval cards now link to their audit record
         return ts
 
-    async def _failed(self, row: dict[str, Any], exc: OpsbotError) -> None:
+    async def _deliver(self, **message: Any) -> str:
+        """``deliver``, waiting out a short "not now" from Slack (429, Retry-After) within the round.
+        Slack took nothing, so posting again is safe. Ending the round instead (rows marked failed,
+        the round started again after the wait) cost a round per message: the batch read again and a
+        round posts into several threads, so each round got one message through before the next 429,
+        and Slack's pace of ~1 message/s became ~0.6 while the messages stayed small."""
+        for _ in range(RATE_LIMIT_WAITS):
+            try:
+                return await deliver(self.chat, **message)
+            except RateLimited as exc:
+                if self._stopping or exc.retry_after > RATE_LIMIT_WAIT:
+                    raise
+                await asyncio.sleep(exc.retry_after)
+        return await deliver(self.chat, **message)
+
+    async def _failed(self, rows: list[dict[str, Any]], exc: OpsbotError) -> None:
+        """The rows of a message Slack did not take: each tried again later, or given up on. Rows
+        with the same history are marked in one statement (a message holds hundreds of rows)."""
         self._held_back = True
-        attempts = int(row["attempts"]) + 1
-        uncertain = bool(row["uncertain"]) or isinstance(exc, DeliveryUncertain)
-        give_up = permanent(exc) or (uncertain and attempts >= MAX_UNCERTAIN)
-        if give_up:
-            # The row stays in the database (the record); only its copy in the channel is missing,
-            # which `opsbot audit verify --against-channel` reports.
-            log.error("audit row %s will not be posted to the audit channel (after %d attempt(s)): %s", row["seq"], attempts, exc)
-            if self.metrics:
-                self.metrics.given_up.labels("audit").inc()
-        else:
-            log.warning("audit row %s not posted yet: %s", row["seq"], exc)
-        await self.audit.log.mark_failed(row["seq"], str(exc), uncertain=uncertain, delay=retry_delay(attempts, exc),
-                                         give_up=give_up)
+        alike: dict[tuple[int, bool, bool], list[int]] = {}
+        for row in rows:
+            attempts = int(row["attempts"]) + 1
+            uncertain = bool(row["uncertain"]) or isinstance(exc, DeliveryUncertain)
+            give_up = permanent(exc) or (uncertain and attempts >= MAX_UNCERTAIN)
+            alike.setdefault((attempts, uncertain, give_up), []).append(int(row["seq"]))
+        for (attempts, uncertain, give_up), seqs in alike.items():
+            shown = _seq_range(seqs)
+            if give_up:
+                # The rows stay in the database (the record); only their copy in the channel is
+                # missing, which `opsbot audit verify --against-channel` reports.
+                log.error("audit row(s) %s will not be posted to the audit channel (after %d attempt(s)): %s", shown, attempts, exc)
+                if self.metrics:
+                    self.metrics.given_up.labels("audit").inc(len(seqs))
+            else:
+                log.warning("audit row(s) %s not posted yet: %s", shown, exc)
+            await self.audit.log.mark_failed_many(seqs, str(exc), uncertain=uncertain, delay=retry_delay(attempts, exc),
+                                                  give_up=give_up)
 
     async def _card_link(self, request: OpsRequest | None) -> str | None:
         if request and request.card_channel and request.card_ts:
@@ -357,12 +423,14 @@ class AuditPoster:
         messages: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for behind in await self.audit.log.stale_headlines():
             messages.setdefault((str(behind["channel"]), str(behind["ts"])), []).append(behind)
+        # The members of every message to draw again, their requests and their last rows: three
+        # queries in all, not three per member.
+        members = await self.audit.log.members_of(list(messages))
+        requests = await self.store.get_many(list({m["request_id"] for found in members.values() for m in found}))
         for (message_channel, ts), stale in messages.items():
-            members = await self.audit.log.thread_members(message_channel, ts)
             parts = []
-            for member in members:
-                request = await self.store.get(member["request_id"])
-                last = await self.audit.log.row(member["seq"]) if member["seq"] else None
+            for member in members.get((message_channel, ts), []):
+                request, last = requests.get(member["request_id"]), member["row"]
                 if request is not None and last is not None:
                     parts.append(audit_headline(request, last, await self._card_link(request)))
             if not parts:
@@ -372,8 +440,7 @@ class AuditPoster:
             except OpsbotError as exc:
                 log.warning("audit headline of %s not updated yet: %s", ", ".join(item["request_id"] for item in stale), exc)
                 return
-            for item in stale:
-                await self.audit.log.headline_shown(item["request_id"], item["seq"])
+            await self.audit.log.headlines_shown([(item["request_id"], item["seq"]) for item in stale])
 
     async def _loop(self) -> None:
         while not self._stopping:

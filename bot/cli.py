@@ -321,7 +321,6 @@ async def _verify_timeline(path: str) -> int | None:
 
 async def _verify_channel(log: object) -> bool:
     """Compare the hashes posted in the audit channel with the database."""
-    import re
     from collections import Counter
     from typing import Any
 
@@ -329,6 +328,7 @@ async def _verify_channel(log: object) -> bool:
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.adapters.audit_log import AuditLog, stored_hashes
+    from bot.messages import posted_hashes
 
     assert isinstance(log, AuditLog)
     settings = Settings.from_env()
@@ -351,19 +351,19 @@ async def _verify_channel(log: object) -> bool:
         user, bid = message.get("user"), message.get("bot_id")
         return bool(user or bid) and (not user or user == bot_user) and (not bid or bid == bot_id)
 
-    posted: dict[int, str] = {}
+    posted: dict[int, str] = {}  # seq → its hash as posted: whole, or its first HASH_PREFIX digits
     ignored: Counter[str] = Counter()
-    # A whole line, as bot/messages.py writes them: an audit line (`#N` … · hash `…`) or a headline's
-    # "last record `#N` hash `…`". User text in them never holds a line break (messages.mrkdwn).
-    pattern = re.compile(r"^(?:`#(\d+)` .* · hash |last record `#(\d+)` hash )`([0-9a-f]{64})`$")
 
     def read(message: dict[str, Any]) -> None:
-        found = [m for line in str(message.get("text", "")).splitlines() if (m := pattern.match(line))]
+        # Whole lines, as bot/messages.py writes them (posted_hashes): an audit line (`#N` … · hash
+        # `…`), a request's rows in one line under a backlog, a headline's "last record `#N` hash `…`".
+        found = [pair for line in str(message.get("text", "")).splitlines() for pair in posted_hashes(line)]
         if found and not ours(message):
             ignored[str(message.get("user") or message.get("bot_id") or "unknown")] += 1
             return
-        for m in found:
-            posted[int(m.group(1) or m.group(2))] = m.group(3)
+        for seq, digest in found:
+            if len(digest) >= len(posted.get(seq, "")):  # a headline's whole hash says more than a prefix
+                posted[seq] = digest
 
     cursor = None
     while True:
@@ -389,13 +389,13 @@ async def _verify_channel(log: object) -> bool:
     async for seq, digest in stored_hashes(log):
         if seq in posted:
             present.add(seq)
-            if posted[seq] != digest:
+            if not digest.startswith(posted[seq]):
                 bad.append(seq)
         else:
             unposted += 1
     checkpoint = await log.latest_checkpoint()
     pruned_upto = int(checkpoint["upto_seq"]) if checkpoint else 0
-    if checkpoint and posted.get(pruned_upto, checkpoint["last_hash"]) != checkpoint["last_hash"]:
+    if checkpoint and not str(checkpoint["last_hash"]).startswith(posted.get(pruned_upto, checkpoint["last_hash"])):
         bad = sorted({*bad, pruned_upto})  # the checkpoint claims a last hash the channel never showed
     gone = sorted(seq for seq in posted if seq not in present)
     pruned = [seq for seq in gone if seq <= pruned_upto]

@@ -182,6 +182,64 @@ def audit_line(row: dict[str, Any]) -> str:
             f"{what}{where}{req}{extra} · hash `{row['hash']}`")
 
 
+# Under a backlog (bot/audit.py), the rows of one request in one message become one line: every row's
+# seq with the first HASH_PREFIX hex digits of its hash at the start, the last row's full hash at the
+# end. The hash chain makes the full hash evidence for every row before it (a rewritten row changes
+# every hash after it), and the prefixes say which row differs. A line reads
+#   `#12:0123456789abcdef #15:… #19` request `r-…` svc: 3 → 4 replicas [production]: *requested* by <@U1> · … · hash `…`
+HASH_PREFIX = 16
+_PREFIX = f"#\\d+:[0-9a-f]{{{HASH_PREFIX}}}"
+COMPACT_HEAD = re.compile(rf"^`({_PREFIX}(?: {_PREFIX})*) #(\d+)` .* · hash `([0-9a-f]{{64}})`$")
+
+
+def _audit_step(row: dict[str, Any]) -> tuple[str, str]:
+    """(what the row is about, its step: event, actor, outcome) as ``audit_line`` writes them."""
+    plan = row.get("plan") or {}
+    result = row.get("result") or {}
+    what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {row.get('command_text') or ''}")
+    where = f" [{mrkdwn(plan['environment'])}]" if plan.get("environment") else ""
+    extra = ""
+    if result.get("message"):
+        extra = f" — {mrkdwn(result['message'])}"
+    elif result.get("error"):
+        extra = f" — {mrkdwn(result['error'])}"
+    elif result.get("reason"):
+        extra = f" — reason: {mrkdwn(result['reason'])}"
+    who = "" if row["actor_id"] == "opsbot" else f" by {user_ref(row['actor_id'])}"
+    return what + where, f"*{EVENT_LABEL.get(row['event'], row['event'])}*{who}{extra}"
+
+
+def audit_request_line(rows: list[dict[str, Any]]) -> str:
+    """Several rows of one request (seq order, all with its ``request_id``) as one line: what it is
+    about once, then each step (a step with no "by" is opsbot's own; one about something else than
+    the first says so). ``audit_line`` for a single row."""
+    if len(rows) == 1:
+        return audit_line(rows[0])
+    head = " ".join(f"#{r['seq']}:{str(r['hash'])[:HASH_PREFIX]}" for r in rows[:-1]) + f" #{rows[-1]['seq']}"
+    about, _ = _audit_step(rows[0])
+    steps = []
+    for r in rows:
+        what, step = _audit_step(r)
+        steps.append(step if what == about else f"{step} ({what})")
+    return (f"`{head}` request {code(rows[0]['request_id'])} {about}: " + " · ".join(steps)
+            + f" · hash `{rows[-1]['hash']}`")
+
+
+def posted_hashes(line: str) -> list[tuple[int, str]]:
+    """The (seq, hash) pairs an audit-channel line shows, the hash whole or its first HASH_PREFIX
+    digits: an ``audit_line``, an ``audit_request_line`` or a headline's last record. Only the ends of
+    a line are read: user text, in the middle, cannot add or change a pair (it holds no line break)."""
+    if m := COMPACT_HEAD.match(line):
+        pairs = [(int(seq), digest) for seq, digest in (item[1:].split(":") for item in m.group(1).split(" "))]
+        return [*pairs, (int(m.group(2)), m.group(3))]
+    if m := _ONE_ROW.match(line):
+        return [(int(m.group(1) or m.group(2)), m.group(3))]
+    return []
+
+
+_ONE_ROW = re.compile(r"^(?:`#(\d+)` .* · hash |last record `#(\d+)` hash )`([0-9a-f]{64})`$")
+
+
 def audit_headline(request: OpsRequest, last: dict[str, Any], card_link: str | None) -> str:
     """The one message per request in the audit channel: who, what, where, state; updated as it moves."""
     plan = {**request.plan, "summary": mrkdwn(request.plan["summary"]) if request.plan.get("summary") else code(request.text)}

@@ -357,6 +357,15 @@ class AuditLog:
                        next_attempt_at = now() + make_interval(secs => %s) WHERE seq = %s""",
                 (error[:500], uncertain, give_up, delay, seq))
 
+    async def mark_failed_many(self, seqs: list[int], error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
+        """``mark_failed`` for the rows of one message, in one statement (a 429 on a message of 500
+        rows was 500 round trips before the poster could go on)."""
+        async with self.store.connection() as conn:
+            await conn.execute(
+                """UPDATE audit_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s, gave_up = %s,
+                       next_attempt_at = now() + make_interval(secs => %s) WHERE seq = ANY(%s)""",
+                (error[:500], uncertain, give_up, delay, seqs))
+
     async def stale_headlines(self) -> list[dict[str, Any]]:
         """Request threads whose headline does not show their last posted row yet."""
         async with self.store.connection() as conn:
@@ -377,6 +386,37 @@ class AuditLog:
                    ORDER BY (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id), t.request_id""",
                 (channel, ts))).fetchall()
 
+    async def members_of(self, messages: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """``thread_members`` of several headline messages in one query, each with its last row
+        (``row``) already read, or None when that row is gone."""
+        if not messages:
+            return {}
+        async with self.store.connection() as conn:
+            found = await (await conn.execute(
+                """SELECT m.channel, m.ts, m.request_id, m.seq, to_jsonb(e) AS row FROM (
+                       SELECT t.channel, t.ts, t.request_id, greatest(t.headline_seq, (SELECT max(o.seq) FROM audit_outbox o
+                              WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL)) AS seq,
+                              (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id) AS first_seq
+                       FROM audit_threads t JOIN unnest(%s::text[], %s::text[]) AS want (channel, ts)
+                            ON t.channel = want.channel AND t.ts = want.ts) m
+                   LEFT JOIN audit_events e ON e.seq = m.seq
+                   ORDER BY m.channel, m.ts, m.first_seq, m.request_id""",
+                ([c for c, _ in messages], [t for _, t in messages]))).fetchall()
+        members: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for member in found:
+            members.setdefault((member["channel"], member["ts"]), []).append(member)
+        return members
+
+    async def headlines_shown(self, shown: list[tuple[str, int]]) -> None:
+        """``headline_shown`` for several requests in one statement."""
+        if not shown:
+            return
+        async with self.store.connection() as conn:
+            await conn.execute(
+                """UPDATE audit_threads t SET headline_seq = greatest(t.headline_seq, s.seq)
+                   FROM unnest(%s::text[], %s::bigint[]) AS s (request_id, seq) WHERE t.request_id = s.request_id""",
+                ([r for r, _ in shown], [q for _, q in shown]))
+
     async def headline_shown(self, request_id: str, seq: int) -> None:
         async with self.store.connection() as conn:
             await conn.execute("UPDATE audit_threads SET headline_seq = greatest(headline_seq, %s) WHERE request_id = %s",
@@ -393,6 +433,26 @@ class AuditLog:
     async def thread(self, request_id: str) -> dict[str, Any] | None:
         async with self.store.connection() as conn:
             return await (await conn.execute("SELECT * FROM audit_threads WHERE request_id = %s", (request_id,))).fetchone()
+
+    async def threads_of(self, request_ids: list[str]) -> dict[str, str]:
+        """Request id → the ts of its thread's headline, for those that have one (one query)."""
+        if not request_ids:
+            return {}
+        async with self.store.connection() as conn:
+            rows = await (await conn.execute("SELECT request_id, ts FROM audit_threads WHERE request_id = ANY(%s)",
+                                             (request_ids,))).fetchall()
+        return {r["request_id"]: str(r["ts"]) for r in rows}
+
+    async def save_threads(self, channel: str, ts: str, permalink: str | None, shown: list[tuple[str, int]]) -> None:
+        """The requests of ``shown`` (request id, the seq its headline shows) got their headline in
+        message ``ts``: ``save_thread`` and ``headline_shown`` for all of them, in one statement."""
+        async with self.store.connection() as conn:
+            await conn.execute(
+                """INSERT INTO audit_threads (request_id, channel, ts, permalink, headline_seq)
+                   SELECT s.request_id, %s, %s, %s, s.seq FROM unnest(%s::text[], %s::bigint[]) AS s (request_id, seq)
+                   ON CONFLICT (request_id) DO UPDATE SET headline_seq = greatest(audit_threads.headline_seq, EXCLUDED.headline_seq)
+                   WHERE audit_threads.channel = EXCLUDED.channel AND audit_threads.ts = EXCLUDED.ts""",
+                (channel, ts, permalink, [r for r, _ in shown], [q for _, q in shown]))
 
     async def save_thread(self, request_id: str, channel: str, ts: str, permalink: str | None) -> None:
         async with self.store.connection() as conn:

@@ -341,6 +341,21 @@ class Store:
                 "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
         return _request(row, approvals)
 
+    async def get_many(self, request_ids: list[str]) -> dict[str, OpsRequest]:
+        """The requests of ``request_ids`` that exist, in two queries whatever their number (the audit
+        poster places a round's rows of many new requests at once)."""
+        if not request_ids:
+            return {}
+        async with self._conn() as conn:
+            rows = await (await conn.execute(
+                """SELECT r.*, t.permalink AS audit_permalink FROM ops_requests r
+                   LEFT JOIN audit_threads t ON t.request_id = r.id WHERE r.id = ANY(%s)""", (request_ids,))).fetchall()
+            approvals: dict[str, list[dict[str, Any]]] = {}
+            for a in await (await conn.execute(
+                    "SELECT * FROM ops_approvals WHERE request_id = ANY(%s) ORDER BY at", ([r["id"] for r in rows],))).fetchall():
+                approvals.setdefault(a["request_id"], []).append(a)
+        return {row["id"]: _request(row, approvals.get(row["id"], [])) for row in rows}
+
     async def set_card(self, request_id: str, channel: str, ts: str) -> None:
         async with self._conn() as conn:
             await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
@@ -563,8 +578,11 @@ class Store:
 
     async def touch_card(self, request_id: str) -> None:
         """The card must be drawn again though the request did not change (e.g. its audit link appeared)."""
+        await self.touch_cards([request_id])
+
+    async def touch_cards(self, request_ids: list[str]) -> None:
         async with self._conn() as conn:
-            await conn.execute("UPDATE ops_requests SET card_version = card_version + 1 WHERE id = %s", (request_id,))
+            await conn.execute("UPDATE ops_requests SET card_version = card_version + 1 WHERE id = ANY(%s)", (request_ids,))
 
     # ------------------------------------------------------------------ scheduled reverts (a flag's revert_after)
 

@@ -249,6 +249,8 @@ async def test_a_backlog_drains_in_few_messages_at_slacks_pace(bot: Harness, sta
     posted = hashes_in_channel(bot)
     assert sorted(posted) == sorted(r["hash"] for r in rows) and len(posted) == len(set(posted)), "each row exactly once"
     assert bot.slack.throttled >= 1, "Slack said to wait at least once"
+    with psycopg.connect(state_db) as conn:  # each 429 (Retry-After 2 s) waited out within the round, not a failed try
+        assert conn.execute("SELECT max(attempts), count(*) FILTER (WHERE last_error IS NOT NULL) FROM audit_outbox").fetchone() == (0, 0)
     audit_posts = [a for a in bot.slack.calls_to("chat.postMessage") if a["channel"] == "C0AUDIT"]
     assert len(audit_posts) - bot.slack.throttled <= 3 < len(rows)  # lines of their own, one shared headline, its thread
     shared = [m for m in bot.slack.in_channel("C0AUDIT") if all(f"`{r.id}`" in m.text for r in requests)]
@@ -288,10 +290,11 @@ async def test_permalinks_are_learned_once_and_built_after() -> None:
 async def test_a_big_backlog_goes_out_in_messages_of_up_to_38k_characters(bot: Harness, state_db: str, platform_db: str,
                                                                           redis_url: str) -> None:
     """What lets the channel keep up with a sustained load at Slack's ~1 message/s: many lines per
-    message (up to 38,000 characters, under Slack's 40,000) and up to 40 new requests per shared
-    headline. Every line is still exactly ``audit_line``, each row once, and the channel verifies."""
+    message (up to 38,000 characters, under Slack's 40,000), up to 150 new requests per shared
+    headline and, under a backlog, one line per request listing its rows (each row's seq and hash
+    prefix, the last one's full hash). Each row is in the channel once, and the channel verifies."""
     from bot.domain import Actor, RequestState, UserId
-    from bot.messages import audit_line
+    from bot.messages import audit_request_line, posted_hashes
 
     n = 80
     async with bot.runtime.audit.log.store.target_lock(f"audit-outbox-{0x0A0D18}", wait=10) as held:
@@ -315,12 +318,113 @@ async def test_a_big_backlog_goes_out_in_messages_of_up_to_38k_characters(bot: H
     assert len(rows) == 4 * n
     posts = [m for m in bot.slack.messages if m.channel == "C0AUDIT"]  # headlines and thread replies
     lines = [line for m in posts for line in m.text.splitlines() if line.startswith("`#")]
-    assert sorted(lines) == sorted(audit_line(r) for r in rows)  # each row once, exactly as audit_line writes it
+    by_seq = {r["seq"]: r for r in rows}
+    shown = [seq for line in lines for seq, _ in posted_hashes(line)]
+    assert sorted(shown) == sorted(by_seq), "each row once"
+    for line in lines:  # one line per request, exactly as audit_request_line writes its rows
+        assert line == audit_request_line([by_seq[seq] for seq, _ in posted_hashes(line)])
+    assert len(lines) == n and all("&lt;!channel&gt; &amp; done" in line for line in lines)
     assert all(len(m.text) <= 38_000 for m in posts)
-    assert max(sum(1 for line in m.text.splitlines() if line.startswith("`#")) for m in posts) > 120  # more than before
     headlines = [m for m in posts if "last record `#" in m.text]
-    shared = [m.text.count("last record `#") for m in headlines]
-    assert len(headlines) == 2 and shared == [40, 40]  # before: 25 per message, 4 messages
-    assert len(posts) <= 5  # 2 headlines, a reply of 160 lines in each thread; before: 4 headlines and 4 replies
+    assert [m.text.count("last record `#") for m in headlines] == [n]  # before: 40 per message, 2 messages
+    replies = [m for m in posts if m.thread_ts]
+    assert len(replies) == 1 and len(replies[0].text) < 4 * n * 200 // 2  # before: 2 replies of 160 full lines (~64k chars)
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
     assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout
+
+
+async def _compact_backlog(bot: Harness, n: int = 60) -> list[dict[str, Any]]:
+    """``n`` requests of 4 rows each, written while the poster is held off (another replica's lock),
+    then posted: more than one message of full lines, so one line per request
+    (``audit_request_line``)."""
+    from bot.domain import Actor, RequestState, UserId
+
+    async with bot.runtime.audit.log.store.target_lock(f"audit-outbox-{0x0A0D18}", wait=10) as held:
+        assert held
+        for i in range(n):
+            request_id = f"r-cmp{i:04d}"
+            plan = {"command": "scale", "target": f"deployment/nova/svc-{i}", "target_label": f"svc-{i}",
+                    "environment": "production", "summary": f"svc-{i}: 3 → 4 replicas", "fingerprint": f"fp-{i}", "params": {}}
+            await bot.runtime.store.create_request(
+                id=request_id, command="scale", text=f"scale svc-{i} 4", requester=Actor(UserId(ALICE), "alice"),
+                channel_id="C0INCIDENT", plan=plan, reason="incident", state=RequestState.SUCCEEDED, approvals_required=1,
+                approver_roles=("sre",), rule=None, expires_in=3600)
+            for event in ("requested", "approved", "started", "succeeded"):
+                await bot.runtime.audit.record(event, actor=Actor(UserId(CAROL if event == "approved" else "opsbot"), ""),
+                                               channel_id="C0INCIDENT", request_id=request_id, text=f"scale svc-{i} 4",
+                                               plan={"summary": f"svc-{i}: 3 → 4 replicas", "environment": "production"},
+                                               result={"message": "scaled"} if event == "succeeded" else None)
+    bot.runtime.audit.appended.set()
+    await bot.eventually(lambda: all_posted(bot), what="the backlog to drain", timeout=60)
+    lines = [line for m in bot.slack.messages if m.channel == "C0AUDIT" for line in m.text.splitlines() if line.startswith("`#")]
+    assert len(lines) == n and all(line.startswith("`#") and ":" in line.split(" ")[0] for line in lines), lines[:3]
+    return list(await bot.runtime.audit.log.rows())
+
+
+async def test_verify_against_a_compact_channel_finds_an_altered_row_by_its_prefix(bot: Harness, state_db: str,
+                                                                                   platform_db: str, redis_url: str) -> None:
+    """Row 3 is in the channel only as `#3:<first 16 digits of its hash>` (the line of request 1's
+    rows ends with row 4's full hash). Changing row 3 and its hash alone is seen at seq 3, and
+    rewriting the chain from there (a valid chain again) at 3 and every row after."""
+    from bot.adapters.audit_log import audit_hash, audit_record
+
+    rows = await _compact_backlog(bot)
+    env = _verify_env(bot, state_db, platform_db, redis_url)
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"channel: {len(rows)} posted hashes compared, 0 differ, 0 missing; 0 rows not (yet) posted" in proc.stdout, proc.stdout
+    third = rows[2]
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        third["actor_id"] = "U0SOMEONEELSE"
+        conn.execute("UPDATE audit_events SET actor_id = %s, hash = %s, canon = NULL WHERE seq = 3",
+                     (third["actor_id"], audit_hash(third["prev_hash"], audit_record(third))))
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: BROKEN: the database differs from what was posted at seq 3\n" in proc.stdout, proc.stdout
+    await _rewrite_from_seq3(bot, state_db)
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert proc.returncode == 1 and "database: OK" in proc.stdout, proc.stdout + proc.stderr
+    assert "channel: BROKEN: the database differs from what was posted at seq 3, 4, 5, 6, 7" in proc.stdout, proc.stdout
+
+
+async def test_verify_against_a_compact_channel_finds_missing_and_extra_rows(bot: Harness, state_db: str, platform_db: str,
+                                                                             redis_url: str) -> None:
+    """Rows cut off the end (rows 239 and 240 are inside the last line, before its full hash) are
+    missing; a row slipped into the middle (the chain rewritten around it, so it verifies) moves
+    every row after it, which the channel shows at the row it took the place of."""
+    from bot.adapters.audit_log import FIELDS, audit_hash, audit_record
+
+    rows = await _compact_backlog(bot)
+    env = _verify_env(bot, state_db, platform_db, redis_url)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only")
+        conn.execute("DELETE FROM audit_outbox WHERE seq >= 238")
+        conn.execute("DELETE FROM audit_events WHERE seq >= 238")
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert "database: OK: 237 rows" in proc.stdout and proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: MISSING: 3 posted rows are not in the database and no pruning checkpoint covers them: seq 238, 239, 240" \
+        in proc.stdout, proc.stdout
+    # An extra row at seq 10: rows 10..237 take the content of the row before them, the last one a
+    # new seq, every hash from 10 on computed again.
+    kept = rows[:237]
+    extra = {**kept[9], "event": "approved", "actor_id": "U0MALLORY"}
+    moved = [*kept[:9], extra, *kept[9:]]
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        prev = kept[8]["hash"]
+        for seq, row in enumerate(moved[9:], start=10):
+            row = {**row, "seq": seq}
+            digest = audit_hash(prev, audit_record(row))
+            cols = [k for k in FIELDS if k not in ("seq", "at")]
+            values = [psycopg.types.json.Jsonb(row[k]) if k in ("plan", "result") and row[k] is not None else row[k] for k in cols]
+            if seq <= 237:
+                conn.execute(f"UPDATE audit_events SET {', '.join(f'{k} = %s' for k in cols)}, at = %s, prev_hash = %s, hash = %s, "
+                             "canon = NULL WHERE seq = %s", (*values, row["at"], prev, digest, seq))
+            else:
+                conn.execute(f"INSERT INTO audit_events (seq, at, {', '.join(cols)}, prev_hash, hash) "
+                             f"VALUES (%s, %s, {', '.join(['%s'] * len(cols))}, %s, %s)", (seq, row["at"], *values, prev, digest))
+            prev = digest
+    proc = await _opsbot(env, "audit", "verify", "--against-channel")
+    assert "database: OK: 238 rows" in proc.stdout and proc.returncode == 1, proc.stdout + proc.stderr
+    assert "channel: BROKEN: the database differs from what was posted at seq 10, 11, 12" in proc.stdout, proc.stdout
+    assert "MISSING: 2 posted rows" in proc.stdout, proc.stdout  # 238 is back (the moved row), 239 and 240 are not

@@ -9,6 +9,7 @@ before the first round (`opsbot migrate`), as the init container does in product
 
     .venv/bin/python bench/startup.py                  # 10 rounds
     .venv/bin/python bench/startup.py --rounds 3       # quick
+    .venv/bin/python bench/startup.py --rounds 4 --code main=/work/main,this=.   # two trees, same run
 
 Prints a table and, last, one JSON line with every figure.
 """
@@ -38,10 +39,10 @@ from bot.sandbox.servers import free_port, postgres_server, redis_server  # noqa
 from bot.sandbox.slack_api import FakeSlack  # noqa: E402
 
 
-async def time_to_ready(cmd: list[str], env: dict[str, str], url: str, *, timeout: float = 60.0) -> float:
-    """Seconds from starting ``cmd`` to its first `/readyz` 200; the process is stopped after."""
+async def time_to_ready(cmd: list[str], env: dict[str, str], url: str, *, timeout: float = 60.0, cwd: Path = ROOT) -> float:
+    """Seconds from starting ``cmd`` (in ``cwd``) to its first `/readyz` 200; the process is stopped after."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
             while time.perf_counter() - started < timeout:
@@ -63,9 +64,12 @@ async def time_to_ready(cmd: list[str], env: dict[str, str], url: str, *, timeou
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--code", default=f"opsbot={ROOT}",
+                    help="name=tree,… : the opsbot trees to time, each in every round (e.g. main=/work/main,this=.)")
     args = ap.parse_args()
+    trees = {name: Path(tree).absolute() for name, _, tree in (c.partition("=") for c in args.code.split(","))}  # noqa: ASYNC240
     slack = await FakeSlack().start()
-    times: dict[str, list[float]] = {"bare slack-bolt": [], "opsbot": []}
+    times: dict[str, list[float]] = {"bare slack-bolt": [], **{name: [] for name in trees}}
     try:
         with postgres_server(env_var=None) as pg, redis_server(env_var=None) as redis, KubeApiServer() as kube, \
                 tempfile.TemporaryDirectory() as tmp:
@@ -82,9 +86,11 @@ async def main() -> int:
                 times["bare slack-bolt"].append(await time_to_ready(
                     [sys.executable, str(ROOT / "bench/bare_bolt.py"), str(port), SECRET, slack.api_url], env,
                     f"http://127.0.0.1:{port}"))
-                port = free_port()
-                times["opsbot"].append(await time_to_ready([sys.executable, "-m", "bot", "serve"], {**env, "PORT": str(port)},
-                                                           f"http://127.0.0.1:{port}"))
+                for name, tree in trees.items():
+                    port = free_port()
+                    times[name].append(await time_to_ready([sys.executable, "-m", "bot", "serve"],
+                                                           {**env, "PORT": str(port), "PYTHONPATH": str(tree)},
+                                                           f"http://127.0.0.1:{port}", cwd=tree))
     finally:
         await slack.stop()
     print(f"{'app':<16} {'median s':>9} {'min s':>7} {'max s':>7}")
@@ -93,9 +99,11 @@ async def main() -> int:
         summary[name] = {"median_s": round(statistics.median(values), 3), "min_s": round(min(values), 3),
                          "max_s": round(max(values), 3)}
         print(f"{name:<16} {summary[name]['median_s']:>9.3f} {summary[name]['min_s']:>7.3f} {summary[name]['max_s']:>7.3f}")
-    ratio = summary["opsbot"]["median_s"] / summary["bare slack-bolt"]["median_s"]
-    print(f"opsbot / bare slack-bolt (medians): {ratio:.2f}×; load average {os.getloadavg()[0]:.2f}")
-    print(json.dumps({"bench": "startup", "rounds": args.rounds, "summary": summary, "ratio": round(ratio, 2),
+    ratios = {name: round(summary[name]["median_s"] / summary["bare slack-bolt"]["median_s"], 2) for name in trees}
+    print(f"{', '.join(f'{n} {r:.2f}×' for n, r in ratios.items())} bare slack-bolt (medians); "
+          f"load average {os.getloadavg()[0]:.2f}")
+    ratio = next(iter(ratios.values()))
+    print(json.dumps({"bench": "startup", "rounds": args.rounds, "summary": summary, "ratio": round(ratio, 2), "ratios": ratios,
                       "loadavg": os.getloadavg()[0], "times_s": {k: [round(v, 3) for v in vs] for k, vs in times.items()}}))
     return 0
 

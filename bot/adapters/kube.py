@@ -344,7 +344,9 @@ class KubeAdapter:
         """Stop taking calls; queued ones are cancelled. Threads stuck on a hung server are not
         waited for (urllib3's timeouts end them)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-        for api in self._clients.values():
+        with self._lock:  # a load still running in a client thread may be adding one
+            apis = list(self._clients.values())
+        for api in apis:
             api.close()
 
     async def ping(self, environment: str) -> None:

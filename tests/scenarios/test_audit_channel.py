@@ -324,3 +324,16 @@ async def test_a_big_backlog_goes_out_in_messages_of_up_to_38k_characters(bot: H
     assert len(posts) <= 5  # 2 headlines, a reply of 160 lines in each thread; before: 4 headlines and 4 replies
     proc = await _opsbot(_verify_env(bot, state_db, platform_db, redis_url), "audit", "verify", "--against-channel")
     assert proc.returncode == 0 and f"channel: {len(rows)} posted hashes compared, 0 differ" in proc.stdout, proc.stdout
+
+
+async def test_web_api_calls_go_over_kept_connections_not_one_connection_each(bot: Harness) -> None:
+    """Each command makes several Web API calls (its card, the audit channel's headline, permalinks,
+    updates): they reuse the client's kept connections instead of opening (and closing) a TCP
+    connection per call, which under load cost opsbot, and Slack's end, a tenth of a core."""
+    for n in (4, 5, 6):
+        await bot.slash(ALICE, f"/ops scale worker {n}")
+        await bot.requested()
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    calls = bot.slack.api_peers
+    assert len(calls) >= 6
+    assert len(set(calls)) <= len(calls) // 2, f"{len(set(calls))} connections for {len(calls)} Web API calls"

@@ -205,12 +205,18 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 except (aiohttp.ClientError, TimeoutError):
                     acked[key] = 0
 
-            spy = None
+            spy = bench_spy = None
             if profile:  # py-spy samples opsbot while the load is on (collapsed stacks, one line per stack)
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
                                         "-d", str(int(seconds) + 1), "-o", f"{profile}-{label}-{rate}.txt", "--nonblocking"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            cpu0 = cpu_seconds(proc.pid)
+                # ...and this process too: the load generator, the fake Slack and the emulator share the cores
+                bench_spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
+                                              "--format", "raw", "-d", str(int(seconds) + 1),
+                                              "-o", f"{profile}-{label}-{rate}-bench.txt", "--nonblocking"],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cpu0, own0, machine0 = cpu_seconds(proc.pid), own_cpu_seconds(), machine_cpu()
+            pg0 = await pg_cpu_seconds(db_url)
             t0 = time.monotonic()
             tasks = []
             for i in range(n):
@@ -221,15 +227,23 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
             await asyncio.gather(*tasks)
             send_seconds = time.monotonic() - t0
             cpu_send = cpu_seconds(proc.pid) - cpu0  # opsbot's CPU while the commands came in (acks and the work admitted)
-            if spy is not None:
-                await asyncio.to_thread(spy.wait, 60)
+            # ...and everything else's on the same cores: this process (the load generator, the fake Slack and the
+            # Kubernetes emulator), PostgreSQL, and the machine as a whole (other work on it included)
+            own_send, pg_send = own_cpu_seconds() - own0, await pg_cpu_seconds(db_url) - pg0
+            machine_busy, machine_all = (b - a for a, b in zip(machine0, machine_cpu(), strict=True))
+            for p in (spy, bench_spy):
+                if p is not None:
+                    await asyncio.to_thread(p.wait, 60)
 
             keys = set(sent)
             deadline = time.monotonic() + settle
             async with await psycopg.AsyncConnection.connect(db_url, autocommit=True, row_factory=dict_row) as db:
+                created: dict[str, float] = {}
+
                 async def cards() -> dict[str, str]:
-                    rows = await (await db.execute("SELECT delivery_id, card_ts FROM ops_requests "
-                                                   "WHERE card_ts IS NOT NULL AND delivery_id IS NOT NULL")).fetchall()
+                    rows = await (await db.execute("SELECT delivery_id, card_ts, extract(epoch FROM created_at)::float8 AS created "
+                                                   "FROM ops_requests WHERE card_ts IS NOT NULL AND delivery_id IS NOT NULL")).fetchall()
+                    created.update({r["delivery_id"]: r["created"] for r in rows})
                     return {r["delivery_id"]: r["card_ts"] for r in rows}
 
                 async def audited() -> int:  # requested or busy rows of this run's commands (the warm-up's are reads)
@@ -255,6 +269,11 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
         other = [k for k, t in answers.items() if k not in carded and k not in busy and k not in unavailable]
         lost = [k for k in keys if k not in carded and k not in answers]
         latency = [(slack.posted_at[ts] - sent[k]) * 1000 for k, ts in carded.items() if ts in slack.posted_at]
+        # where the time went: command → its request row (ack, parse, user groups, plan, limits) and row → card
+        # (audit append, reminders, the postMessage); PostgreSQL's now() and time.time() share this machine's clock
+        to_row = [(created[k] - sent[k]) * 1000 for k in carded if k in created]
+        row_to_card = [(slack.posted_at[ts] - created[k]) * 1000 for k, ts in carded.items() if ts in slack.posted_at and k in created]
+        still_working = sum(1 for r in slack.responses if r["key"] in keys and STILL_WORKING in r.get("text", ""))
         busy_answer = [(answered_at[k] - sent[k]) * 1000 for k in busy if k in answered_at]
         events = {r["event"]: r["n"] for r in audit}
         samples = sorted({answers[k][:160] for k in unavailable + other})[:3]
@@ -265,7 +284,14 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 "audit_events": events,
                 "card_p50_ms": _round(pct(latency, 50)), "card_p99_ms": _round(pct(latency, 99)),
                 "busy_answer_p50_ms": _round(pct(busy_answer, 50)), "busy_answer_p99_ms": _round(pct(busy_answer, 99)),
-                "cpu_ms_per_command": round(cpu_send * 1000 / max(1, len(keys)), 2), "examples": samples}
+                "to_row_p50_ms": _round(pct(to_row, 50)), "to_row_p99_ms": _round(pct(to_row, 99)),
+                "row_to_card_p50_ms": _round(pct(row_to_card, 50)), "row_to_card_p99_ms": _round(pct(row_to_card, 99)),
+                "still_working": still_working,
+                "cpu_ms_per_command": round(cpu_send * 1000 / max(1, len(keys)), 2),
+                "cpu_share": {"opsbot": round(cpu_send / send_seconds, 2), "bench": round(own_send / send_seconds, 2),
+                              "postgres": round(pg_send / send_seconds, 2),
+                              "machine": round(machine_busy / max(1e-9, machine_all) * (os.cpu_count() or 1), 2)},
+                "examples": samples}
     finally:
         proc.terminate()
         try:
@@ -279,6 +305,45 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of process ``pid`` so far (its threads included), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """This process's user + system CPU so far (all its threads: the fake Slack, the emulator, the load)."""
+    t = os.times()
+    return t.user + t.system
+
+
+async def pg_cpu_seconds(db_url: str) -> float:
+    """PostgreSQL's CPU so far: the postmaster's (with its ended children's) and its live backends'."""
+    async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as conn:
+        row = await (await conn.execute("SHOW data_directory")).fetchone()
+    return _tree_cpu_seconds(Path(str(row[0] if row else ""), "postmaster.pid"))
+
+
+def _tree_cpu_seconds(pid_file: Path) -> float:
+    try:
+        master = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid == master:
+            total += sum(int(f) for f in fields[11:15])
+        elif ppid == master:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) jiffies of the whole machine so far, from /proc/stat: how much of the cores anything used."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return float(sum(fields[:8]) - idle), float(sum(fields[:8]))
 
 
 def _round(v: float | None) -> float | None:
@@ -301,7 +366,8 @@ COLUMNS = [("code", "code", 8), ("rate", "rate/s", 6), ("sent", "sent", 6), ("ac
            ("busy", "busy", 6), ("unavailable", "unavail", 7), ("other", "other", 6), ("lost", "lost", 5),
            ("audited_requested", "aud.req", 7), ("audited_busy", "aud.busy", 8),
            ("card_p50_ms", "card p50", 9), ("card_p99_ms", "card p99", 9), ("busy_answer_p99_ms", "busy p99", 9),
-           ("cpu_ms_per_command", "cpu ms/cmd", 10)]
+           ("cpu_ms_per_command", "cpu ms/cmd", 10), ("still_working", "still-wk", 8),
+           ("to_row_p99_ms", "row p99", 8), ("row_to_card_p99_ms", "→card p99", 9)]
 
 
 def row(r: dict[str, Any]) -> str:
@@ -345,6 +411,8 @@ async def main() -> int:
                                       max_open=args.max_open, profile=args.profile)
                     results.append(r)
                     print(row(r), flush=True)
+                    print(f"{'':>8} CPU cores used while sending: " + ", ".join(f"{k} {v}" for k, v in r["cpu_share"].items())
+                          + f"; command → row p50 {r['to_row_p50_ms']} ms, row → card p50 {r['row_to_card_p50_ms']} ms", flush=True)
                     for example in r["examples"]:
                         print(f"{'':>8} e.g. {example!r}", flush=True)
     finally:

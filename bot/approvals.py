@@ -115,8 +115,9 @@ class Approvals:
                                         plan=request.plan, result={"error": ended.error})
             raise CardNotPosted(f"request `{request.id}` was not opened: the approval card could not be posted ({exc}). "
                                 "Nothing was changed; try again.") from exc
-        await self.store.set_card(request.id, channel, ts)
-        request = await self._reload(request.id)
+        reloaded = await self.store.set_card(request.id, channel, ts)  # the row as it is now, in the same round trip
+        assert reloaded is not None
+        request = reloaded
         if glass:
             await self.audit.record("break_glass", actor=req.actor, channel_id=req.channel_id, request_id=request.id,
                                     text=inv.text, plan=request.plan,

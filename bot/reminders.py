@@ -90,7 +90,10 @@ class Reminders:
     # ---------------------------------------------------------------- writing what will be due
 
     async def schedule(self, request: OpsRequest) -> None:
-        """The reminder rows of a request just opened (from the row's own remind_after/escalate_after)."""
+        """The reminder rows of a request just opened (from the row's own remind_after/escalate_after).
+        A request with neither has none (every row below needs one of them): no round trip for it."""
+        if request.remind_after is None and request.escalate_after is None:
+            return
         async with self.store.connection() as conn:
             await conn.execute(
                 """INSERT INTO approval_reminders (request_id, kind, due_at)

@@ -118,6 +118,7 @@ class Runtime:
 
     async def start(self, *, with_worker: bool = True) -> None:
         await self.kube.load()  # the kubeconfig, in the client threads: no request ever waits for it on the loop
+        self.chat.open()
         await self.store.open()
         self.poster.start()
         self.notices.start()

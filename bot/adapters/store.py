@@ -334,12 +334,7 @@ class Store:
 
     async def get(self, request_id: str) -> OpsRequest | None:
         async with self._conn() as conn:
-            row = await (await conn.execute(_SELECT_REQUEST, (request_id,))).fetchone()
-            if row is None:
-                return None
-            approvals = await (await conn.execute(
-                "SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))).fetchall()
-        return _request(row, approvals)
+            return await self._read(conn, _SELECT_REQUEST, (request_id,), request_id)
 
     async def get_many(self, request_ids: list[str]) -> dict[str, OpsRequest]:
         """The requests of ``request_ids`` that exist, in two queries whatever their number (the audit
@@ -356,9 +351,25 @@ class Store:
                 approvals.setdefault(a["request_id"], []).append(a)
         return {row["id"]: _request(row, approvals.get(row["id"], [])) for row in rows}
 
-    async def set_card(self, request_id: str, channel: str, ts: str) -> None:
+    async def set_card(self, request_id: str, channel: str, ts: str) -> OpsRequest | None:
+        """Where the request's card is; returns the request as it is now (None if there is no such request)."""
         async with self._conn() as conn:
-            await conn.execute("UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s", (channel, ts, request_id))
+            return await self._read(conn, """WITH r AS (UPDATE ops_requests SET card_channel = %s, card_ts = %s WHERE id = %s RETURNING *)
+                                             SELECT r.*, t.permalink AS audit_permalink FROM r
+                                             LEFT JOIN audit_threads t ON t.request_id = r.id""",
+                                    (channel, ts, request_id), request_id)
+
+    @staticmethod
+    async def _read(conn: psycopg.AsyncConnection[dict[str, Any]], query: str, args: tuple[Any, ...],
+                    request_id: str) -> OpsRequest | None:
+        """The request row ``query`` returns and its approvals, both sent at once (psycopg's pipeline
+        mode: one round trip instead of two; each statement is still its own, in order)."""
+        async with conn.pipeline():
+            found = await conn.execute(query, args)  # type: ignore[arg-type]  # one of the constant queries above
+            approvals = await conn.execute("SELECT * FROM ops_approvals WHERE request_id = %s ORDER BY at", (request_id,))
+            row = await found.fetchone()
+            votes = await approvals.fetchall()
+        return _request(row, votes) if row is not None else None
 
     async def vote(self, request_id: str, approver: Actor, decision: str, *, roles: tuple[str, ...],
                    card: tuple[str, str] | None, eligible: Callable[[OpsRequest], str | None],

@@ -68,6 +68,7 @@ class FakeSlack:
         self.channels = channels or {}  # id → name
         self._response_owner: dict[str, tuple[str, str]] = {}  # response_url key → (user, channel)
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.api_peers: list[tuple[str, int]] = []  # the client's (host, port) of each Web API call: its TCP connection
         self.messages: list[Message] = []
         self.responses: list[dict[str, Any]] = []  # what was sent to response_urls
         self.fail_with: str | None = None
@@ -281,6 +282,9 @@ class FakeSlack:
 
     async def _api(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer:
+            self.api_peers.append((str(peer[0]), int(peer[1])))
         args = {**request.query, **await self._args(request)}  # slack_sdk sends some methods' arguments as query parameters
         if self.down:
             return web.Response(status=503, text="Slack is down (fake)")

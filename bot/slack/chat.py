@@ -12,6 +12,7 @@ rate-limit retry handler is not installed, so nothing sleeps inside a listener.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -82,17 +83,35 @@ class SlackChat:
                                                   connector=aiohttp.TCPConnector(limit=0))
         return self._replies
 
+    def open(self) -> None:
+        """Give the Web API client one HTTP session of its own (inside the event loop, at start): its
+        connections are kept and reused. Without one, slack_sdk makes a session and a TCP (and TLS)
+        connection for every call and closes it after, and each command makes several calls (the
+        card, the audit channel's posts): under load that was a tenth of the process's CPU, and as
+        much again on the other end. slack_sdk's connection-error retry (once) covers a kept
+        connection that Slack closed while it was idle; the timeout is the client's, as before."""
+        if self.client.session is None or self.client.session.closed:
+            self.client.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.client.timeout),
+                                                        connector=aiohttp.TCPConnector(limit=0))
+
     async def close(self) -> None:
         if self._replies is not None and not self._replies.closed:
             await self._replies.close()
         self._replies = None
+        session, self.client.session = self.client.session, None
+        if session is not None and not session.closed:
+            await session.close()
 
     async def _call(self, method: str, what: str, call: Callable[[], Awaitable[T]]) -> T:
         left = self._blocked_until.get(method, 0.0) - self._clock()
         if left > 0:
             raise RateLimited(f"Slack is rate-limiting opsbot ({what}); waiting {left:.0f} s as it asked", retry_after=left)
         try:
-            return await _slack(what, call())
+            # The client's timeout, whatever the session's (a kept session has its own, set at ``open``)
+            async with asyncio.timeout(self.client.timeout):
+                return await _slack(what, call())
+        except TimeoutError as exc:
+            raise DeliveryUncertain(f"Slack did not answer in time to {what} (TimeoutError); it may have arrived") from exc
         except RateLimited as exc:
             self._blocked_until[method] = self._clock() + exc.retry_after
             raise

@@ -3,6 +3,7 @@ the target's config allows, through the ``scale`` subresource guarded by resourc
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,13 +37,20 @@ class Scale(Command):
 
     async def plan(self, params: Params, ctx: Context) -> Plan:
         dep = deployment_alias(ctx.config, params["deployment"])
-        d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
-        current = int((d.get("spec") or {}).get("replicas", 0))
-        wanted = int(params["replicas"])
-        if current == wanted:
-            raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
+        # The autoscaler is looked for while the deployment is read (two reads at once, not one after
+        # the other: one cluster round trip less before the card); it is advisory and never raises.
+        autoscaler = asyncio.ensure_future(find_hpa(dep, ctx))
+        try:
+            d = await ctx.kube.read_deployment(dep.environment, dep.namespace, dep.name)
+            current = int((d.get("spec") or {}).get("replicas", 0))
+            wanted = int(params["replicas"])
+            if current == wanted:
+                raise Refused(f"`{params['deployment']}` ({dep.namespace}/{dep.name}) already has {current} replicas; nothing to do.")
+        except BaseException:
+            autoscaler.cancel()
+            raise
         details = [f"ready now: {(d.get('status') or {}).get('readyReplicas', 0)}"]
-        hpa, problem = await find_hpa(dep, ctx)
+        hpa, problem = await autoscaler
         if problem:
             details.append(problem)
         if hpa is not None:

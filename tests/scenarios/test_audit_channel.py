@@ -428,3 +428,16 @@ async def test_verify_against_a_compact_channel_finds_missing_and_extra_rows(bot
     assert "database: OK: 238 rows" in proc.stdout and proc.returncode == 1, proc.stdout + proc.stderr
     assert "channel: BROKEN: the database differs from what was posted at seq 10, 11, 12" in proc.stdout, proc.stdout
     assert "MISSING: 2 posted rows" in proc.stdout, proc.stdout  # 238 is back (the moved row), 239 and 240 are not
+
+
+async def test_web_api_calls_go_over_kept_connections_not_one_connection_each(bot: Harness) -> None:
+    """Each command makes several Web API calls (its card, the audit channel's headline, permalinks,
+    updates): they reuse the client's kept connections instead of opening (and closing) a TCP
+    connection per call, which under load cost opsbot, and Slack's end, a tenth of a core."""
+    for n in (4, 5, 6):
+        await bot.slash(ALICE, f"/ops scale worker {n}")
+        await bot.requested()
+    await bot.eventually(lambda: all_posted(bot), what="the outbox to drain")
+    calls = bot.slack.api_peers
+    assert len(calls) >= 6
+    assert len(set(calls)) <= len(calls) // 2, f"{len(set(calls))} connections for {len(calls)} Web API calls"

@@ -78,6 +78,7 @@ class Runtime:
     def build(cls, settings: Settings, config: Config) -> Runtime:
         metrics = Metrics()
         store = Store(settings.database_url)
+        metrics.watch_pool(store.pool.get_stats)
         kube = KubeAdapter(config, kubeconfig=settings.kubeconfig)
         redis = RedisPools()
         queues = QueueAdapter(redis)

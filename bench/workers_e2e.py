@@ -12,6 +12,16 @@ over ``--rounds``.
 
     .venv/bin/python bench/workers_e2e.py                     # 200 requests, 2 rounds
     .venv/bin/python bench/workers_e2e.py --requests 40 --rounds 1   # quick
+    .venv/bin/python bench/workers_e2e.py --code main=/work/main,this=. --kube-latency 0,5-30 --requests 80 --rounds 1
+
+``--kube-latency 0,5-30`` runs each combination twice: with the emulator as fast as it goes (on 2
+shared cores: CPU-bound, the machine is the limit) and with every API call waiting 5–30 ms, as a
+real API server takes, which costs no CPU: scaling there shows whether opsbot itself serialises.
+Each run also reports the whole machine's CPU use (``machine_busy_pct``; other work on the machine
+as ``others_cpu_s``), CPU ms per execution of each process (worker, serve, PostgreSQL, Redis, this
+process: the emulator and the fake Slack), what opsbot's PostgreSQL sessions waited on
+(``pg``: pg_stat_activity sampled every 20 ms, lock waits from pg_locks), the workers' pool waits
+(``db_pool``, from their /metrics) and how many jobs each worker really had in flight.
 
 Prints one JSON object per run, then a table with the 2-worker/1-worker ratio (medians).
 """

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -33,3 +37,24 @@ class Metrics:
                                registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)
+
+    def watch_pool(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the PostgreSQL pool's own counters (psycopg_pool ``get_stats``): how many checkouts
+        had to wait for a free connection and for how long, so a worker whose jobs queue for
+        connections rather than for the database or the cluster shows it."""
+        self.registry.register(_PoolCollector(stats))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        s = self.stats()
+        yield CounterMetricFamily("opsbot_db_pool_checkouts", "Connections taken from opsbot's PostgreSQL pool.",
+                                  value=s.get("requests_num", 0))
+        yield CounterMetricFamily("opsbot_db_pool_checkouts_waited", "Checkouts that waited for a free connection.",
+                                  value=s.get("requests_queued", 0))
+        yield CounterMetricFamily("opsbot_db_pool_wait_seconds", "Time checkouts waited for a free connection.",
+                                  value=s.get("requests_wait_ms", 0) / 1000)
+        yield GaugeMetricFamily("opsbot_db_pool_size", "Connections open in the pool.", value=s.get("pool_size", 0))

@@ -44,10 +44,22 @@ from bot.settings import Settings
 from bot.slack.app import build_app
 from bot.slack.chat import SlackChat
 from bot.slack.payloads import command_request, shape_problem
-from bot.worker import ActionWorker, Executor
+from bot.worker import HELD_CONNECTIONS, ActionWorker, Executor
 from commands.actions.http import secret_header_values
 
 log = logging.getLogger(__name__)
+QUERY_CONNECTIONS = 10  # what a process's queries share, besides the connections it holds (HELD_CONNECTIONS)
+
+
+def state_store(url: str, *, timeout: float = 10.0) -> Store:
+    """opsbot's own database, pooled. Its four running jobs and two posters each keep a connection
+    checked out for a lock (bot/worker.py ``HELD_CONNECTIONS``); with a pool of only 10, those six
+    left four for every query, and a worker's checkouts waited ~0.3 s each (bench/workers_e2e.py,
+    ``db_pool``). The pool holds them on top of its 10 for queries: at most 16 per process (mind
+    PostgreSQL's ``max_connections`` across replicas), opened as needed."""
+    return Store(url, max_size=QUERY_CONNECTIONS + HELD_CONNECTIONS, timeout=timeout)
+
+
 MAX_BODY = 256 * 1024  # the largest Slack payloads (block_actions with a full message) are tens of kB
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")  # X-Slack-Request-Timestamp: Unix seconds, ASCII digits only
 
@@ -77,7 +89,8 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, config: Config) -> Runtime:
         metrics = Metrics()
-        store = Store(settings.database_url)
+        store = state_store(settings.database_url)
+        metrics.watch_pool(store.pool.get_stats)
         kube = KubeAdapter(config, kubeconfig=settings.kubeconfig)
         redis = RedisPools()
         queues = QueueAdapter(redis)

@@ -58,6 +58,12 @@ from commands.registry import command
 
 log = logging.getLogger(__name__)
 
+CONCURRENCY = 4  # jobs one worker process runs at once (BullMQ's concurrency)
+# Connections a process keeps checked out for long stretches: each running job's target lock (a
+# session advisory lock, held for the whole action) and the two posters' locks (bot/notices.py,
+# the audit poster), held for a whole posting round. The pool is sized on top of these (runtime.py).
+HELD_CONNECTIONS = CONCURRENCY + 2
+
 
 class Executor:
     def __init__(self, *, ctx: Context, store: Store, notices: Notices, audit: Audit, metrics: Metrics, worker_id: str,
@@ -276,7 +282,7 @@ class ActionWorker:
         # drainDelay: how long one BZPOPMIN waits on an empty queue (a job wakes it at once); its
         # connection's read timeout must be longer (worker_url, see redis_pools.py).
         self._worker = BullWorker(self.queue_name, self._process,
-                                  {"connection": worker_url(self.redis_url), "prefix": self.prefix, "concurrency": 4,
+                                  {"connection": worker_url(self.redis_url), "prefix": self.prefix, "concurrency": CONCURRENCY,
                                    "lockDuration": 60000, "maxStalledCount": 0, "drainDelay": 5})
         self._sweeper = asyncio.create_task(self._sweep_forever())
 

@@ -110,6 +110,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import secrets
 import struct
@@ -2426,6 +2427,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, method: str) -> None:
+        low, high = self.server.latency
+        if high > 0:
+            time.sleep(random.uniform(low, high))
         try:
             self._serve(method)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. while a fault hung)
@@ -2675,6 +2679,11 @@ class KubeApiServer(ThreadingHTTPServer):
         self.token, self.require_token = token, require_token
         self.rbac: list[Obj] | None = None  # ClusterRole rules; None allows every request
         self.rbac_user = "system:serviceaccount:opsbot:opsbot"
+        # Seconds each request waits before it is served, drawn uniformly from (low, high): a real API
+        # server answers in ~5–30 ms (etcd, admission, the network), this one in well under 1 ms. A
+        # bench knob (bench/workers_e2e.py --kube-latency): the wait costs no CPU, so scaling measured
+        # with it shows what opsbot itself serialises rather than how busy the machine is.
+        self.latency: tuple[float, float] = (0.0, 0.0)
         self.stopping = False
         self._thread: threading.Thread | None = None
 

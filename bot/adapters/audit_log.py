@@ -730,7 +730,8 @@ def verify_lines(lines: Iterable[str]) -> tuple[ChainReport, str | None]:
 # original way). Decoded by Python, that text gives the value the column gives back, but for numbers
 # written with an exponent or as -0 (jsonb writes ``1e2`` as 100, an int to Python; ``-0.0`` as
 # 0.0): a text with such a number is used only when it is the canonical form ``AuditLog.append``
-# writes (no exponent there but for small fractions, which come back the same). The plan's
+# writes (Python's own form of each number, and in ``jsonb_form`` no ``e+`` and no -0.0: only small
+# fractions keep an exponent, and they come back the same). The plan's
 # export form is then computed once per distinct text (the steps of one request share it). Any row
 # that does not fit is exported the original way (``export_line`` of the row read again), so the
 # bytes are those of ``export_line`` (and of the csv export) for every row, which a test checks on
@@ -773,7 +774,8 @@ class _Forms:
         else:
             if not self.from_canon:
                 forms = _COMPACT.encode(jsonb_form(value)), self.encode(value)
-            elif _NUMBER_JSONB_REWRITES.search(text) is None or _COMPACT.encode(jsonb_form(value)) == text:
+            elif _NUMBER_JSONB_REWRITES.search(text) is None or (
+                    _COMPACT.encode(value) == text and "e+" not in text and "-0.0" not in text):  # canonical, jsonb_form's
                 forms = text, self.encode(value)
             else:
                 forms = None

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -720,126 +719,11 @@ def verify_lines(lines: Iterable[str]) -> tuple[ChainReport, str | None]:
     return walk.report(), anchor
 
 
-# The exports from ``canon`` (while ``canon_trusted``): no jsonb → text rendering of ``plan`` on the
-# server (the most expensive column to read) and, on most rows, no decode of it in Python.
-#
-# For each row, the canonical text around the plan is rebuilt from the row's own columns (the
-# scalars by json's own string encoder, ``result`` from its jsonb text). When ``canon`` starts and
-# ends exactly so, what lies between is, by the CHECK constraint, a JSON text whose value is the plan
-# column's (were it anything else, such as two members, it would not decode alone: that row goes the
-# original way). Decoded by Python, that text gives the value the column gives back, but for numbers
-# written with an exponent or as -0 (jsonb writes ``1e2`` as 100, an int to Python; ``-0.0`` as
-# 0.0): a text with such a number is used only when it is the canonical form ``AuditLog.append``
-# writes (Python's own form of each number, and in ``jsonb_form`` no ``e+`` and no -0.0: only small
-# fractions keep an exponent, and they come back the same). The plan's
-# export form is then computed once per distinct text (the steps of one request share it). Any row
-# that does not fit is exported the original way (``export_line`` of the row read again), so the
-# bytes are those of ``export_line`` (and of the csv export) for every row, which a test checks on
-# hostile rows.
-_CANON_TAIL = "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":'"
-_EXPORT_CANON_SELECT = (
-    "SELECT seq, CASE WHEN canon IS NOT NULL THEN " + _CANON_TAIL + " END, canon, CASE WHEN canon IS NULL THEN plan::text END, "
-    + _EXPORT_SELECT.removeprefix("SELECT seq, ").replace("', \"plan\": ', plan::text, ", "', \"plan\": ', ")
-    .replace(", result::text, ', \"seq\": ' || seq || '}'", ", result::text"))
-_EXPORT_CANON_TYPES = ("int8", "text", "text", "text", "text", "text", "text")
-_CSV_CANON_SELECT = ("SELECT seq, CASE WHEN canon IS NOT NULL THEN " + _CANON_TAIL + " END, canon, "
-                     "CASE WHEN canon IS NULL THEN plan::text END, " + _CSV_SELECT.removeprefix("SELECT seq, ").replace("plan::text, ", ""))
-_CSV_CANON_TYPES = ("int8", *("text",) * 13)
-_AT_LEN = len("2026-11-22T12:13:46.123456+00:00")
-# a number with an exponent, or a negative zero (or, inside a string, something like one: harmless)
-_NUMBER_JSONB_REWRITES = re.compile(r"[-:\[,.0-9][0-9][eE]|[:\[,]-0(?![.0-9]*[1-9])")
-
-
-class _Forms:
-    """JSON text → (its canonical form, ``encoder``'s form of its value), memoised, bounded by the
-    characters held. ``from_canon``: the text is ``canon``'s plan (see above); None when it does not
-    stand alone for the plan column (that row is exported the original way)."""
-
-    def __init__(self, encoder: json.JSONEncoder, *, from_canon: bool, limit: int = 1_000_000) -> None:
-        self.encode, self.from_canon, self.limit, self.size = encoder.encode, from_canon, limit, 0
-        self.memo = dict[str, tuple[str, str] | None]()
-
-    def __call__(self, text: str | None) -> tuple[str, str] | None:
-        if text is None:
-            return "null", "null"
-        try:
-            return self.memo[text]
-        except KeyError:
-            pass
-        forms: tuple[str, str] | None
-        try:
-            value = json.loads(text)
-        except ValueError:
-            forms = None
-        else:
-            if not self.from_canon:
-                forms = _COMPACT.encode(jsonb_form(value)), self.encode(value)
-            elif _NUMBER_JSONB_REWRITES.search(text) is None or (
-                    _COMPACT.encode(value) == text and "e+" not in text and "-0.0" not in text):  # canonical, jsonb_form's
-                forms = text, self.encode(value)
-            else:
-                forms = None
-        self.size += len(text)
-        if self.size > self.limit:
-            self.memo.clear()
-            self.size = len(text)
-        self.memo[text] = forms
-        return forms
-
-
-def _csv_fields(row: dict[str, Any]) -> tuple[Any, ...]:
-    """One csv row of the export, from a row of audit_events (the original way)."""
-    return (row["seq"], _iso(row["at"]), row["event"], row["actor_id"], row["actor_name"], row["channel_id"], row["request_id"] or "",
-            row["command_text"], json.dumps(row["plan"], sort_keys=True), json.dumps(row["result"], sort_keys=True),
-            row["prev_hash"], row["hash"])
-
-
-async def _export_canon(log: AuditLog, query: str, args: list[Any], *, batch: int, csv_rows: bool) -> AsyncIterator[list[Any]]:
-    """Export lines (or csv rows) of the range, from ``canon`` where it can (see above), else the
-    original way; one list per batch."""
-    encoder = _CSV if csv_rows else _EXPORT
-    plans, results, reencode = _Forms(encoder, from_canon=True), _Forms(encoder, from_canon=False), _Reencode(encoder)
-    select, types = (_CSV_CANON_SELECT, _CSV_CANON_TYPES) if csv_rows else (_EXPORT_CANON_SELECT, _EXPORT_CANON_TYPES)
-    async for rows in _batches(log.store, select + query, args, name="audit_export", batch=batch, types=types):
-        out: list[Any] = []
-        for seq, tail, canon, plan, *cols in rows:
-            # jsonl: cols = the line up to the plan, the line from the plan to the result, result's text;
-            # csv: the csv columns (plan and result as stored)
-            result = cols[-3] if csv_rows else cols[2]
-            if canon is not None:
-                res = results(result)
-                assert res is not None
-                tail = f'{tail}{res[0]},"seq":{seq}}}'
-                start = canon.find(',"plan":') + 8
-                end = len(canon) - len(tail)
-                forms = plans(canon[start:end]) if 8 <= start <= end and canon.endswith(tail) else None
-                if forms is None:
-                    row = await log.row(seq)  # canon not as append writes it: the original way
-                    if row is None:
-                        raise RuntimeError(f"audit row {seq} vanished during the export")
-                    out.append(_csv_fields(row) if csv_rows else export_line(row) + "\n")
-                elif csv_rows:
-                    out.append((seq, *cols[:7], forms[1], res[1], cols[-2], cols[-1]))
-                else:
-                    out.append(f'{cols[0]}{forms[1]}{cols[1]}{res[1]}, "seq": {seq}}}\n')
-            elif csv_rows:  # a row from before migration 009: its pieces, as the columns are
-                out.append((seq, *cols[:7], reencode(plan), reencode(result), cols[-2], cols[-1]))
-            else:
-                out.append(f'{cols[0]}{reencode(plan)}{cols[1]}{reencode(result)}, "seq": {seq}}}\n')
-        yield out
-
-
 async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
                        batch: int = BATCH) -> int:
     """Write ``export_line`` for each row in the range, streamed; the number of rows."""
-    n = 0
+    canon, n = _Reencode(_EXPORT), 0
     query, args = _range(since, until, None)
-    if (await canon_trusted(log.store))[0]:
-        async for lines in _export_canon(log, query, args, batch=batch, csv_rows=False):
-            out.write("".join(lines))
-            n += len(lines)
-        return n
-    canon = _Reencode(_EXPORT)
     async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch,
                                types=("int8", "text", "text", "text", "text", "text")):
         out.write("".join([f"{head}{canon(plan)}{mid}{canon(result)}{tail}\n" for _, head, plan, mid, result, tail in rows]))
@@ -850,16 +734,10 @@ async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = 
 async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
                      batch: int = BATCH) -> int:
     """The csv export (``CSV_HEADER``), streamed; the number of rows."""
-    n = 0
+    canon, n = _Reencode(_CSV), 0
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
     query, args = _range(since, until, None)
-    if (await canon_trusted(log.store))[0]:
-        async for fields in _export_canon(log, query, args, batch=batch, csv_rows=True):
-            writer.writerows(fields)
-            n += len(fields)
-        return n
-    canon = _Reencode(_CSV)
     async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch,
                                types=("int8", *("text",) * 11)):
         writer.writerows([(*r[:8], canon(r[8]), canon(r[9]), r[10], r[11]) for r in rows])

@@ -11,6 +11,10 @@ as a subprocess (its peak RSS: VmHWM):
     .venv/bin/python bench/audit_scale.py                        # 1M rows, this checkout
     .venv/bin/python bench/audit_scale.py --rows 20000           # quick run
     .venv/bin/python bench/audit_scale.py --checkout /work/main  # the same against another checkout (before)
+    .venv/bin/python bench/audit_scale.py --tree /work/main      # this checkout and another, interleaved on one table
+
+With ``--tree``, each CLI command runs for this checkout, then the other, on the same rows (built
+and migrated by this checkout), and their exports are compared byte for byte.
 
 Prints one JSON object, then a table.
 """
@@ -18,6 +22,7 @@ Prints one JSON object, then a table.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import io
 import json
@@ -129,6 +134,8 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--without-canon", action="store_true",
                     help="write the rows as before migration 009 (no canon column value): verify's slower path")
+    ap.add_argument("--tree", action="append", default=[],
+                    help="another opsbot checkout (e.g. /work/main) whose CLI runs too, after this one's, on the same rows")
     ap.add_argument("--checkout", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help="the opsbot checkout whose CLI and migrations are measured (default this one)")
     a = ap.parse_args()
@@ -142,21 +149,28 @@ def main() -> int:
         t0 = time.perf_counter()
         build(url, a.rows, canon=not a.without_canon)
         built = time.perf_counter() - t0
-        jsonl, csvf = os.path.join(tmp, "audit.jsonl"), os.path.join(tmp, "audit.csv")
-        cli = {"verify": run_measured(checkout, ["audit", "verify"], env),
-               "export jsonl": run_measured(checkout, ["audit", "export", "-o", jsonl], env),
-               "export csv": run_measured(checkout, ["audit", "export", "--format", "csv", "-o", csvf], env),
-               "verify --file": run_measured(checkout, ["audit", "verify", "--file", jsonl], env)}
-        for r in cli.values():
-            r["rows_per_s"] = round(a.rows / r["s"]) if r["s"] else None
+        trees = {"this": checkout, **{f"tree{i + 1}": os.path.abspath(t) for i, t in enumerate(a.tree)}}
+        cli: dict[str, dict[str, Any]] = {}
+        for cmd in ("verify", "export jsonl", "export csv", "verify --file"):
+            for name, tree in trees.items():
+                jsonl, csvf = os.path.join(tmp, f"{name}.jsonl"), os.path.join(tmp, f"{name}.csv")
+                argv = {"verify": ["audit", "verify"], "export jsonl": ["audit", "export", "-o", jsonl],
+                        "export csv": ["audit", "export", "--format", "csv", "-o", csvf],
+                        "verify --file": ["audit", "verify", "--file", jsonl]}[cmd]
+                key = cmd if len(trees) == 1 else f"{cmd} [{name}]"
+                cli[key] = run_measured(tree, argv, {**env, "PYTHONPATH": tree})
+                cli[key]["rows_per_s"] = round(a.rows / cli[key]["s"]) if cli[key]["s"] else None
+        same = {ext: all(filecmp.cmp(os.path.join(tmp, f"this.{ext}"), os.path.join(tmp, f"{n}.{ext}"), shallow=False)
+                         for n in trees if n != "this") for ext in ("jsonl", "csv")} if len(trees) > 1 else {}
         search = subprocess.run([sys.executable, "-c", SEARCH, url], cwd=checkout, env=env, capture_output=True, text=True)
-        result = {"rows": a.rows, "checkout": checkout, "build_s": round(built, 1), "cli": cli,
+        result = {"rows": a.rows, "checkout": checkout, "trees": trees, "same_export_bytes": same, "build_s": round(built, 1), "cli": cli,
                   "search": json.loads(search.stdout) if search.returncode == 0 else {"error": search.stderr[-500:]}}
     print(json.dumps(result, indent=1))
-    print(f"\n{a.rows:,} rows, checkout {checkout}")
-    print(f"{'command':<36}{'seconds':>9}{'rows/s':>11}{'peak RSS MiB':>14}  rc")
+    print(f"\n{a.rows:,} rows, " + ", ".join(f"{n} = {t}" for n, t in result["trees"].items())
+          + (f"; exports identical: {result['same_export_bytes']}" if result["same_export_bytes"] else ""))
+    print(f"{'command':<44}{'seconds':>9}{'rows/s':>11}{'peak RSS MiB':>14}  rc")
     for name, r in cli.items():
-        print(f"{'opsbot audit ' + name:<36}{r['s']:>9}{r['rows_per_s'] or 0:>11,}{r['rss_mib']:>14}  {r['rc']}")
+        print(f"{'opsbot audit ' + name:<44}{r['s']:>9}{r['rows_per_s'] or 0:>11,}{r['rss_mib']:>14}  {r['rc']}")
     for name, r in result["search"].items():
         if isinstance(r, dict):
             print(f"{'/ops audit ' + name:<36}{r['ms']:>8}ms  ({r['rows']} rows, total {r['total']})")

@@ -242,3 +242,69 @@ async def test_hostile_target_wildcards_match_literally(big_db: str) -> None:
         assert (await log.search(target="w42", limit=15))[1] > 0
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------------ export on hostile rows (issue 13)
+# The export's bytes are export_line's, also on rows whose canon (migration 009) says what the
+# columns say in another form the CHECK accepts: a guard for any export that reads canon.
+
+HOSTILE_PLANS: list[dict[str, Any]] = [
+    {"n": 100, "z": 0.0, "a": 1, "w": "w", "nan": float("nan"), "inf": float("-inf"), "big": 1e16, "small": 1e-07, "neg0": -0.0,
+     "huge": 12345678901234567890123456789, "frac": 0.30000000000000004, "nul": "\\u0000 is text", "nested": [[{"b": 1, "a": [{}]}]]},
+    {"fingerprint": "00004e2d1e5", "date": "2026-01-02", "k": "1e5", "unicode": "ü 日本 🚀 \u2028", "quote": "\"plan\":{}"},
+]
+
+
+async def fill_hostile(log: AuditLog) -> None:
+    await fill_odd(log, rounds=1)
+    for i, plan in enumerate(HOSTILE_PLANS * 2):
+        await log.append(event="requested", actor_id="U1", actor_name="a", channel_id="C", request_id=f"h{i}", command_text='"plan":',
+                         plan=plan, result={"e": 1e16, "list": [1.5, -0.0]} if i % 2 else None)
+
+
+@pytest.mark.parametrize("edit", [
+    "", "canon = replace(canon, '\"n\":100', '\"n\":1e2')",  # jsonb writes 1e2 as 100: an int to Python, not 100.0
+    "canon = replace(canon, '\"z\":0.0', '\"z\":-0.0')",
+    "canon = replace(canon, '\"n\":100', '\"n\": 100')",  # spaces
+    "canon = replace(canon, '\"plan\":{\"a\":1', '\"plan\":{\"a\":0,\"a\":1')",  # a duplicate key (jsonb keeps the last)
+    "canon = replace(canon, '\"w\":\"w\"', '\"w\":\"\\u0077\"')",  # an escape Python does not write
+    "canon = replace(canon, '\"plan\":{\"a\"', '\"plan\":{\"x\":1},\"plan\":{\"a\"')",  # two plan members: canon's plan is the last
+    "canon = NULL",  # rows from before migration 009
+])
+async def test_the_export_from_canon_is_byte_for_byte_the_original_on_hostile_rows(
+        log: AuditLog, state_db: str, edit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_hostile(log)
+    if edit:
+        tamper(state_db, f"UPDATE audit_events SET {edit} WHERE seq > 5", constraint="untouched")  # the CHECK still holds
+    assert (await audit_log.canon_trusted(log.store))[0]
+    rows = await log.rows()
+    reread: list[int] = []
+    real_row = AuditLog.row
+
+    async def row(self: AuditLog, seq: int) -> dict[str, Any] | None:
+        reread.append(seq)
+        return await real_row(self, seq)
+
+    monkeypatch.setattr(AuditLog, "row", row)
+    out = io.StringIO()
+    assert await export_jsonl(log, out, batch=4) == len(rows)
+    assert out.getvalue().split("\n") == [*(export_line(r) for r in rows), ""]
+    buf = io.StringIO()
+    assert await export_csv(log, buf, batch=4) == len(rows)
+    assert buf.getvalue().splitlines() == old_csv(rows).splitlines()
+    if not edit:  # written by append: no row needs reading again
+        assert reread == []
+
+
+def old_csv(rows: list[dict[str, Any]]) -> str:
+    """What the csv export wrote before issue 13, from each export line."""
+    old = io.StringIO()
+    writer = csv.writer(old)
+    writer.writerow(audit_log.CSV_HEADER)
+    for r in rows:
+        rec = json.loads(export_line(r))
+        writer.writerow([rec["seq"], rec["at"], rec["event"], rec["actor_id"], rec["actor_name"], rec["channel_id"],
+                         rec["request_id"] or "",
+                         rec["command_text"], json.dumps(rec["plan"], sort_keys=True), json.dumps(rec["result"], sort_keys=True),
+                         rec["prev_hash"], rec["hash"]])
+    return old.getvalue()

@@ -160,15 +160,13 @@ def approvals_line(request: OpsRequest) -> str:
     return " · ".join(parts)
 
 
-def audit_line(row: dict[str, Any]) -> str:
-    """One audit row as posted: a step in a request's thread, or a compact line of its own for
-    attempts that never became a request (invalid, denied by policy). The full row hash is in it, so
-    a copy of the channel is evidence `opsbot audit verify --against-channel` can check."""
+def _row_about(row: dict[str, Any]) -> tuple[str, str, str]:
+    """An audit row's parts as the channel shows them: what it is about (the plan's summary, or the
+    command typed), its environment, and its outcome (message, error or reason), all escaped."""
     plan = row.get("plan") or {}
     result = row.get("result") or {}
     what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {row.get('command_text') or ''}")
     where = f" [{mrkdwn(plan['environment'])}]" if plan.get("environment") else ""
-    req = f" · request {code(row['request_id'])}" if row.get("request_id") else ""
     extra = ""
     if result.get("message"):
         extra = f" — {mrkdwn(result['message'])}"
@@ -176,6 +174,15 @@ def audit_line(row: dict[str, Any]) -> str:
         extra = f" — {mrkdwn(result['error'])}"
     elif result.get("reason"):
         extra = f" — reason: {mrkdwn(result['reason'])}"
+    return what, where, extra
+
+
+def audit_line(row: dict[str, Any]) -> str:
+    """One audit row as posted: a step in a request's thread, or a compact line of its own for
+    attempts that never became a request (invalid, denied by policy). The full row hash is in it, so
+    a copy of the channel is evidence `opsbot audit verify --against-channel` can check."""
+    what, where, extra = _row_about(row)
+    req = f" · request {code(row['request_id'])}" if row.get("request_id") else ""
     channel = f" in {channel_ref(row['channel_id'])}" if row.get("channel_id") and not row.get("request_id") else ""
     who = "opsbot" if row["actor_id"] == "opsbot" else user_ref(row["actor_id"])
     return (f"`#{row['seq']}` *{EVENT_LABEL.get(row['event'], row['event'])}* by {who}{channel}: "
@@ -194,17 +201,7 @@ COMPACT_HEAD = re.compile(rf"^`({_PREFIX}(?: {_PREFIX})*) #(\d+)` .* · hash `([
 
 def _audit_step(row: dict[str, Any]) -> tuple[str, str]:
     """(what the row is about, its step: event, actor, outcome) as ``audit_line`` writes them."""
-    plan = row.get("plan") or {}
-    result = row.get("result") or {}
-    what = mrkdwn(plan["summary"]) if plan.get("summary") else code(f"/ops {row.get('command_text') or ''}")
-    where = f" [{mrkdwn(plan['environment'])}]" if plan.get("environment") else ""
-    extra = ""
-    if result.get("message"):
-        extra = f" — {mrkdwn(result['message'])}"
-    elif result.get("error"):
-        extra = f" — {mrkdwn(result['error'])}"
-    elif result.get("reason"):
-        extra = f" — reason: {mrkdwn(result['reason'])}"
+    what, where, extra = _row_about(row)
     who = "" if row["actor_id"] == "opsbot" else f" by {user_ref(row['actor_id'])}"
     return what + where, f"*{EVENT_LABEL.get(row['event'], row['event'])}*{who}{extra}"
 

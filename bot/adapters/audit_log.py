@@ -350,16 +350,9 @@ class AuditLog:
                    WHERE posted_ts IS NULL AND NOT gave_up ORDER BY seq LIMIT 1""")).fetchone()
         return float(row["s"]) if row else 3600.0
 
-    async def mark_failed(self, seq: int, error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
-        async with self.store.connection() as conn:
-            await conn.execute(
-                """UPDATE audit_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s, gave_up = %s,
-                       next_attempt_at = now() + make_interval(secs => %s) WHERE seq = %s""",
-                (error[:500], uncertain, give_up, delay, seq))
-
     async def mark_failed_many(self, seqs: list[int], error: str, *, uncertain: bool, delay: float, give_up: bool = False) -> None:
-        """``mark_failed`` for the rows of one message, in one statement (a 429 on a message of 500
-        rows was 500 round trips before the poster could go on)."""
+        """The rows of one message Slack did not take: one more attempt, the error, when to try again
+        (or given up on), in one statement (one per row was 500 round trips for a 429 on 500 rows)."""
         async with self.store.connection() as conn:
             await conn.execute(
                 """UPDATE audit_outbox SET attempts = attempts + 1, last_error = %s, uncertain = uncertain OR %s, gave_up = %s,
@@ -375,20 +368,10 @@ class AuditLog:
                                        WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL) last
                    WHERE last.seq > t.headline_seq LIMIT 50""")).fetchall()
 
-    async def thread_members(self, channel: str, ts: str) -> list[dict[str, Any]]:
-        """The requests whose headline is the message ``ts`` (several when a backlog shared one), in
-        the order they were posted, each with the row its headline is to show."""
-        async with self.store.connection() as conn:
-            return await (await conn.execute(
-                """SELECT t.request_id, greatest(t.headline_seq, (SELECT max(o.seq) FROM audit_outbox o
-                       WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL)) AS seq
-                   FROM audit_threads t WHERE t.channel = %s AND t.ts = %s
-                   ORDER BY (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id), t.request_id""",
-                (channel, ts))).fetchall()
-
     async def members_of(self, messages: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        """``thread_members`` of several headline messages in one query, each with its last row
-        (``row``) already read, or None when that row is gone."""
+        """The requests whose headline is each of the messages ``(channel, ts)`` (several when a
+        backlog shared one), in the order they were posted, each with the seq its headline is to show
+        and that row (``row``, None when it is gone): one query for all the messages."""
         if not messages:
             return {}
         async with self.store.connection() as conn:
@@ -408,7 +391,7 @@ class AuditLog:
         return members
 
     async def headlines_shown(self, shown: list[tuple[str, int]]) -> None:
-        """``headline_shown`` for several requests in one statement."""
+        """The headlines of ``shown`` (request id, seq) now show that row (never an older one), in one statement."""
         if not shown:
             return
         async with self.store.connection() as conn:
@@ -416,11 +399,6 @@ class AuditLog:
                 """UPDATE audit_threads t SET headline_seq = greatest(t.headline_seq, s.seq)
                    FROM unnest(%s::text[], %s::bigint[]) AS s (request_id, seq) WHERE t.request_id = s.request_id""",
                 ([r for r, _ in shown], [q for _, q in shown]))
-
-    async def headline_shown(self, request_id: str, seq: int) -> None:
-        async with self.store.connection() as conn:
-            await conn.execute("UPDATE audit_threads SET headline_seq = greatest(headline_seq, %s) WHERE request_id = %s",
-                               (seq, request_id))
 
     async def row(self, seq: int) -> dict[str, Any] | None:
         async with self.store.connection() as conn:
@@ -445,7 +423,7 @@ class AuditLog:
 
     async def save_threads(self, channel: str, ts: str, permalink: str | None, shown: list[tuple[str, int]]) -> None:
         """The requests of ``shown`` (request id, the seq its headline shows) got their headline in
-        message ``ts``: ``save_thread`` and ``headline_shown`` for all of them, in one statement."""
+        message ``ts``: their threads saved with the seq each headline shows, in one statement."""
         async with self.store.connection() as conn:
             await conn.execute(
                 """INSERT INTO audit_threads (request_id, channel, ts, permalink, headline_seq)

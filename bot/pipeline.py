@@ -91,12 +91,31 @@ def _chunks(text: str, size: int) -> list[str]:
 # seconds and ended in false "unavailable" pool timeouts (issue 13). Clicks are not counted: an
 # approver's Approve must not be refused because requesters are typing; there are few of them.
 MAX_IN_FLIGHT = 10 * 10
-# ...and at most what it finishes in this many seconds (see ``Admission``): a command admitted is
-# answered well before the "still working" notice (bot/slack/app.py, 2 s). Measured at 150/s on 2
-# shared cores (bench/incident_load.py): 1.5 s gave command → card p50 0.95 s, 0.75 s gave 0.64 s,
-# with as many cards opened (~410 in 10 s): the rate is set by the CPU, not by how many wait.
+# ...and how long an admitted command may take (see ``Admission``): a command admitted is answered
+# well before the "still working" notice (bot/slack/app.py, 2 s). Measured at 150/s on 2 shared
+# cores (bench/incident_load.py): a 1.5 s target gave command → card p50 0.95 s, 0.75 s gave 0.64 s.
+#
+# Decision (issue 13): the bound is AIMD, driven by the latency of the commands admitted, not by
+# how many finish per second. The earlier bound ("finished per second over 5 s × MAX_WAIT", floor
+# 10) measured a throughput that it limited itself: when latency rose for a reason outside this
+# process (a slower database, cores taken by a neighbour), fewer finished per second, the bound
+# fell, fewer could finish, and it ended at the floor with throughput 10 ÷ latency, although every
+# command admitted was still answered in time. Latency is what the user sees and what the bound is
+# for, and it does not fall when the bound does, so it cannot feed back that way. Parameters:
+# * +1 per admitted command that finished within MAX_WAIT, while the p90 of the last
+#   ADMISSION_WINDOW s is within it too (recovers from the floor to 100 in ~90 fast commands,
+#   well under a second at 150/s; while latency is under target the bound is the pools' 100);
+# * ×ADMISSION_DECREASE (0.8) when that p90 exceeds MAX_WAIT, at most once per p90 (the time
+#   it takes commands admitted under the new bound to be the ones measured), so one slow
+#   window costs 20 %, not the whole bound; from 100 to the floor takes ~11 slow intervals;
+# * never below ADMISSION_FLOOR (some work always goes on) nor above MAX_IN_FLIGHT.
+# A command's time in flight is measured from ``enter`` to ``leave``; callers do not pass it:
+# start times are kept first-in first-out, so a ``leave`` measures the oldest command in flight
+# (an over-estimate when commands finish out of order, which errs towards shrinking).
 MAX_WAIT = 0.75
 ADMISSION_FLOOR = 10
+ADMISSION_WINDOW = 2.0
+ADMISSION_DECREASE = 0.8
 # Busy refusals are audited after they are answered, one append at a time (every append takes the
 # audit chain's one lock, which the requests admitted need too); the others wait in memory, and each
 # row says when the attempt was made (``result.attempted_at``; the row's ``at`` is when it was written).
@@ -116,27 +135,32 @@ class Admission:
     """The bound on commands in flight in one process (each replica has its own). ``enter``
     admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``.
 
-    Two limits: ``limit`` commands at most (sized from the pools, above), and, once the process
-    has a measure of its own speed, no more than it finishes in ``max_wait`` seconds at the rate it
-    finished them over the last ``window`` seconds (never fewer than ``floor``): on a machine
-    whose cores are taken by something else, a command admitted is still answered within about
-    ``max_wait`` s, and the rest hear at once that opsbot is busy instead of waiting longer."""
+    Two limits: ``limit`` commands at most (sized from the pools, above), and an AIMD bound
+    driven by how long admitted commands take (the decision above the constants): it grows by one
+    per command answered within ``max_wait`` s and shrinks by ``decrease`` when the p90 of the
+    last ``window`` s exceeds ``max_wait``, at most once per that p90, never below ``floor``.
+    ``max_wait=None``: ``limit`` only."""
 
     def __init__(self, limit: int = MAX_IN_FLIGHT, *, max_wait: float | None = MAX_WAIT, floor: int = ADMISSION_FLOOR,
-                 window: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 window: float = ADMISSION_WINDOW, decrease: float = ADMISSION_DECREASE,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if limit < 1:
             raise ValueError("the admission limit is at least 1")
+        if not 0 < decrease < 1:
+            raise ValueError("the admission decrease is a factor between 0 and 1")
         self.limit, self.max_wait, self.floor, self.window, self.clock = limit, max_wait, min(floor, limit), window, clock
+        self.decrease = decrease
         self.in_flight = 0
-        self._started = clock()
-        self._finished: collections.deque[float] = collections.deque()  # when admitted commands finished, last ``window`` s
+        self._bound = float(limit)
+        self._starts: collections.deque[float] = collections.deque()  # when the commands in flight entered, oldest first
+        self._done: collections.deque[tuple[float, float]] = collections.deque()  # (finished at, time in flight), last ``window`` s
+        self._decreased = -math.inf
 
     def bound(self) -> int:
         """How many may be in flight now."""
-        rate = self._rate()
-        if self.max_wait is None or rate is None:
+        if self.max_wait is None:
             return self.limit
-        return max(self.floor, min(self.limit, math.floor(rate * self.max_wait)))
+        return max(self.floor, min(self.limit, math.floor(self._bound)))
 
     def full(self) -> Load | None:
         """The ``Load`` that would refuse a command now, or None if one would be admitted; admits
@@ -150,33 +174,43 @@ class Admission:
         load = self.full()
         if load is None:
             self.in_flight += 1
+            self._starts.append(self.clock())
         return load
 
     def leave(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
+        if not self._starts:
+            return
         now = self.clock()
-        self._finished.append(now)
+        took = now - self._starts.popleft()
+        self._done.append((now, took))
         self._trim(now)
+        if self.max_wait is None:
+            return
+        p90 = self._p90()
+        if p90 > self.max_wait:
+            if now - self._decreased >= p90:
+                self._bound = max(float(self.floor), self._bound * self.decrease)
+                self._decreased = now
+        elif took <= self.max_wait:
+            self._bound = min(float(self.limit), self._bound + 1)
 
     def _trim(self, now: float) -> None:
-        while self._finished and self._finished[0] < now - self.window:
-            self._finished.popleft()
+        while self._done and self._done[0][0] < now - self.window:
+            self._done.popleft()
 
-    def _rate(self) -> float | None:
-        """Commands finished per second over the last ``window`` s; None until there is a measure
-        (a full window since start, and something finished in it)."""
-        now = self.clock()
-        self._trim(now)
-        if now - self._started < self.window or not self._finished:
-            return None
-        return len(self._finished) / self.window
+    def _p90(self) -> float:
+        took = sorted(t for _, t in self._done)
+        return took[min(len(took) - 1, math.floor(0.9 * len(took)))] if took else 0.0
 
     def retry_after(self) -> int:
         """Seconds until the commands in flight now are likely done, at the rate they finished
-        lately; 1 to 60."""
-        rate = self._rate()
-        if not rate:
+        over the last ``window`` s; 1 to 60."""
+        now = self.clock()
+        self._trim(now)
+        if not self._done:
             return 5  # no measure yet: a modest wait
+        rate = len(self._done) / self.window
         return max(1, min(60, math.ceil(self.in_flight / rate)))
 
 

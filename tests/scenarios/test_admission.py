@@ -169,26 +169,99 @@ async def test_a_database_that_is_down_is_unavailable_not_busy() -> None:
         await store.close()
 
 
-def test_the_bound_follows_how_fast_commands_finish() -> None:
-    now = [0.0]
-    admission = Admission(limit=100, max_wait=1.5, floor=10, window=5.0, clock=lambda: now[0])
-    assert admission.bound() == 100  # no measure yet: the pools' bound
-    for _ in range(50):  # 50 finished over 5 s: 10 a second
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run(admission: Admission, clock: _Clock, *, n: int, took: float, gap: float = 0.01) -> None:
+    """``n`` commands one after the other, each in flight ``took`` s, ``gap`` s apart."""
+    for _ in range(n):
         assert admission.enter() is None
-        now[0] += 0.1
+        clock.now += took
         admission.leave()
-    now[0] += 0.01  # a full window since start
-    assert admission.bound() == 15  # what it finishes in 1.5 s
-    for _ in range(15):
+        clock.now += gap
+
+
+def _batch(admission: Admission, clock: _Clock, *, n: int, took: float) -> None:
+    """``n`` commands entering together, in flight ``took`` s, leaving together."""
+    for _ in range(n):
+        assert admission.enter() is None
+    clock.now += took
+    for _ in range(n):
+        admission.leave()
+
+
+def test_the_bound_shrinks_when_admitted_commands_are_slow_and_recovers_when_fast() -> None:
+    clock = _Clock()
+    admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, decrease=0.8, clock=clock)
+    assert admission.bound() == 100  # no measure yet: the pools' bound
+    _run(admission, clock, n=50, took=0.1)
+    assert admission.bound() == 100  # fast: never above the limit
+    clock.now += 2.5  # the fast ones left the window
+    _batch(admission, clock, n=10, took=1.0)  # p90 over the target: ×0.8 once, not once per command
+    assert admission.bound() == 80
+    _batch(admission, clock, n=10, took=1.0)  # a p90 later: ×0.8 again
+    assert admission.bound() == 64
+    for _ in range(20):
+        _batch(admission, clock, n=10, took=1.0)
+    assert admission.bound() == 10  # the floor, not fewer
+    assert admission.retry_after() >= 1
+    _run(admission, clock, n=3, took=0.1)  # fast again, but the window's p90 is still slow: no growth yet
+    assert admission.bound() == 10
+    clock.now += 2.5  # the slow ones left the window
+    _run(admission, clock, n=30, took=0.1)
+    assert admission.bound() == 40  # +1 per fast command
+    _run(admission, clock, n=200, took=0.1)
+    assert admission.bound() == 100
+
+
+def test_past_the_bound_a_command_is_refused_with_a_sensible_retry_after() -> None:
+    clock = _Clock()
+    admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, clock=clock)
+    for _ in range(30):  # slow: down to the floor
+        _batch(admission, clock, n=10, took=1.5)
+    assert admission.bound() == 10  # ~13 finish in the 2 s window: 10 in flight are done in ~2 s
+    for _ in range(10):
         assert admission.enter() is None
     load = admission.enter()
-    assert load is not None and load.in_flight == 15 and load.limit == 15 and load.retry_after == 2
-    now[0] += 4.0  # few finish now (the cores are taken): 3 in the last 5 s → the floor, not fewer
-    for _ in range(3):
-        admission.leave()
-    assert admission.bound() == 10
-    now[0] += 60  # nothing finished for a minute: no measure, so the pools' bound again
+    assert load is not None and load.in_flight == 10 and load.limit == 10
+    assert 1 <= load.retry_after <= 2
+    assert admission.full() == load
+    clock.now += 60  # nothing finished for a minute: no measure, a modest wait
+    assert admission.retry_after() == 5
+
+
+def test_slow_but_steady_latency_under_the_target_does_not_shrink_the_bound() -> None:
+    """The collapse the earlier bound ("finished per second × MAX_WAIT") had: commands taking
+    0.7 s (the database slower, not opsbot's CPU), 10 at a time, finish ~14 per second, which made
+    its bound 10 and its throughput 10 ÷ 0.7; every one of them was answered within the target."""
+    clock = _Clock()
+    admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, clock=clock)
+    for _ in range(30):  # 30 rounds of 10 commands entering together, 0.7 s each: 21 s
+        for _ in range(10):
+            assert admission.enter() is None
+        clock.now += 0.7
+        for _ in range(10):
+            admission.leave()
     assert admission.bound() == 100
+
+
+def test_without_a_target_the_bound_is_the_limit() -> None:
+    clock = _Clock()
+    admission = Admission(limit=3, max_wait=None, clock=clock)
+    _run(admission, clock, n=20, took=5.0)
+    assert admission.bound() == 3
+    for _ in range(3):
+        assert admission.enter() is None
+    assert admission.enter() is not None
+    with pytest.raises(ValueError):
+        Admission(limit=0)
+    with pytest.raises(ValueError):
+        Admission(decrease=1.0)
 
 
 # ---------------------------------------------------------------- the fast path (bot/runtime.py ``busy_ack``)

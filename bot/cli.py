@@ -192,7 +192,7 @@ async def _audit(args: argparse.Namespace) -> int:
         checked = await _verify_timeline(args.file)
         if checked is not None:
             return checked
-        with open(args.file) as fh:
+        with open(args.file, "rb") as fh:  # bytes: export lines are checked without decoding them
             report, anchor = verify_lines(fh)
         print(f"{args.file}: {report.summary()}")
         if report.ok and report.first_seq is not None:

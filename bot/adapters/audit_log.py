@@ -25,23 +25,28 @@ and TRUNCATE with a trigger, and the bot's own role is granted only SELECT and I
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import csv
 import hashlib
 import json
 import logging
 import math
+import select
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import IO, Any
 
-from psycopg import sql
-from psycopg.rows import tuple_row
+import psycopg
+from psycopg import pq, sql
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
-from bot.adapters.store import Store
+from bot.adapters.store import STATE_DATABASE, Store
 from bot.domain import canonical_json
+from bot.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -297,18 +302,13 @@ class AuditLog:
             rows = await (await conn.execute("SELECT seq, hash FROM audit_events WHERE seq = ANY(%s)", (seqs,))).fetchall()
         return {int(r["seq"]): str(r["hash"]) for r in rows}
 
-    async def verify(self, *, batch: int = BATCH) -> ChainReport:
-        """The whole chain in the database, from the genesis or the latest pruning checkpoint,
-        streamed in batches of ``batch`` rows (constant memory)."""
-        async with self.store.connection() as conn:
-            cps = await (await conn.execute("SELECT * FROM audit_checkpoints ORDER BY upto_seq")).fetchall()
-        prev_cp = GENESIS
-        for cp in cps:
-            if cp["prev_hash"] != prev_cp or checkpoint_hash(prev_cp, cp) != cp["hash"]:
-                return ChainReport(False, 0, None, None, int(cp["upto_seq"]), f"checkpoint up to {cp['upto_seq']} was altered")
-            prev_cp = cp["hash"]
-        start_prev, start_seq = (cps[-1]["last_hash"], cps[-1]["upto_seq"] + 1) if cps else (GENESIS, 1)
-        return await verify_stored(self, prev_hash=start_prev, start_seq=start_seq, batch=batch)
+    async def verify(self) -> ChainReport:
+        """The whole chain in the database, from the genesis or the latest pruning checkpoint, one
+        row at a time (constant memory): ``verify_chain``, in a thread."""
+        trusted, why = await canon_trusted(self.store)
+        if not trusted:
+            logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
+        return await asyncio.to_thread(verify_chain, self.store.url, trusted=trusted)
 
     async def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest pruning checkpoint (rows up to its ``upto_seq`` were deleted on purpose), or None."""
@@ -511,19 +511,22 @@ def search_queries(*, user: str | None = None, command: str | None = None, targe
 
 
 def export_line(row: dict[str, Any]) -> str:
-    """One JSON line of an export: the hashed record plus both hashes, enough to verify on its own."""
-    return json.dumps({**audit_record(row), "prev_hash": row["prev_hash"], "hash": row["hash"]}, ensure_ascii=False, sort_keys=True)
+    """One JSON line of an export: both hashes, then the hashed record exactly as hashed
+    (``canonical_json``), so that the line verifies on its own, and fast: sha256(prev_hash + the
+    line's text after the hashes) is the hash (``verify_lines``)."""
+    return _line_head(row["hash"], row["prev_hash"]) + canonical_json(audit_record(row))[1:]
 
 
 # ------------------------------------------------------------------ streaming reads (issue 13)
 #
-# `audit verify` and `audit export` read the trail in bounded batches through a server-side cursor,
-# so memory does not grow with the table. They also skip the decode → re-encode of each row where
-# they can: PostgreSQL writes the JSON of the scalar columns (its escaping of strings is the same
-# as Python's json with ensure_ascii=False: \" \\ \b \f \n \r \t, \u00XX for other control
-# characters) and `at` in the canonical form, and only plan/result are re-encoded in Python (their
-# keys must be sorted as Python sorts them), memoised by their stored text: the steps of one request
-# carry the same plan.
+# `audit verify`, `audit export` (see "the fast walk" below) and the csv export read the trail
+# streamed, so memory does not grow with the table. Where a row has no canon (migration 009), or
+# canon may not stand for its columns, they skip the decode → re-encode of the row where they can:
+# PostgreSQL writes the JSON of the scalar columns (its escaping of strings is the same as Python's
+# json with ensure_ascii=False: \" \\ \b \f \n \r \t, \u00XX for other control characters) and
+# `at` in the canonical form (``_VERIFY_PARTS``), and only plan/result are re-encoded in Python
+# (their keys must be sorted as Python sorts them), memoised by their stored text: the steps of one
+# request carry the same plan.
 #
 # A hash computed this way that matches the stored hash is proof enough: every piece is a faithful
 # JSON encoding of the stored value, so equal bytes mean equal content. When it does not match, the
@@ -531,7 +534,6 @@ def export_line(row: dict[str, Any]) -> str:
 # so an odd value (a float PostgreSQL writes differently, a year before 1000) is never a false alarm.
 
 _COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)  # == canonical_json
-_EXPORT = json.JSONEncoder(sort_keys=True, ensure_ascii=False)  # == export_line's nested values
 _CSV = json.JSONEncoder(sort_keys=True)  # == the csv export's plan/result columns (json.dumps(v, sort_keys=True))
 
 
@@ -549,13 +551,6 @@ _VERIFY_PARTS = (
     "',\"request_id\":' || coalesce(" + _js("request_id") + ", 'null') || ',\"result\":'",
     "result::text",
     "',\"seq\":' || seq || '}'")
-_VERIFY_SELECT = "SELECT seq, prev_hash, hash, NULL, " + ", ".join(_VERIFY_PARTS) + " FROM audit_events"
-# Rows with ``canon`` (migration 009: the exact text the hash covers) need none of that: the pieces
-# are computed only where ``canon`` is NULL (rows from before 009, or a database not in UTF8).
-_CANON_SELECT = ("SELECT seq, prev_hash, hash, convert_to(prev_hash || canon, 'UTF8'), "
-                 + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS)
-                 + " FROM audit_events")
-_VERIFY_TYPES = ("int8", "text", "text", "bytea", "text", "text", "text", "text", "text")
 # The definition of migration 009's constraint, as written there (``canon_trusted`` compares the
 # live constraint with this one, deparsed by the same server).
 CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
@@ -563,13 +558,6 @@ CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
     'channel_id', channel_id, 'command_text', command_text, 'event', event, 'plan', plan, 'request_id', request_id,
     'result', result, 'seq', seq)::text""")
 CANON_CONSTRAINT = "audit_events_canon_matches"
-# export_line's form: sorted keys, ", " and ": ", the hashes among the fields
-_EXPORT_SELECT = (
-    "SELECT seq, '{\"actor_id\": ' || " + _js("actor_id") + " || ', \"actor_name\": ' || " + _js("actor_name")
-    + " || ', \"at\": \"' || " + _AT + " || '\", \"channel_id\": ' || " + _js("channel_id") + " || ', \"command_text\": ' || "
-    + _js("command_text") + " || ', \"event\": ' || " + _js("event") + " || ', \"hash\": ' || " + _js("hash")
-    + " || ', \"plan\": ', plan::text, ', \"prev_hash\": ' || " + _js("prev_hash") + " || ', \"request_id\": ' || coalesce("
-    + _js("request_id") + ", 'null') || ', \"result\": ', result::text, ', \"seq\": ' || seq || '}' FROM audit_events")
 _CSV_SELECT = ("SELECT seq, " + _AT + ", event, actor_id, actor_name, channel_id, coalesce(request_id, ''), command_text, "
                "plan::text, result::text, prev_hash, hash FROM audit_events")
 CSV_HEADER = ("seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text", "plan", "result",
@@ -693,80 +681,345 @@ async def canon_trusted(store: Store) -> tuple[bool, str]:
     return True, ""
 
 
-async def verify_stored(log: AuditLog, *, prev_hash: str, start_seq: int, batch: int = BATCH) -> ChainReport:
-    """The chain in the database from ``start_seq``, streamed (see the note above ``BATCH``). A row
-    with ``canon`` (migration 009) is hashed as stored, when ``canon_trusted``; the others are
-    re-derived from their columns."""
+# ------------------------------------------------------------------ the fast walk (issue 13)
+#
+# ``audit verify`` and ``audit export`` (jsonl) read the trail with one ``COPY … TO STDOUT (FORMAT
+# BINARY)`` on a libpq connection of their own, in a thread: PostgreSQL sends one message per row
+# while Python checks the previous one, and each message is read with one C call (psycopg's Copy
+# object costs a generator round trip per row, which was half the time). A well-formed row (hash
+# and prev_hash of 64 bytes, canon present) has a fixed layout, so it is checked with a few byte
+# comparisons and one sha256 over the bytes PostgreSQL sent (the UTF-8 of prev_hash || canon); the
+# field lengths come from the protocol, never from parsing the text, so no stored value can make
+# one row look like another. Any other row (canon NULL, an odd length, a hash that misses, a row
+# out of place) is parsed field by field and checked as before: through ``ChainWalk``, re-derived
+# from its columns, and read again whole (the original way) before it is called broken.
+#
+# The whole walk is one REPEATABLE READ transaction: rows appended meanwhile are not seen, and the
+# checkpoints and the rows are read in the same snapshot (a prune between the two cannot look like
+# deleted rows). Rows read again come from a second connection on the same (exported) snapshot.
+
+# A well-formed row (both hashes 64 bytes, canon present) comes as its hash, prev_hash and canon in
+# one field, then its seq, then eight NULLs; any other as its fields (the hashed bytes where canon
+# is, PostgreSQL's pieces of the record where it is not).
+_WELL_FORMED = "(octet_length(hash) = 64 AND octet_length(prev_hash) = 64 AND canon IS NOT NULL)"
+_ODD = ("hash", "prev_hash", "convert_to(prev_hash || canon, 'UTF8')")
+_WALK_SELECT = (f"SELECT CASE WHEN {_WELL_FORMED} IS TRUE THEN convert_to(hash || prev_hash || canon, 'UTF8') END, seq, "
+                + ", ".join(f"CASE WHEN {_WELL_FORMED} IS NOT TRUE THEN {c} END" for c in _ODD) + ", "
+                + ", ".join(f"CASE WHEN canon IS NULL THEN {p} END" for p in _VERIFY_PARTS) + " FROM audit_events")
+# when canon may not stand for the columns (``canon_trusted``): every row re-derived from its columns
+_WALK_COLUMNS = "SELECT NULL::bytea, seq, hash, prev_hash, NULL::bytea, " + ", ".join(_VERIFY_PARTS) + " FROM audit_events"
+_FIELDS = b"\x00\x0a"  # ten fields
+_TAIL = b"\xff\xff\xff\xff" * 8  # the eight NULLs after a well-formed row's seq
+_L8 = b"\x00\x00\x00\x08"  # seq's length
+STALL_TIMEOUT = 120.0  # seconds without a byte from PostgreSQL after which verify/export give up (fail closed)
+_COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length (0): before the first row
+
+
+def _fields(data: bytes) -> list[bytes | None]:
+    """One row of a binary COPY, field by field (lengths from the protocol)."""
+    n, at, out = int.from_bytes(data[:2], "big"), 2, list[bytes | None]()
+    for _ in range(n):
+        size = int.from_bytes(data[at:at + 4], "big", signed=True)
+        at += 4
+        if size < 0:
+            out.append(None)
+        else:
+            out.append(data[at:at + size])
+            at += size
+    if at != len(data):
+        raise BackendUnavailable(STATE_DATABASE, "a COPY row did not parse (protocol error)")
+    return out
+
+
+class _Snapshot:
+    """A read-only REPEATABLE READ transaction on a connection of its own, its rows streamed by
+    ``copy``; ``row`` reads one row again whole on a second connection on the same snapshot (opened
+    when first needed). Sync: it runs in a thread (``asyncio.to_thread``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.other: psycopg.Connection[dict[str, Any]] | None = None
+        self.snapshot: str | None = None
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+            self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            self.encoding = self.conn.info.encoding
+            try:
+                with self.conn.transaction():  # a savepoint: a server that cannot export one goes on without
+                    snap = self.conn.execute("SELECT pg_export_snapshot() AS s").fetchone()
+                self.snapshot = snap["s"] if snap else None
+            except psycopg.Error:
+                self.snapshot = None
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    def query(self, q: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        try:
+            return self.conn.execute(q, args).fetchall()  # type: ignore[arg-type]
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    def copy(self, select: str) -> Iterable[bytes]:
+        """The rows of ``select`` as binary COPY tuples, one bytes per row. libpq stays non-blocking
+        and waits happen in ``select`` (psycopg's libpq calls hold the GIL: a blocking one would
+        stop every other thread, the event loop among them, for as long as the server takes)."""
+        pg = self.conn.pgconn
+        try:
+            pg.send_query(f"COPY ({select}) TO STDOUT (FORMAT BINARY)".encode())
+            while pg.flush():
+                self._wait(pg, write=True)
+            res = self._result(pg)
+            if res is None or res.status != pq.ExecStatus.COPY_OUT:
+                raise BackendUnavailable(STATE_DATABASE, (res.error_message if res else b"no result").decode(errors="replace").strip())
+            get, first = pg.get_copy_data, True
+            while True:
+                size, data = get(1)
+                if size == 0:  # nothing buffered yet
+                    self._wait(pg)
+                    pg.consume_input()
+                    continue
+                if size < 0:
+                    break
+                row = bytes(data)
+                if first:
+                    row, first = row[_COPY_HEADER:], False
+                if row != b"\xff\xff":  # the trailer
+                    yield row
+            while (res := self._result(pg)) is not None:  # the COPY's end (or its error)
+                if res.status != pq.ExecStatus.COMMAND_OK:
+                    raise BackendUnavailable(STATE_DATABASE, res.error_message.decode(errors="replace").strip())
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    def _result(self, pg: pq.abc.PGconn) -> pq.abc.PGresult | None:
+        while pg.is_busy():
+            self._wait(pg)
+            pg.consume_input()
+        return pg.get_result()
+
+    @staticmethod
+    def _wait(pg: pq.abc.PGconn, *, write: bool = False) -> None:
+        fd = pg.socket
+        ready = select.select([fd], [fd] if write else [], [], STALL_TIMEOUT)
+        if not ready[0] and not ready[1]:
+            raise BackendUnavailable(STATE_DATABASE, f"it sent nothing for {STALL_TIMEOUT:.0f} s while the trail was read")
+
+    def row(self, seq: int) -> dict[str, Any] | None:
+        try:
+            if self.other is None:
+                self.other = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+                if self.snapshot:
+                    self.other.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    self.other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))
+            return self.other.execute("SELECT * FROM audit_events WHERE seq = %s", (seq,)).fetchone()
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    def close(self) -> None:
+        for conn in (self.other, self.conn):
+            if conn is not None:
+                conn.close()  # (a COPY cut short is abandoned with its connection)
+
+
+def _unavailable(exc: psycopg.Error) -> BackendUnavailable:
+    return BackendUnavailable(STATE_DATABASE, str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def verify_chain(url: str, *, trusted: bool) -> ChainReport:
+    """The whole chain in the database (``AuditLog.verify``): the pruning checkpoints, then every
+    row from the genesis or the latest checkpoint, in one snapshot. Sync (run it in a thread)."""
+    snap = _Snapshot(url)
+    try:
+        prev_cp = GENESIS
+        cps = snap.query("SELECT * FROM audit_checkpoints ORDER BY upto_seq")
+        for cp in cps:
+            if cp["prev_hash"] != prev_cp or checkpoint_hash(prev_cp, cp) != cp["hash"]:
+                return ChainReport(False, 0, None, None, int(cp["upto_seq"]), f"checkpoint up to {cp['upto_seq']} was altered")
+            prev_cp = cp["hash"]
+        prev_hash, start_seq = (cps[-1]["last_hash"], cps[-1]["upto_seq"] + 1) if cps else (GENESIS, 1)
+        return _walk_chain(snap, prev_hash=prev_hash, start_seq=start_seq, trusted=trusted)
+    finally:
+        snap.close()
+
+
+def _walk_chain(snap: _Snapshot, *, prev_hash: str, start_seq: int, trusted: bool) -> ChainReport:
     walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
-    linked: str | None = prev_hash
-    expected: int | None = start_seq
-    checked, first, last = 0, None, None  # type: tuple[int, int | None, int | None]
-    canon = _Reencode(_COMPACT)
-    sha256 = hashlib.sha256
-    trusted, why = await canon_trusted(log.store)
-    if not trusted:
-        logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
-    query, args = _range(None, None, None)
-    select = _CANON_SELECT if trusted else _VERIFY_SELECT
-    # ``hashed``: the UTF-8 bytes of prev_hash || canon, as the server has them (binary: no hex, no
-    # decode/encode in Python), hashed here: the check does not rest on the server's sha256.
-    async for rows in _batches(log.store, select + query, args, name="audit_verify", batch=batch, types=_VERIFY_TYPES):
-        for seq, prev, digest, hashed, head, plan, mid, result, tail in rows:
-            # the common case inline (in order, linked, canon hashes to the stored hash); anything
-            # else goes through ChainWalk, which says what is wrong
-            if hashed is not None and seq == expected and prev == linked and sha256(hashed).hexdigest() == digest:
-                first = seq if first is None else first
-                linked, expected, last, checked = digest, seq + 1, seq, checked + 1
-                continue
-            walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
-            if not walk.link(seq, prev):
+    linked, expected, checked, first = prev_hash.encode(), start_seq, 0, None  # type: tuple[bytes, int, int, int | None]
+    sha256, canon, enc = hashlib.sha256, _Reencode(_COMPACT), snap.encoding
+    for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + " ORDER BY seq"):
+        # the common case, inline: well-formed, in its place, linked, canon hashes to the stored hash
+        size = len(data) - 50
+        if (data.endswith(_L8 + expected.to_bytes(8, "big", signed=True) + _TAIL) and data.startswith(linked, 70)
+                and data.startswith(_FIELDS + size.to_bytes(4, "big", signed=True))
+                and sha256(data[70:6 + size]).hexdigest().encode() == data[6:70]):
+            first = expected if first is None else first
+            linked, expected, checked = data[6:70], expected + 1, checked + 1
+            continue
+        # anything else, field by field, through ChainWalk (which says what is wrong)
+        seq, sdigest, prev, hashed, (head, plan, mid, result, tail) = _odd_row(_fields(data), enc)
+        walk.prev, walk.expected, walk.checked, walk.first = linked.decode(), expected, checked, first
+        walk.last = expected - 1 if first is not None else None
+        if not walk.link(seq, prev):
+            return walk.report()
+        if hashed is not None:
+            same = sha256(hashed).hexdigest() == sdigest
+        else:
+            same = (head is not None and mid is not None and tail is not None
+                    and sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest() == sdigest)
+        if not same:
+            row = snap.row(seq)  # the original way, before calling it broken
+            if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != sdigest:
+                walk.content_differs(seq)
                 return walk.report()
-            if (sha256(hashed).hexdigest() if hashed is not None
-                    else sha256((prev + head + canon(plan) + mid + canon(result) + tail).encode()).hexdigest()) == digest:
-                walk.done(seq, digest)
-            else:
-                row = await log.row(seq)  # the original way, before calling it broken
-                if row is None or audit_hash(row["prev_hash"], audit_record(row)) != row["hash"] or row["hash"] != digest:
-                    walk.content_differs(seq)
-                    return walk.report()
-                walk.done(seq, digest)
-            linked, expected, checked, first, last = walk.prev, walk.expected, walk.checked, walk.first, walk.last
-    walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked, expected, checked, first, last
+        walk.done(seq, sdigest)  # (sdigest is a sha256 hex digest: it equals one)
+        linked, expected, checked, first = sdigest.encode(), seq + 1, walk.checked, walk.first
+    walk.prev, walk.expected, walk.checked, walk.first = linked.decode(), expected, checked, first
+    walk.last = expected - 1 if first is not None else None
     return walk.report()
 
 
-def verify_lines(lines: Iterable[str]) -> tuple[ChainReport, str | None]:
+def _odd_row(f: list[bytes | None], enc: str) -> tuple[int, str, str, bytes | None, Iterable[str | None]]:
+    """seq, hash, prev_hash, the hashed bytes (None without canon) and PostgreSQL's five pieces of
+    the record (None with canon) of a row as ``_WALK_SELECT`` sends it."""
+    seq, blob = int.from_bytes(f[1] or b"", "big", signed=True), f[0]
+    if blob is not None:  # well-formed, but not as expected (out of place, not linked, a hash that misses)
+        return seq, blob[:64].decode(errors="replace"), blob[64:128].decode(errors="replace"), blob[64:], (None,) * 5
+    return (seq, (f[2] or b"").decode(enc), (f[3] or b"").decode(enc), f[4],
+            [None if v is None else v.decode(enc) for v in f[5:10]])
+
+
+def export_chain(url: str, out: IO[bytes], *, trusted: bool, since: datetime | None = None, until: datetime | None = None,
+                 batch: int = BATCH) -> int:
+    """``export_line`` of each row in the range, as UTF-8, written ``batch`` lines at a time; the
+    number of rows. A row whose canon hashes to its hash is written from canon (the exact text the
+    hash covers); any other from its columns (PostgreSQL's pieces when they hash right, else the row
+    read again and ``export_line``), so the file says what the columns say. Sync (run it in a thread)."""
+    snap = _Snapshot(url)
+    try:
+        where = [sql.SQL(c).format(sql.Literal(v)) for c, v in (("at >= {}", since), ("at < {}", until)) if v is not None]
+        cond = (sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)).as_string(snap.conn) if where else ""
+        sha256, canon = hashlib.sha256, _Reencode(_COMPACT)
+        lines, n = list[bytes](), 0
+        # The file is written by a thread of its own (a write releases the GIL: on a VM, copying
+        # 800 MB into the page cache costs about as much CPU as building the lines), at most one
+        # chunk behind: memory stays bounded by two chunks of ``batch`` lines.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit-export") as writer:
+            pending: concurrent.futures.Future[Any] | None = None
+            for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + cond + " ORDER BY seq"):
+                size = len(data) - 50
+                # (prev_hash is 64 letters or digits: nothing in it needs escaping in JSON)
+                if (data.endswith(_TAIL) and data.startswith(_FIELDS + size.to_bytes(4, "big", signed=True))
+                        and data.startswith(b"{", 134) and data[70:134].isalnum()
+                        and sha256(data[70:6 + size]).hexdigest().encode() == data[6:70]):
+                    lines.append(b'{"hash":"%s","prev_hash":"%s",%s\n' % (data[6:70], data[70:134], data[135:6 + size]))
+                else:
+                    lines.append(_export_odd(snap, _fields(data), canon).encode() + b"\n")
+                n += 1
+                if len(lines) >= batch:
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(out.write, b"".join(lines))
+                    lines = []
+            if pending is not None:
+                pending.result()
+            out.write(b"".join(lines))
+        return n
+    finally:
+        snap.close()
+
+
+def _export_odd(snap: _Snapshot, f: list[bytes | None], canon: _Reencode) -> str:
+    seq, digest, prev, hashed, pieces = _odd_row(f, snap.encoding)
+    text: str | None = None
+    if hashed is not None:  # canon, when it hashes right
+        if hashlib.sha256(hashed).hexdigest() == digest:
+            text = hashed.decode()[len(prev):]
+    else:  # the columns' pieces, when they hash right
+        head, plan, mid, result, tail = pieces
+        if head is not None and mid is not None and tail is not None:
+            text = f"{head}{canon(plan)}{mid}{canon(result)}{tail}"
+            if hashlib.sha256((prev + text).encode()).hexdigest() != digest:
+                text = None
+    if text is not None and text.startswith("{"):
+        return _line_head(digest, prev) + text[1:]
+    row = snap.row(seq)
+    if row is None:  # (not in this snapshot: cannot happen)
+        raise BackendUnavailable(STATE_DATABASE, f"row {seq} could not be read again")
+    return export_line(row)
+
+
+def _line_head(digest: str, prev: str) -> str:
+    return '{"hash":' + json.dumps(digest, ensure_ascii=False) + ',"prev_hash":' + json.dumps(prev, ensure_ascii=False) + ","
+
+
+_FAST_LINE = b'{"hash":"'  # an export line written by export_chain/export_line: both hashes, then canon
+
+
+def verify_lines(lines: Iterable[str | bytes]) -> tuple[ChainReport, str | None]:
     """An export (JSON lines) on its own, line by line, anchored at its first row's ``prev_hash``
-    (returned with the report)."""
+    (returned with the report). A line in ``export_line``'s form (both hashes first, then the
+    record as hashed) is checked on its bytes: sha256(prev_hash + the record's text) must be its
+    hash, without decoding it. Any other line (an export from before that form, or edited) is
+    decoded and its record re-encoded, as before."""
     walk = ChainWalk(prev_hash=None, start_seq=None)
     anchor: str | None = None
+    linked, expected, checked, first = b"", 0, 0, None  # type: tuple[bytes, int, int, int | None]
     loads, encode, sha256 = json.loads, _COMPACT.encode, hashlib.sha256
     for line in lines:
-        if not line.strip():
+        raw = line.encode() if isinstance(line, str) else line
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
+        if first is not None and raw[:9] == _FAST_LINE and raw[73:88] == b'","prev_hash":"' and raw[88:152] == linked \
+                and raw[152:154] == b'",' and raw[-1:] == b"}":
+            record = b"{" + raw[154:]
+            at = record.rfind(b',"seq":')
+            number = record[at + 7:-1]
+            if at > 0 and number.isdigit() and int(number) == expected \
+                    and sha256(linked + record).hexdigest().encode() == raw[9:73]:
+                linked, expected, checked = raw[9:73], expected + 1, checked + 1
+                continue
+        if not raw.strip():
             continue
-        row = loads(line)
+        walk.prev, walk.expected, walk.checked, walk.first, walk.last = \
+            (linked.decode(), expected, checked, first, expected - 1) if first is not None else (None, None, 0, None, None)
+        row = loads(raw)
         seq, prev, digest = int(row["seq"]), row["prev_hash"], row["hash"]
         anchor = prev if anchor is None else anchor
         if not walk.link(seq, prev):
-            break
-        record = {k: row.get(k) for k in FIELDS}
-        if sha256((prev + encode(record)).encode()).hexdigest() != digest and audit_hash(prev, audit_record(row)) != digest:
+            return walk.report(), anchor
+        record_ = {k: row.get(k) for k in FIELDS}
+        if sha256((prev + encode(record_)).encode()).hexdigest() != digest and audit_hash(prev, audit_record(row)) != digest:
             walk.content_differs(seq)
-            break
-        walk.done(seq, digest)
+            return walk.report(), anchor
+        walk.done(seq, digest)  # (digest is a sha256 hex digest: it equals one)
+        linked, expected, checked, first = digest.encode(), seq + 1, walk.checked, walk.first
+    if first is None:
+        return walk.report(), anchor
+    walk.prev, walk.expected, walk.checked, walk.first, walk.last = linked.decode(), expected, checked, first, expected - 1
     return walk.report(), anchor
 
 
 async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
                        batch: int = BATCH) -> int:
-    """Write ``export_line`` for each row in the range, streamed; the number of rows."""
-    canon, n = _Reencode(_EXPORT), 0
-    query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _EXPORT_SELECT + query, args, name="audit_export", batch=batch,
-                               types=("int8", "text", "text", "text", "text", "text")):
-        out.write("".join([f"{head}{canon(plan)}{mid}{canon(result)}{tail}\n" for _, head, plan, mid, result, tail in rows]))
-        n += len(rows)
-    return n
+    """Write ``export_line`` for each row in the range, streamed (``export_chain``, in a thread); the
+    number of rows. A text file is written through its binary buffer (no decode and encode of the
+    lines; the file's encoding must then be UTF-8); any other ``out`` gets the lines decoded."""
+    trusted, why = await canon_trusted(log.store)
+    if not trusted:
+        logging.getLogger(__name__).warning("audit export: every row is exported from its columns (slower): %s", why)
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None and (getattr(out, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf_8"):
+        out.flush()
+        n = await asyncio.to_thread(export_chain, log.store.url, buffer, trusted=trusted, since=since, until=until, batch=batch)
+        buffer.flush()
+        return n
+
+    class _Decoding:
+        def write(self, data: bytes) -> None:
+            out.write(data.decode())
+
+    return await asyncio.to_thread(export_chain, log.store.url, _Decoding(), trusted=trusted,  # type: ignore[arg-type]
+                                   since=since, until=until, batch=batch)
 
 
 async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,

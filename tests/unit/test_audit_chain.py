@@ -224,7 +224,7 @@ async def test_verify_hashes_canon_without_re_encoding_and_re_derives_rows_witho
 
     monkeypatch.setattr(audit_log._Reencode, "__call__", counting)
     assert (await audit_log.canon_trusted(log.store)) == (True, "")
-    report = await log.verify(batch=7)
+    report = await log.verify()
     assert report.ok and report.checked == 20, report.summary()
     assert len(reencoded) == 2 * 3  # plan and result of the three rows without canon, and of no other
 

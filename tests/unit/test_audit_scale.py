@@ -59,7 +59,7 @@ async def test_streamed_verify_and_export_match_the_originals_byte_for_byte(log:
     await fill_odd(log)
     rows = await log.rows()
     assert verify_rows(rows).ok  # the original way
-    report = await log.verify(batch=4)  # several batches, the last one short
+    report = await log.verify()  # several batches, the last one short
     assert report.ok and report.checked == len(rows) == 3 * len(ODD_PLANS), report.summary()
     out = io.StringIO()
     assert await export_jsonl(log, out, batch=4) == len(rows)
@@ -84,35 +84,46 @@ async def test_streamed_verify_and_export_match_the_originals_byte_for_byte(log:
 async def test_a_fast_hash_that_misses_is_checked_the_original_way_and_an_edit_is_still_found(
         log: AuditLog, state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     await fill_odd(log, rounds=2)
-    # Make every fast hash miss (a space added to canon, or PostgreSQL's pieces): each row is then
-    # confirmed the original way.
-    monkeypatch.setattr(audit_log, "_VERIFY_SELECT", audit_log._VERIFY_SELECT.replace('\'{"actor_id":\'', '\'{"actor_id": \''))
-    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._CANON_SELECT.replace("prev_hash || canon", "prev_hash || canon || ' '", 1))
-    assert (await log.verify(batch=3)).ok
-    monkeypatch.setattr(audit_log, "_CANON_SELECT", audit_log._VERIFY_SELECT)  # and every re-derived one (rows without canon)
-    assert (await log.verify(batch=3)).ok
+    reread: list[int] = []
+    real_row = audit_log._Snapshot.row
+
+    def row(self: audit_log._Snapshot, seq: int) -> dict[str, Any] | None:
+        reread.append(seq)
+        return real_row(self, seq)
+
+    monkeypatch.setattr(audit_log._Snapshot, "row", row)
+    # Make every fast hash miss (a space after canon, or after PostgreSQL's pieces): each row is
+    # then confirmed the original way, on the second connection (same snapshot), and verifies.
+    monkeypatch.setattr(audit_log, "_WALK_SELECT", audit_log._WALK_SELECT.replace("prev_hash || canon", "prev_hash || canon || ' '", 1))
+    assert (await log.verify()).ok
+    assert reread == list(range(1, 2 * len(ODD_PLANS) + 1))
+    reread.clear()
+    monkeypatch.setattr(audit_log, "_WALK_SELECT", audit_log._WALK_COLUMNS.replace("'{\"actor_id\":'", "'{\"actor_id\": '", 1))
+    assert (await log.verify()).ok  # every row re-derived from its columns, and missing
+    assert reread == list(range(1, 2 * len(ODD_PLANS) + 1))
+    out = io.StringIO()
+    await export_jsonl(log, out)  # the export, too, then reads each row again
+    assert out.getvalue().split("\n") == [*(export_line(r) for r in await log.rows()), ""]
     monkeypatch.undo()
     tamper(state_db, "UPDATE audit_events SET plan = jsonb_set(plan, '{ccc,x}', '\"edited\"') WHERE seq = 5")
-    report = await log.verify(batch=3)
+    report = await log.verify()
     assert not report.ok and report.broken_at == 5 and "content does not match" in report.problem
+    assert report.checked == 4 and (report.first_seq, report.last_seq) == (1, 4)
 
 
-async def test_verify_and_export_read_in_bounded_batches(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_export_is_written_in_bounded_chunks(log: AuditLog) -> None:
     await fill_odd(log, rounds=4)
-    seen: list[int] = []
-    real = audit_log._batches
+    writes: list[int] = []
 
-    async def counting(*args: Any, **kwargs: Any) -> AsyncIterator[list[tuple[Any, ...]]]:
-        async for rows in real(*args, **kwargs):
-            seen.append(len(rows))
-            yield rows
+    class Out(io.StringIO):
+        def write(self, s: str) -> int:
+            writes.append(s.count("\n"))
+            return super().write(s)
 
-    monkeypatch.setattr(audit_log, "_batches", counting)
-    assert (await log.verify(batch=6)).ok
-    assert seen == [6, 6, 6, 2]  # never more than one batch of rows in memory
-    seen.clear()
-    await export_jsonl(log, io.StringIO(), batch=7)
-    assert seen == [7, 7, 6]
+    out = Out()
+    assert await export_jsonl(log, out, batch=7) == 20
+    assert writes == [7, 7, 6]  # never more than one chunk of lines in memory
+    assert verify_lines(out.getvalue().split("\n"))[0].ok
 
 
 async def test_verify_while_another_replica_appends_sees_one_consistent_chain(log: AuditLog, state_db: str) -> None:
@@ -124,7 +135,7 @@ async def test_verify_while_another_replica_appends_sees_one_consistent_chain(lo
             for i in range(60):
                 await AuditLog(other).append(event="requested", actor_id="U9", actor_name="", channel_id="C", request_id=f"x{i}",
                                              command_text="x", plan={"i": i}, result=None)
-        reports = await asyncio.gather(append_more(), *(log.verify(batch=5) for _ in range(3)))
+        reports = await asyncio.gather(append_more(), *(log.verify() for _ in range(3)))
     finally:
         await other.close()
     assert all(r.ok for r in reports[1:]), [r.summary() for r in reports[1:]]

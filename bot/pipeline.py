@@ -125,9 +125,10 @@ ADMISSION_DECREASE = 0.8
 # (its coroutine, the Bolt listener awaiting it, the parsed body and command, ~4 KiB in all) was the
 # process's RSS growth of ~3 MiB per 1,000 requests: 2,600 such tasks were waiting after 6,000.
 # The queue is bounded too (BUSY_BACKLOG, ~0.4 KiB each, a few MiB): past it a refusal is only
-# counted, and the queue's last entry becomes one ``busy`` row for all of those (``result.unrecorded``:
-# how many, the first and last ``attempted_at``), written in its place in the order; so an overload
-# that lasts cannot grow the process without end, and the trail still says how many were refused.
+# counted, in the queue's last entry, until the writer gets to it: one ``busy`` row for all of those
+# (``result.unrecorded``: how many, the first and last ``attempted_at``), written in its place in the
+# order, after which refusals are queued one by one again. So an overload that lasts cannot grow the
+# process without end, and the trail still says how many were refused and when.
 BUSY_BACKLOG = 10_000
 
 
@@ -243,6 +244,7 @@ class Pipeline:
         # busy refusals not yet audited: (actor, channel, text, why the refusal), oldest first
         self._busy: collections.deque[tuple[Actor, ChannelId, str, dict[str, Any]] | _Unrecorded] = collections.deque()
         self.busy_backlog = BUSY_BACKLOG
+        self._unrecorded: _Unrecorded | None = None  # the queue's last entry while it is full
         self.busy_writer: asyncio.Task[None] | None = None  # writes ``_busy``; Runtime.stop waits for it
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
 
@@ -307,17 +309,18 @@ class Pipeline:
         self.metrics.busy.labels("admission").inc()
         self.metrics.requests.labels(inv.command, "busy").inc()
         attempted_at = self.clock().isoformat()
-        if len(self._busy) < self.busy_backlog:
+        if self._unrecorded is not None:  # until the queue before it is written, every refusal is counted in it
+            self._unrecorded.count += 1
+            self._unrecorded.last = attempted_at
+        elif len(self._busy) < self.busy_backlog:
             self._busy.append((req.actor, req.channel_id, inv.text,
                                {"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
                                 "retry_after": load.retry_after, "attempted_at": attempted_at}))
-        elif isinstance(self._busy[-1], _Unrecorded):
-            self._busy[-1].count += 1
-            self._busy[-1].last = attempted_at
         else:
             log.warning("busy refusals: %d waiting to be audited, the most kept; the next are counted in one row",
                         len(self._busy))
-            self._busy.append(_Unrecorded(1, attempted_at, attempted_at))
+            self._unrecorded = _Unrecorded(1, attempted_at, attempted_at)
+            self._busy.append(self._unrecorded)
         if self.busy_writer is None or self.busy_writer.done():
             self.busy_writer = asyncio.ensure_future(self._write_busy())
 
@@ -330,6 +333,7 @@ class Pipeline:
         while self._busy:
             entry = self._busy.popleft()
             if isinstance(entry, _Unrecorded):
+                self._unrecorded = None  # the next refusal is queued again
                 actor, channel_id, text = SYSTEM, ChannelId(""), ""
                 result = {"why": "admission", "unrecorded": {"count": entry.count, "first_attempted_at": entry.first,
                                                              "last_attempted_at": entry.last, "backlog": self.busy_backlog}}

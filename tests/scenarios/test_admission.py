@@ -148,9 +148,13 @@ async def test_busy_refusals_past_the_backlog_are_counted_in_one_row(bot: Harnes
         return await real_record(*args, **kwargs)
 
     audit.record = slow_record  # type: ignore[method-assign]
-    for i in range(12):  # one after another: the queue's order is the order of the refusals
+
+    async def refuse(i: int) -> None:  # one after another: the queue's order is the order of the refusals
         _, body = await bot.post_signed(slash_body(bot.slack, ALICE, f"scale worker 6 --reason 'load #{i}'"))
         assert "opsbot is busy" in _text(body)
+
+    for i in range(12):
+        await refuse(i)
     # the writer took the first refusal off the queue and waits with it; 5 wait behind it, the rest are counted
     assert bot.runtime.pipeline.busy_pending == 6
     release.set()
@@ -161,6 +165,44 @@ async def test_busy_refusals_past_the_backlog_are_counted_in_one_row(bot: Harnes
     assert summary["result"]["unrecorded"]["count"] == 6 and summary["result"]["unrecorded"]["backlog"] == 5
     assert summary["result"]["unrecorded"]["first_attempted_at"] <= summary["result"]["unrecorded"]["last_attempted_at"]
     assert _busy_count(bot) == 12  # the metric counts every refusal
+    admission.leave()
+
+
+async def test_busy_refusals_are_counted_until_the_backlog_before_them_is_written(bot: Harness) -> None:
+    """While the queue is full the refusals go into its last row, also once the writer has made
+    room: a refusal queued after that row would cut the overload into rows of one or two."""
+    bot.runtime.pipeline.admission = admission = Admission(limit=1, max_wait=None)
+    assert admission.enter() is None
+    bot.runtime.pipeline.busy_backlog = 3
+    audit = bot.runtime.audit
+    real_record, writes = audit.record, asyncio.Semaphore(0)
+
+    async def slow_record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await writes.acquire()  # one row at a time, when the test says
+        return await real_record(*args, **kwargs)
+
+    audit.record = slow_record  # type: ignore[method-assign]
+
+    async def refuse(i: int) -> None:
+        _, body = await bot.post_signed(slash_body(bot.slack, ALICE, f"scale worker 6 --reason 'load #{i}'"))
+        assert "opsbot is busy" in _text(body)
+
+    for i in range(6):  # #0 taken by the writer, #1-#3 queued, #4 and #5 counted
+        await refuse(i)
+    for n in (1, 2):  # two rows written: the queue holds #3 and the count, room for two more
+        writes.release()
+        await bot.eventually(lambda n=n: _rows_if(bot, n), timeout=30, what=f"{n} busy rows")
+    await refuse(6)  # still counted: the rows before the count are not all written
+    for _ in range(10):
+        writes.release()
+    rows = await bot.eventually(lambda: _rows_if(bot, 5), timeout=30, what="5 busy rows")
+    await asyncio.sleep(0.3)  # (no sixth row comes)
+    rows = await _busy_rows(bot)
+    assert [r["command_text"] for r in rows] == [f"scale worker 6 --reason 'load #{i}'" for i in range(4)] + [""]
+    assert rows[4]["result"]["unrecorded"]["count"] == 3
+    await refuse(7)  # the count is written: queued one by one again
+    await bot.eventually(lambda: _rows_if(bot, 6), timeout=30, what="6 busy rows")
+    assert (await _busy_rows(bot))[5]["command_text"] == "scale worker 6 --reason 'load #7'"
     admission.leave()
 
 

@@ -30,6 +30,7 @@ from bot.adapters.spool import AuditSpool
 from bot.adapters.store import Store
 from bot.domain import Actor, OpsRequest
 from bot.errors import BackendUnavailable, Busy, DeliveryUncertain, OpsbotError, RateLimited
+from bot.lru import LRU
 from bot.messages import HASH_PREFIX, audit_headline, audit_line, audit_request_line
 from bot.metrics import Metrics
 from bot.notices import MAX_UNCERTAIN, deliver, permanent, retry_delay, stop_loop
@@ -131,6 +132,15 @@ HEADLINE_GROWTH = 130
 CARD_LINK_CHARS = 120  # " · <https://….slack.com/archives/C…/p…|approval card>", an Enterprise Grid URL included
 
 
+# How many entries the audit poster keeps in memory, each ~0.3 KiB (they were up to 50,000 and
+# 10,000, cleared or frozen when full). What it keeps saves a read or a Slack call for the rows of a
+# request still coming in; a request whose entry was dropped costs one batched read (its thread is
+# in audit_threads) or one chat.getPermalink, never a wrong answer. A few thousand requests cover
+# everything still moving at any sustained rate the process takes.
+THREADS_KEPT = 5_000
+PERMALINKS_KEPT = 2_000
+
+
 class Permalinks:
     """Message links without a chat.getPermalink per message. A workspace's links are
     ``<workspace URL>/archives/<channel>/p<ts without the dot>``; the first answer that has that
@@ -138,10 +148,10 @@ class Permalinks:
     Slack's answer has another form, e.g. on an Enterprise Grid) each link is asked for once and
     remembered."""
 
-    def __init__(self, chat: Chat, *, remember: int = 10_000) -> None:
+    def __init__(self, chat: Chat, *, remember: int = PERMALINKS_KEPT) -> None:
         self.chat, self.remember = chat, remember
         self.base: str | None = None
-        self._known: dict[tuple[str, str], str] = {}
+        self._known: LRU[tuple[str, str], str] = LRU(remember)
 
     @staticmethod
     def _path(channel: str, ts: str) -> str:
@@ -161,7 +171,7 @@ class Permalinks:
             return None  # not remembered: a link is a convenience, asked again next time
         if "." in ts and link.endswith(self._path(channel, ts)) and link.startswith("https://"):
             self.base = link[: -len(self._path(channel, ts))]
-        elif len(self._known) < self.remember:
+        else:  # the most recent are kept: a link is asked for again while its request's rows still come
             self._known[(channel, ts)] = link
         return link
 
@@ -257,7 +267,7 @@ class AuditPoster:
         # request id → the ts of its audit thread's headline, once known: a thread, once saved, never
         # moves, so the rows of a request already in the channel need no database reads to place
         # them (under sustained load those reads, two per request per round, were the poster's cost).
-        self._threads: dict[str, str] = {}
+        self._threads: LRU[str, str] = LRU(THREADS_KEPT)
         self._held_back = False  # a post failed: new rows do not wake the loop before the retry time
         self._stopping = False
 
@@ -328,9 +338,7 @@ class AuditPoster:
                 await self._failed([groups[request_id][0] for request_id in part], exc)
                 return 0, True
             threads.update(dict.fromkeys(part, ts))
-        if len(self._threads) > 50_000:  # requests long finished
-            self._threads.clear()
-        self._threads.update(threads)
+        self._threads.update(threads.items())
         # Requests sharing a headline share its thread: their rows go out together, request by request.
         by_thread: dict[str | None, list[dict[str, Any]]] = {}
         for request_id, group in groups.items():

@@ -12,6 +12,7 @@ import sys
 
 from bot.config import config_warnings, load_config
 from bot.errors import ConfigError, OpsbotError
+from bot.memory import return_freed_memory
 from bot.messages import plural
 from bot.settings import Settings
 
@@ -474,11 +475,13 @@ async def _serve(settings: Settings, config_path: str, *, http: bool, worker: bo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    return_freed_memory()
     asyncio.run(_serve(Settings.from_env(), _config_path(args), http=True, worker=not args.no_worker))
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    return_freed_memory()
     asyncio.run(_serve(Settings.from_env(), _config_path(args), http=False, worker=True))
     return 0
 

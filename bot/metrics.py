@@ -30,7 +30,8 @@ class Metrics:
             "nothing. At most once per group per slack.usergroup_cache; logged once per process.",
             ["usergroup", "error"], registry=self.registry)
         self.busy = Counter("opsbot_busy_total",
-                            "Commands answered \"opsbot is busy\" (each audited as a `busy` event), by why: admission (more "
+                            "Commands answered \"opsbot is busy\" (each audited as a `busy` event, or past 10,000 waiting to be audited "
+                            "counted in one), by why: admission (more "
                             "commands in flight than this process takes at once) or the backend whose connection pool stayed "
                             "exhausted for its whole wait (the backend is up).", ["why"], registry=self.registry)
         self.in_flight = Gauge("opsbot_commands_in_flight", "`/ops` commands this process is working on after their ack.",

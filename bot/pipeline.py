@@ -119,7 +119,26 @@ ADMISSION_DECREASE = 0.8
 # Busy refusals are audited after they are answered, one append at a time (every append takes the
 # audit chain's one lock, which the requests admitted need too); the others wait in memory, and each
 # row says when the attempt was made (``result.attempted_at``; the row's ``at`` is when it was written).
-BUSY_RECORDERS = 1
+# They wait as a small tuple each in one queue, written by one task (``Pipeline._write_busy``), not
+# as a task each: under a sustained overload (bench/rss.py sends ~600 commands/s, two thirds of them
+# answered busy) the refusals come faster than their rows can be appended, and a task per refusal
+# (its coroutine, the Bolt listener awaiting it, the parsed body and command, ~4 KiB in all) was the
+# process's RSS growth of ~3 MiB per 1,000 requests: 2,600 such tasks were waiting after 6,000.
+# The queue is bounded too (BUSY_BACKLOG, ~0.4 KiB each, a few MiB): past it a refusal is only
+# counted, in the queue's last entry, until the writer gets to it: one ``busy`` row for all of those
+# (``result.unrecorded``: how many, the first and last ``attempted_at``), written in its place in the
+# order, after which refusals are queued one by one again. So an overload that lasts cannot grow the
+# process without end, and the trail still says how many were refused and when.
+BUSY_BACKLOG = 10_000
+
+
+@dataclass
+class _Unrecorded:
+    """Busy refusals past ``BUSY_BACKLOG``: counted, recorded as one row."""
+
+    count: int
+    first: str
+    last: str
 
 
 @dataclass(frozen=True)
@@ -222,7 +241,11 @@ class Pipeline:
         self.limiter, self.clock = limiter, clock
         self.admission = admission or Admission()
         self.undos = Undos(config=config, store=approvals.store, audit=audit, chat=chat)
-        self._busy_recorders = asyncio.Semaphore(BUSY_RECORDERS)
+        # busy refusals not yet audited: (actor, channel, text, why the refusal), oldest first
+        self._busy: collections.deque[tuple[Actor, ChannelId, str, dict[str, Any]] | _Unrecorded] = collections.deque()
+        self.busy_backlog = BUSY_BACKLOG
+        self._unrecorded: _Unrecorded | None = None  # the queue's last entry while it is full
+        self.busy_writer: asyncio.Task[None] | None = None  # writes ``_busy``; Runtime.stop waits for it
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
 
     def parse(self, req: CommandRequest) -> Invocation:
@@ -277,20 +300,53 @@ class Pipeline:
                                   result={"why": "backend_unavailable", "backend": error.backend, "error": str(error),
                                           "request_id_given": given[:64]})
 
-    async def record_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
+    def record_busy(self, req: CommandRequest, inv: Invocation, load: Load) -> None:
         """A command past the admission bound, already answered in its ack (``busy_text``: no
-        extra Slack call, so refusing stays far cheaper than the work refused): audited as ``busy``
-        with the attempt's text, ``BUSY_RECORDERS`` appends at a time, not posted to the
-        audit channel (that would add Slack calls to an overload; ``opsbot_busy_total`` counts them)."""
+        extra Slack call, so refusing stays far cheaper than the work refused): queued to be audited
+        as ``busy`` with the attempt's text, one append at a time by one task (``busy_writer``),
+        not posted to the audit channel (that would add Slack calls to an overload;
+        ``opsbot_busy_total`` counts them). Returns at once: the caller's task can end."""
         self.metrics.busy.labels("admission").inc()
         self.metrics.requests.labels(inv.command, "busy").inc()
         attempted_at = self.clock().isoformat()
-        async with self._busy_recorders:
-            note = await self._record("busy", req, text=inv.text, post=False,
-                                      result={"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
-                                              "retry_after": load.retry_after, "attempted_at": attempted_at})
-        if note:
-            log.warning("busy refusal of %r by %s: %s", inv.text[:200], req.actor.user_id, note.strip())
+        if self._unrecorded is not None:  # until the queue before it is written, every refusal is counted in it
+            self._unrecorded.count += 1
+            self._unrecorded.last = attempted_at
+        elif len(self._busy) < self.busy_backlog:
+            self._busy.append((req.actor, req.channel_id, inv.text,
+                               {"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
+                                "retry_after": load.retry_after, "attempted_at": attempted_at}))
+        else:
+            log.warning("busy refusals: %d waiting to be audited, the most kept; the next are counted in one row",
+                        len(self._busy))
+            self._unrecorded = _Unrecorded(1, attempted_at, attempted_at)
+            self._busy.append(self._unrecorded)
+        if self.busy_writer is None or self.busy_writer.done():
+            self.busy_writer = asyncio.ensure_future(self._write_busy())
+
+    @property
+    def busy_pending(self) -> int:
+        """Busy refusals answered but not yet audited."""
+        return len(self._busy)
+
+    async def _write_busy(self) -> None:
+        while self._busy:
+            entry = self._busy.popleft()
+            if isinstance(entry, _Unrecorded):
+                self._unrecorded = None  # the next refusal is queued again
+                actor, channel_id, text = SYSTEM, ChannelId(""), ""
+                result = {"why": "admission", "unrecorded": {"count": entry.count, "first_attempted_at": entry.first,
+                                                             "last_attempted_at": entry.last, "backlog": self.busy_backlog}}
+            else:
+                actor, channel_id, text, result = entry
+            req = CommandRequest(actor=actor, channel_id=channel_id, text=text)
+            try:
+                note = await self._record("busy", req, text=text, post=False, result=result)
+            except Exception:  # never let one row stop the rows behind it
+                log.exception("busy refusal of %r by %s: not recorded", text[:200], actor.user_id)
+                continue
+            if note:
+                log.warning("busy refusal of %r by %s: %s", text[:200], actor.user_id, note.strip())
 
     async def handle(self, req: CommandRequest, inv: Invocation) -> str | None:
         """Handle one command. Returns None, or, when this delivery (``req.delivery_id``) had opened a

@@ -142,6 +142,12 @@ class Runtime:
         """Let requests already acked finish (bounded), then close everything."""
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=grace)
+        writer = self.pipeline.busy_writer  # the busy refusals still queued: no audit row is cut off
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer}, timeout=grace)
+            if not writer.done():  # (not left to spool row after row once the database pool is closed)
+                log.warning("stopping: %d busy refusal(s) not audited after %s s", self.pipeline.busy_pending, grace)
+                writer.cancel()
         closers: list[tuple[str, Any]] = [
             ("worker", self.worker.stop), ("notices", self.notices.stop), ("audit poster", self.poster.stop),
             ("action queue", self.actions.close), ("platform queues", self.queues.close), ("health probes", self.probes.close),
@@ -178,7 +184,7 @@ class Runtime:
     def busy_ack(self, body: Any) -> str | None:
         """The fast path under overload: a signed `/ops` slash command (``body``, parsed) that
         arrives while admission is full is answered here with ``busy_text`` and recorded as
-        ``busy`` (``Pipeline.record_busy``, in the background, tracked like a listener), without
+        ``busy`` (``Pipeline.record_busy`` queues the row for one writer task), without
         Bolt's dispatch (at 300 commands/s that dispatch alone took the process's core, and the
         busy answers came seconds late). Returns the ack's text, or None: Bolt handles the request
         as always (clicks, which are never refused as busy; a command while there is room; a
@@ -195,9 +201,7 @@ class Runtime:
             inv = self.pipeline.parse(req)
         except Exception:  # MalformedPayload, a usage error, a bug: the listener answers and records it
             return None
-        task = asyncio.ensure_future(self.pipeline.record_busy(req, inv, load))
-        self.inflight.add(task)  # Runtime.stop waits for it: no audit row is cut off
-        task.add_done_callback(self.inflight.discard)
+        self.pipeline.record_busy(req, inv, load)  # queued; Runtime.stop waits for the queue's writer
         return busy_text(load.in_flight, load.retry_after)
 
     def socket_mode_handler(self, app_token: str) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -47,6 +48,7 @@ class Harness:
         self.verifier = SignatureVerifier(SIGNING_SECRET)
         self._responses_before = 0
         self._last_before: str | None = None
+        self._made_spool: str | None = None  # the spool directory start() made (a test's own is left alone)
 
     @classmethod
     async def start(cls, *, config: Config, slack: FakeSlack, database_url: str, redis_url: str, kubeconfig: str,
@@ -57,11 +59,13 @@ class Harness:
             kubeconfig=kubeconfig, host="127.0.0.1", port=0, worker_id="test-worker", queue_prefix=queue_prefix,
             spool_dir=spool_dir or tempfile.mkdtemp(prefix="opsbot-spool-"),
         )
+        made_spool = None if spool_dir else settings.spool_dir  # removed by stop()
         runtime = Runtime.build(settings, config)
         runtime.worker.sweep_every = 0.3
         runtime.poster.interval = 0.2
         runtime.notices.interval = 0.2
         h = cls(runtime=runtime, slack=slack)
+        h._made_spool = made_spool
         await runtime.start(with_worker=with_worker)
         h._runner = web.AppRunner(runtime.web_app())
         await h._runner.setup()
@@ -76,7 +80,12 @@ class Harness:
             await self._http.close()
         if self._runner:
             await self._runner.cleanup()
-        await self.runtime.stop()
+        try:
+            await self.runtime.stop()
+        finally:
+            if self._made_spool:
+                shutil.rmtree(self._made_spool, ignore_errors=True)
+                self._made_spool = None
 
     # ------------------------------------------------------------------ talking like Slack
 

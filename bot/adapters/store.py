@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from bot.domain import Actor, Approval, ChannelId, OpsRequest, RequestId, RequestState, UserId
 from bot.errors import BackendUnavailable, Busy, DuplicateDelivery, DuplicateUndo, MigrationsPending
+from bot.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,17 @@ class _Pool(AsyncConnectionPool):  # type: ignore[type-arg]  # built with row_fa
     it), or connections coming and going, just never free when this request's turn came (busy)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._returned: dict[int, float] = {}  # id(connection) → when it last came back to the pool
+        # id(connection) → when it last came back to the pool. Every live connection comes back
+        # often, so the least recently returned are ids of connections long closed (or ones idle for
+        # ages, which are tested anyway): room for 4 × the pool, and no clearing of the live ones.
+        self._returned: LRU[int, float] = LRU(64)
         super().__init__(*args, check=self._check_if_idle, **kwargs)
+        self._returned.size = max(64, 4 * self.max_size)
         self.returned_at = float("-inf")  # when a connection last came back to the pool
         self.suspect_until = float("-inf")  # until when every checkout is tested (a connection failed lately)
 
     async def putconn(self, conn: Any) -> None:
         self.returned_at = time.monotonic()
-        if len(self._returned) > 1000:  # ids of connections long closed
-            self._returned.clear()
         self._returned[id(conn)] = self.returned_at
         await super().putconn(conn)
 

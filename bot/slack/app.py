@@ -67,7 +67,7 @@ async def _admitted(pipeline: Pipeline, req: CommandRequest, inv: Invocation, pr
     load = pipeline.admission.enter()
     if load is not None:
         await tell(private(busy_text(load.in_flight, load.retry_after)))
-        await pipeline.record_busy(req, inv, load)
+        pipeline.record_busy(req, inv, load)
         return None
     try:
         return await _telling_if_slow(pipeline.handle(req, inv), lambda: private(SLOW_COMMAND))
@@ -145,7 +145,7 @@ def build_app(*, client: AsyncWebClient, signing_secret: str, pipeline: Pipeline
         load = pipeline.admission.enter()
         if load is not None:
             await ack(text=busy_text(load.in_flight, load.retry_after))
-            await pipeline.record_busy(req, inv, load)
+            pipeline.record_busy(req, inv, load)
             return
         await ack()
         try:

@@ -107,6 +107,105 @@ async def test_a_real_burst_beyond_the_bound_gets_an_answer_and_one_audit_row_ea
     assert not [r for r in bot.slack.responses if "unavailable" in r.get("text", "")]
 
 
+async def test_busy_refusals_waiting_for_the_audit_trail_are_not_a_task_each(bot: Harness) -> None:
+    """bench/rss.py's RSS growth: refusals came faster than their rows could be appended, and each
+    waited as a task (with the Bolt listener awaiting it, ~4 KiB). They wait in one queue now."""
+    bot.runtime.pipeline.admission = admission = Admission(limit=1, max_wait=None)
+    assert admission.enter() is None  # the bound is full
+    audit = bot.runtime.audit
+    real_record, release = audit.record, asyncio.Event()
+
+    async def slow_record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await release.wait()  # the trail is slower than the refusals
+        return await real_record(*args, **kwargs)
+
+    audit.record = slow_record  # type: ignore[method-assign]
+    n = 200
+    def tasks() -> int:  # (not counting the HTTP server's keep-alive connections)
+        return sum(1 for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") != "RequestHandler.start")
+
+    tasks_before = tasks()
+    acks = await asyncio.gather(*(bot.post_signed(slash_body(bot.slack, ALICE, f"scale worker 6 --reason 'load #{i}'")) for i in range(n)))
+    assert all("opsbot is busy" in _text(body) for _, body in acks)
+    await asyncio.sleep(0.2)  # (what the acks left behind has run as far as it can)
+    assert tasks() - tasks_before < 10  # was 200: one per refusal
+    assert bot.runtime.pipeline.busy_pending == n - 1  # (the writer holds the first one)
+    release.set()
+    rows = await bot.eventually(lambda: _rows_if(bot, n), timeout=30, what=f"{n} busy rows")
+    assert sorted(r["command_text"] for r in rows) == sorted(f"scale worker 6 --reason 'load #{i}'" for i in range(n))  # each once
+    admission.leave()
+
+
+async def test_busy_refusals_past_the_backlog_are_counted_in_one_row(bot: Harness) -> None:
+    bot.runtime.pipeline.admission = admission = Admission(limit=1, max_wait=None)
+    assert admission.enter() is None
+    bot.runtime.pipeline.busy_backlog = 5
+    audit = bot.runtime.audit
+    real_record, release = audit.record, asyncio.Event()
+
+    async def slow_record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await release.wait()
+        return await real_record(*args, **kwargs)
+
+    audit.record = slow_record  # type: ignore[method-assign]
+
+    async def refuse(i: int) -> None:  # one after another: the queue's order is the order of the refusals
+        _, body = await bot.post_signed(slash_body(bot.slack, ALICE, f"scale worker 6 --reason 'load #{i}'"))
+        assert "opsbot is busy" in _text(body)
+
+    for i in range(12):
+        await refuse(i)
+    # the writer took the first refusal off the queue and waits with it; 5 wait behind it, the rest are counted
+    assert bot.runtime.pipeline.busy_pending == 6
+    release.set()
+    rows = await bot.eventually(lambda: _rows_if(bot, 7), timeout=30, what="7 busy rows")
+    assert [r["command_text"] for r in rows[:6]] == [f"scale worker 6 --reason 'load #{i}'" for i in range(6)]
+    summary = rows[6]
+    assert summary["actor_id"] == "opsbot" and summary["command_text"] == ""
+    assert summary["result"]["unrecorded"]["count"] == 6 and summary["result"]["unrecorded"]["backlog"] == 5
+    assert summary["result"]["unrecorded"]["first_attempted_at"] <= summary["result"]["unrecorded"]["last_attempted_at"]
+    assert _busy_count(bot) == 12  # the metric counts every refusal
+    admission.leave()
+
+
+async def test_busy_refusals_are_counted_until_the_backlog_before_them_is_written(bot: Harness) -> None:
+    """While the queue is full the refusals go into its last row, also once the writer has made
+    room: a refusal queued after that row would cut the overload into rows of one or two."""
+    bot.runtime.pipeline.admission = admission = Admission(limit=1, max_wait=None)
+    assert admission.enter() is None
+    bot.runtime.pipeline.busy_backlog = 3
+    audit = bot.runtime.audit
+    real_record, writes = audit.record, asyncio.Semaphore(0)
+
+    async def slow_record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        await writes.acquire()  # one row at a time, when the test says
+        return await real_record(*args, **kwargs)
+
+    audit.record = slow_record  # type: ignore[method-assign]
+
+    async def refuse(i: int) -> None:
+        _, body = await bot.post_signed(slash_body(bot.slack, ALICE, f"scale worker 6 --reason 'load #{i}'"))
+        assert "opsbot is busy" in _text(body)
+
+    for i in range(6):  # #0 taken by the writer, #1-#3 queued, #4 and #5 counted
+        await refuse(i)
+    for n in (1, 2):  # two rows written: the queue holds #3 and the count, room for two more
+        writes.release()
+        await bot.eventually(lambda n=n: _rows_if(bot, n), timeout=30, what=f"{n} busy rows")
+    await refuse(6)  # still counted: the rows before the count are not all written
+    for _ in range(10):
+        writes.release()
+    rows = await bot.eventually(lambda: _rows_if(bot, 5), timeout=30, what="5 busy rows")
+    await asyncio.sleep(0.3)  # (no sixth row comes)
+    rows = await _busy_rows(bot)
+    assert [r["command_text"] for r in rows] == [f"scale worker 6 --reason 'load #{i}'" for i in range(4)] + [""]
+    assert rows[4]["result"]["unrecorded"]["count"] == 3
+    await refuse(7)  # the count is written: queued one by one again
+    await bot.eventually(lambda: _rows_if(bot, 6), timeout=30, what="6 busy rows")
+    assert (await _busy_rows(bot))[5]["command_text"] == "scale worker 6 --reason 'load #7'"
+    admission.leave()
+
+
 async def test_two_replicas_each_apply_their_own_bound(config: Config, slack: FakeSlack, state_db: str, redis_url: str,
                                                        kubeconfig: str, queue_prefix: str) -> None:
     a = await Harness.start(config=config, slack=slack, database_url=state_db, redis_url=redis_url, kubeconfig=kubeconfig,

@@ -14,7 +14,8 @@ as a subprocess (its peak RSS: VmHWM):
     .venv/bin/python bench/audit_scale.py --tree /work/main      # this checkout and another, interleaved on one table
 
 With ``--tree``, each CLI command runs for this checkout, then the other, on the same rows (built
-and migrated by this checkout), and their exports are compared byte for byte.
+and migrated by this checkout), and their exports are compared byte for byte and, for jsonl (whose
+form changed in issue 13: both hashes first, then the record as hashed), line by line as JSON.
 
 Prints one JSON object, then a table.
 """
@@ -107,6 +108,15 @@ def build(url: str, rows: int, *, canon: bool = True) -> None:
         conn.execute("VACUUM ANALYZE audit_events")
 
 
+def same_lines(a: str, b: str) -> bool:
+    """Whether two jsonl exports hold the same rows (each line parsed), streamed."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for la, lb in zip(fa, fb, strict=False):
+            if json.loads(la) != json.loads(lb):
+                return False
+        return fa.read(1) == fb.read(1) == b""
+
+
 def run_measured(checkout: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """One CLI run of the checkout: seconds, peak RSS (MiB) and the end of its output. The peak is
     the child's VmHWM, polled from /proc: its rusage would carry this (big) process's RSS, which a
@@ -162,12 +172,16 @@ def main() -> int:
                 cli[key]["rows_per_s"] = round(a.rows / cli[key]["s"]) if cli[key]["s"] else None
         same = {ext: all(filecmp.cmp(os.path.join(tmp, f"this.{ext}"), os.path.join(tmp, f"{n}.{ext}"), shallow=False)
                          for n in trees if n != "this") for ext in ("jsonl", "csv")} if len(trees) > 1 else {}
+        # the jsonl exports of two checkouts may differ in form (key order, spaces) but not in content
+        same_content = {n: same_lines(os.path.join(tmp, "this.jsonl"), os.path.join(tmp, f"{n}.jsonl")) for n in trees if n != "this"}
         search = subprocess.run([sys.executable, "-c", SEARCH, url], cwd=checkout, env=env, capture_output=True, text=True)
-        result = {"rows": a.rows, "checkout": checkout, "trees": trees, "same_export_bytes": same, "build_s": round(built, 1), "cli": cli,
+        result = {"rows": a.rows, "checkout": checkout, "trees": trees, "same_export_bytes": same, "same_export_content": same_content,
+                  "build_s": round(built, 1), "cli": cli,
                   "search": json.loads(search.stdout) if search.returncode == 0 else {"error": search.stderr[-500:]}}
     print(json.dumps(result, indent=1))
     print(f"\n{a.rows:,} rows, " + ", ".join(f"{n} = {t}" for n, t in result["trees"].items())
-          + (f"; exports identical: {result['same_export_bytes']}" if result["same_export_bytes"] else ""))
+          + (f"; exports identical: {result['same_export_bytes']}, same content (jsonl): {same_content}"
+             if result["same_export_bytes"] else ""))
     print(f"{'command':<44}{'seconds':>9}{'rows/s':>11}{'peak RSS MiB':>14}  rc")
     for name, r in cli.items():
         print(f"{'opsbot audit ' + name:<44}{r['s']:>9}{r['rows_per_s'] or 0:>11,}{r['rss_mib']:>14}  {r['rc']}")

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import csv
 import hashlib
+import io
 import json
 import logging
 import math
 import select
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -534,7 +534,6 @@ def export_line(row: dict[str, Any]) -> str:
 # so an odd value (a float PostgreSQL writes differently, a year before 1000) is never a false alarm.
 
 _COMPACT = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)  # == canonical_json
-_CSV = json.JSONEncoder(sort_keys=True)  # == the csv export's plan/result columns (json.dumps(v, sort_keys=True))
 
 
 def _js(column: str) -> str:
@@ -558,8 +557,11 @@ CANON_CHECK = ("""canon IS NULL OR (canon::jsonb)::text = jsonb_build_object(
     'channel_id', channel_id, 'command_text', command_text, 'event', event, 'plan', plan, 'request_id', request_id,
     'result', result, 'seq', seq)::text""")
 CANON_CONSTRAINT = "audit_events_canon_matches"
-_CSV_SELECT = ("SELECT seq, " + _AT + ", event, actor_id, actor_name, channel_id, coalesce(request_id, ''), command_text, "
-               "plan::text, result::text, prev_hash, hash FROM audit_events")
+# the csv export's columns, as PostgreSQL writes them: plan and result in jsonb's own text (keys
+# ordered as jsonb orders them: by length, then bytes), null as null
+_CSV_SELECT = ("SELECT seq, " + _AT + " AS at, event, actor_id, actor_name, channel_id, coalesce(request_id, '') AS request_id, "
+               "command_text, coalesce(plan::text, 'null') AS plan, coalesce(result::text, 'null') AS result, prev_hash, hash "
+               "FROM audit_events")
 CSV_HEADER = ("seq", "at", "event", "actor_id", "actor_name", "channel_id", "request_id", "command_text", "plan", "result",
               "prev_hash", "hash")
 
@@ -580,15 +582,6 @@ class _Reencode:
                 self.memo.clear()
             self.memo[text] = done
         return done
-
-
-def _range(since: datetime | None, until: datetime | None, from_seq: int | None) -> tuple[str, list[Any]]:
-    where, args = [], list[Any]()
-    for cond, value in (("seq >= %s", from_seq), ("at >= %s", since), ("at < %s", until)):
-        if value is not None:
-            where.append(cond)
-            args.append(value)
-    return (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq", args
 
 
 async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH,
@@ -648,7 +641,11 @@ class ChainWalk:
         self.prev, self.expected, self.last = digest, seq + 1, seq
         self.checked += 1
 
-    def _break(self, seq: int, problem: str) -> bool:
+    def unreadable(self, line: int) -> bool:
+        """Line ``line`` of an export is not one (broken at the seq expected there, if any)."""
+        return self._break(self.expected, f"line {line} is not an export line (a JSON object with seq, prev_hash and hash)")
+
+    def _break(self, seq: int | None, problem: str) -> bool:
         self.broken = ChainReport(False, self.checked, self.first, self.last, seq, problem)
         return False
 
@@ -759,13 +756,15 @@ class _Snapshot:
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 
-    def copy(self, select: str) -> Iterable[bytes]:
-        """The rows of ``select`` as binary COPY tuples, one bytes per row. libpq stays non-blocking
+    def copy(self, select: str, *, options: str = "FORMAT BINARY") -> Iterable[bytes]:
+        """The rows of ``select`` as binary COPY tuples (or, with other ``options``, as what COPY
+        writes for them, a header first if asked for), one bytes per row. libpq stays non-blocking
         and waits happen in ``select`` (psycopg's libpq calls hold the GIL: a blocking one would
         stop every other thread, the event loop among them, for as long as the server takes)."""
         pg = self.conn.pgconn
         try:
-            pg.send_query(f"COPY ({select}) TO STDOUT (FORMAT BINARY)".encode())
+            binary = options == "FORMAT BINARY"
+            pg.send_query(f"COPY ({select}) TO STDOUT ({options})".encode())
             while pg.flush():
                 self._wait(pg, write=True)
             res = self._result(pg)
@@ -781,9 +780,10 @@ class _Snapshot:
                 if size < 0:
                     break
                 row = bytes(data)
-                if first:
-                    row, first = row[_COPY_HEADER:], False
-                if row != b"\xff\xff":  # the trailer
+                if first and binary:
+                    row = row[_COPY_HEADER:]
+                first = False
+                if row != b"\xff\xff" or not binary:  # (the binary trailer)
                     yield row
             while (res := self._result(pg)) is not None:  # the COPY's end (or its error)
                 if res.status != pq.ExecStatus.COMMAND_OK:
@@ -965,7 +965,7 @@ def verify_lines(lines: Iterable[str | bytes]) -> tuple[ChainReport, str | None]
     anchor: str | None = None
     linked, expected, checked, first = b"", 0, 0, None  # type: tuple[bytes, int, int, int | None]
     loads, encode, sha256 = json.loads, _COMPACT.encode, hashlib.sha256
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         raw = line.encode() if isinstance(line, str) else line
         if raw.endswith(b"\n"):
             raw = raw[:-1]
@@ -973,8 +973,8 @@ def verify_lines(lines: Iterable[str | bytes]) -> tuple[ChainReport, str | None]
                 and raw[152:154] == b'",' and raw[-1:] == b"}":
             record = b"{" + raw[154:]
             at = record.rfind(b',"seq":')
-            number = record[at + 7:-1]
-            if at > 0 and number.isdigit() and int(number) == expected \
+            digits = record[at + 7:-1]
+            if at > 0 and digits.isdigit() and int(digits) == expected \
                     and sha256(linked + record).hexdigest().encode() == raw[9:73]:
                 linked, expected, checked = raw[9:73], expected + 1, checked + 1
                 continue
@@ -982,8 +982,14 @@ def verify_lines(lines: Iterable[str | bytes]) -> tuple[ChainReport, str | None]
             continue
         walk.prev, walk.expected, walk.checked, walk.first, walk.last = \
             (linked.decode(), expected, checked, first, expected - 1) if first is not None else (None, None, 0, None, None)
-        row = loads(raw)
-        seq, prev, digest = int(row["seq"]), row["prev_hash"], row["hash"]
+        try:
+            row = loads(raw)
+            seq, prev, digest = int(row["seq"]), row["prev_hash"], row["hash"]
+            if not isinstance(prev, str) or not isinstance(digest, str):
+                raise TypeError("hashes are not strings")
+        except (ValueError, KeyError, TypeError):  # (not JSON, not UTF-8, not an object, a field missing)
+            walk.unreadable(number)
+            return walk.report(), anchor
         anchor = prev if anchor is None else anchor
         if not walk.link(seq, prev):
             return walk.report(), anchor
@@ -1007,33 +1013,53 @@ async def export_jsonl(log: AuditLog, out: IO[str], *, since: datetime | None = 
     trusted, why = await canon_trusted(log.store)
     if not trusted:
         logging.getLogger(__name__).warning("audit export: every row is exported from its columns (slower): %s", why)
-    buffer = getattr(out, "buffer", None)
-    if buffer is not None and (getattr(out, "encoding", "") or "").lower().replace("-", "") in ("utf8", "utf_8"):
-        out.flush()
-        n = await asyncio.to_thread(export_chain, log.store.url, buffer, trusted=trusted, since=since, until=until, batch=batch)
-        buffer.flush()
-        return n
+    return await _to_text(out, lambda binary: export_chain(log.store.url, binary, trusted=trusted, since=since, until=until,
+                                                           batch=batch))
 
-    class _Decoding:
-        def write(self, data: bytes) -> None:
-            out.write(data.decode())
 
-    return await asyncio.to_thread(export_chain, log.store.url, _Decoding(), trusted=trusted,  # type: ignore[arg-type]
-                                   since=since, until=until, batch=batch)
+def csv_chain(url: str, out: IO[bytes], *, since: datetime | None = None, until: datetime | None = None,
+              batch: int = BATCH) -> int:
+    """The csv export (``CSV_HEADER``), written by PostgreSQL's COPY as UTF-8 CSV, ``batch`` lines
+    at a time; the number of rows. Sync (run it in a thread)."""
+    snap = _Snapshot(url)
+    try:
+        where = [sql.SQL(c).format(sql.Literal(v)) for c, v in (("at >= {}", since), ("at < {}", until)) if v is not None]
+        cond = (sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)).as_string(snap.conn) if where else ""
+        lines, n = list[bytes](), -1  # (the header)
+        for line in snap.copy(_CSV_SELECT + cond + " ORDER BY seq", options="FORMAT CSV, HEADER, ENCODING 'UTF8'"):
+            lines.append(line)
+            n += 1
+            if len(lines) >= batch:
+                out.write(b"".join(lines))
+                lines.clear()
+        out.write(b"".join(lines))
+        return max(n, 0)
+    finally:
+        snap.close()
 
 
 async def export_csv(log: AuditLog, out: IO[str], *, since: datetime | None = None, until: datetime | None = None,
                      batch: int = BATCH) -> int:
-    """The csv export (``CSV_HEADER``), streamed; the number of rows."""
-    canon, n = _Reencode(_CSV), 0
-    writer = csv.writer(out)
-    writer.writerow(CSV_HEADER)
-    query, args = _range(since, until, None)
-    async for rows in _batches(log.store, _CSV_SELECT + query, args, name="audit_export_csv", batch=batch,
-                               types=("int8", *("text",) * 11)):
-        writer.writerows([(*r[:8], canon(r[8]), canon(r[9]), r[10], r[11]) for r in rows])
-        n += len(rows)
-    return n
+    """The csv export (``csv_chain``, in a thread); the number of rows. ``out`` as for ``export_jsonl``."""
+    return await _to_text(out, lambda binary: csv_chain(log.store.url, binary, since=since, until=until, batch=batch))
+
+
+async def _to_text(out: IO[str], export: Callable[[IO[bytes]], int]) -> int:
+    """Run ``export`` (which writes UTF-8 bytes) in a thread into ``out``: a UTF-8 text file through
+    its binary buffer (no decode and encode of the lines), anything else decoded."""
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None and (getattr(out, "encoding", "") or "").lower().replace("-", "").replace("_", "") == "utf8":
+        out.flush()
+        n = await asyncio.to_thread(export, buffer)
+        buffer.flush()
+        return n
+
+    class _Decoding(io.RawIOBase):
+        def write(self, data: Any) -> int:
+            out.write(bytes(data).decode())
+            return len(data)
+
+    return await asyncio.to_thread(export, _Decoding())  # type: ignore[arg-type]
 
 
 async def stored_hashes(log: AuditLog, *, batch: int = BATCH) -> AsyncIterator[tuple[int, str]]:

@@ -1,0 +1,208 @@
+"""The fast walk of `audit verify` / `audit export` / `verify --file` (issue 13) the way it breaks:
+forged hashes whose bytes try to look like the fixed layout, hostile export files, a database
+that stalls or drops mid-read, a prune racing a verify. Real PostgreSQL; the faults through a TCP
+proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from bot.adapters import audit_log
+from bot.adapters.audit_log import AuditLog, export_jsonl, export_line, verify_lines
+from bot.adapters.store import Store
+from bot.errors import BackendUnavailable
+from tests.faults.proxy import TcpProxy
+from tests.unit.test_audit_chain import tamper
+from tests.unit.test_audit_scale import ODD_PLANS, fill_odd
+
+
+@pytest_asyncio.fixture
+async def log(state_db: str) -> AsyncIterator[AuditLog]:
+    store = Store(state_db, max_size=4)
+    await store.open()
+    yield AuditLog(store)
+    await store.close()
+
+
+def _recompute(seq: int) -> str:
+    """SQL: row ``seq``'s hash made right again for whatever its prev_hash and canon are now (a forger who
+    controls that row)."""
+    return (f"UPDATE audit_events SET hash = encode(sha256(convert_to(prev_hash || canon, 'UTF8')), 'hex') WHERE seq = {seq}")
+
+
+# Row 4 forged in ways that keep migration 009's CHECK (which says nothing about the hashes) valid,
+# so the fast path is the one asked: (the edits, where the walk must stop, what it must say).
+FORGERIES: list[tuple[list[str], int, str]] = [
+    (["UPDATE audit_events SET hash = hash || ' x' WHERE seq = 4"], 4, "content does not match"),
+    (["UPDATE audit_events SET hash = upper(hash) WHERE seq = 4"], 4, "content does not match"),
+    # 64 bytes, but not hex, and a quote in it; the row's hash made to match it
+    (["UPDATE audit_events SET prev_hash = left(prev_hash, 62) || '\"' || chr(1) WHERE seq = 4", _recompute(4)], 4, "does not link"),
+    # a 66-byte hash that starts with the right 64, and the next row linked to it
+    (["UPDATE audit_events SET hash = hash || 'ff' WHERE seq = 4",
+      "UPDATE audit_events SET prev_hash = (SELECT hash FROM audit_events WHERE seq = 4) WHERE seq = 5", _recompute(5)],
+     4, "content does not match"),
+    # a hash whose tail spells the layout that follows it (seq, prev): the walk reads lengths, not text
+    (["UPDATE audit_events SET hash = hash || repeat('0', 8) || (SELECT hash FROM audit_events WHERE seq = 3) WHERE seq = 4"],
+     4, "content does not match"),
+    (["DELETE FROM audit_events WHERE seq = 4"], 4, "missing"),
+    # look-alike digits: the row's seq is right but canon's is not (the CHECK is checked, so both must agree):
+    (["UPDATE audit_events SET prev_hash = 'ａ' || right(prev_hash, 63) WHERE seq = 4", _recompute(4)], 4, "does not link"),
+]
+
+
+@pytest.mark.parametrize("edits,broken_at,problem", FORGERIES, ids=[f"forgery{i}" for i in range(len(FORGERIES))])
+async def test_forged_hashes_are_found_by_verify_by_the_export_and_by_verify_file(
+        log: AuditLog, state_db: str, edits: list[str], broken_at: int, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_odd(log)
+    odd: list[int] = []
+    real_odd_row = audit_log._odd_row
+
+    def odd_row(f: list[bytes | None], enc: str) -> Any:
+        odd.append(int.from_bytes(f[1] or b"", "big", signed=True))
+        return real_odd_row(f, enc)
+
+    monkeypatch.setattr(audit_log, "_odd_row", odd_row)
+    assert (await log.verify()).ok and (await export_jsonl(log, io.StringIO())) == 15
+    assert odd == []  # rows written by append all take the fast path (else it is broken and only the slow one works)
+    tamper(state_db, *edits, constraint="untouched")
+    assert (await audit_log.canon_trusted(log.store))[0]  # the fast path is the one tried
+    report = await log.verify()
+    assert not report.ok and report.broken_at == broken_at and problem in report.problem, report.summary()
+    assert report.checked == broken_at - 1 and report.last_seq == broken_at - 1
+    out = io.StringIO()
+    n = await export_jsonl(log, out)
+    lines = out.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == n + 1
+    parsed = [json.loads(line) for line in lines[:-1]]  # every line is JSON, whatever the hashes hold
+    rows = await log.rows()
+    assert [p["hash"] for p in parsed] == [r["hash"] for r in rows] and [p["prev_hash"] for p in parsed] == [r["prev_hash"] for r in rows]
+    assert lines[:-1] == [export_line(r) for r in rows]
+    file_report, _ = verify_lines(lines)
+    assert not file_report.ok and file_report.broken_at == broken_at, file_report.summary()
+    assert odd[0] == (broken_at + 1 if problem == "missing" else broken_at)  # the forged row was taken off the fast path
+
+
+async def test_an_untrusted_constraint_walks_every_row_from_its_columns_and_still_finds_an_edit(log: AuditLog, state_db: str) -> None:
+    await fill_odd(log)
+    tamper(state_db, "UPDATE audit_events SET command_text = 'scale w 99' WHERE seq = 7")  # CHECK re-added NOT VALID
+    trusted, why = await audit_log.canon_trusted(log.store)
+    assert not trusted and "not validated" in why
+    report = await log.verify()
+    assert not report.ok and report.broken_at == 7 and report.checked == 6, report.summary()
+    out = io.StringIO()
+    await export_jsonl(log, out)
+    edited = json.loads(out.getvalue().split("\n")[6])
+    assert edited["command_text"] == "scale w 99"  # the export says what the columns say (not canon)
+    assert verify_lines(out.getvalue().split("\n"))[0].broken_at == 7
+
+
+def _old_export_line(row: dict[str, Any]) -> str:
+    """What `audit export` wrote before the fast walk (sorted keys, ", " and ": ")."""
+    record = {**audit_log.audit_record(row), "prev_hash": row["prev_hash"], "hash": row["hash"]}
+    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+async def test_hostile_export_files_are_reported_not_crashed_on(log: AuditLog) -> None:
+    await fill_odd(log)
+    rows = await log.rows()
+    good = [export_line(r).encode() + b"\n" for r in rows]
+    assert verify_lines(good)[0].ok
+    assert verify_lines([_old_export_line(r) + "\n" for r in rows])[0].ok  # exports written before still verify
+    assert verify_lines([line.replace(b"\n", b"\r\n") for line in good])[0].ok  # CRLF: checked the slow way, same answer
+    mixed = [good[i] if i % 2 else _old_export_line(r).encode() + b"\n" for i, r in enumerate(rows)]
+    assert verify_lines(mixed)[0].ok
+
+    def broken(lines: list[bytes]) -> Any:
+        report, _ = verify_lines(lines)
+        assert not report.ok, report.summary()
+        return report
+
+    # the record's seq changed (the layout's own number): the hash misses
+    forged = good[3].replace(b',"seq":4}', b',"seq":5}')
+    assert broken([*good[:3], forged, *good[5:]]).broken_at == 4
+    # a record whose seq is spelled inside a string: read the slow way, it is still row 4's hash that misses
+    sneaky = good[3].replace(b'"command_text":"', b'"command_text":",\\"seq\\":4}')
+    assert broken([*good[:3], sneaky, *good[4:]]).broken_at == 4
+    for bad in (b'{"hash":"\x00' + good[3][10:], good[3][:200] + b"\xff\xfe" + good[3][202:], b"x" * 5_000_000 + b"\n",
+                good[3][:-40] + b"\n", b"[1, 2]\n", b'{"hash": "a", "prev_hash": "b"}\n',
+                good[3].replace(b'"seq"', '"ѕeq"'.encode())):  # a Cyrillic ѕ
+        report = broken([*good[:3], bad, *good[4:]])
+        assert report.broken_at == 4 and report.checked == 3, (bad[:60], report.summary())
+        assert "line 4" in report.problem or "row 4" in report.problem, report.summary()
+    # a forged first line (the anchor) whose prev_hash holds a quote: checked the slow way
+    head = json.loads(good[0])
+    head["prev_hash"] = 'x"' * 32
+    assert verify_lines([json.dumps(head).encode(), *good[1:]])[0].broken_at == 1
+
+
+async def test_verify_file_on_the_cli_reads_bytes_and_exits_1_on_garbage(log: AuditLog, state_db: str, tmp_path: Path) -> None:
+    await fill_odd(log)
+    path = tmp_path / "e.jsonl"
+    env = {**os.environ, "DATABASE_URL": state_db}
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "export", "-o", str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    data = path.read_bytes()
+    assert data.count(b"\n") == 3 * len(ODD_PLANS) and data.startswith(b'{"hash":"')
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--file", str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and f"OK: {3 * len(ODD_PLANS)} rows" in proc.stdout, (proc.stdout, proc.stderr)
+    path.write_bytes(data.replace(b"\n", b"\n\x00\x01garbage\n", 1))
+    proc = subprocess.run([sys.executable, "-m", "bot", "audit", "verify", "--file", str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "BROKEN" in proc.stdout and "not an export line" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fault", ["stall", "cut"])
+async def test_a_database_that_stalls_or_drops_mid_read_fails_closed(log: AuditLog, state_db: str, fault: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_odd(log)
+    proxy, url = await TcpProxy.for_url(state_db)
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(audit_log, "STALL_TIMEOUT", 1.0)
+    real_copy = audit_log._Snapshot.copy
+
+    def copy(self: audit_log._Snapshot, select: str, **kwargs: Any) -> Any:
+        # connected, in the snapshot: now the database stops answering (or the connection drops)
+        asyncio.run_coroutine_threadsafe(_fault(proxy, fault), loop).result(timeout=5)
+        return real_copy(self, select, **kwargs)
+
+    monkeypatch.setattr(audit_log._Snapshot, "copy", copy)
+    try:
+        for run in (lambda: audit_log.verify_chain(url, trusted=True),
+                    lambda: audit_log.export_chain(url, io.BytesIO(), trusted=True), lambda: audit_log.csv_chain(url, io.BytesIO())):
+            proxy.up()
+            started = loop.time()
+            with pytest.raises(BackendUnavailable) as err:
+                await asyncio.to_thread(run)
+            assert "opsbot database" in str(err.value)
+            assert ("sent nothing for 1 s" in str(err.value)) if fault == "stall" else loop.time() - started < 5
+            assert loop.time() - started < 10
+    finally:
+        proxy.up()
+        await proxy.stop()
+
+
+async def _fault(proxy: TcpProxy, fault: str) -> None:
+    proxy.pause() if fault == "stall" else proxy.down()
+
+
+async def test_a_prune_racing_verify_never_looks_like_deleted_rows(log: AuditLog) -> None:
+    for _ in range(3):
+        await fill_odd(log, rounds=4)
+        reports, cp = await asyncio.gather(asyncio.gather(*(log.verify() for _ in range(3))),
+                                           log.prune(datetime.now(UTC) + timedelta(seconds=1)))
+        assert cp is not None
+        assert all(r.ok for r in reports), [r.summary() for r in reports]
+    after = await log.verify()
+    assert after.ok and after.checked == 1  # the newest row is kept; the checkpoints chain the rest

@@ -26,7 +26,6 @@ and TRUNCATE with a trigger, and the bot's own role is granted only SELECT and I
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import io
 import json
@@ -899,30 +898,23 @@ def export_chain(url: str, out: IO[bytes], *, trusted: bool, since: datetime | N
         where = [sql.SQL(c).format(sql.Literal(v)) for c, v in (("at >= {}", since), ("at < {}", until)) if v is not None]
         cond = (sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)).as_string(snap.conn) if where else ""
         sha256, canon = hashlib.sha256, _Reencode(_COMPACT)
-        lines, n = list[bytes](), 0
-        # The file is written by a thread of its own (a write releases the GIL: on a VM, copying
-        # 800 MB into the page cache costs about as much CPU as building the lines), at most one
-        # chunk behind: memory stays bounded by two chunks of ``batch`` lines.
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit-export") as writer:
-            pending: concurrent.futures.Future[Any] | None = None
-            for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + cond + " ORDER BY seq"):
-                size = len(data) - 50
-                # (prev_hash is 64 letters or digits: nothing in it needs escaping in JSON)
-                if (data.endswith(_TAIL) and data.startswith(_FIELDS + size.to_bytes(4, "big", signed=True))
-                        and data.startswith(b"{", 134) and data[70:134].isalnum()
-                        and sha256(data[70:6 + size]).hexdigest().encode() == data[6:70]):
-                    lines.append(b'{"hash":"%s","prev_hash":"%s",%s\n' % (data[6:70], data[70:134], data[135:6 + size]))
-                else:
-                    lines.append(_export_odd(snap, _fields(data), canon).encode() + b"\n")
-                n += 1
-                if len(lines) >= batch:
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(out.write, b"".join(lines))
-                    lines = []
-            if pending is not None:
-                pending.result()
-            out.write(b"".join(lines))
+        lines, n, write = list[bytes](), 0, out.write
+        # (written in this thread: a writer thread of its own was slower, 4.9 s against 4.5 s for
+        # 1M rows, and took more CPU: the two threads' GIL hand-offs cost more than they overlapped)
+        for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + cond + " ORDER BY seq"):
+            size = len(data) - 50
+            # (prev_hash is 64 letters or digits: nothing in it needs escaping in JSON)
+            if (data.endswith(_TAIL) and data.startswith(_FIELDS + size.to_bytes(4, "big", signed=True))
+                    and data.startswith(b"{", 134) and data[70:134].isalnum()
+                    and sha256(data[70:6 + size]).hexdigest().encode() == data[6:70]):
+                lines.append(b'{"hash":"%s","prev_hash":"%s",%s\n' % (data[6:70], data[70:134], data[135:6 + size]))
+            else:
+                lines.append(_export_odd(snap, _fields(data), canon).encode() + b"\n")
+            n += 1
+            if len(lines) >= batch:
+                write(b"".join(lines))
+                lines.clear()
+        write(b"".join(lines))
         return n
     finally:
         snap.close()

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,13 +132,27 @@ ADMISSION_DECREASE = 0.8
 BUSY_BACKLOG = 10_000
 
 
+BUSY_USERS = 1_000  # users named in one such row (with a count each); the rest as one count
+
+
 @dataclass
 class _Unrecorded:
-    """Busy refusals past ``BUSY_BACKLOG``: counted, recorded as one row."""
+    """Busy refusals past ``BUSY_BACKLOG``: counted (also per user: who was refused stays on the
+    record), recorded as one row."""
 
     count: int
     first: str
     last: str
+    by_user: dict[str, int] = field(default_factory=dict)
+    others: int = 0  # refusals of users past BUSY_USERS
+
+    def add(self, user_id: str, attempted_at: str) -> None:
+        self.count += 1
+        self.last = attempted_at
+        if user_id in self.by_user or len(self.by_user) < BUSY_USERS:
+            self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
+        else:
+            self.others += 1
 
 
 @dataclass(frozen=True)
@@ -310,8 +324,7 @@ class Pipeline:
         self.metrics.requests.labels(inv.command, "busy").inc()
         attempted_at = self.clock().isoformat()
         if self._unrecorded is not None:  # until the queue before it is written, every refusal is counted in it
-            self._unrecorded.count += 1
-            self._unrecorded.last = attempted_at
+            self._unrecorded.add(req.actor.user_id, attempted_at)
         elif len(self._busy) < self.busy_backlog:
             self._busy.append((req.actor, req.channel_id, inv.text,
                                {"why": "admission", "in_flight": load.in_flight, "limit": load.limit,
@@ -319,7 +332,8 @@ class Pipeline:
         else:
             log.warning("busy refusals: %d waiting to be audited, the most kept; the next are counted in one row",
                         len(self._busy))
-            self._unrecorded = _Unrecorded(1, attempted_at, attempted_at)
+            self._unrecorded = _Unrecorded(0, attempted_at, attempted_at)
+            self._unrecorded.add(req.actor.user_id, attempted_at)
             self._busy.append(self._unrecorded)
         if self.busy_writer is None or self.busy_writer.done():
             self.busy_writer = asyncio.ensure_future(self._write_busy())
@@ -336,7 +350,8 @@ class Pipeline:
                 self._unrecorded = None  # the next refusal is queued again
                 actor, channel_id, text = SYSTEM, ChannelId(""), ""
                 result = {"why": "admission", "unrecorded": {"count": entry.count, "first_attempted_at": entry.first,
-                                                             "last_attempted_at": entry.last, "backlog": self.busy_backlog}}
+                                                             "last_attempted_at": entry.last, "backlog": self.busy_backlog,
+                                                             "by_user": entry.by_user, "other_users": entry.others}}
             else:
                 actor, channel_id, text, result = entry
             req = CommandRequest(actor=actor, channel_id=channel_id, text=text)

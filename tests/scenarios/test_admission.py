@@ -163,6 +163,7 @@ async def test_busy_refusals_past_the_backlog_are_counted_in_one_row(bot: Harnes
     summary = rows[6]
     assert summary["actor_id"] == "opsbot" and summary["command_text"] == ""
     assert summary["result"]["unrecorded"]["count"] == 6 and summary["result"]["unrecorded"]["backlog"] == 5
+    assert summary["result"]["unrecorded"]["by_user"] == {ALICE: 6}  # who was refused stays on the record
     assert summary["result"]["unrecorded"]["first_attempted_at"] <= summary["result"]["unrecorded"]["last_attempted_at"]
     assert _busy_count(bot) == 12  # the metric counts every refusal
     admission.leave()

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from bot.adapters.audit_log import AuditLog
 from bot.adapters.store import Store
 from bot.config import Config, load_config
 from bot.sandbox.demo import PLATFORM_SCHEMA, seed_cluster
@@ -78,6 +79,15 @@ def fresh_db(pg_admin: str, template: str | None = None) -> str:
 @pytest.fixture
 def state_db(pg_admin: str, state_template: str) -> str:
     return fresh_db(pg_admin, state_template)
+
+
+@pytest_asyncio.fixture
+async def trail(state_db: str) -> AsyncIterator[AuditLog]:
+    """The audit trail of a fresh state database (a pool of 4)."""
+    store = Store(state_db, max_size=4)
+    await store.open()
+    yield AuditLog(store)
+    await store.close()
 
 
 @pytest.fixture

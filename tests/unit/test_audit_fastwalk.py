@@ -11,29 +11,18 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from bot.adapters import audit_log
 from bot.adapters.audit_log import AuditLog, export_jsonl, export_line, verify_lines
-from bot.adapters.store import Store
 from bot.errors import BackendUnavailable
 from tests.faults.proxy import TcpProxy
 from tests.unit.test_audit_chain import tamper
 from tests.unit.test_audit_scale import ODD_PLANS, fill_odd
-
-
-@pytest_asyncio.fixture
-async def log(state_db: str) -> AsyncIterator[AuditLog]:
-    store = Store(state_db, max_size=4)
-    await store.open()
-    yield AuditLog(store)
-    await store.close()
 
 
 def _recompute(seq: int) -> str:
@@ -64,8 +53,8 @@ FORGERIES: list[tuple[list[str], int, str]] = [
 
 @pytest.mark.parametrize("edits,broken_at,problem", FORGERIES, ids=[f"forgery{i}" for i in range(len(FORGERIES))])
 async def test_forged_hashes_are_found_by_verify_by_the_export_and_by_verify_file(
-        log: AuditLog, state_db: str, edits: list[str], broken_at: int, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    await fill_odd(log)
+        trail: AuditLog, state_db: str, edits: list[str], broken_at: int, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await fill_odd(trail)
     odd: list[int] = []
     real_odd_row = audit_log._odd_row
 
@@ -74,19 +63,19 @@ async def test_forged_hashes_are_found_by_verify_by_the_export_and_by_verify_fil
         return real_odd_row(f, enc)
 
     monkeypatch.setattr(audit_log, "_odd_row", odd_row)
-    assert (await log.verify()).ok and (await export_jsonl(log, io.StringIO())) == 15
+    assert (await trail.verify()).ok and (await export_jsonl(trail, io.StringIO())) == 15
     assert odd == []  # rows written by append all take the fast path (else it is broken and only the slow one works)
     tamper(state_db, *edits, constraint="untouched")
-    assert (await audit_log.canon_trusted(log.store))[0]  # the fast path is the one tried
-    report = await log.verify()
+    assert (await audit_log.canon_trusted(trail.store))[0]  # the fast path is the one tried
+    report = await trail.verify()
     assert not report.ok and report.broken_at == broken_at and problem in report.problem, report.summary()
     assert report.checked == broken_at - 1 and report.last_seq == broken_at - 1
     out = io.StringIO()
-    n = await export_jsonl(log, out)
+    n = await export_jsonl(trail, out)
     lines = out.getvalue().split("\n")
     assert lines[-1] == "" and len(lines) == n + 1
     parsed = [json.loads(line) for line in lines[:-1]]  # every line is JSON, whatever the hashes hold
-    rows = await log.rows()
+    rows = await trail.rows()
     assert [p["hash"] for p in parsed] == [r["hash"] for r in rows] and [p["prev_hash"] for p in parsed] == [r["prev_hash"] for r in rows]
     assert lines[:-1] == [export_line(r) for r in rows]
     file_report, _ = verify_lines(lines)
@@ -94,15 +83,15 @@ async def test_forged_hashes_are_found_by_verify_by_the_export_and_by_verify_fil
     assert odd[0] == (broken_at + 1 if problem == "missing" else broken_at)  # the forged row was taken off the fast path
 
 
-async def test_an_untrusted_constraint_walks_every_row_from_its_columns_and_still_finds_an_edit(log: AuditLog, state_db: str) -> None:
-    await fill_odd(log)
+async def test_an_untrusted_constraint_walks_every_row_from_its_columns_and_still_finds_an_edit(trail: AuditLog, state_db: str) -> None:
+    await fill_odd(trail)
     tamper(state_db, "UPDATE audit_events SET command_text = 'scale w 99' WHERE seq = 7")  # CHECK re-added NOT VALID
-    trusted, why = await audit_log.canon_trusted(log.store)
+    trusted, why = await audit_log.canon_trusted(trail.store)
     assert not trusted and "not validated" in why
-    report = await log.verify()
+    report = await trail.verify()
     assert not report.ok and report.broken_at == 7 and report.checked == 6, report.summary()
     out = io.StringIO()
-    await export_jsonl(log, out)
+    await export_jsonl(trail, out)
     edited = json.loads(out.getvalue().split("\n")[6])
     assert edited["command_text"] == "scale w 99"  # the export says what the columns say (not canon)
     assert verify_lines(out.getvalue().split("\n"))[0].broken_at == 7
@@ -114,9 +103,9 @@ def _old_export_line(row: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, sort_keys=True)
 
 
-async def test_hostile_export_files_are_reported_not_crashed_on(log: AuditLog) -> None:
-    await fill_odd(log)
-    rows = await log.rows()
+async def test_hostile_export_files_are_reported_not_crashed_on(trail: AuditLog) -> None:
+    await fill_odd(trail)
+    rows = await trail.rows()
     good = [export_line(r).encode() + b"\n" for r in rows]
     assert verify_lines(good)[0].ok
     assert verify_lines([_old_export_line(r) + "\n" for r in rows])[0].ok  # exports written before still verify
@@ -147,8 +136,8 @@ async def test_hostile_export_files_are_reported_not_crashed_on(log: AuditLog) -
     assert verify_lines([json.dumps(head).encode(), *good[1:]])[0].broken_at == 1
 
 
-async def test_verify_file_on_the_cli_reads_bytes_and_exits_1_on_garbage(log: AuditLog, state_db: str, tmp_path: Path) -> None:
-    await fill_odd(log)
+async def test_verify_file_on_the_cli_reads_bytes_and_exits_1_on_garbage(trail: AuditLog, state_db: str, tmp_path: Path) -> None:
+    await fill_odd(trail)
     path = tmp_path / "e.jsonl"
     env = {**os.environ, "DATABASE_URL": state_db}
     proc = subprocess.run([sys.executable, "-m", "bot", "audit", "export", "-o", str(path)], capture_output=True, text=True, env=env)
@@ -164,9 +153,9 @@ async def test_verify_file_on_the_cli_reads_bytes_and_exits_1_on_garbage(log: Au
 
 
 @pytest.mark.parametrize("fault", ["stall", "cut"])
-async def test_a_database_that_stalls_or_drops_mid_read_fails_closed(log: AuditLog, state_db: str, fault: str,
+async def test_a_database_that_stalls_or_drops_mid_read_fails_closed(trail: AuditLog, state_db: str, fault: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    await fill_odd(log)
+    await fill_odd(trail)
     proxy, url = await TcpProxy.for_url(state_db)
     loop = asyncio.get_running_loop()
     monkeypatch.setattr(audit_log, "STALL_TIMEOUT", 1.0)
@@ -197,12 +186,12 @@ async def _fault(proxy: TcpProxy, fault: str) -> None:
     proxy.pause() if fault == "stall" else proxy.down()
 
 
-async def test_a_prune_racing_verify_never_looks_like_deleted_rows(log: AuditLog) -> None:
+async def test_a_prune_racing_verify_never_looks_like_deleted_rows(trail: AuditLog) -> None:
     for _ in range(3):
-        await fill_odd(log, rounds=4)
-        reports, cp = await asyncio.gather(asyncio.gather(*(log.verify() for _ in range(3))),
-                                           log.prune(datetime.now(UTC) + timedelta(seconds=1)))
+        await fill_odd(trail, rounds=4)
+        reports, cp = await asyncio.gather(asyncio.gather(*(trail.verify() for _ in range(3))),
+                                           trail.prune(datetime.now(UTC) + timedelta(seconds=1)))
         assert cp is not None
         assert all(r.ok for r in reports), [r.summary() for r in reports]
-    after = await log.verify()
+    after = await trail.verify()
     assert after.ok and after.checked == 1  # the newest row is kept; the checkpoints chain the rest

@@ -6,6 +6,7 @@ proxy."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from bot.adapters import audit_log
 from bot.adapters.audit_log import AuditLog, export_jsonl, export_line, verify_lines
+from bot.domain import canonical_json
 from bot.errors import BackendUnavailable
 from tests.faults.proxy import TcpProxy
 from tests.unit.test_audit_chain import tamper
@@ -130,10 +132,25 @@ async def test_hostile_export_files_are_reported_not_crashed_on(trail: AuditLog)
         report = broken([*good[:3], bad, *good[4:]])
         assert report.broken_at == 4 and report.checked == 3, (bad[:60], report.summary())
         assert "line 4" in report.problem or "row 4" in report.problem, report.summary()
+    # a file made up whole, its chain right, whose records carry a "hash" member of their own: a
+    # reader of such a line sees that hash, not the one checked, so it is never taken on its bytes
+    made, prev = [], "0" * 64
+    for i, r in enumerate(rows):
+        text = canonical_json({**audit_log.audit_record(r), **({"hash": "f" * 64} if i else {})})
+        digest = hashlib.sha256((prev + text).encode()).hexdigest()
+        made.append(f'{{"hash":"{digest}","prev_hash":"{prev}",{text[1:]}\n'.encode())
+        prev = digest
+    assert broken(made).broken_at == 2  # (the first line is always read the slow way)
     # a forged first line (the anchor) whose prev_hash holds a quote: checked the slow way
     head = json.loads(good[0])
     head["prev_hash"] = 'x"' * 32
     assert verify_lines([json.dumps(head).encode(), *good[1:]])[0].broken_at == 1
+    # a plan with a "hash" key of its own verifies (its lines the slow way)
+    await trail.append(event="requested", actor_id="U1", actor_name="a", channel_id="C", request_id="rh", command_text="replay",
+                       plan={"hash": "8f2c", "prev_hash": "x"}, result=None)
+    out = io.StringIO()
+    await export_jsonl(trail, out)
+    assert verify_lines(out.getvalue().split("\n"))[0].ok
 
 
 async def test_verify_file_on_the_cli_reads_bytes_and_exits_1_on_garbage(trail: AuditLog, state_db: str, tmp_path: Path) -> None:

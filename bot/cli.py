@@ -204,9 +204,14 @@ async def _audit(args: argparse.Namespace) -> int:
     log = AuditLog(store)
     try:
         if args.audit_cmd == "verify":
-            report = await log.verify()
+            resume = _verify_state(args.incremental) if args.incremental else None
+            report = await log.verify(resume=resume)
+            if resume is not None and report.resumed_after is None and report.ok:
+                print(f"(row {resume[0]}, verified last time, was pruned since: verified from the latest checkpoint)")
             print(f"database: {report.summary()}")
             ok = report.ok
+            if ok and args.incremental and report.last_seq is not None and report.last_hash is not None:
+                _save_verify_state(args.incremental, report.last_seq, report.last_hash)
             if args.against_channel:
                 ok = await _verify_channel(log) and ok
             return 0 if ok else 1
@@ -235,6 +240,45 @@ async def _audit(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return 2
+
+
+def _verify_state(path: str) -> tuple[int, str] | None:
+    """The (seq, hash) an incremental verify (``--incremental FILE``) ended at last time, or None
+    when FILE does not exist yet (the first run walks the whole chain)."""
+    import json
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(4097)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        if len(raw) > 4096:
+            raise ValueError("too long")
+        state = json.loads(raw)
+        seq, digest = state["seq"], state["hash"]
+        if type(seq) is not int or seq < 0 or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("seq must be a number, hash 64 hex digits")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not an opsbot verify state ({exc}): delete it to verify the whole chain again") from exc
+    return seq, digest
+
+
+def _save_verify_state(path: str, seq: int, digest: str) -> None:
+    """Where this verify ended, for the next ``--incremental`` run (written whole, then renamed)."""
+    import json
+    import os
+    from datetime import UTC, datetime
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({"seq": seq, "hash": digest, "verified_at": datetime.now(UTC).isoformat(timespec="seconds")}, fh)
+        fh.write("\n")
+    os.replace(tmp, path)
+    print(f"saved: seq {seq}, hash {digest} → {path} (the next --incremental run starts after it)")
 
 
 async def _timeline(log: object, args: argparse.Namespace) -> int:
@@ -524,6 +568,10 @@ def parser() -> argparse.ArgumentParser:
     verify = asub.add_parser("verify", help="walk the hash chain; exit 1 at the first broken link")
     verify.add_argument("--file", help="verify an export (JSON lines) or a timeline (.md/.json) on its own instead of the database")
     verify.add_argument("--against-channel", action="store_true", help="also compare with the hashes posted in the audit channel")
+    verify.add_argument("--incremental", metavar="FILE",
+                        help="walk only the rows after the one FILE says the last verify ended at (checking that row is "
+                             "unchanged), then save where this one ended; without FILE yet, the whole chain. Keep FILE away "
+                             "from the database's owners: it is what the next run trusts")
     verify.set_defaults(fn=cmd_audit)
     export = asub.add_parser("export", help="rows with their hashes, for evidence requests")
     export.add_argument("--since", help="7d, 12h, or an ISO date/time (UTC)")

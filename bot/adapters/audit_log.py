@@ -26,6 +26,7 @@ and TRUNCATE with a trigger, and the bot's own role is granted only SELECT and I
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import json
@@ -148,12 +149,15 @@ class ChainReport:
     last_seq: int | None
     broken_at: int | None = None
     problem: str = ""
+    last_hash: str | None = None  # the hash of row ``last_seq`` (what an incremental verify resumes from)
+    resumed_after: int | None = None  # the row verified last time, when only the rows after it were walked
 
     def summary(self) -> str:
+        since = f" (the rows after seq {self.resumed_after}, verified last time)" if self.resumed_after is not None else ""
         if self.ok:
             if not self.checked:
-                return "OK: no rows to check"
-            return f"OK: {self.checked} row{'' if self.checked == 1 else 's'}, seq {self.first_seq}..{self.last_seq}, chain intact"
+                return f"OK: no new rows after seq {self.resumed_after}" if self.resumed_after is not None else "OK: no rows to check"
+            return f"OK: {self.checked} row{'' if self.checked == 1 else 's'}, seq {self.first_seq}..{self.last_seq}, chain intact{since}"
         return f"BROKEN at seq {self.broken_at}: {self.problem}"
 
 
@@ -301,13 +305,14 @@ class AuditLog:
             rows = await (await conn.execute("SELECT seq, hash FROM audit_events WHERE seq = ANY(%s)", (seqs,))).fetchall()
         return {int(r["seq"]): str(r["hash"]) for r in rows}
 
-    async def verify(self) -> ChainReport:
-        """The whole chain in the database, from the genesis or the latest pruning checkpoint, one
-        row at a time (constant memory): ``verify_chain``, in a thread."""
+    async def verify(self, *, resume: tuple[int, str] | None = None) -> ChainReport:
+        """The whole chain in the database, from the genesis or the latest pruning checkpoint (or,
+        with ``resume``, after the row a verify found intact last time), one row at a time
+        (constant memory): ``verify_chain``, in a thread."""
         trusted, why = await canon_trusted(self.store)
         if not trusted:
             logging.getLogger(__name__).warning("audit verify: every row is re-derived from its columns (slower): %s", why)
-        return await asyncio.to_thread(verify_chain, self.store.url, trusted=trusted)
+        return await asyncio.to_thread(verify_chain, self.store.url, trusted=trusted, resume=resume)
 
     async def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest pruning checkpoint (rows up to its ``upto_seq`` were deleted on purpose), or None."""
@@ -649,7 +654,7 @@ class ChainWalk:
         return False
 
     def report(self) -> ChainReport:
-        return self.broken or ChainReport(True, self.checked, self.first, self.last)
+        return self.broken or ChainReport(True, self.checked, self.first, self.last, last_hash=self.prev if self.checked else None)
 
 
 async def canon_trusted(store: Store) -> tuple[bool, str]:
@@ -829,9 +834,11 @@ def _unavailable(exc: psycopg.Error) -> BackendUnavailable:
     return BackendUnavailable(STATE_DATABASE, str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def verify_chain(url: str, *, trusted: bool) -> ChainReport:
+def verify_chain(url: str, *, trusted: bool, resume: tuple[int, str] | None = None) -> ChainReport:
     """The whole chain in the database (``AuditLog.verify``): the pruning checkpoints, then every
-    row from the genesis or the latest checkpoint, in one snapshot. Sync (run it in a thread)."""
+    row from the genesis or the latest checkpoint, in one snapshot. With ``resume`` (the seq and
+    hash of the last row a verify found intact), only the rows after it, once that row is found
+    unchanged; if it was pruned since, the rows after the latest checkpoint. Sync (run it in a thread)."""
     snap = _Snapshot(url)
     try:
         prev_cp = GENESIS
@@ -841,16 +848,36 @@ def verify_chain(url: str, *, trusted: bool) -> ChainReport:
                 return ChainReport(False, 0, None, None, int(cp["upto_seq"]), f"checkpoint up to {cp['upto_seq']} was altered")
             prev_cp = cp["hash"]
         prev_hash, start_seq = (cps[-1]["last_hash"], cps[-1]["upto_seq"] + 1) if cps else (GENESIS, 1)
-        return _walk_chain(snap, prev_hash=prev_hash, start_seq=start_seq, trusted=trusted)
+        resumed: int | None = None
+        if resume is not None and resume[0] >= start_seq - 1:
+            seq, digest = resume
+            if seq == start_seq - 1:  # the row it ended at is the latest checkpoint's (or the genesis)
+                if digest != prev_hash:
+                    return ChainReport(False, 0, None, None, seq, f"seq {seq}, verified last time, had hash {digest[:12]}…; "
+                                                                  "the checkpoint there says otherwise")
+            else:
+                found = snap.query("SELECT hash FROM audit_events WHERE seq = %s", (seq,))
+                if not found:
+                    return ChainReport(False, 0, None, None, seq, f"row {seq}, verified last time, is missing (deleted?)")
+                if found[0]["hash"] != digest:
+                    return ChainReport(False, 0, None, None, seq, f"row {seq}'s hash is not the one verified last time (rewritten)")
+            prev_hash, start_seq, resumed = digest, seq + 1, seq
+        report = _walk_chain(snap, prev_hash=prev_hash, start_seq=start_seq, trusted=trusted, after=resumed)
+        if report.ok and not report.checked:  # nothing new: it still ends where it did
+            report = dataclasses.replace(report, last_seq=start_seq - 1, last_hash=prev_hash)
+        return dataclasses.replace(report, resumed_after=resumed)
     finally:
         snap.close()
 
 
-def _walk_chain(snap: _Snapshot, *, prev_hash: str, start_seq: int, trusted: bool) -> ChainReport:
+def _walk_chain(snap: _Snapshot, *, prev_hash: str, start_seq: int, trusted: bool, after: int | None = None) -> ChainReport:
+    """The rows (all of them, so that a stray row before ``start_seq`` is found; or those after
+    ``after``), walked from ``prev_hash`` expecting ``start_seq`` first."""
     walk = ChainWalk(prev_hash=prev_hash, start_seq=start_seq)
     linked, expected, checked, first = prev_hash.encode(), start_seq, 0, None  # type: tuple[bytes, int, int, int | None]
     sha256, canon, enc = hashlib.sha256, _Reencode(_COMPACT), snap.encoding
-    for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + " ORDER BY seq"):
+    where = f" WHERE seq > {int(after)}" if after is not None else ""
+    for data in snap.copy((_WALK_SELECT if trusted else _WALK_COLUMNS) + where + " ORDER BY seq"):
         # the common case, inline: well-formed, in its place, linked, canon hashes to the stored hash
         size = len(data) - 50
         if (data.endswith(_L8 + expected.to_bytes(8, "big", signed=True) + _TAIL) and data.startswith(linked, 70)

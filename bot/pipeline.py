@@ -247,6 +247,7 @@ class Pipeline:
         self._unrecorded: _Unrecorded | None = None  # the queue's last entry while it is full
         self.busy_writer: asyncio.Task[None] | None = None  # writes ``_busy``; Runtime.stop waits for it
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
+        metrics.admission_bound.set_function(lambda: self.admission.bound())
 
     def parse(self, req: CommandRequest) -> Invocation:
         """Pure and fast: the edge calls it before the ack to answer usage errors at once."""

@@ -51,6 +51,8 @@ async def test_commands_past_the_bound_are_told_busy_in_the_ack_and_each_audited
     bot.runtime.pipeline.admission = admission = Admission(limit=3, max_wait=None)
     held = [admission.enter() for _ in range(3)]  # three commands in flight that take their time
     assert held == [None, None, None]
+    sample = bot.runtime.metrics.registry.get_sample_value  # what bench/incident_load.py scrapes over a run
+    assert (sample("opsbot_admission_bound"), sample("opsbot_commands_in_flight")) == (3, 3)
     texts = [f"scale worker {n} --reason 'incident <!channel> #{n}'" for n in (4, 5, 6, 7, 8)]
     acks = await asyncio.gather(*(bot.slash(ALICE, t) for t in texts))
     assert [status for status, _ in acks] == [200] * 5

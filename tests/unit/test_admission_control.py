@@ -117,3 +117,27 @@ def test_a_bound_nobody_uses_does_not_grow() -> None:
     clock.now += 3  # the slow ones left the window
     _simulate(admission, clock, seconds=20, arrivals=20, rate=1000, delay=lambda _: 0.05)  # ~1 in flight
     assert admission.bound() == low
+
+
+def test_the_bound_grows_no_faster_than_commands_fill_it() -> None:
+    """bench/incident_load.py at 150/s: in slow start the bound reached 85 while 35-58 were in
+    flight, grown by commands that had entered when it was full, after it had doubled past them.
+    Here 20 enter at once (a full bound), then 60/s arrive, each in flight 0.3 s (~18 at a time,
+    under 90 % of the bound): the burst's first commands may grow it, not all 20."""
+    clock = _Clock()
+    admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, decrease=0.8, initial=20, clock=clock)
+    leaving: list[tuple[float, int]] = []
+    for i in range(20):
+        assert admission.enter() is None
+        heapq.heappush(leaving, (0.3, i))
+    most = 20
+    for i in range(1, 600):  # 10 s
+        t = i / 60
+        while leaving and leaving[0][0] <= t:
+            clock.now = heapq.heappop(leaving)[0]
+            admission.leave()
+        clock.now = t
+        if admission.enter() is None:
+            heapq.heappush(leaving, (t + 0.3, 20 + i))
+        most = max(most, admission.in_flight)
+    assert most <= 20 and admission.bound() <= most + 3, (most, admission.bound())  # 41 when all 20 counted

@@ -103,16 +103,18 @@ MAX_IN_FLIGHT = 10 * 10
 # command admitted was still answered in time. Latency is what the user sees and what the bound is
 # for, and it does not fall when the bound does, so it cannot feed back that way. Parameters:
 # * it starts at ADMISSION_INITIAL (20), not at the limit: a cold process given 150/s took 100
-#   at once, whose cards then took up to ~2 s, and the ×0.8 steps below needed ~8 s to bring the
-#   bound down from there (bench/incident_load.py records the bound over a run);
+#   at once, far more than it finishes within MAX_WAIT (~50–60 on 2 shared cores), and the ×0.8
+#   steps below needed ~5 s to bring the bound down from there (bench/incident_load.py records
+#   the bound over a run);
 # * the increase is TCP's. "Slow start" while the bound is below its threshold (at first the
 #   limit): +1 per admitted command that finished within MAX_WAIT, so the bound doubles in one
 #   command's time; it ends (the threshold becomes the bound) once such a command took more than
 #   half of MAX_WAIT, or at a decrease. Above the threshold, "congestion avoidance": +1/bound per
 #   such command, about +1 per command's time. The first AIMD added +1 per fast command at any
 #   level: at 150/s up to ~50 per second, so it overshot the level the latency allows long before
-#   the 2 s window said so, and fell back (in a model of this machine, between 15–20 and 75 every
-#   ~8 s; tests/unit/test_admission_control.py);
+#   the 2 s window said so, and fell back: at 150/s it swung between ~35–40 and 100 every ~6 s
+#   (card p99 1.1–1.5 s; now 0.6–1.1 s, the bound within ~30–65), and in a model
+#   (tests/unit/test_admission_control.py) between 15 and 75;
 # * it grows only while it is used (a command counts if at least ADMISSION_IN_USE, 90 %, of the
 #   bound was in flight at some time while it was, and the bound has not grown past what is in
 #   flight since): a bound nobody reaches must not grow, or it means nothing when load comes. In

@@ -320,7 +320,7 @@ def test_the_bound_shrinks_when_admitted_commands_are_slow_and_recovers_when_fas
     clock = _Clock()
     admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, decrease=0.8, clock=clock)
     # no measure yet: 20 (ADMISSION_INITIAL), no longer the pools' 100: a cold process given 150/s
-    # took 100 at once and their cards took up to ~2 s (tests/unit/test_admission_control.py)
+    # took 100 at once, far more than finish within 0.75 s (bot/pipeline.py)
     assert admission.bound() == 20
     _run(admission, clock, n=50, took=0.1)
     assert admission.bound() == 20  # one at a time: a bound nobody uses does not grow (it grew to 100 on these)

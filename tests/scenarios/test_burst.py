@@ -76,8 +76,8 @@ async def test_a_burst_of_status_commands_is_served_or_told_busy_and_each_audite
     busy = [body for _, body in acks if body.startswith(":hourglass: opsbot is busy (")]  # a text-only ack is the plain body
     served = BURST - len(busy)
     # a cold process takes ADMISSION_INITIAL (20) at once before anyone is told busy, then more as
-    # commands prove fast (it took the pools' 100 at once: at 150/s their cards took up to ~2 s;
-    # bot/pipeline.py, bench/incident_load.py)
+    # commands prove fast (it took the pools' 100 at once: at 150/s far more than finish within
+    # 0.75 s, card p99 1.1-1.5 s; bot/pipeline.py, bench/incident_load.py)
     assert served >= ADMISSION_INITIAL
 
     def final(r: dict[str, Any]) -> bool:  # "still working on it" notices (after 2 s) are not answers

@@ -155,7 +155,7 @@ async def create_database(admin_url: str, name: str) -> str:
 
 async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: float, users: list[str], pg_admin: str,
                   redis_base: str, redis_db: int, kubeconfig: str, tmp: str, slack: TimedSlack, max_open: int,
-                  profile: str | None = None) -> dict[str, Any]:
+                  profile: str | None = None, profile_idle: bool = False) -> dict[str, Any]:
     db_url = await create_database(pg_admin, f"load_{uuid.uuid4().hex[:10]}")
     config_path = os.path.join(tmp, f"policy-{uuid.uuid4().hex[:6]}.yaml")
     await asyncio.to_thread(Path(config_path).write_text, policy(users, max_open))
@@ -174,6 +174,8 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
     acked: dict[str, int] = {}
     ack_text: dict[str, str] = {}
     ack_at: dict[str, float] = {}
+    trace: list[tuple[float, float | None, float | None]] = []  # (s since the first command, admission bound, in flight)
+    stop_sampling = asyncio.Event()
     try:
         await wait_ready(url, proc, tries=600)
         n = int(rate * seconds)
@@ -208,7 +210,8 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
             spy = bench_spy = None
             if profile:  # py-spy samples opsbot while the load is on (collapsed stacks, one line per stack)
                 spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
-                                        "-d", str(int(seconds) + 1), "-o", f"{profile}-{label}-{rate}.txt", "--nonblocking"],
+                                        "-d", str(int(seconds) + 1), "-o", f"{profile}-{label}-{rate}.txt", "--nonblocking",
+                                        *(["--idle"] if profile_idle else [])],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 # ...and this process too: the load generator, the fake Slack and the emulator share the cores
                 bench_spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(os.getpid()),
@@ -218,6 +221,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
             cpu0, own0, machine0 = cpu_seconds(proc.pid), own_cpu_seconds(), machine_cpu()
             pg0 = await pg_cpu_seconds(db_url)
             t0 = time.monotonic()
+            sampling = asyncio.ensure_future(sample_bound(url, t0, trace, stop_sampling))
             tasks = []
             for i in range(n):
                 delay = t0 + i / rate - time.monotonic()
@@ -226,6 +230,8 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 tasks.append(asyncio.ensure_future(one(i)))
             await asyncio.gather(*tasks)
             send_seconds = time.monotonic() - t0
+            stop_sampling.set()
+            await sampling
             cpu_send = cpu_seconds(proc.pid) - cpu0  # opsbot's CPU while the commands came in (acks and the work admitted)
             # ...and everything else's on the same cores: this process (the load generator, the fake Slack and the
             # Kubernetes emulator), PostgreSQL, and the machine as a whole (other work on it included)
@@ -286,7 +292,7 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
                 "busy_answer_p50_ms": _round(pct(busy_answer, 50)), "busy_answer_p99_ms": _round(pct(busy_answer, 99)),
                 "to_row_p50_ms": _round(pct(to_row, 50)), "to_row_p99_ms": _round(pct(to_row, 99)),
                 "row_to_card_p50_ms": _round(pct(row_to_card, 50)), "row_to_card_p99_ms": _round(pct(row_to_card, 99)),
-                "still_working": still_working,
+                "still_working": still_working, "bound": trace_summary(trace, seconds),
                 "cpu_ms_per_command": round(cpu_send * 1000 / max(1, len(keys)), 2),
                 "cpu_share": {"opsbot": round(cpu_send / send_seconds, 2), "bench": round(own_send / send_seconds, 2),
                               "postgres": round(pg_send / send_seconds, 2),
@@ -299,6 +305,56 @@ async def one_run(*, label: str, tree: Path, rate: int, seconds: float, settle: 
         except subprocess.TimeoutExpired:
             proc.kill()
             await asyncio.to_thread(proc.wait, 10)
+
+
+async def sample_bound(url: str, t0: float, trace: list[tuple[float, float | None, float | None]], stop: asyncio.Event,
+                       every: float = 0.1) -> None:
+    """Every ``every`` s while the commands are sent: opsbot's admission bound and commands in flight,
+    from its /metrics (``opsbot_admission_bound``, ``opsbot_commands_in_flight``; a tree without the
+    bound's gauge gives None for it). One keep-alive connection; a scrape the loaded process answers
+    late is recorded when it came."""
+    wanted = {"opsbot_admission_bound": 1, "opsbot_commands_in_flight": 2}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while not stop.is_set():
+            got: list[float | None] = [round(time.monotonic() - t0, 2), None, None]
+            try:
+                async with http.get(url + "/metrics") as r:
+                    for line in (await r.text()).splitlines():
+                        name, _, value = line.partition(" ")
+                        if name in wanted:
+                            got[wanted[name]] = float(value)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass
+            trace.append((float(got[0] or 0.0), got[1], got[2]))
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except TimeoutError:
+                pass
+
+
+def trace_summary(trace: list[tuple[float, float | None, float | None]], seconds: float) -> dict[str, Any]:
+    """The bound over the run: per second its mean and in flight's max, its range over the second
+    half, and how often it turned (a fall after a rise, or a rise after a fall, of 5 % or more)."""
+    per_s: dict[int, list[tuple[float | None, float | None]]] = {}
+    for t, bound, flying in trace:
+        if t < seconds + 1:
+            per_s.setdefault(int(t), []).append((bound, flying))
+    bounds = [b for _, b, _ in trace if b is not None]
+    late = [b for t, b, _ in trace if b is not None and t >= seconds / 2]
+    turns, direction, last = 0, 0, bounds[0] if bounds else 0.0
+    for b in bounds[1:]:
+        if abs(b - last) >= 0.05 * max(last, 1.0):
+            d = 1 if b > last else -1
+            turns += direction != 0 and d != direction
+            direction, last = d, b
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 1) if xs else None
+    return {"samples": len(trace), "turns": turns,
+            "min": min(bounds, default=None), "max": max(bounds, default=None),
+            "late_min": min(late, default=None), "late_max": max(late, default=None), "late_mean": mean(late),
+            "per_second_bound": [mean([b for b, _ in v if b is not None]) for _, v in sorted(per_s.items())],
+            "per_second_in_flight_max": [max((f for _, f in v if f is not None), default=None) for _, v in sorted(per_s.items())],
+            "trace": trace}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -386,6 +442,8 @@ async def main() -> int:
     ap.add_argument("--users", type=int, default=300, help="how many different people send the commands")
     ap.add_argument("--max-open", type=int, default=100, help="limits.max_open_requests_per_user of the policy")
     ap.add_argument("--profile", help="sample opsbot with py-spy while sending; collapsed stacks go to PROFILE-<code>-<rate>.txt")
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="with --profile: opsbot's idle stacks too (py-spy --idle: where its event loop waits)")
     ap.add_argument("--code", default=f"this={ROOT}", help="label=path of opsbot trees to compare, comma-separated")
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -408,11 +466,16 @@ async def main() -> int:
                     redis_db = (redis_db + 1) % 16
                     r = await one_run(label=label, tree=tree, rate=rate, seconds=args.seconds, settle=args.settle, users=users,
                                       pg_admin=pg, redis_base=redis, redis_db=redis_db, kubeconfig=kubeconfig, tmp=tmp, slack=slack,
-                                      max_open=args.max_open, profile=args.profile)
+                                      max_open=args.max_open, profile=args.profile,
+                                      profile_idle=args.profile_idle)
                     results.append(r)
                     print(row(r), flush=True)
                     print(f"{'':>8} CPU cores used while sending: " + ", ".join(f"{k} {v}" for k, v in r["cpu_share"].items())
                           + f"; command → row p50 {r['to_row_p50_ms']} ms, row → card p50 {r['row_to_card_p50_ms']} ms", flush=True)
+                    b = r["bound"]
+                    print(f"{'':>8} admission bound: {b['min']}..{b['max']}, second half {b['late_min']}..{b['late_max']} "
+                          f"(mean {b['late_mean']}), {b['turns']} turns, {b['samples']} samples; per second "
+                          f"{b['per_second_bound']}; in flight max per second {b['per_second_in_flight_max']}", flush=True)
                     for example in r["examples"]:
                         print(f"{'':>8} e.g. {example!r}", flush=True)
     finally:

@@ -36,6 +36,10 @@ class Metrics:
                             "exhausted for its whole wait (the backend is up).", ["why"], registry=self.registry)
         self.in_flight = Gauge("opsbot_commands_in_flight", "`/ops` commands this process is working on after their ack.",
                                registry=self.registry)
+        self.admission_bound = Gauge("opsbot_admission_bound",
+                                     "How many `/ops` commands this process takes in flight now (bot/pipeline.py ``Admission``: "
+                                     "at most OPSBOT_MAX_IN_FLIGHT, lower while admitted commands take longer than ~0.75 s); "
+                                     "past it a command is answered \"opsbot is busy\".", registry=self.registry)
         self.execution_duration = Histogram("opsbot_execution_duration_seconds", "Time an action ran, by command and outcome.",
                                             ["command", "outcome"], registry=self.registry)
 

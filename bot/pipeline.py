@@ -102,13 +102,29 @@ MAX_IN_FLIGHT = 10 * 10
 # fell, fewer could finish, and it ended at the floor with throughput 10 ÷ latency, although every
 # command admitted was still answered in time. Latency is what the user sees and what the bound is
 # for, and it does not fall when the bound does, so it cannot feed back that way. Parameters:
-# * +1 per admitted command that finished within MAX_WAIT, while the p90 of the last
-#   ADMISSION_WINDOW s is within it too (recovers from the floor to 100 in ~90 fast commands,
-#   well under a second at 150/s; while latency is under target the bound is the pools' 100);
-# * ×ADMISSION_DECREASE (0.8) when that p90 exceeds MAX_WAIT, at most once per p90 (the time
-#   it takes commands admitted under the new bound to be the ones measured), so one slow
-#   window costs 20 %, not the whole bound; from 100 to the floor takes ~11 slow intervals;
-# * never below ADMISSION_FLOOR (some work always goes on) nor above MAX_IN_FLIGHT.
+# * it starts at ADMISSION_INITIAL (20), not at the limit: a cold process given 150/s took 100
+#   at once, far more than it finishes within MAX_WAIT (~50–60 on 2 shared cores), and the ×0.8
+#   steps below needed ~5 s to bring the bound down from there (bench/incident_load.py records
+#   the bound over a run);
+# * the increase is TCP's. "Slow start" while the bound is below its threshold (at first the
+#   limit): +1 per admitted command that finished within MAX_WAIT, so the bound doubles in one
+#   command's time; it ends (the threshold becomes the bound) once such a command took more than
+#   half of MAX_WAIT, or at a decrease. Above the threshold, "congestion avoidance": +1/bound per
+#   such command, about +1 per command's time. The first AIMD added +1 per fast command at any
+#   level: at 150/s up to ~50 per second, so it overshot the level the latency allows long before
+#   the 2 s window said so, and fell back: at 150/s it swung between ~35–40 and 100 every ~6 s
+#   (card p99 1.1–1.5 s; now 0.6–1.1 s, the bound within ~30–65), and in a model
+#   (tests/unit/test_admission_control.py) between 15 and 75;
+# * it grows only while it is used (a command counts if at least ADMISSION_IN_USE, 90 %, of the
+#   bound was in flight at some time while it was, and the bound has not grown past what is in
+#   flight since): a bound nobody reaches must not grow, or it means nothing when load comes. In
+#   slow start it otherwise ran ahead of the commands: 85 with 35-58 in flight (bench run);
+# * ×ADMISSION_DECREASE (0.8) when the p90 of the last ADMISSION_WINDOW s exceeds MAX_WAIT and the
+#   command leaving, itself over MAX_WAIT, was admitted after the last decrease (those admitted
+#   before it measured the old bound, not this one), and at most once per that p90; so one slow
+#   spell costs 20 %, not the whole bound; from 100 to the floor takes ~11 slow intervals;
+# * no growth while that p90 is over MAX_WAIT; never below ADMISSION_FLOOR (some work always goes
+#   on) nor above MAX_IN_FLIGHT.
 # A command's time in flight is measured from ``enter`` to ``leave``; callers do not pass it:
 # start times are kept first-in first-out, so a ``leave`` measures the oldest command in flight
 # (an over-estimate when commands finish out of order, which errs towards shrinking).
@@ -116,6 +132,8 @@ MAX_WAIT = 0.75
 ADMISSION_FLOOR = 10
 ADMISSION_WINDOW = 2.0
 ADMISSION_DECREASE = 0.8
+ADMISSION_INITIAL = 20
+ADMISSION_IN_USE = 0.9  # share of the bound in flight for it to grow
 # Busy refusals are audited after they are answered, one append at a time (every append takes the
 # audit chain's one lock, which the requests admitted need too); the others wait in memory, and each
 # row says when the attempt was made (``result.attempted_at``; the row's ``at`` is when it was written).
@@ -169,25 +187,30 @@ class Admission:
     admits a command or returns the ``Load`` that refused it; an admitted one must ``leave``.
 
     Two limits: ``limit`` commands at most (sized from the pools, above), and an AIMD bound
-    driven by how long admitted commands take (the decision above the constants): it grows by one
-    per command answered within ``max_wait`` s and shrinks by ``decrease`` when the p90 of the
-    last ``window`` s exceeds ``max_wait``, at most once per that p90, never below ``floor``.
+    driven by how long admitted commands take (the decision above the constants): starting at
+    ``initial``, it grows per command answered within ``max_wait`` s while at least ``in_use`` of
+    it was in flight, by one below its threshold and by 1/bound above it, and shrinks by
+    ``decrease`` when the p90 of the last ``window`` s exceeds ``max_wait`` (judged on commands
+    admitted since the last decrease), at most once per that p90, never below ``floor``.
     ``max_wait=None``: ``limit`` only."""
 
     def __init__(self, limit: int = MAX_IN_FLIGHT, *, max_wait: float | None = MAX_WAIT, floor: int = ADMISSION_FLOOR,
-                 window: float = ADMISSION_WINDOW, decrease: float = ADMISSION_DECREASE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 window: float = ADMISSION_WINDOW, decrease: float = ADMISSION_DECREASE, initial: int | None = None,
+                 in_use: float = ADMISSION_IN_USE, clock: Callable[[], float] = time.monotonic) -> None:
         if limit < 1:
             raise ValueError("the admission limit is at least 1")
         if not 0 < decrease < 1:
             raise ValueError("the admission decrease is a factor between 0 and 1")
         self.limit, self.max_wait, self.floor, self.window, self.clock = limit, max_wait, min(floor, limit), window, clock
-        self.decrease = decrease
+        self.decrease, self.in_use = decrease, in_use
         self.in_flight = 0
-        self._bound = float(limit)
+        start = min(limit, ADMISSION_INITIAL) if initial is None else initial
+        self._bound = float(max(self.floor, min(limit, start)))
+        self._threshold = float(limit)  # below it the bound grows by one per fast command, above by 1/bound
         self._starts: collections.deque[float] = collections.deque()  # when the commands in flight entered, oldest first
         self._done: collections.deque[tuple[float, float]] = collections.deque()  # (finished at, time in flight), last ``window`` s
         self._decreased = -math.inf
+        self._used = -math.inf  # when at least ``in_use`` of the bound was last in flight
 
     def bound(self) -> int:
         """How many may be in flight now."""
@@ -207,26 +230,37 @@ class Admission:
         load = self.full()
         if load is None:
             self.in_flight += 1
-            self._starts.append(self.clock())
+            now = self.clock()
+            self._starts.append(now)
+            if self.in_flight >= self.in_use * self.bound():
+                self._used = now
         return load
 
     def leave(self) -> None:
+        now = self.clock()
+        if self.in_flight >= self.in_use * self.bound():
+            self._used = now
         self.in_flight = max(0, self.in_flight - 1)
         if not self._starts:
             return
-        now = self.clock()
-        took = now - self._starts.popleft()
+        started = self._starts.popleft()
+        used = started <= self._used  # the bound was (nearly) full at some time while this command was in flight
+        took = now - started
         self._done.append((now, took))
         self._trim(now)
         if self.max_wait is None:
             return
         p90 = self._p90()
         if p90 > self.max_wait:
-            if now - self._decreased >= p90:
-                self._bound = max(float(self.floor), self._bound * self.decrease)
+            if took > self.max_wait and started >= self._decreased and now - self._decreased >= p90:
+                self._bound = self._threshold = max(float(self.floor), self._bound * self.decrease)
                 self._decreased = now
-        elif took <= self.max_wait:
-            self._bound = min(float(self.limit), self._bound + 1)
+        elif took <= self.max_wait and used:
+            if self._bound < self._threshold and took > self.max_wait / 2:
+                self._threshold = self._bound  # slow start ends once latency is half the target
+            self._bound = min(float(self.limit), self._bound + (1.0 if self._bound < self._threshold else 1.0 / self._bound))
+            if self.in_flight + 1 < self.in_use * self.bound():
+                self._used = -math.inf  # grown past what is in flight: it is used again once it fills
 
     def _trim(self, now: float) -> None:
         while self._done and self._done[0][0] < now - self.window:
@@ -261,6 +295,7 @@ class Pipeline:
         self._unrecorded: _Unrecorded | None = None  # the queue's last entry while it is full
         self.busy_writer: asyncio.Task[None] | None = None  # writes ``_busy``; Runtime.stop waits for it
         metrics.in_flight.set_function(lambda: self.admission.in_flight)
+        metrics.admission_bound.set_function(lambda: self.admission.bound())
 
     def parse(self, req: CommandRequest) -> Invocation:
         """Pure and fast: the edge calls it before the ack to answer usage errors at once."""

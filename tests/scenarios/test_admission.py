@@ -6,6 +6,7 @@ what happened during the wait. Each replica applies its own bound."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -51,6 +52,8 @@ async def test_commands_past_the_bound_are_told_busy_in_the_ack_and_each_audited
     bot.runtime.pipeline.admission = admission = Admission(limit=3, max_wait=None)
     held = [admission.enter() for _ in range(3)]  # three commands in flight that take their time
     assert held == [None, None, None]
+    sample = bot.runtime.metrics.registry.get_sample_value  # what bench/incident_load.py scrapes over a run
+    assert (sample("opsbot_admission_bound"), sample("opsbot_commands_in_flight")) == (3, 3)
     texts = [f"scale worker {n} --reason 'incident <!channel> #{n}'" for n in (4, 5, 6, 7, 8)]
     acks = await asyncio.gather(*(bot.slash(ALICE, t) for t in texts))
     assert [status for status, _ in acks] == [200] * 5
@@ -295,12 +298,39 @@ def _batch(admission: Admission, clock: _Clock, *, n: int, took: float) -> None:
         admission.leave()
 
 
+def _stream(admission: Admission, clock: _Clock, *, seconds: float, took: float, tick: float = 0.01) -> None:
+    """More commands than the bound for ``seconds`` s: a free place is taken as soon as there is
+    one (checked every ``tick`` s and after each command leaves); each command is in flight ``took`` s."""
+    leaving: collections.deque[float] = collections.deque()
+    end = clock.now + seconds
+    while clock.now < end:
+        while admission.enter() is None:
+            leaving.append(clock.now + took)
+        while leaving and leaving[0] <= clock.now:
+            leaving.popleft()
+            admission.leave()
+            while admission.enter() is None:
+                leaving.append(clock.now + took)
+        clock.now += tick
+    while leaving:
+        clock.now = max(clock.now, leaving.popleft())
+        admission.leave()
+
+
 def test_the_bound_shrinks_when_admitted_commands_are_slow_and_recovers_when_fast() -> None:
     clock = _Clock()
     admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, decrease=0.8, clock=clock)
-    assert admission.bound() == 100  # no measure yet: the pools' bound
+    # no measure yet: 20 (ADMISSION_INITIAL), no longer the pools' 100: a cold process given 150/s
+    # took 100 at once, far more than finish within 0.75 s (bot/pipeline.py)
+    assert admission.bound() == 20
     _run(admission, clock, n=50, took=0.1)
-    assert admission.bound() == 100  # fast: never above the limit
+    assert admission.bound() == 20  # one at a time: a bound nobody uses does not grow (it grew to 100 on these)
+    _batch(admission, clock, n=20, took=0.1)  # 20 at once, leaving together: it is full only for the first two to leave
+    assert admission.bound() == 22
+    _stream(admission, clock, seconds=0.25, took=0.1)  # kept full: slow start, +1 per fast command (doubles every 0.1 s)
+    assert 80 <= admission.bound() < 100
+    _stream(admission, clock, seconds=0.2, took=0.1)
+    assert admission.bound() == 100  # never above the limit
     clock.now += 2.5  # the fast ones left the window
     _batch(admission, clock, n=10, took=1.0)  # p90 over the target: ×0.8 once, not once per command
     assert admission.bound() == 80
@@ -310,12 +340,12 @@ def test_the_bound_shrinks_when_admitted_commands_are_slow_and_recovers_when_fas
         _batch(admission, clock, n=10, took=1.0)
     assert admission.bound() == 10  # the floor, not fewer
     assert admission.retry_after() >= 1
-    _run(admission, clock, n=3, took=0.1)  # fast again, but the window's p90 is still slow: no growth yet
+    _batch(admission, clock, n=10, took=0.1)  # fast again, but the window's p90 is still slow: no growth yet
     assert admission.bound() == 10
     clock.now += 2.5  # the slow ones left the window
-    _run(admission, clock, n=30, took=0.1)
-    assert admission.bound() == 40  # +1 per fast command
-    _run(admission, clock, n=200, took=0.1)
+    _stream(admission, clock, seconds=2, took=0.1)  # after a decrease +1/bound per fast command (was +1): ~1 per 0.1 s
+    assert 27 <= admission.bound() <= 31
+    _stream(admission, clock, seconds=15, took=0.1)
     assert admission.bound() == 100
 
 
@@ -341,13 +371,8 @@ def test_slow_but_steady_latency_under_the_target_does_not_shrink_the_bound() ->
     its bound 10 and its throughput 10 ÷ 0.7; every one of them was answered within the target."""
     clock = _Clock()
     admission = Admission(limit=100, max_wait=0.75, floor=10, window=2.0, clock=clock)
-    for _ in range(30):  # 30 rounds of 10 commands entering together, 0.7 s each: 21 s
-        for _ in range(10):
-            assert admission.enter() is None
-        clock.now += 0.7
-        for _ in range(10):
-            admission.leave()
-    assert admission.bound() == 100
+    _stream(admission, clock, seconds=21, took=0.7)  # kept full, each command 0.7 s
+    assert admission.bound() >= 45  # from 20: it grew (+1/bound per command: slow start ends at 0.7 s > half the target)
 
 
 def test_without_a_target_the_bound_is_the_limit() -> None:

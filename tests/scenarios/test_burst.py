@@ -20,6 +20,7 @@ from bot.adapters.directory import UserGroupDirectory
 from bot.adapters.redis_pools import RedisPools, redis_errors
 from bot.config import Config, parse_config
 from bot.errors import BackendUnavailable, Busy
+from bot.pipeline import ADMISSION_INITIAL
 from bot.sandbox.servers import redis_server
 from bot.sandbox.slack_api import FakeSlack
 from tests.harness import Harness
@@ -62,7 +63,7 @@ async def _mgets(redis_url: str) -> int:
 
 
 async def test_a_burst_of_status_commands_is_served_or_told_busy_and_each_audited(bot: Harness) -> None:
-    """Past the admission bound (bot/pipeline.py, 100 in flight per process) a command is told in
+    """Past the admission bound (bot/pipeline.py: at most 100 in flight per process, 20 at first) a command is told in
     its ack that opsbot is busy; the rest are served. Never "unavailable", each audited once."""
     # Slack sends each command on its own connection: the client must not be what limits the burst.
     await bot._http.close()  # type: ignore[union-attr]
@@ -74,7 +75,10 @@ async def test_a_burst_of_status_commands_is_served_or_told_busy_and_each_audite
     assert [status for status, _ in acks] == [200] * BURST
     busy = [body for _, body in acks if body.startswith(":hourglass: opsbot is busy (")]  # a text-only ack is the plain body
     served = BURST - len(busy)
-    assert served >= 100  # the bound is taken in full before anyone is told busy
+    # a cold process takes ADMISSION_INITIAL (20) at once before anyone is told busy, then more as
+    # commands prove fast (it took the pools' 100 at once: at 150/s far more than finish within
+    # 0.75 s, card p99 1.1-1.5 s; bot/pipeline.py, bench/incident_load.py)
+    assert served >= ADMISSION_INITIAL
 
     def final(r: dict[str, Any]) -> bool:  # "still working on it" notices (after 2 s) are not answers
         return "Still working on it" not in r.get("text", "")

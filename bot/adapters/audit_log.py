@@ -745,12 +745,12 @@ class _Snapshot:
             self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
             self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             self.encoding = self.conn.info.encoding
-            try:
-                with self.conn.transaction():  # a savepoint: a server that cannot export one goes on without
-                    snap = self.conn.execute("SELECT pg_export_snapshot() AS s").fetchone()
+            try:  # (not in a savepoint: PostgreSQL exports no snapshot from a subtransaction)
+                snap = self.conn.execute("SELECT pg_export_snapshot() AS s").fetchone()
                 self.snapshot = snap["s"] if snap else None
-            except psycopg.Error:
-                self.snapshot = None
+            except psycopg.Error:  # a server that cannot export one: rows read again come from the newest data
+                self.conn.execute("ROLLBACK")
+                self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 

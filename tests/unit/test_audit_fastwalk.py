@@ -212,3 +212,20 @@ async def test_a_prune_racing_verify_never_looks_like_deleted_rows(trail: AuditL
         assert all(r.ok for r in reports), [r.summary() for r in reports]
     after = await trail.verify()
     assert after.ok and after.checked == 1  # the newest row is kept; the checkpoints chain the rest
+
+
+async def test_a_row_read_again_comes_from_the_walks_own_snapshot(trail: AuditLog, state_db: str) -> None:
+    await fill_odd(trail, rounds=1)
+    snap = await asyncio.to_thread(audit_log._Snapshot, state_db)
+    try:
+        assert snap.snapshot  # exported (a savepoint around the export made PostgreSQL refuse it)
+        mine = (await asyncio.to_thread(snap.query, "SELECT pg_current_snapshot()::text AS s"))[0]["s"]
+        await trail.append(event="requested", actor_id="U1", actor_name="a", channel_id="C", request_id="late", command_text="x",
+                           plan={"late": True}, result=None)
+        row = await asyncio.to_thread(snap.row, len(ODD_PLANS) + 1)
+        assert row is None  # appended after the snapshot: not in it
+        assert snap.other is not None
+        theirs = snap.other.execute("SELECT pg_current_snapshot()::text AS s").fetchone()
+        assert theirs is not None and theirs["s"] == mine
+    finally:
+        snap.close()

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 _AUDIT_LOCK = 0x0A0D17  # advisory lock: audit appends
 _OUTBOX_LOCK = 0x0A0D18  # advisory lock: one poster at a time across replicas
-BATCH = 5000  # rows per FETCH of the server-side cursors of verify/export: memory is bounded by this, not by the table
+BATCH = 5000  # rows per write of the exports, and per FETCH of stored_hashes' cursor: memory is bounded by this, not by the table
 SEARCH_COUNT_CAP = 1000  # `/ops audit` counts matches up to this, then says "more than 1,000"
 # --target's count reads the trigram bitmaps (search_queries): on a small or mis-estimated table the
 # planner would rather scan it all, so that count's transaction says not to (for that count only).
@@ -588,33 +588,16 @@ class _Reencode:
         return done
 
 
-async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH,
-                   types: tuple[str, ...] | None = None) -> AsyncIterator[list[tuple[Any, ...]]]:
-    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction). With
-    ``types`` (PostgreSQL type names of the columns), through ``COPY (query) TO STDOUT`` in the
-    binary format instead: the server streams while Python works (a cursor's FETCH waits for each
-    batch), bytea comes as bytes; memory is still bounded by ``batch`` rows and the socket's buffers."""
-    if types is None:
-        async with store.connection() as conn, conn.transaction():
-            cur = conn.cursor(name, row_factory=tuple_row)
-            try:
-                await cur.execute(query, args)
-                while rows := await cur.fetchmany(batch):
-                    yield rows
-            finally:
-                await cur.close()
-        return
-    async with store.connection() as conn:
-        async with conn.cursor().copy(sql.SQL("COPY ({}) TO STDOUT (FORMAT BINARY)").format(sql.SQL(query)), args or None) as copy:  # type: ignore[arg-type]
-            copy.set_types(list(types))
-            chunk: list[tuple[Any, ...]] = []
-            async for row in copy.rows():
-                chunk.append(row)
-                if len(chunk) >= batch:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+async def _batches(store: Store, query: str, args: list[Any], *, name: str, batch: int = BATCH) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """``query``'s rows, ``batch`` at a time, through a server-side cursor (one transaction)."""
+    async with store.connection() as conn, conn.transaction():
+        cur = conn.cursor(name, row_factory=tuple_row)
+        try:
+            await cur.execute(query, args)
+            while rows := await cur.fetchmany(batch):
+                yield rows
+        finally:
+            await cur.close()
 
 
 class ChainWalk:

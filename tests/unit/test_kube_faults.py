@@ -181,9 +181,14 @@ async def test_calls_queued_behind_hung_threads_time_out_and_are_never_sent(kube
     d = await kubectl.read_deployment("production", "nova", "nova-worker")
     kube.faults.add(method="GET", path_re=r"/deployments/nova-worker$", hang=30)
     started = time.monotonic()
-    # Two reads take both threads and hang; the write and three more reads, started with them, wait
-    # for a thread until their deadline and are dropped unsent.
+    # Two reads take both threads and hang; the write and three more reads, started once both reads
+    # are held at the server, wait for a thread until their deadline and are dropped unsent.
     reads = [asyncio.create_task(kubectl.read_deployment("production", "nova", "nova-worker")) for _ in range(2)]
+    for _ in range(40):  # on a loaded machine a thread can take a while to send its read
+        if sent(kube, "GET", WORKER) >= 1 + 2:
+            break
+        await asyncio.sleep(0.01)
+    assert sent(kube, "GET", WORKER) == 1 + 2
     write = asyncio.create_task(kubectl.scale_deployment("production", "nova", "nova-worker", replicas=6,
                                                          resource_version=d["metadata"]["resourceVersion"]))
     extra = [asyncio.create_task(kubectl.read_deployment("production", "nova", "nova-worker")) for _ in range(3)]

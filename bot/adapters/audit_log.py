@@ -41,6 +41,7 @@ from typing import IO, Any
 
 import psycopg
 from psycopg import pq, sql
+from psycopg.abc import RV, PQGen
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
@@ -715,17 +716,33 @@ def _fields(data: bytes) -> list[bytes | None]:
     return out
 
 
+_WAIT_TIMEOUT: type[Exception] = getattr(psycopg.errors, "_WaitTimeout", psycopg.errors.OperationalError)
+
+
+class _Bounded(psycopg.Connection[dict[str, Any]]):
+    """A connection on which every statement gives up after ``STALL_TIMEOUT`` s without its answer:
+    psycopg's own wait has no limit unless asked, so a database that stopped answering would hang
+    a verify or an export for good. (It waits in ``select``, the GIL released.)"""
+
+    def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        try:
+            return super().wait(gen, interval, STALL_TIMEOUT if timeout is None else timeout)
+        except _WAIT_TIMEOUT as exc:
+            raise BackendUnavailable(STATE_DATABASE, f"it did not answer within {STALL_TIMEOUT:.0f} s while the trail was read") from exc
+
+
 class _Snapshot:
     """A read-only REPEATABLE READ transaction on a connection of its own, its rows streamed by
     ``copy``; ``row`` reads one row again whole on a second connection on the same snapshot (opened
-    when first needed). Sync: it runs in a thread (``asyncio.to_thread``)."""
+    when first needed). Every statement is bounded (``_Bounded``; ``copy`` waits in ``select``).
+    Sync: it runs in a thread (``asyncio.to_thread``)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.other: psycopg.Connection[dict[str, Any]] | None = None
+        self.other: _Bounded | None = None
         self.snapshot: str | None = None
         try:
-            self.conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+            self.conn = _Bounded.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
             self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             self.encoding = self.conn.info.encoding
             try:  # (not in a savepoint: PostgreSQL exports no snapshot from a subtransaction)
@@ -799,7 +816,7 @@ class _Snapshot:
     def row(self, seq: int) -> dict[str, Any] | None:
         try:
             if self.other is None:
-                self.other = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+                self.other = _Bounded.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=5)
                 if self.snapshot:
                     self.other.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     self.other.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot)))

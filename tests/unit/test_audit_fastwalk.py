@@ -203,6 +203,47 @@ async def _fault(proxy: TcpProxy, fault: str) -> None:
     proxy.pause() if fault == "stall" else proxy.down()
 
 
+async def test_every_statement_of_a_walk_is_bounded_not_only_its_copy(trail: AuditLog, state_db: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database that stops answering between the walk's statements (its BEGIN and snapshot
+    export, the checkpoints read, a row read again on the second connection) fails closed within
+    the limit: psycopg's own waits have none."""
+    await fill_odd(trail, rounds=1)
+    proxy, url = await TcpProxy.for_url(state_db)
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(audit_log, "STALL_TIMEOUT", 1.0)
+    try:
+        snap = await asyncio.to_thread(audit_log._Snapshot, url)
+        try:
+            assert await asyncio.to_thread(snap.row, 1) is not None  # (opens the second connection)
+            proxy.pause()
+            for call in (lambda: snap.row(2), lambda: snap.query("SELECT * FROM audit_checkpoints")):
+                started = loop.time()
+                with pytest.raises(BackendUnavailable, match="did not answer within 1 s while the trail was read"):
+                    await asyncio.wait_for(asyncio.to_thread(call), 10)  # (a hang fails, not hangs, the test)
+                assert loop.time() - started < 3
+        finally:
+            snap.close()
+        proxy.up()
+        real_connect = audit_log._Bounded.connect
+
+        def connect(*args: Any, **kwargs: Any) -> Any:  # connected; then the database stops answering
+            conn = real_connect(*args, **kwargs)
+            asyncio.run_coroutine_threadsafe(_fault(proxy, "stall"), loop).result(timeout=5)
+            return conn
+
+        monkeypatch.setattr(audit_log._Bounded, "connect", connect)
+        for run in (lambda: audit_log.verify_chain(url, trusted=True), lambda: audit_log.csv_chain(url, io.BytesIO())):
+            proxy.up()
+            started = loop.time()
+            with pytest.raises(BackendUnavailable, match=r"opsbot database.*did not answer within 1 s"):
+                await asyncio.wait_for(asyncio.to_thread(run), 10)
+            assert loop.time() - started < 3
+    finally:
+        proxy.up()
+        await proxy.stop()
+
+
 async def test_a_prune_racing_verify_never_looks_like_deleted_rows(trail: AuditLog) -> None:
     for _ in range(3):
         await fill_odd(trail, rounds=4)

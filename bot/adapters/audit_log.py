@@ -493,14 +493,16 @@ def search_queries(*, user: str | None = None, command: str | None = None, targe
     if outcome:
         where.append(sql.SQL("event = %s"))
         args.append(outcome)
-    # --user is a user id, or @name as Slack sends it when mentions are not escaped: two branches,
-    # each read newest first from its own (column, seq) index and merged, instead of one OR, which
-    # the planner serves with a bitmap of every row of that user (no order: all of them fetched to
-    # count 1,001: 412 ms at 10M rows) or a walk of the whole table newest first.
-    branches: list[tuple[list[sql.Composable], list[Any]]] = [([], [])]
+    # --user is a user id, or @name as Slack sends it when mentions are not escaped: the seqs of two
+    # branches, each read newest first from its own (column, seq) index, cut at what the page or the
+    # count needs, and merged by UNION (a row matching both counts once; the top N of the OR are
+    # among the top N of each branch). One OR the planner served with a bitmap of every row of that
+    # user (no order: all fetched to count 1,001, 412 ms at 10M rows), or a walk of the whole table
+    # newest first. (Leaving the first branch's rows out of the second instead made a user whose
+    # id is its name, opsbot's own rows, walk the whole table in the second branch.)
+    branches: list[tuple[sql.Composable, Any]] = []
     if user:
-        branches = [([sql.SQL("actor_id = %s")], [user]),
-                    ([sql.SQL("actor_name = %s"), sql.SQL("actor_id IS DISTINCT FROM %s")], [user.removeprefix("@"), user])]
+        branches = [(sql.SQL("actor_id = %s"), user), (sql.SQL("actor_name = %s"), user.removeprefix("@"))]
     keyset: list[sql.Composable] = [sql.SQL("seq < %s")] if before_seq is not None else []
     keyset_args = [before_seq] if before_seq is not None else []
 
@@ -513,24 +515,24 @@ def search_queries(*, user: str | None = None, command: str | None = None, targe
     def cond(parts: list[sql.Composable]) -> sql.Composable:
         return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(parts) if parts else sql.SQL("")
 
-    def union(select: str, extra: list[sql.Composable], extra_args: list[Any], order: sql.Composable,
-              n: int) -> tuple[sql.Composable, list[Any]]:
-        parts, parts_args = [], list[Any]()
-        for b, b_args in branches:
-            parts.append(sql.SQL(f"({select} FROM audit_events") + cond([*b, *where, *extra]) + order + sql.SQL(" LIMIT %s)"))
-            parts_args += [*b_args, *args, *extra_args, n]
-        return sql.SQL(" UNION ALL ").join(parts), parts_args
-
-    if len(branches) == 1:
+    if not branches:
         page = (sql.SQL("SELECT * FROM audit_events") + cond([*where, *keyset]) + sql.SQL(" ORDER BY seq DESC LIMIT %s OFFSET %s"),
                 [*args, *keyset_args, limit, max(0, offset)])
         count = (sql.SQL("SELECT count(*) AS n FROM (SELECT 1 FROM audit_events") + cond(where)
                  + count_order + sql.SQL(" LIMIT %s) capped"), [*args, SEARCH_COUNT_CAP + 1])
         return page, count
-    inner, inner_args = union("SELECT *", keyset, keyset_args, sql.SQL(" ORDER BY seq DESC"), limit + max(0, offset))
-    page = (sql.SQL("SELECT * FROM (") + inner + sql.SQL(") rows ORDER BY seq DESC LIMIT %s OFFSET %s"),
+
+    def seqs(extra: list[sql.Composable], extra_args: list[Any], order: sql.Composable, n: int) -> tuple[sql.Composable, list[Any]]:
+        parts, parts_args = [], list[Any]()
+        for branch, value in branches:
+            parts.append(sql.SQL("(SELECT seq FROM audit_events") + cond([branch, *where, *extra]) + order + sql.SQL(" LIMIT %s)"))
+            parts_args += [value, *args, *extra_args, n]
+        return sql.SQL(" UNION ").join(parts), parts_args
+
+    inner, inner_args = seqs(keyset, keyset_args, sql.SQL(" ORDER BY seq DESC"), limit + max(0, offset))
+    page = (sql.SQL("SELECT * FROM audit_events WHERE seq IN (") + inner + sql.SQL(") ORDER BY seq DESC LIMIT %s OFFSET %s"),
             [*inner_args, limit, max(0, offset)])
-    inner, inner_args = union("SELECT 1", [], [], count_order, SEARCH_COUNT_CAP + 1)
+    inner, inner_args = seqs([], [], count_order, SEARCH_COUNT_CAP + 1)
     count = (sql.SQL("SELECT least(count(*), %s) AS n FROM (") + inner + sql.SQL(") capped"), [SEARCH_COUNT_CAP + 1, *inner_args])
     return page, count
 
@@ -716,7 +718,7 @@ _WALK_COLUMNS = "SELECT NULL::bytea, seq, hash, prev_hash, NULL::bytea, " + ", "
 _FIELDS = b"\x00\x0a"  # ten fields
 _TAIL = b"\xff\xff\xff\xff" * 8  # the eight NULLs after a well-formed row's seq
 _L8 = b"\x00\x00\x00\x08"  # seq's length
-STALL_TIMEOUT = 120.0  # seconds without a byte from PostgreSQL after which verify/export give up (fail closed)
+STALL_TIMEOUT = 120.0  # seconds after which verify/export give up (fail closed): without a byte in a COPY, or a statement's answer
 _COPY_HEADER = 19  # PGCOPY\n\377\r\n\0, flags, header extension length (0): before the first row
 
 
@@ -736,7 +738,7 @@ def _fields(data: bytes) -> list[bytes | None]:
     return out
 
 
-_WAIT_TIMEOUT: type[Exception] = getattr(psycopg.errors, "_WaitTimeout", psycopg.errors.OperationalError)
+_WAIT_TIMEOUT: type[Exception] = psycopg.errors._WaitTimeout  # (psycopg's wait past its timeout; pinned in constraints.txt)
 
 
 class _Bounded(psycopg.Connection[dict[str, Any]]):
@@ -745,10 +747,11 @@ class _Bounded(psycopg.Connection[dict[str, Any]]):
     a verify or an export for good. (It waits in ``select``, the GIL released.)"""
 
     def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
+        limit = STALL_TIMEOUT if timeout is None else timeout
         try:
-            return super().wait(gen, interval, STALL_TIMEOUT if timeout is None else timeout)
+            return super().wait(gen, interval, limit)
         except _WAIT_TIMEOUT as exc:
-            raise BackendUnavailable(STATE_DATABASE, f"it did not answer within {STALL_TIMEOUT:.0f} s while the trail was read") from exc
+            raise BackendUnavailable(STATE_DATABASE, f"it did not answer within {limit:.0f} s while the trail was read") from exc
 
 
 class _Snapshot:
@@ -771,7 +774,11 @@ class _Snapshot:
             except psycopg.Error:  # a server that cannot export one: rows read again come from the newest data
                 self.conn.execute("ROLLBACK")
                 self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        except BackendUnavailable:  # (a statement that did not answer in time)
+            self.close()  # (its callers close a snapshot only once they have one)
+            raise
         except psycopg.Error as exc:
+            self.close()
             raise _unavailable(exc) from exc
 
     def query(self, q: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -845,7 +852,7 @@ class _Snapshot:
             raise _unavailable(exc) from exc
 
     def close(self) -> None:
-        for conn in (self.other, self.conn):
+        for conn in (self.other, getattr(self, "conn", None)):
             if conn is not None:
                 conn.close()  # (a COPY cut short is abandoned with its connection)
 

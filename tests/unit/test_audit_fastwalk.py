@@ -226,9 +226,11 @@ async def test_every_statement_of_a_walk_is_bounded_not_only_its_copy(trail: Aud
             snap.close()
         proxy.up()
         real_connect = audit_log._Bounded.connect
+        made: list[Any] = []
 
         def connect(*args: Any, **kwargs: Any) -> Any:  # connected; then the database stops answering
             conn = real_connect(*args, **kwargs)
+            made.append(conn)
             asyncio.run_coroutine_threadsafe(_fault(proxy, "stall"), loop).result(timeout=5)
             return conn
 
@@ -239,6 +241,7 @@ async def test_every_statement_of_a_walk_is_bounded_not_only_its_copy(trail: Aud
             with pytest.raises(BackendUnavailable, match=r"opsbot database.*did not answer within 1 s"):
                 await asyncio.wait_for(asyncio.to_thread(run), 10)
             assert loop.time() - started < 3
+            assert made and all(conn.closed for conn in made)  # (the snapshot's own, closed though it never was one)
     finally:
         proxy.up()
         await proxy.stop()

@@ -299,6 +299,49 @@ async def test_user_search_merges_two_index_walks_and_counts_each_row_once(big_d
         await store.close()
 
 
+def test_the_csv_export_is_computed_by_parallel_workers_in_seq_order_byte_for_byte(
+        big_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The csv's cost is the server's projection (jsonb → text, to_char): the export lets two of
+    PostgreSQL's parallel workers compute it while its own backend merges their rows in seq order.
+    The bytes are those of the export without them, for a range too; a server with no worker to
+    give runs the plan in the backend, the same bytes again."""
+    with psycopg.connect(big_db, autocommit=True) as conn:  # rows whose order by seq is not their order on disk
+        conn.execute("ALTER TABLE audit_events DISABLE TRIGGER USER")
+        conn.execute("UPDATE audit_events SET command_text = command_text || ' \"q\",' || chr(10) WHERE seq % 7 = 0")
+        conn.execute("ALTER TABLE audit_events ENABLE TRIGGER USER")
+        conn.execute("VACUUM ANALYZE audit_events")
+    real = audit_log._Snapshot.parallel
+    plans: list[dict[str, Any]] = []
+
+    def parallel(self: audit_log._Snapshot) -> None:
+        real(self)
+        plans.append(self.query("EXPLAIN (FORMAT JSON) " + audit_log._CSV_SELECT + " ORDER BY seq")[0]["QUERY PLAN"][0]["Plan"])
+
+    monkeypatch.setattr(audit_log._Snapshot, "parallel", parallel)
+    since, until = datetime.now(UTC) - timedelta(seconds=30000), datetime.now(UTC) - timedelta(seconds=1000)
+    outputs: dict[str, list[bytes]] = {}
+    for mode in ("parallel", "none free", "serial"):
+        if mode == "none free":
+            monkeypatch.setattr(audit_log._Snapshot, "parallel", lambda self: (real(self), self.query(
+                "SELECT set_config('max_parallel_workers', '0', true)")))
+        elif mode == "serial":
+            monkeypatch.setattr(audit_log._Snapshot, "parallel", lambda self: None)
+        outputs[mode] = []
+        for rng in ({}, {"since": since, "until": until}):
+            buf = io.BytesIO()
+            n = audit_log.csv_chain(big_db, buf, **rng)
+            assert n == buf.getvalue().count(b"\n") - buf.getvalue().count(b"\n\"") - 1 and n > 20000  # (rows, not lines)
+            outputs[mode].append(buf.getvalue())
+    assert plans and all(p["Node Type"] == "Gather Merge" and p["Workers Planned"] == 2 for p in plans), plans
+    assert outputs["parallel"] == outputs["none free"] == outputs["serial"]
+    got = list(csv.reader(io.StringIO(outputs["parallel"][0].decode(), newline="")))
+    assert [int(r[0]) for r in got[1:]] == list(range(1, 50001)) and got[7][7].endswith(' "q",\n')
+    header, _, ranged = outputs["parallel"][1].partition(b"\n")
+    assert header == b",".join(c.encode() for c in audit_log.CSV_HEADER) and ranged.startswith(b"20") and ranged in outputs["parallel"][0]
+    seqs = [int(r[0]) for r in csv.reader(io.StringIO(ranged.decode(), newline=""))]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and 28990 <= len(seqs) <= 29010  # (the seconds since the rows were written)
+
+
 # ------------------------------------------------------------------ export on hostile rows (issue 13)
 # The export's bytes are export_line's, also on rows whose canon (migration 009) says what the
 # columns say in another form the CHECK accepts: a guard for any export that reads canon.

@@ -193,6 +193,15 @@ def checkpoint_hash(prev_hash: str, checkpoint: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical_json(body)).encode()).hexdigest()
 
 
+# (oldest first; in the order of the partial index of those behind, which the planner then walks:
+# it cannot know how few rows compare posted_seq > headline_seq, and without the order it scans)
+STALE_HEADLINES = ("SELECT request_id, channel, ts, posted_seq AS seq FROM audit_threads WHERE posted_seq > headline_seq "
+                   "ORDER BY posted_seq LIMIT 50")
+# A thread saved after some of its request's rows were posted starts from the newest of them
+# (``s.request_id``: the request being saved; the index of posted rows answers it).
+_POSTED_SEQ = "coalesce((SELECT max(o.seq) FROM audit_outbox o WHERE o.request_id = s.request_id AND o.posted_ts IS NOT NULL), 0)"
+
+
 class AuditLog:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -337,15 +346,18 @@ class AuditLog:
         return int(row["n"]) if row else 0
 
     async def mark_posted(self, seq: int, ts: str) -> None:
-        async with self.store.connection() as conn:
-            await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = %s",
-                               (ts, seq))
+        await self.mark_posted_many([seq], ts)
 
     async def mark_posted_many(self, seqs: list[int], ts: str) -> None:
-        """Rows posted together in one message (its ts)."""
+        """Rows posted together in one message (its ts); each request's thread learns its newest
+        posted row in the same statement (``posted_seq``: its headline is behind until it shows it)."""
         async with self.store.connection() as conn:
-            await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)",
-                               (ts, seqs))
+            await conn.execute(
+                """WITH posted AS (UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)
+                                    RETURNING seq, request_id)
+                   UPDATE audit_threads t SET posted_seq = p.seq
+                   FROM (SELECT request_id, max(seq) AS seq FROM posted WHERE request_id IS NOT NULL GROUP BY request_id) p
+                   WHERE t.request_id = p.request_id AND t.posted_seq < p.seq""", (ts, seqs))
 
     async def next_due_in(self) -> float:
         """Seconds until the oldest unposted row may be tried (0 when it may now; 3600 when none waits)."""
@@ -365,13 +377,10 @@ class AuditLog:
                 (error[:500], uncertain, give_up, delay, seqs))
 
     async def stale_headlines(self) -> list[dict[str, Any]]:
-        """Request threads whose headline does not show their last posted row yet."""
+        """Request threads whose headline does not show their last posted row yet (read from the
+        partial index of those behind: however many threads there are, a round reads these)."""
         async with self.store.connection() as conn:
-            return await (await conn.execute(
-                """SELECT t.request_id, t.channel, t.ts, last.seq FROM audit_threads t
-                   CROSS JOIN LATERAL (SELECT max(o.seq) AS seq FROM audit_outbox o
-                                       WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL) last
-                   WHERE last.seq > t.headline_seq LIMIT 50""")).fetchall()
+            return await (await conn.execute(STALE_HEADLINES)).fetchall()
 
     async def members_of(self, messages: list[tuple[str, str]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
         """The requests whose headline is each of the messages ``(channel, ts)`` (several when a
@@ -382,8 +391,7 @@ class AuditLog:
         async with self.store.connection() as conn:
             found = await (await conn.execute(
                 """SELECT m.channel, m.ts, m.request_id, m.seq, to_jsonb(e) AS row FROM (
-                       SELECT t.channel, t.ts, t.request_id, greatest(t.headline_seq, (SELECT max(o.seq) FROM audit_outbox o
-                              WHERE o.request_id = t.request_id AND o.posted_ts IS NOT NULL)) AS seq,
+                       SELECT t.channel, t.ts, t.request_id, greatest(t.headline_seq, t.posted_seq) AS seq,
                               (SELECT min(e.seq) FROM audit_events e WHERE e.request_id = t.request_id) AS first_seq
                        FROM audit_threads t JOIN unnest(%s::text[], %s::text[]) AS want (channel, ts)
                             ON t.channel = want.channel AND t.ts = want.ts) m
@@ -431,16 +439,19 @@ class AuditLog:
         message ``ts``: their threads saved with the seq each headline shows, in one statement."""
         async with self.store.connection() as conn:
             await conn.execute(
-                """INSERT INTO audit_threads (request_id, channel, ts, permalink, headline_seq)
-                   SELECT s.request_id, %s, %s, %s, s.seq FROM unnest(%s::text[], %s::bigint[]) AS s (request_id, seq)
-                   ON CONFLICT (request_id) DO UPDATE SET headline_seq = greatest(audit_threads.headline_seq, EXCLUDED.headline_seq)
+                """INSERT INTO audit_threads (request_id, channel, ts, permalink, headline_seq, posted_seq)
+                   SELECT s.request_id, %s, %s, %s, s.seq, """ + _POSTED_SEQ + """
+                   FROM unnest(%s::text[], %s::bigint[]) AS s (request_id, seq)
+                   ON CONFLICT (request_id) DO UPDATE SET headline_seq = greatest(audit_threads.headline_seq, EXCLUDED.headline_seq),
+                       posted_seq = greatest(audit_threads.posted_seq, EXCLUDED.posted_seq)
                    WHERE audit_threads.channel = EXCLUDED.channel AND audit_threads.ts = EXCLUDED.ts""",
                 (channel, ts, permalink, [r for r, _ in shown], [q for _, q in shown]))
 
     async def save_thread(self, request_id: str, channel: str, ts: str, permalink: str | None) -> None:
         async with self.store.connection() as conn:
-            await conn.execute("INSERT INTO audit_threads (request_id, channel, ts, permalink) VALUES (%s, %s, %s, %s) "
-                               "ON CONFLICT (request_id) DO NOTHING", (request_id, channel, ts, permalink))
+            await conn.execute("INSERT INTO audit_threads (request_id, channel, ts, permalink, posted_seq) "
+                               "SELECT s.request_id, %s, %s, %s, " + _POSTED_SEQ + " FROM (SELECT %s::text AS request_id) s "
+                               "ON CONFLICT (request_id) DO NOTHING", (channel, ts, permalink, request_id))
 
     # -------------------------------------------------------------- retention
 

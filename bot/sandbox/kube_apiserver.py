@@ -731,6 +731,43 @@ class _Rollout:
     next_at: float = 0.0  # time.monotonic() at which the next starting pod becomes ready
 
 
+class _Objects(dict[tuple[str, str, str], Obj]):
+    """The stored objects, (resource, namespace, name) → object, also kept by (resource, namespace)
+    in the same order: the controllers look up a namespace's pods or replicasets many times per
+    PATCH, and scanning every object (the events first among them) was most of the emulator's CPU
+    under load (issue 13). Only assignment, ``pop`` and ``del`` change it."""
+
+    def __init__(self, items: dict[tuple[str, str, str], Obj] | None = None) -> None:
+        super().__init__()
+        self.placed: dict[tuple[str, str], dict[str, Obj]] = {}
+        for key, obj in (items or {}).items():
+            self[key] = obj
+
+    def __setitem__(self, key: tuple[str, str, str], obj: Obj) -> None:
+        super().__setitem__(key, obj)
+        self.placed.setdefault(key[:2], {})[key[2]] = obj  # (a name already there keeps its place, as in the dict)
+
+    def pop(self, key: tuple[str, str, str], *default: Any) -> Any:
+        if key not in self:
+            return super().pop(key, *default)
+        place = self.placed[key[:2]]
+        del place[key[2]]
+        if not place:
+            del self.placed[key[:2]]
+        return super().pop(key)
+
+    def __delitem__(self, key: tuple[str, str, str]) -> None:
+        self.pop(key)
+
+    def _unindexed(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the cluster's objects change only by assignment, pop and del")
+
+    update = setdefault = popitem = clear = _unindexed  # type: ignore[assignment]
+
+    def of(self, resource: str, namespace: str) -> list[Obj]:
+        return list(self.placed.get((resource, namespace), {}).values())
+
+
 class Cluster:
     """The objects and the controllers (deployment, replicaset, HPA, job). Thread-safe."""
 
@@ -738,7 +775,7 @@ class Cluster:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.rv = 1000
-        self.objects: dict[tuple[str, str, str], Obj] = {}  # (resource, namespace, name) -> object
+        self.objects = _Objects()  # (resource, namespace, name) -> object
         self.events: list[tuple[int, str, str, Obj]] = []  # the watch log: (rv, resource, type, object)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, content-type) for tests
         self.namespaces: set[str] = {"default", "kube-system"}
@@ -767,8 +804,8 @@ class Cluster:
         with self.lock:
             self.rv = int(state["rv"])
             self.namespaces = set(state["namespaces"])
-            self.objects = {(e["resource"], e["object"]["metadata"]["namespace"], e["object"]["metadata"]["name"]): e["object"]
-                            for e in state["objects"]}
+            self.objects = _Objects({(e["resource"], e["object"]["metadata"]["namespace"], e["object"]["metadata"]["name"]):
+                                     e["object"] for e in state["objects"]})
             self.logs = {cid: [(_parse_time(t) or datetime.now(UTC), line) for t, line in lines]
                          for cid, lines in (state.get("logs") or {}).items()}
             self.events.clear()
@@ -792,7 +829,7 @@ class Cluster:
         return obj
 
     def _delete(self, resource: str, namespace: str, name: str) -> Obj:
-        obj = self.objects.pop((resource, namespace, name))
+        obj: Obj = self.objects.pop((resource, namespace, name))
         obj["metadata"]["resourceVersion"] = self._next_rv()
         self._record(resource, "DELETED", obj)
         if resource == PODS:
@@ -837,7 +874,7 @@ class Cluster:
             ]
 
     def _all(self, resource: str, namespace: str) -> list[Obj]:
-        return [o for (res, ns, _), o in self.objects.items() if res == resource and ns == namespace]
+        return self.objects.of(resource, namespace)
 
     # -- deployments
 

@@ -733,19 +733,41 @@ class _Rollout:
 
 class _Objects(dict[tuple[str, str, str], Obj]):
     """The stored objects, (resource, namespace, name) → object, also kept by (resource, namespace)
-    in the same order: the controllers look up a namespace's pods or replicasets many times per
-    PATCH, and scanning every object (the events first among them) was most of the emulator's CPU
-    under load (issue 13). Only assignment, ``pop`` and ``del`` change it."""
+    and by controller (the uids its ownerReferences name as controller), in the dict's order: the
+    controllers look up a namespace's replicasets or a replicaset's pods many times per PATCH, and
+    scanning every object (the events first among them) was most of the emulator's CPU under load
+    (issue 13). Only assignment, ``pop`` and ``del`` change it (an object's owners are read when it
+    is stored: the emulator stores an object again whenever it changes one)."""
 
     def __init__(self, items: dict[tuple[str, str, str], Obj] | None = None) -> None:
         super().__init__()
         self.placed: dict[tuple[str, str], dict[str, Obj]] = {}
+        self.owned: dict[str, set[tuple[str, str, str]]] = {}  # controller uid → the keys it controls
+        self._owners: dict[tuple[str, str, str], tuple[str, ...]] = {}
+        self._pos: dict[tuple[str, str, str], int] = {}  # a key's place in the dict's order
+        self._next = 0
         for key, obj in (items or {}).items():
             self[key] = obj
 
     def __setitem__(self, key: tuple[str, str, str], obj: Obj) -> None:
+        if key not in self._pos:
+            self._pos[key], self._next = self._next, self._next + 1
         super().__setitem__(key, obj)
         self.placed.setdefault(key[:2], {})[key[2]] = obj  # (a name already there keeps its place, as in the dict)
+        refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+        owners = tuple(str(r["uid"]) for r in refs if isinstance(r, dict) and r.get("controller") and r.get("uid"))
+        if owners != self._owners.get(key, ()):
+            self._unown(key)
+            for uid in owners:
+                self.owned.setdefault(uid, set()).add(key)
+            self._owners[key] = owners
+
+    def _unown(self, key: tuple[str, str, str]) -> None:
+        for uid in self._owners.pop(key, ()):
+            keys = self.owned[uid]
+            keys.discard(key)
+            if not keys:
+                del self.owned[uid]
 
     def pop(self, key: tuple[str, str, str], *default: Any) -> Any:
         if key not in self:
@@ -754,6 +776,8 @@ class _Objects(dict[tuple[str, str, str], Obj]):
         del place[key[2]]
         if not place:
             del self.placed[key[:2]]
+        self._unown(key)
+        del self._pos[key]
         return super().pop(key)
 
     def __delitem__(self, key: tuple[str, str, str]) -> None:
@@ -766,6 +790,17 @@ class _Objects(dict[tuple[str, str, str], Obj]):
 
     def of(self, resource: str, namespace: str) -> list[Obj]:
         return list(self.placed.get((resource, namespace), {}).values())
+
+    def sorted_of(self, resource: str, namespace: str | None) -> list[tuple[tuple[str, str, str], Obj]]:
+        """The items of one resource (in one namespace, or all), sorted by key as ``sorted(items())``
+        sorts them: a list reads those, not every object."""
+        places = [(resource, namespace)] if namespace is not None else sorted(p for p in self.placed if p[0] == resource)
+        return [((res, ns, name), obj) for res, ns in places for name, obj in sorted(self.placed.get((res, ns), {}).items())]
+
+    def controlled(self, uid: str, namespace: str, resource: str | None = None) -> list[tuple[tuple[str, str, str], Obj]]:
+        """The items whose controller is ``uid``, in ``namespace`` (of ``resource``, or any), in the dict's order."""
+        keys = [k for k in self.owned.get(uid, ()) if k[1] == namespace and (resource is None or k[0] == resource)]
+        return [(k, self[k]) for k in sorted(keys, key=self._pos.__getitem__)]
 
 
 class Cluster:
@@ -845,8 +880,8 @@ class Cluster:
         """Delete an object and, like the garbage collector, everything it controls."""
         obj = self._delete(resource, namespace, name)
         uid = obj["metadata"]["uid"]
-        for (res, ns, child), o in list(self.objects.items()):
-            if ns == namespace and res != EVENTS and _owned_by(o, uid) and (res, ns, child) in self.objects:
+        for (res, ns, child), o in self.objects.controlled(uid, namespace):
+            if res != EVENTS and _owned_by(o, uid) and (res, ns, child) in self.objects:
                 self._delete_cascade(res, ns, child)
         return obj
 
@@ -866,10 +901,8 @@ class Cluster:
         with self.lock:
             return [
                 copy.deepcopy(o)
-                for (res, ns, _), o in sorted(self.objects.items())
-                if res == resource
-                and (namespace is None or ns == namespace)
-                and label_selector_matches(label_selector, o["metadata"].get("labels") or {})
+                for (res, ns, _), o in self.objects.sorted_of(resource, namespace)
+                if label_selector_matches(label_selector, o["metadata"].get("labels") or {})
                 and all((_field_value(o, path) == value) != neg for path, neg, value in terms)
             ]
 
@@ -1036,19 +1069,19 @@ class Cluster:
             return False
         if self._rollouts[(namespace, name)].mode == "stuck":  # its waiting pods wait for ever
             return True
-        owned = {rs["metadata"]["uid"] for rs in self._all(REPLICASETS, namespace) if _owned_by(rs, uid)}
-        return not any(p["metadata"]["uid"] in self._starting and any(_owned_by(p, o) for o in owned)
-                       for p in self._all(PODS, namespace))
+        owned = {rs["metadata"]["uid"] for _, rs in self.objects.controlled(uid, namespace, REPLICASETS) if _owned_by(rs, uid)}
+        return not any(p["metadata"]["uid"] in self._starting and _owned_by(p, o)
+                       for o in owned for _, p in self.objects.controlled(o, namespace, PODS))
 
     # -- the deployment controller
 
     def _owned_replicasets(self, d: Obj) -> list[Obj]:
         uid = d["metadata"]["uid"]
-        return [rs for rs in self._all(REPLICASETS, d["metadata"]["namespace"]) if _owned_by(rs, uid)]
+        return [rs for _, rs in self.objects.controlled(uid, d["metadata"]["namespace"], REPLICASETS) if _owned_by(rs, uid)]
 
     def _rs_pods(self, rs: Obj) -> list[Obj]:
         uid = rs["metadata"]["uid"]
-        return [p for p in self._all(PODS, rs["metadata"]["namespace"]) if _owned_by(p, uid)]
+        return [p for _, p in self.objects.controlled(uid, rs["metadata"]["namespace"], PODS) if _owned_by(p, uid)]
 
     def _available(self, rs: Obj) -> int:
         return sum(1 for p in self._rs_pods(rs) if _pod_ready(p))
@@ -1920,7 +1953,8 @@ class Cluster:
     def _finish(self, job: Obj, *, succeeded: bool) -> None:
         spec, status, now = job["spec"], job["status"], _now()
         count = int(spec.get("completions") or 1) if succeeded else int(spec.get("backoffLimit", 6)) + 1
-        running = [p for p in self._all(PODS, job["metadata"]["namespace"]) if _owned_by(p, job["metadata"]["uid"])]
+        running = [p for _, p in self.objects.controlled(job["metadata"]["uid"], job["metadata"]["namespace"], PODS)
+                   if _owned_by(p, job["metadata"]["uid"])]
         for pod in running:  # the pods that ran end where they are
             for cs in pod["status"].get("containerStatuses") or []:
                 started = ((cs.get("state") or {}).get("running") or {}).get("startedAt", now)

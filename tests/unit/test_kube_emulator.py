@@ -227,9 +227,10 @@ def test_snapshots_keep_logs_and_the_controller_thread_ends_with_the_server(tmp_
 
 
 def test_the_objects_by_namespace_stay_the_objects_in_the_same_order() -> None:
-    """The controllers' lookups by (resource, namespace) read an index the store keeps beside its
-    dict (issue 13: scanning every object, events first, was most of the emulator's CPU): after any
-    mix of puts, re-puts, deletes and a restore, it says what filtering the dict says, in its order."""
+    """The controllers' lookups by (resource, namespace) and by controller read indexes the store
+    keeps beside its dict (issue 13: scanning every object, events first, was most of the
+    emulator's CPU): after any mix of puts, re-puts (owners changed too), deletes and a restore,
+    they say what filtering the dict says, in its order."""
     rng = random.Random(13)
     objects = _Objects()
     for _ in range(5000):
@@ -239,12 +240,19 @@ def test_the_objects_by_namespace_stay_the_objects_in_the_same_order() -> None:
         elif rng.random() < 0.05 and key in objects:
             del objects[key]
         else:
-            objects[key] = {"metadata": {"name": key[2], "v": rng.random()}}
+            owners = [{"uid": rng.choice("uvw"), "controller": rng.random() < 0.8} for _ in range(rng.randrange(3))]
+            objects[key] = {"metadata": {"name": key[2], "v": rng.random(), "ownerReferences": owners}}
     for copy in (objects, _Objects(dict(objects))):
         for res in ("pods", "events", "apps/replicasets", "jobs"):
             for ns in ("a", "b", "c"):
                 want = [o for (r, n, _), o in copy.items() if (r, n) == (res, ns)]
                 assert copy.of(res, ns) == want and all(a is b for a, b in zip(copy.of(res, ns), want, strict=True))
+                assert copy.sorted_of(res, ns) == sorted((k, o) for k, o in copy.items() if k[:2] == (res, ns))
+            assert copy.sorted_of(res, None) == sorted((k, o) for k, o in copy.items() if k[0] == res)
+            for uid in "uvwx":
+                for ns in ("a", "b"):
+                    assert copy.controlled(uid, ns, res) == [(k, o) for k, o in copy.items() if k[:2] == (res, ns) and any(
+                        r["uid"] == uid and r["controller"] for r in o["metadata"]["ownerReferences"])]
         assert sum(len(p) for p in copy.placed.values()) == len(copy) and all(copy.placed.values())
     with pytest.raises(TypeError, match="only by assignment"):
         objects.update({("pods", "a", "x"): {}})

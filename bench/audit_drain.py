@@ -18,9 +18,14 @@ it) and chat.update (the same), through the real SlackChat and AsyncWebClient:
     .venv/bin/python bench/audit_drain.py --rate 0                 # no rate limit: the poster's own speed
     .venv/bin/python bench/audit_drain.py --sustain 50 --seconds 30 --code main=/work/main,this=.
                                                    # each tree's current poster, same load, one after the other
+    .venv/bin/python bench/audit_drain.py --history 30000 --code main=/work/main,this=.
+                                                   # the same with 30,000 earlier requests in the channel
 
 Prints one JSON object per poster, then a table: rows and whole requests drained per second, Slack
-calls per request by method, 429s received. Both posters run in the same invocation; compare them.
+calls per request by method, 429s received, and what a poster round's first query (which
+headlines are behind) takes before the drain starts (median of 5; ``--history`` gives the trail a
+past: 3,000 earlier requests made it 1.2 s before migration 013, 0.2 ms after). Both posters run
+in the same invocation; compare them.
 """
 
 from __future__ import annotations
@@ -127,6 +132,26 @@ async def fill(url: str, requests: int, rows: int) -> None:
     await store.close()
 
 
+def history(url: str, threads: int, rows: int = 5) -> None:
+    """``threads`` earlier requests already in the channel, their headlines up to date: the trail of
+    earlier days, as a poster round sees it (audit_threads and audit_outbox; seqs far above any new
+    row's). A tree with migration 013 gets posted_seq as that migration fills it in."""
+    if not threads:
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("""INSERT INTO audit_outbox (seq, request_id, posted_ts)
+                        SELECT 1000000000000 + g, 'h-' || (g / %s), 'old.' || g FROM generate_series(0, %s - 1) g""",
+                     (rows, threads * rows))
+        conn.execute("""INSERT INTO audit_threads (request_id, channel, ts, headline_seq)
+                        SELECT 'h-' || t, %s, 'old-head.' || t, 1000000000000 + (t + 1) * %s - 1 FROM generate_series(0, %s - 1) t""",
+                     (CHANNEL, rows, threads))
+        if conn.execute("SELECT 1 FROM information_schema.columns WHERE table_name = 'audit_threads' "
+                        "AND column_name = 'posted_seq'").fetchone():
+            conn.execute("UPDATE audit_threads SET posted_seq = headline_seq WHERE request_id LIKE 'h-%'")
+        conn.execute("VACUUM ANALYZE audit_outbox")
+        conn.execute("VACUUM ANALYZE audit_threads")
+
+
 async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int) -> dict[str, Any]:
     slack = await FakeSlack().start()
     if rate > 0:
@@ -135,6 +160,11 @@ async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int)
     await store.open()
     log = AuditLog(store)
     total = await log.unposted()
+    round_ms = []  # what each poster round asks first: which headlines are behind (with --history, a trail with a past)
+    for _ in range(5):
+        t0 = time.perf_counter()
+        await log.stale_headlines()
+        round_ms.append(1000 * (time.perf_counter() - t0))
     chat = SlackChat(AsyncWebClient(token="xoxb-test-token", base_url=slack.api_url))
     audit = Audit(log, audit_channel=CHANNEL)
     poster = (LegacyAuditPoster if kind == "before" else AuditPoster)(audit=audit, store=store, chat=chat)
@@ -150,7 +180,7 @@ async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int)
     left = await log.unposted()
     async with store.connection() as conn:
         done = await (await conn.execute(
-            """SELECT count(DISTINCT request_id) AS n FROM audit_outbox o WHERE NOT EXISTS
+            """SELECT count(DISTINCT request_id) AS n FROM audit_outbox o WHERE o.request_id NOT LIKE 'h-%%' AND NOT EXISTS
                    (SELECT 1 FROM audit_outbox u WHERE u.request_id = o.request_id AND u.posted_ts IS NULL)""")).fetchone()
     await store.close()
     await slack.stop()
@@ -160,6 +190,7 @@ async def drain(url: str, kind: str, *, seconds: float, rate: float, burst: int)
     return {"poster": kind, "backlog_rows": total, "seconds": round(elapsed, 2), "rows_posted": total - left,
             "rows_per_s": round((total - left) / elapsed, 1), "requests_drained": drained_requests,
             "requests_per_s": round(drained_requests / elapsed, 2), "http_429": slack.throttled,
+            "stale_headlines_ms": round(sorted(round_ms)[2], 2),
             "calls_per_request": {m: round(n / per, 2) for m, n in sorted(calls.items())}}
 
 
@@ -288,6 +319,9 @@ async def main() -> None:
     ap.add_argument("--code", default="",
                     help="name=tree,… (e.g. main=/work/main,this=.): run the current poster of each tree in turn, same "
                          "sizes and load, and compare them instead of the built-in before/after")
+    ap.add_argument("--history", type=int, default=0,
+                    help="requests already in the channel before the run (5 rows each, headlines up to date): a trail "
+                         "with a past, which each poster round used to read whole")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # one poster kind only (what --code runs per tree)
     args = ap.parse_args()
     if args.code:
@@ -305,6 +339,7 @@ async def main() -> None:
         await store.open()
         await store.migrate()
         await store.close()
+        history(url, args.history)
         await fill(url, args.requests, args.rows)
         results = []
         for kind in [args.only] if args.only else ["before", "after"]:
@@ -314,11 +349,11 @@ async def main() -> None:
     limit = f"{args.rate:g} msg/s per channel, bursts of {args.burst}" if args.rate > 0 else "no rate limit"
     print(f"\naudit channel drain: backlog of {args.requests} requests × {args.rows} rows, fake Slack at {limit}, "
           f"at most {args.seconds:g} s each")
-    print(f"{'poster':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5}  Slack calls per drained request")
+    print(f"{'poster':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5} {'round ms':>8}  Slack calls per drained request")
     for r in results:
         calls = ", ".join(f"{m.removeprefix('chat.')} {n}" for m, n in r["calls_per_request"].items())
         print(f"{r['poster']:<8} {r['rows_per_s']:>7.1f} {r['requests_per_s']:>6.2f} {r['requests_drained']:>8} "
-              f"{r['http_429']:>5}  {calls}")
+              f"{r['http_429']:>5} {r.get('stale_headlines_ms', '-')!s:>8}  {calls}")
 
 
 async def main_sustained(args: argparse.Namespace) -> None:
@@ -330,6 +365,7 @@ async def main_sustained(args: argparse.Namespace) -> None:
         await store.open()
         await store.migrate()
         await store.close()
+        history(admin.rpartition("/")[0] + "/" + template, args.history)
         results = []
         for kind in [args.only] if args.only else ["previous", "now"]:
             r = await sustain(fresh(admin, template), kind, commands_per_s=args.sustain, rows=args.rows, seconds=args.seconds,
@@ -378,11 +414,11 @@ def compare_trees(args: argparse.Namespace) -> None:
     else:
         print(f"\naudit channel drain: backlog of {args.requests} requests × {args.rows} rows, fake Slack at {args.rate:g} msg/s "
               f"per channel, bursts of {args.burst}, at most {args.seconds:g} s each")
-        print(f"{'code':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5}  Slack calls per drained request")
+        print(f"{'code':<8} {'rows/s':>7} {'req/s':>6} {'drained':>8} {'429s':>5} {'round ms':>8}  Slack calls per drained request")
         for r in results:
             calls = ", ".join(f"{m.removeprefix('chat.')} {n}" for m, n in r["calls_per_request"].items())
             print(f"{r['code']:<8} {r['rows_per_s']:>7.1f} {r['requests_per_s']:>6.2f} {r['requests_drained']:>8} "
-                  f"{r['http_429']:>5}  {calls}")
+                  f"{r['http_429']:>5} {r.get('stale_headlines_ms', '-')!s:>8}  {calls}")
 
 
 if __name__ == "__main__":

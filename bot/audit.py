@@ -441,7 +441,8 @@ class AuditPoster:
                 request, last = requests.get(member["request_id"]), member["row"]
                 if request is not None and last is not None:
                     parts.append(audit_headline(request, last, await self._card_link(request)))
-            if not parts:
+            if not parts:  # its rows (or its request) are gone, pruned: nothing to draw, and not behind any more
+                await self.audit.log.headlines_shown([(item["request_id"], item["seq"]) for item in stale])
                 continue
             try:
                 await self.chat.update_message(channel_id=message_channel, ts=ts, text="\n\n".join(parts))

@@ -349,15 +349,12 @@ class AuditLog:
         await self.mark_posted_many([seq], ts)
 
     async def mark_posted_many(self, seqs: list[int], ts: str) -> None:
-        """Rows posted together in one message (its ts); each request's thread learns its newest
-        posted row in the same statement (``posted_seq``: its headline is behind until it shows it)."""
+        """Rows posted together in one message (its ts). Each request's thread learns its newest
+        posted row from the statement's trigger (``posted_seq``, migration 013): its headline is
+        behind until it shows that row."""
         async with self.store.connection() as conn:
-            await conn.execute(
-                """WITH posted AS (UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)
-                                    RETURNING seq, request_id)
-                   UPDATE audit_threads t SET posted_seq = p.seq
-                   FROM (SELECT request_id, max(seq) AS seq FROM posted WHERE request_id IS NOT NULL GROUP BY request_id) p
-                   WHERE t.request_id = p.request_id AND t.posted_seq < p.seq""", (ts, seqs))
+            await conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)",
+                               (ts, seqs))
 
     async def next_due_in(self) -> float:
         """Seconds until the oldest unposted row may be tried (0 when it may now; 3600 when none waits)."""
@@ -481,6 +478,10 @@ class AuditLog:
                                "VALUES (%(upto_seq)s, %(last_hash)s, %(rows_pruned)s, %(pruned_at)s, %(prev_hash)s, %(hash)s)", cp)
             await conn.execute("SELECT set_config('opsbot.prune_upto', %s, true)", (str(last["seq"]),))
             await conn.execute("DELETE FROM audit_outbox WHERE seq <= %s", (last["seq"],))
+            # A headline behind by rows now pruned has nothing left to show (before migration 013 the
+            # newest posted row was looked for, and there was none): not behind any more.
+            await conn.execute("UPDATE audit_threads SET headline_seq = posted_seq WHERE posted_seq > headline_seq AND posted_seq <= %s",
+                               (last["seq"],))
             await conn.execute("DELETE FROM audit_events WHERE seq <= %s", (last["seq"],))
         return cp
 
@@ -851,7 +852,10 @@ class _Snapshot:
         for the csv export, whose cost is the server's projection (jsonb → text of plan and result,
         ``at``'s to_char), which two workers compute while this backend only merges their rows in seq
         order (Gather Merge) and writes the CSV. Where the server has no worker free (or allows none),
-        the backend runs the plan itself, as without this."""
+        the backend runs the plan itself, as without this (and on a server before PostgreSQL 11,
+        which lacks parallel_leader_participation, nothing is asked)."""
+        if self.conn.info.server_version < 110000:
+            return
         try:
             for name, value in (("max_parallel_workers_per_gather", "2"), ("parallel_leader_participation", "off"),
                                 ("parallel_setup_cost", "0"), ("parallel_tuple_cost", "0"),

@@ -744,6 +744,8 @@ class _Objects(dict[tuple[str, str, str], Obj]):
         self.placed: dict[tuple[str, str], dict[str, Obj]] = {}
         self.owned: dict[str, set[tuple[str, str, str]]] = {}  # controller uid → the keys it controls
         self._owners: dict[tuple[str, str, str], tuple[str, ...]] = {}
+        self.about: dict[str, set[tuple[str, str, str]]] = {}  # an event's involvedObject uid → the events' keys
+        self._about: dict[tuple[str, str, str], str] = {}
         self._pos: dict[tuple[str, str, str], int] = {}  # a key's place in the dict's order
         self._next = 0
         for key, obj in (items or {}).items():
@@ -755,12 +757,27 @@ class _Objects(dict[tuple[str, str, str], Obj]):
         super().__setitem__(key, obj)
         self.placed.setdefault(key[:2], {})[key[2]] = obj  # (a name already there keeps its place, as in the dict)
         refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-        owners = tuple(str(r["uid"]) for r in refs if isinstance(r, dict) and r.get("controller") and r.get("uid"))
+        owners = tuple(dict.fromkeys(r["uid"] for r in refs if isinstance(r, dict) and r.get("controller") and r.get("uid")))
         if owners != self._owners.get(key, ()):
             self._unown(key)
             for uid in owners:
                 self.owned.setdefault(uid, set()).add(key)
             self._owners[key] = owners
+        involved = obj.get("involvedObject")
+        subject = str(involved.get("uid") or "") if isinstance(involved, dict) else ""
+        if subject != self._about.get(key, ""):
+            self._unabout(key)
+            if subject:
+                self.about.setdefault(subject, set()).add(key)
+                self._about[key] = subject
+
+    def _unabout(self, key: tuple[str, str, str]) -> None:
+        subject = self._about.pop(key, "")
+        if subject:
+            keys = self.about[subject]
+            keys.discard(key)
+            if not keys:
+                del self.about[subject]
 
     def _unown(self, key: tuple[str, str, str]) -> None:
         for uid in self._owners.pop(key, ()):
@@ -777,6 +794,7 @@ class _Objects(dict[tuple[str, str, str], Obj]):
         if not place:
             del self.placed[key[:2]]
         self._unown(key)
+        self._unabout(key)
         del self._pos[key]
         return super().pop(key)
 
@@ -796,6 +814,11 @@ class _Objects(dict[tuple[str, str, str], Obj]):
         sorts them: a list reads those, not every object."""
         places = [(resource, namespace)] if namespace is not None else sorted(p for p in self.placed if p[0] == resource)
         return [((res, ns, name), obj) for res, ns in places for name, obj in sorted(self.placed.get((res, ns), {}).items())]
+
+    def events_about(self, uid: str, namespace: str) -> list[Obj]:
+        """The stored objects whose involvedObject is ``uid`` (events), in ``namespace``, in the dict's order."""
+        keys = [k for k in self.about.get(uid, ()) if k[1] == namespace]
+        return [self[k] for k in sorted(keys, key=self._pos.__getitem__)]
 
     def controlled(self, uid: str, namespace: str, resource: str | None = None) -> list[tuple[tuple[str, str, str], Obj]]:
         """The items whose controller is ``uid``, in ``namespace`` (of ``resource``, or any), in the dict's order."""
@@ -1675,10 +1698,14 @@ class Cluster:
         namespace = event["metadata"]["namespace"]
         self.namespaces.add(namespace)
         self._put(EVENTS, event, "ADDED")
-        mine = self._all(EVENTS, namespace)
-        if len(mine) > MAX_EVENTS:
-            mine.sort(key=lambda e: (e.get("lastTimestamp") or "", int(e["metadata"]["resourceVersion"])))
-            for old in mine[: len(mine) - MAX_EVENTS]:
+        over = len(self.objects.placed.get((EVENTS, namespace), {})) - MAX_EVENTS
+        if over > 0:  # (the oldest go: at the cap, one per new event, found without sorting them all)
+            mine = self._all(EVENTS, namespace)
+
+            def age(e: Obj) -> tuple[str, int]:
+                return e.get("lastTimestamp") or "", int(e["metadata"]["resourceVersion"])
+
+            for old in [min(mine, key=age)] if over == 1 else sorted(mine, key=age)[:over]:
                 self._delete(EVENTS, namespace, old["metadata"]["name"])
         return event
 
@@ -1688,7 +1715,8 @@ class Cluster:
         event recorder aggregates)."""
         component = component or _COMPONENTS.get(involved.get("kind", ""), "kubelet")
         uid = involved["metadata"].get("uid")
-        for event in self._all(EVENTS, involved["metadata"].get("namespace") or "default"):
+        namespace = involved["metadata"].get("namespace") or "default"
+        for event in self.objects.events_about(uid, namespace) if uid else self._all(EVENTS, namespace):
             if (event["involvedObject"].get("uid") == uid and event["reason"] == reason and event["message"] == message
                     and event["type"] == type_ and event["source"].get("component") == component):
                 event["count"] = int(event.get("count", 1)) + 1

@@ -1,14 +1,16 @@
 """The audit channel's headlines (issue 13): a poster round finds the threads whose headline is
 behind from a partial index, not by asking every thread ever posted for its newest row (that grew
 with the whole history: 1.3 s a round at 30,000 threads); marking rows posted moves their thread
-in the same statement, never backwards, also when two replicas mark at once; migration 013 fills
-the column in for threads from before it."""
+by the statement's trigger, never backwards, also when two replicas mark at once and when an
+older opsbot (a rolling upgrade) marks them its own way; a thread behind by rows since pruned is
+not behind any more; migration 013 fills the column in for threads from before it."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 
 import psycopg
@@ -67,6 +69,37 @@ async def test_two_replicas_marking_at_once_never_move_a_thread_backwards(log: A
     finally:
         await other.close()
     assert [r["seq"] for r in await log.stale_headlines()] == [max(seqs)]
+
+
+async def test_rows_marked_by_an_older_replica_move_the_thread_too(log: AuditLog, state_db: str) -> None:
+    """During a rolling upgrade, a replica of the previous opsbot marks rows posted with its own
+    statements, one row at a time or many: the trigger moves their thread all the same."""
+    a = await steps(log, "r-a", 4)
+    await log.save_threads("CA", "5.1", None, [("r-a", a[0])])
+    with psycopg.connect(state_db, autocommit=True) as conn:  # (the statements of bot/adapters/audit_log.py before 013)
+        conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = %s", ("5.2", a[1]))
+        assert [(r["request_id"], r["seq"]) for r in await log.stale_headlines()] == [("r-a", a[1])]
+        conn.execute("UPDATE audit_outbox SET posted_ts = %s, uncertain = false, last_error = NULL WHERE seq = ANY(%s)",
+                     ("5.3", [a[3], a[2]]))
+        conn.execute("UPDATE audit_outbox SET attempts = attempts + 1 WHERE seq = %s", (a[0],))  # (not a post: nothing moves)
+        conn.execute("UPDATE audit_outbox SET posted_ts = NULL WHERE seq = %s", (a[3],))  # (nor backwards)
+    assert [(r["request_id"], r["seq"]) for r in await log.stale_headlines()] == [("r-a", a[3])]
+
+
+async def test_a_thread_behind_by_rows_since_pruned_is_not_behind_any_more(log: AuditLog) -> None:
+    """Pruned rows cannot be drawn: their thread must not stay behind, or the oldest 50 such would
+    hold every other headline back for good (a round reads the 50 oldest behind)."""
+    a, b = await steps(log, "r-a", 3), await steps(log, "r-b", 2)
+    await log.save_threads("CA", "7.1", None, [("r-a", a[0]), ("r-b", b[0])])
+    await log.mark_posted_many([*a, *b], "7.2")
+    assert {r["request_id"] for r in await log.stale_headlines()} == {"r-a", "r-b"}
+    newer = await steps(log, "r-c", 1)
+    await log.mark_posted_many(newer, "7.3")
+    assert await log.prune(datetime.now(UTC) + timedelta(seconds=1))  # keeps the newest row (r-c's)
+    assert await log.stale_headlines() == []
+    c = await steps(log, "r-b", 1)  # a request's rows after the prune still put its thread behind
+    await log.mark_posted_many(c, "7.4")
+    assert [(r["request_id"], r["seq"]) for r in await log.stale_headlines()] == [("r-b", c[0])]
 
 
 def test_a_round_reads_the_threads_behind_not_every_thread(state_db: str) -> None:

@@ -240,8 +240,9 @@ def test_the_objects_by_namespace_stay_the_objects_in_the_same_order() -> None:
         elif rng.random() < 0.05 and key in objects:
             del objects[key]
         else:
-            owners = [{"uid": rng.choice("uvw"), "controller": rng.random() < 0.8} for _ in range(rng.randrange(3))]
-            objects[key] = {"metadata": {"name": key[2], "v": rng.random(), "ownerReferences": owners}}
+            owners = [{"uid": rng.choice("uvw"), "controller": rng.random() < 0.8} for _ in range(rng.randrange(4))]  # (a uid twice, too)
+            objects[key] = {"metadata": {"name": key[2], "v": rng.random(), "ownerReferences": owners},
+                            **({"involvedObject": {"uid": rng.choice("uvw")}} if key[0] == "events" and rng.random() < 0.9 else {})}
     for copy in (objects, _Objects(dict(objects))):
         for res in ("pods", "events", "apps/replicasets", "jobs"):
             for ns in ("a", "b", "c"):
@@ -253,7 +254,13 @@ def test_the_objects_by_namespace_stay_the_objects_in_the_same_order() -> None:
                 for ns in ("a", "b"):
                     assert copy.controlled(uid, ns, res) == [(k, o) for k, o in copy.items() if k[:2] == (res, ns) and any(
                         r["uid"] == uid and r["controller"] for r in o["metadata"]["ownerReferences"])]
+                    assert copy.events_about(uid, ns) == [o for k, o in copy.items() if k[1] == ns and
+                                                          (o.get("involvedObject") or {}).get("uid") == uid]
         assert sum(len(p) for p in copy.placed.values()) == len(copy) and all(copy.placed.values())
+    twice = {"metadata": {"name": "t", "ownerReferences": [{"uid": "u", "controller": True}] * 2}}  # one controller named twice
+    objects[("pods", "a", "t")] = twice
+    assert objects.controlled("u", "a", "pods")[-1] == (("pods", "a", "t"), twice)
+    assert objects.pop(("pods", "a", "t")) is twice and ("pods", "a", "t") not in {k for k, _ in objects.controlled("u", "a")}
     with pytest.raises(TypeError, match="only by assignment"):
         objects.update({("pods", "a", "x"): {}})
     with pytest.raises(KeyError):

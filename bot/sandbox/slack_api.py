@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, SupportsIndex
 from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
@@ -58,6 +58,31 @@ class Message:
         return "\n".join(parts)
 
 
+class _Messages(list[Message]):
+    """Every message posted, in order, also found by (channel, ts): chat.update looked for its
+    message by scanning them all, which grew with every message of a long run (half the bench
+    process's CPU in a workers' run, issue 13). Only ``append`` and ``pop`` change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: dict[tuple[str, str], Message] = {}
+
+    def append(self, m: Message) -> None:
+        super().append(m)
+        self.at.setdefault((m.channel, m.ts), m)  # (the first of a channel and ts, as a scan finds it)
+
+    def pop(self, index: SupportsIndex = -1) -> Message:
+        m = super().pop(index)
+        if self.at.get((m.channel, m.ts)) is m:
+            del self.at[(m.channel, m.ts)]
+        return m
+
+    def _unindexed(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the fake's messages change only by append and pop")
+
+    extend = insert = remove = clear = sort = reverse = __setitem__ = __delitem__ = __iadd__ = _unindexed  # type: ignore[assignment]
+
+
 class FakeSlack:
     BOT_USER_ID, BOT_ID, APP_ID = "U0BOT", "B0BOT", "A0OPS"  # who the app's bot token is (auth.test)
 
@@ -69,7 +94,7 @@ class FakeSlack:
         self._response_owner: dict[str, tuple[str, str]] = {}  # response_url key → (user, channel)
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.api_peers: list[tuple[str, int]] = []  # the client's (host, port) of each Web API call: its TCP connection
-        self.messages: list[Message] = []
+        self.messages = _Messages()
         self.responses: list[dict[str, Any]] = []  # what was sent to response_urls
         self.fail_with: str | None = None
         self.permalink_base = "https://fake.slack"  # `opsbot dev` points it at the playground
@@ -347,11 +372,11 @@ class FakeSlack:
                                          thread_ts=args.get("thread_ts")))
             return {"ok": True, "channel": args["channel"], "ts": ts, "message": {"text": args.get("text", ""), "ts": ts}}
         if method == "chat.update":
-            for m in self.messages:
-                if m.channel == args["channel"] and m.ts == args["ts"]:
-                    m.history.append({"text": m.text, "blocks": m.blocks})
-                    m.text, m.blocks = args.get("text", ""), args.get("blocks") or []
-                    return {"ok": True, "channel": m.channel, "ts": m.ts}
+            found = self.messages.at.get((args["channel"], args["ts"]))
+            if found is not None:
+                found.history.append({"text": found.text, "blocks": found.blocks})
+                found.text, found.blocks = args.get("text", ""), args.get("blocks") or []
+                return {"ok": True, "channel": found.channel, "ts": found.ts}
             return {"ok": False, "error": "message_not_found"}
         if method == "chat.postEphemeral":
             ts = f"{1700000000 + next(self._ts)}.000200"

@@ -731,74 +731,76 @@ class _Rollout:
     next_at: float = 0.0  # time.monotonic() at which the next starting pod becomes ready
 
 
-class _Objects(dict[tuple[str, str, str], Obj]):
-    """The stored objects, (resource, namespace, name) → object, also kept by (resource, namespace)
-    and by controller (the uids its ownerReferences name as controller), in the dict's order: the
-    controllers look up a namespace's replicasets or a replicaset's pods many times per PATCH, and
-    scanning every object (the events first among them) was most of the emulator's CPU under load
-    (issue 13). Only assignment, ``pop`` and ``del`` change it (an object's owners are read when it
-    is stored: the emulator stores an object again whenever it changes one)."""
+_Key = tuple[str, str, str]
 
-    def __init__(self, items: dict[tuple[str, str, str], Obj] | None = None) -> None:
+
+class _Links:
+    """Which keys name each value (a controller's uid, the uid an event is about), and which values
+    each key names: kept as the key's object is stored again or removed."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[_Key]] = {}
+        self._values: dict[_Key, tuple[str, ...]] = {}
+
+    def set(self, key: _Key, values: tuple[str, ...]) -> None:
+        if values != self._values.get(key, ()):
+            self.drop(key)
+            for value in values:
+                self.keys.setdefault(value, set()).add(key)
+            if values:
+                self._values[key] = values
+
+    def drop(self, key: _Key) -> None:
+        for value in self._values.pop(key, ()):
+            keys = self.keys[value]
+            keys.discard(key)
+            if not keys:
+                del self.keys[value]
+
+
+class _Objects(dict[_Key, Obj]):
+    """The stored objects, (resource, namespace, name) → object, also kept by (resource, namespace),
+    by controller (the uids its ownerReferences name as controller) and, for events, by the uid
+    they are about, in the dict's order: the controllers look up a namespace's replicasets or a
+    replicaset's pods many times per PATCH, and scanning every object (the events first among them)
+    was most of the emulator's CPU under load (issue 13). Only assignment, ``pop`` and ``del``
+    change it (an object's links are read when it is stored: the emulator stores an object again
+    whenever it changes one)."""
+
+    def __init__(self, items: dict[_Key, Obj] | None = None) -> None:
         super().__init__()
         self.placed: dict[tuple[str, str], dict[str, Obj]] = {}
-        self.owned: dict[str, set[tuple[str, str, str]]] = {}  # controller uid → the keys it controls
-        self._owners: dict[tuple[str, str, str], tuple[str, ...]] = {}
-        self.about: dict[str, set[tuple[str, str, str]]] = {}  # an event's involvedObject uid → the events' keys
-        self._about: dict[tuple[str, str, str], str] = {}
-        self._pos: dict[tuple[str, str, str], int] = {}  # a key's place in the dict's order
+        self.owned = _Links()  # controller uid → the keys it controls
+        self.about = _Links()  # an event's involvedObject uid → the events' keys
+        self._pos: dict[_Key, int] = {}  # a key's place in the dict's order
         self._next = 0
         for key, obj in (items or {}).items():
             self[key] = obj
 
-    def __setitem__(self, key: tuple[str, str, str], obj: Obj) -> None:
+    def __setitem__(self, key: _Key, obj: Obj) -> None:
         if key not in self._pos:
             self._pos[key], self._next = self._next, self._next + 1
         super().__setitem__(key, obj)
         self.placed.setdefault(key[:2], {})[key[2]] = obj  # (a name already there keeps its place, as in the dict)
         refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-        owners = tuple(dict.fromkeys(r["uid"] for r in refs if isinstance(r, dict) and r.get("controller") and r.get("uid")))
-        if owners != self._owners.get(key, ()):
-            self._unown(key)
-            for uid in owners:
-                self.owned.setdefault(uid, set()).add(key)
-            self._owners[key] = owners
+        self.owned.set(key, tuple(dict.fromkeys(r["uid"] for r in refs if isinstance(r, dict) and r.get("controller") and r.get("uid"))))
         involved = obj.get("involvedObject")
         subject = str(involved.get("uid") or "") if isinstance(involved, dict) else ""
-        if subject != self._about.get(key, ""):
-            self._unabout(key)
-            if subject:
-                self.about.setdefault(subject, set()).add(key)
-                self._about[key] = subject
+        self.about.set(key, (subject,) if subject else ())
 
-    def _unabout(self, key: tuple[str, str, str]) -> None:
-        subject = self._about.pop(key, "")
-        if subject:
-            keys = self.about[subject]
-            keys.discard(key)
-            if not keys:
-                del self.about[subject]
-
-    def _unown(self, key: tuple[str, str, str]) -> None:
-        for uid in self._owners.pop(key, ()):
-            keys = self.owned[uid]
-            keys.discard(key)
-            if not keys:
-                del self.owned[uid]
-
-    def pop(self, key: tuple[str, str, str], *default: Any) -> Any:
+    def pop(self, key: _Key, *default: Any) -> Any:
         if key not in self:
             return super().pop(key, *default)
         place = self.placed[key[:2]]
         del place[key[2]]
         if not place:
             del self.placed[key[:2]]
-        self._unown(key)
-        self._unabout(key)
+        self.owned.drop(key)
+        self.about.drop(key)
         del self._pos[key]
         return super().pop(key)
 
-    def __delitem__(self, key: tuple[str, str, str]) -> None:
+    def __delitem__(self, key: _Key) -> None:
         self.pop(key)
 
     def _unindexed(self, *args: Any, **kwargs: Any) -> Any:
@@ -809,21 +811,23 @@ class _Objects(dict[tuple[str, str, str], Obj]):
     def of(self, resource: str, namespace: str) -> list[Obj]:
         return list(self.placed.get((resource, namespace), {}).values())
 
-    def sorted_of(self, resource: str, namespace: str | None) -> list[tuple[tuple[str, str, str], Obj]]:
+    def sorted_of(self, resource: str, namespace: str | None) -> list[tuple[_Key, Obj]]:
         """The items of one resource (in one namespace, or all), sorted by key as ``sorted(items())``
         sorts them: a list reads those, not every object."""
         places = [(resource, namespace)] if namespace is not None else sorted(p for p in self.placed if p[0] == resource)
         return [((res, ns, name), obj) for res, ns in places for name, obj in sorted(self.placed.get((res, ns), {}).items())]
 
+    def _linked(self, links: _Links, uid: str, namespace: str, resource: str | None) -> list[tuple[_Key, Obj]]:
+        keys = [k for k in links.keys.get(uid, ()) if k[1] == namespace and (resource is None or k[0] == resource)]
+        return [(k, self[k]) for k in sorted(keys, key=self._pos.__getitem__)]
+
     def events_about(self, uid: str, namespace: str) -> list[Obj]:
         """The stored objects whose involvedObject is ``uid`` (events), in ``namespace``, in the dict's order."""
-        keys = [k for k in self.about.get(uid, ()) if k[1] == namespace]
-        return [self[k] for k in sorted(keys, key=self._pos.__getitem__)]
+        return [o for _, o in self._linked(self.about, uid, namespace, None)]
 
-    def controlled(self, uid: str, namespace: str, resource: str | None = None) -> list[tuple[tuple[str, str, str], Obj]]:
+    def controlled(self, uid: str, namespace: str, resource: str | None = None) -> list[tuple[_Key, Obj]]:
         """The items whose controller is ``uid``, in ``namespace`` (of ``resource``, or any), in the dict's order."""
-        keys = [k for k in self.owned.get(uid, ()) if k[1] == namespace and (resource is None or k[0] == resource)]
-        return [(k, self[k]) for k in sorted(keys, key=self._pos.__getitem__)]
+        return self._linked(self.owned, uid, namespace, resource)
 
 
 class Cluster:
